@@ -1,0 +1,43 @@
+"""gemma4lab: Gemma 4 26B-A4B in readable PyTorch, fused Triton kernels, and piecewise CUDA graphs for prefill.
+
+Public API::
+
+    import gemma4lab
+    model = gemma4lab.load_pretrained("path/to/checkpoint", dtype="bfloat16", device="cuda")
+    out = model(input_ids, pixel_values=..., image_position_ids=..., mm_token_type_ids=...)   # .logits [B, T, V]
+    ids = model.generate(input_ids, max_new_tokens=32)
+    model.set_fusion("all")                                   # fused Triton kernels on
+    runner = gemma4lab.PiecewiseCudaGraphRunner(model)        # piecewise CUDA graphs for prefill
+"""
+
+from .config import Gemma4Config, TextConfig, VisionConfig
+from .fusion import Fusion
+from .loading import load_pretrained, random_init, save_pretrained
+from .model import Gemma4ForConditionalGeneration, ModelOutput
+
+__all__ = [
+    "Fusion",
+    "Gemma4Config",
+    "Gemma4ForConditionalGeneration",
+    "Gemma4Processor",
+    "ModelOutput",
+    "PiecewiseCudaGraphRunner",
+    "TextConfig",
+    "VisionConfig",
+    "load_pretrained",
+    "random_init",
+    "save_pretrained",
+]
+
+
+def __getattr__(name: str):
+    # Heavier pieces load on first use so that ``import gemma4lab`` stays cheap.
+    if name == "Gemma4Processor":
+        from .processor import Gemma4Processor
+
+        return Gemma4Processor
+    if name in ("PiecewiseCudaGraphRunner", "DecodeGraphRunner"):
+        from . import pcg
+
+        return getattr(pcg, name)
+    raise AttributeError(f"module 'gemma4lab' has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""Attention over packed token rows: several prompts of different lengths in one ``[num_tokens, heads, dim]`` batch.
+
+Gemma 4 needs three things most attention kernels lack at once: head dim 512 on full layers (no FlashAttention
+kernel exists for it), a sliding window of 1024 keys, and bidirectional attention inside each image on sliding
+layers only. Two backends compute the same mask:
+
+* ``"sdpa"``: one ``scaled_dot_product_attention`` call per prompt with an explicit boolean mask. Simple and
+  exact; the reference on CPU.
+* ``"flex"``: one FlexAttention call for the whole pack, the mask expressed as a ``mask_mod`` over document ids,
+  positions and image-block ids, so masked-out tiles are skipped. The GPU default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class PackedBatch:
+    """Where each prompt lives inside the packed rows.
+
+    ``seq_lens`` stays on the host (it decides Python-level loops and shapes); everything else is on the device.
+    ``block_ids`` marks image soft tokens: -1 for text, otherwise an id unique within the pack, so that tokens
+    of one image attend to each other bidirectionally on sliding layers.
+    """
+
+    seq_lens: list[int]
+    positions: Tensor  # [N] int64, 0-based position inside its prompt
+    doc_ids: Tensor  # [N] int32, which prompt a row belongs to
+    block_ids: Tensor | None = None  # [N] int64, image block id or -1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens)
+
+    @property
+    def last_token_rows(self) -> Tensor:
+        ends = torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
+        return ends
+
+    @classmethod
+    def from_lengths(
+        cls, seq_lens: list[int], device: torch.device | str = "cpu", block_ids: Tensor | None = None
+    ) -> PackedBatch:
+        if not seq_lens or any(n <= 0 for n in seq_lens):
+            raise ValueError(f"every prompt needs at least one token, got lengths {seq_lens}")
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(device)
+        doc_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(seq_lens)]).to(device)
+        return cls(list(seq_lens), positions, doc_ids, block_ids)
+
+
+def image_block_ids(mm_token_type_ids: Tensor) -> Tensor:
+    """Per-row image block id for one or more rows of ``mm_token_type_ids`` ([B, T] or [T]).
+
+    A block is a maximal run of image soft tokens (type 1 or 2); boi/eoi are text. Ids are unique across the
+    whole tensor so that packing prompts can never merge two images.
+    """
+    t = mm_token_type_ids.reshape(-1)
+    is_img = (t == 1) | (t == 2)
+    prev = torch.roll(is_img, 1)
+    prev[0] = False
+    if mm_token_type_ids.dim() == 2:  # a new row starts a new block even if both rows hold image tokens
+        prev.view(mm_token_type_ids.shape)[:, 0] = False
+    starts = is_img & ~prev
+    ids = torch.cumsum(starts.long(), 0) - 1
+    return torch.where(is_img, ids, torch.full_like(ids, -1))
+
+
+def mask_for_prompt(n: int, sliding: bool, window: int, block_ids: Tensor | None, device) -> Tensor:
+    """Boolean [n, n] mask, True = attend, exactly as the reference builds it.
+
+    full layers: causal. sliding layers: ``(causal OR same image block) AND key > query - window``.
+    """
+    q = torch.arange(n, device=device)[:, None]
+    k = torch.arange(n, device=device)[None, :]
+    allowed = k <= q
+    if sliding:
+        if block_ids is not None:
+            same = (block_ids[:, None] == block_ids[None, :]) & (block_ids[:, None] >= 0)
+            allowed = allowed | same
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding: bool, window: int) -> Tensor:
+    """q: [N, Hq, D], k/v: [N, Hkv, D] → [N, Hq, D]. Scaling 1.0 (Gemma 4 norms q and k instead)."""
+    out = torch.empty_like(q)
+    start = 0
+    for n in batch.seq_lens:
+        sl = slice(start, start + n)
+        blocks = batch.block_ids[sl] if (sliding and batch.block_ids is not None) else None
+        mask = mask_for_prompt(n, sliding, window, blocks, q.device)
+        o = F.scaled_dot_product_attention(
+            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+            attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1],
+        )
+        out[sl] = o.transpose(0, 1)
+        start += n
+    return out
+
+
+# ---- FlexAttention (GPU) ------------------------------------------------------------------------------------------
+
+_flex_compiled = None
+
+
+def _flex():
+    global _flex_compiled
+    if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
+def flex_block_mask(batch: PackedBatch, sliding: bool, window: int, n_rows: int):
+    """One block mask for the whole pack; rows past the real tokens (padding) see only themselves."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = batch.num_tokens
+    dev = batch.positions.device
+    doc = torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
+    doc[:n] = batch.doc_ids
+    pos = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    pos[:n] = batch.positions
+    blk = torch.full((n_rows,), -1, dtype=torch.int64, device=dev)
+    if batch.block_ids is not None and sliding:
+        blk[:n] = batch.block_ids
+
+    def mask_mod(b, h, qi, ki):
+        same_doc = doc[qi] == doc[ki]
+        causal = ki <= qi
+        if sliding:
+            img = (blk[qi] == blk[ki]) & (blk[qi] >= 0)
+            return same_doc & (causal | img) & (pos[ki] > pos[qi] - window) | (qi == ki)
+        return same_doc & causal | (qi == ki)
+
+    return create_block_mask(mask_mod, None, None, n_rows, n_rows, device=dev)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, head_dim: int) -> Tensor:
+    """q: [N, Hq, D] → [N, Hq, D] with one FlexAttention call. Head 512 needs small tiles to fit shared memory."""
+    opts = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1} if head_dim > 256 else None
+    o = _flex()(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        block_mask=block_mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1], kernel_options=opts,
+    )
+    return o[0].transpose(0, 1)

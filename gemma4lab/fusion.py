@@ -1,0 +1,49 @@
+"""Which fused kernels the decoder uses. Each switch replaces one stretch of unfused PyTorch ops with one kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Per-kernel switches; ``Fusion()`` is the unfused reference path, ``Fusion.all()`` everything.
+
+    * ``qkv_norm_rope``: per-head q/k/v RMSNorm + RoPE in place on the projections.
+    * ``post_attention``: residual + post-attention norm, and from the same read the three FFN inputs
+      (dense-MLP norm, experts norm, router input).
+    * ``router``: softmax → top-k → renormalise → × per-expert scale.
+    * ``gelu``: ``gelu_tanh(gate) * up`` for the dense MLP and the experts.
+    * ``epilogue``: the MoE epilogue ``(rms(rms(d)·w1 + rms(m)·w2)·w3 + residual)·scalar`` (dual-norm kernel; the
+      single-norm kernel on dense layers).
+    * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
+      norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
+    """
+
+    qkv_norm_rope: bool = False
+    post_attention: bool = False
+    router: bool = False
+    gelu: bool = False
+    epilogue: bool = False
+    next_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.next_norm and not self.epilogue:
+            raise ValueError("Fusion(next_norm=True) needs epilogue=True: the next norm rides on the epilogue kernel")
+
+    @classmethod
+    def all(cls) -> Fusion:
+        return cls(**{f.name: True for f in fields(cls)})
+
+    @classmethod
+    def none(cls) -> Fusion:
+        return cls()
+
+    @classmethod
+    def published(cls) -> Fusion:
+        """What the sglang PR shipped: the two norm + residual + scalar kernels only."""
+        return cls(epilogue=True)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name)]

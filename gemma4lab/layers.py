@@ -1,0 +1,188 @@
+"""The text decoder's building blocks in plain PyTorch, op for op as the Hugging Face reference rounds them.
+
+These are the *unfused* reference path: every function here is the math the fused kernels in
+``gemma4lab.kernels`` replace, written so that a bfloat16 model rounds where transformers rounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TextConfig
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """Gemma 4 RMSNorm: fp32 math, ``x * w`` (not ``1 + w``), one cast back to the input dtype."""
+    xf = x.float()
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight.float()
+    return y.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# ---- rotary embeddings ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str, partial_rotary_factor: float = 1.0) -> Tensor:
+    """Inverse frequencies, ``head_dim // 2`` of them.
+
+    ``proportional`` (Gemma 4 full layers) keeps the exponent denominator at the *full* head dim and zeroes the
+    frequencies past ``partial_rotary_factor``: only dims [0:64] and [256:320] of a 512-wide head rotate.
+    """
+    if rope_type == "default":
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if rope_type == "proportional":
+        n_rot = int(partial_rotary_factor * head_dim // 2)
+        rot = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float) / head_dim))
+        return torch.cat([rot, torch.zeros(head_dim // 2 - n_rot)])
+    raise ValueError(f"unsupported rope_type {rope_type!r}")
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 ``cos``/``sin`` of shape [N, head_dim] for token positions [N] (neox layout: freqs repeated twice)."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [N, heads, D]; cos/sin: fp32 [N, D], cast to x's dtype first as the reference does."""
+    c = cos.to(x.dtype)[:, None, :]
+    s = sin.to(x.dtype)[:, None, :]
+    return x * c + rotate_half(x) * s
+
+
+# ---- feed-forward ---------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """Dense gated-GELU(tanh) MLP (the converter calls it the shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused_act:
+            from .kernels import gelu_tanh_and_mul
+
+            return self.down_proj(gelu_tanh_and_mul(gate, up))
+        return self.down_proj(gelu_tanh(gate) * up)
+
+
+class Router(nn.Module):
+    """Picks ``top_k`` of ``num_experts`` per token from the *un-normalised* residual stream."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.top_k = cfg.top_k_experts
+        self.scalar_root_size = cfg.hidden_size**-0.5
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def router_input(self, h: Tensor) -> Tensor:
+        return rms_norm(h, None, self.eps) * self.scale * self.scalar_root_size
+
+    def tail(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """softmax (fp32) → top-k → renormalise → × per_expert_scale. Returns fp32 weights and int64 ids."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return self.tail(self.proj(self.router_input(h)))
+
+
+def _grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offs)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0) and dtype == torch.bfloat16
+    return False
+
+
+class Experts(nn.Module):
+    """128 experts stored fused as 3-D tensors, ``gate_up_proj`` = [E, 2I, H] with the gate first.
+
+    The CUDA path is CUDA-graph safe: it sorts routed rows by expert and runs two grouped matmuls whose group
+    offsets live on the device, so there is no host synchronisation and no data-dependent shape. Per-token
+    contributions are summed in fp32 over the top-k slots (no atomics), so replay is bit-identical.
+    """
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
+
+    def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False) -> Tensor:
+        if grouped_mm_available(x.device, x.dtype):
+            y = self._grouped(x, idx, fused_act)
+        else:
+            y = self._looped(x, idx, fused_act)
+        # y: [T, k, H] per-slot outputs in the activation dtype; weight and sum in fp32, cast once.
+        return (y.float() * weights[..., None].float()).sum(dim=1).to(x.dtype)
+
+    def _act(self, gate_up: Tensor, fused_act: bool) -> Tensor:
+        if fused_act:
+            from .kernels import gelu_tanh_mul
+
+            return gelu_tanh_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gelu_tanh(gate) * up
+
+    def _grouped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
+        t, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # routed slots sorted by expert
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        xs = x[order // k]
+        h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
+        ys = _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)
+        y = torch.empty_like(ys)
+        y[order] = ys  # undo the sort: a permutation, so no accumulation order issues
+        return y.view(t, k, -1)
+
+    def _looped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
+        """Reference path (CPU): one matmul per expert that was hit. Syncs the host; never used under graphs."""
+        t, k = idx.shape
+        y = torch.zeros(t, k, x.shape[-1], dtype=x.dtype, device=x.device)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            h = self._act(F.linear(x[tok], self.gate_up_proj[e]), fused_act)
+            y[tok, slot] = F.linear(h, self.down_proj[e])
+        return y

@@ -1,0 +1,220 @@
+"""The multimodal model: vision tower + projector + text decoder, with the reference's module tree.
+
+Parameter names equal Hugging Face's ``Gemma4ForConditionalGeneration`` state-dict keys
+(``model.language_model.*``, ``model.vision_tower.*``, ``model.embed_vision.*``; ``lm_head`` is tied to the token
+embeddings), so a checkpoint loads by name with no renaming table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import PackedBatch, image_block_ids
+from .config import Gemma4Config
+from .fusion import Fusion
+from .text_model import TextModel
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+
+
+class _Inner(nn.Module):
+    """Holds the sub-modules under ``model.`` exactly as the reference nests them."""
+
+    def __init__(self, cfg: Gemma4Config) -> None:
+        super().__init__()
+        self.language_model = TextModel(cfg.text)
+        if cfg.vision is not None:
+            from .vision import MultimodalEmbedder, VisionTower
+
+            self.vision_tower = VisionTower(cfg.vision)
+            self.embed_vision = MultimodalEmbedder(cfg.vision, cfg.text)
+        else:
+            self.vision_tower = None
+            self.embed_vision = None
+
+
+class Gemma4ForConditionalGeneration(nn.Module):
+    """Gemma 4 vision-language model. ``forward`` takes the reference's tensors; ``prefill`` takes packed prompts."""
+
+    def __init__(self, config: Gemma4Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Inner(config)
+
+    # ---- conveniences ---------------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> TextModel:
+        return self.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def set_fusion(self, fusion: Fusion | str) -> Gemma4ForConditionalGeneration:
+        """Switch fused kernels on or off: a ``Fusion`` or ``"none"`` / ``"all"`` / ``"published"``."""
+        if isinstance(fusion, str):
+            if fusion not in ("none", "all", "published"):
+                raise ValueError(f"fusion must be a Fusion or one of 'none', 'all', 'published', got {fusion!r}")
+            fusion = getattr(Fusion, fusion)()
+        if not isinstance(fusion, Fusion):
+            raise TypeError(f"fusion must be a gemma4lab.Fusion, got {type(fusion).__name__}")
+        self.language_model.fusion = fusion
+        return self
+
+    def set_attention_backend(self, backend: str) -> Gemma4ForConditionalGeneration:
+        if backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+        self.language_model.attn_backend = backend
+        return self
+
+    # ---- input checks and embedding -------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: a prompt needs at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        vocab = self.config.text.vocab_size
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+
+    def image_features(self, pixel_values: Tensor, image_position_ids: Tensor) -> Tensor:
+        """Soft tokens of every image, projected into the text space: [total_soft_tokens, hidden]."""
+        if self.model.vision_tower is None:
+            raise ValueError("this model has no vision tower (vision_config is null) but pixel_values were given")
+        if image_position_ids is None:
+            raise ValueError("pixel_values needs image_position_ids (from gemma4lab.Gemma4Processor)")
+        if pixel_values.dim() != 3 or image_position_ids.dim() != 3 or image_position_ids.shape[-1] != 2:
+            raise ValueError(
+                "expected pixel_values [num_images, max_patches, 3*patch^2] and image_position_ids "
+                f"[num_images, max_patches, 2], got {tuple(pixel_values.shape)} and {tuple(image_position_ids.shape)}"
+            )
+        soft = self.model.vision_tower(pixel_values.to(self.device, self.dtype), image_position_ids.to(self.device))
+        return self.model.embed_vision(soft)
+
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None) -> Tensor:
+        """Token embeddings with the image placeholders replaced by the vision tower's soft tokens. ids: [N]."""
+        cfg = self.config
+        placeholder = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id) | (
+            input_ids == cfg.audio_token_id
+        )
+        ids = torch.where(placeholder, torch.full_like(input_ids, cfg.text.pad_token_id), input_ids)
+        embeds = self.language_model.embed(ids)
+        n_slots = int((input_ids == cfg.image_token_id).sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"the prompt has {n_slots} image placeholder tokens but no pixel_values were given")
+            return embeds
+        feats = self.image_features(pixel_values, image_position_ids)
+        if feats.shape[0] != n_slots:
+            raise ValueError(
+                f"the prompt has {n_slots} image soft-token slots but the images give {feats.shape[0]} soft tokens "
+                "(more image placeholders than images, or a prompt not expanded by Gemma4Processor)"
+            )
+        mask = (input_ids == cfg.image_token_id)[:, None]
+        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+    def packed_batch(self, seq_lens: list[int], mm_token_type_ids: Tensor | None) -> PackedBatch:
+        blocks = None
+        if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
+            blocks = image_block_ids(mm_token_type_ids.to(self.device).reshape(-1))
+            # Blocks never cross prompt boundaries: a new prompt restarts the run.
+            starts = torch.tensor([0] + list(seq_lens[:-1]), device=self.device).cumsum(0)
+            if len(seq_lens) > 1:
+                blocks = _split_blocks_at(blocks, starts)
+        return PackedBatch.from_lengths(seq_lens, self.device, blocks)
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        prompts: list[Tensor],
+        pixel_values: Tensor | None = None,
+        image_position_ids: Tensor | None = None,
+        mm_token_type_ids: list[Tensor] | None = None,
+        *,
+        all_logits: bool = False,
+        cache=None,
+    ) -> Tensor:
+        """Packed prefill of several prompts of different lengths in one forward.
+
+        Returns the logits of each prompt's last token [num_prompts, vocab], or of every token [N, vocab].
+        Images (if any) belong to the prompts in order of their placeholders.
+        """
+        if not prompts:
+            raise ValueError("prefill needs at least one prompt")
+        for p in prompts:
+            if not isinstance(p, Tensor) or p.dim() != 1:
+                raise ValueError("each prompt must be a 1-D tensor of token ids")
+        ids = torch.cat([p.to(self.device) for p in prompts])
+        self._check_ids(ids)
+        seq_lens = [int(p.numel()) for p in prompts]
+        mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]) if mm_token_type_ids is not None else None
+        batch = self.packed_batch(seq_lens, mm)
+        embeds = self.embed_inputs(ids, pixel_values, image_position_ids)
+        lm = self.language_model
+        hidden = lm.forward_embeds(embeds, lm.make_context(batch, cache=cache))
+        if not all_logits:
+            hidden = hidden[batch.last_token_rows]
+        return lm.logits(hidden)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        image_position_ids: Tensor | None = None,
+        mm_token_type_ids: Tensor | None = None,
+    ) -> ModelOutput:
+        """The reference's batch API: ``input_ids`` [B, T] (equal-length prompts) → ``.logits`` [B, T, vocab]."""
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
+        b, t = input_ids.shape
+        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (b, t):
+            raise ValueError(f"mm_token_type_ids must have the shape of input_ids {(b, t)}, got "
+                             f"{tuple(mm_token_type_ids.shape)}")
+        logits = self.prefill(
+            list(input_ids), pixel_values, image_position_ids,
+            list(mm_token_type_ids) if mm_token_type_ids is not None else None, all_logits=True,
+        )
+        return ModelOutput(logits=logits.view(b, t, -1))
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        pixel_values: Tensor | None = None,
+        image_position_ids: Tensor | None = None,
+        mm_token_type_ids: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
+        """Greedy decoding with a KV cache → token ids [B, T + new] (see ``gemma4lab.generation``)."""
+        from .generation import greedy_generate
+
+        return greedy_generate(self, input_ids, max_new_tokens, pixel_values, image_position_ids, mm_token_type_ids,
+                               **kwargs)
+
+
+def _split_blocks_at(blocks: Tensor, starts: Tensor) -> Tensor:
+    """Give every image block that continues across a prompt boundary a fresh id after the boundary."""
+    is_img = blocks >= 0
+    boundary = torch.zeros_like(is_img)
+    boundary[starts] = True
+    prev = torch.roll(blocks, 1)
+    new = is_img & (boundary | (prev != blocks))
+    ids = torch.cumsum(new.long(), 0) - 1
+    return torch.where(is_img, ids, torch.full_like(ids, -1))

@@ -33,7 +33,7 @@ class _Inner(nn.Module):
             from .vision import MultimodalEmbedder, VisionTower
 
             self.vision_tower = VisionTower(cfg.vision)
-            self.embed_vision = MultimodalEmbedder(cfg.vision, cfg.text)
+            self.embed_vision = MultimodalEmbedder(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.vision.rms_norm_eps)
         else:
             self.vision_tower = None
             self.embed_vision = None
@@ -46,6 +46,9 @@ class Gemma4ForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.model = _Inner(config)
+        self.language_model.placeholder_ids = torch.tensor(
+            [config.image_token_id, config.video_token_id, config.audio_token_id], dtype=torch.long
+        )
 
     # ---- conveniences ---------------------------------------------------------------------------------------------
     @property
@@ -107,11 +110,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
     def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None) -> Tensor:
         """Token embeddings with the image placeholders replaced by the vision tower's soft tokens. ids: [N]."""
         cfg = self.config
-        placeholder = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id) | (
-            input_ids == cfg.audio_token_id
-        )
-        ids = torch.where(placeholder, torch.full_like(input_ids, cfg.text.pad_token_id), input_ids)
-        embeds = self.language_model.embed(ids)
+        embeds = self.language_model.embed(input_ids)  # placeholders embed as padding
         n_slots = int((input_ids == cfg.image_token_id).sum())
         if pixel_values is None:
             if n_slots:

@@ -162,10 +162,15 @@ class TextModel(nn.Module):
         )
         self.fusion = Fusion()
         self.attn_backend = "auto"
+        # Multimodal placeholder ids (set by the multimodal model) embed as padding, as in the reference.
+        self.register_buffer("placeholder_ids", torch.empty(0, dtype=torch.long), persistent=False)
 
     # ---- the pieces between attention calls ---------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings × √hidden, the scale rounded to the weight dtype first (53.0 in bf16, not 53.07)."""
+        if self.placeholder_ids.numel():
+            is_placeholder = torch.isin(input_ids, self.placeholder_ids)
+            input_ids = torch.where(is_placeholder, torch.full_like(input_ids, self.config.pad_token_id), input_ids)
         scale = torch.tensor(self.config.embed_scale, dtype=self.embed_tokens.weight.dtype)
         return self.embed_tokens(input_ids) * scale.to(input_ids.device)
 

@@ -1,0 +1,80 @@
+"""Shared test setup.
+
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is decorated, so it is set here, before
+gemma4lab is imported; on a machine with a GPU the tests that need one run on it, elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+if not os.environ.get("GEMMA4LAB_NO_INTERPRET"):
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses
+
+import pytest
+import torch
+
+from gemma4lab import Gemma4Config
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere fails."""
+    out64, ref64 = out.double(), ref.double()
+    if torch.isnan(out64).any():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def make_hf_model(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The Hugging Face reference with random, non-trivial weights (norms and scalars around 1, not exactly 1)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hcfg = transformers.Gemma4Config(**cfg.to_hf_dict())
+    ref = transformers.Gemma4ForConditionalGeneration(hcfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+        for name, b in ref.named_buffers():
+            if name.endswith("layer_scalar") or name.endswith("std_scale"):
+                b.normal_(1.0, 0.1)
+            elif name.endswith("std_bias"):
+                b.normal_(0.0, 0.1)
+    return ref.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Gemma4Config:
+    return Gemma4Config.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_config(tiny_config) -> Gemma4Config:
+    return dataclasses.replace(tiny_config, vision=None)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_config, tmp_path_factory):
+    """(reference model, checkpoint directory written by transformers' own save_pretrained)."""
+    ref = make_hf_model(tiny_config)
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    ref.save_pretrained(path)
+    return ref, path

@@ -1,0 +1,185 @@
+"""The vision tower and projector against transformers' ``Gemma4ForConditionalGeneration`` (eager attention).
+
+One tiny HF model is built with random, deliberately non-trivial vision weights (norm weights away from 1, a
+random standardisation) and its state dict is loaded into ours by name, which is itself the key-compatibility test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from gemma4lab.config import Gemma4Config, VisionConfig
+from gemma4lab.processor import Gemma4Processor
+from gemma4lab.vision import MultimodalEmbedder, VisionTower, image_features
+
+transformers = pytest.importorskip("transformers")
+
+FP32_RTOL = 1e-5
+# bf16 tolerance vs the fp32 reference. Vision attention has scale 1.0 on RMS-normed q/k, so its logits are
+# O(‖w_q‖·‖w_k‖·head_dim): bf16 rounding of q and k moves them by O(1e-2) and sharp softmaxes amplify that. With the
+# q/k norm weights drawn below the reference's own bf16 run lands at ~6e-3; we must be no worse than it.
+BF16_RTOL = 2e-2
+MAX_SOFT_TOKENS = 70  # the smallest budget the reference accepts: 630 patches per image
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def cfg() -> Gemma4Config:
+    return Gemma4Config.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def hf_model(cfg):
+    torch.manual_seed(0)
+    hc = transformers.Gemma4Config(**cfg.to_hf_dict())
+    hc._attn_implementation = "eager"
+    model = transformers.Gemma4ForConditionalGeneration(hc).eval()
+    assert model.model.vision_tower.config._attn_implementation == "eager"
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        vt = model.model.vision_tower
+        for name, p in vt.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.4 + 0.2)
+            elif p.ndim == 1:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif "position_embedding" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        vt.std_bias.copy_(torch.randn(vt.std_bias.shape, generator=g))
+        vt.std_scale.copy_(torch.rand(vt.std_scale.shape, generator=g) * 1.5 + 0.5)
+        w = model.model.embed_vision.embedding_projection.weight
+        w.copy_(torch.randn(w.shape, generator=g) * w.shape[-1] ** -0.5)
+    return model
+
+
+def _substate(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def ours(cfg, hf_model) -> tuple[VisionTower, MultimodalEmbedder]:
+    tower, embedder = VisionTower(cfg.vision), MultimodalEmbedder.from_config(cfg)
+    tower.load_state_dict(_substate(hf_model, "model.vision_tower."), strict=True)
+    embedder.load_state_dict(_substate(hf_model, "model.embed_vision."), strict=True)
+    return tower.eval(), embedder.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(cfg) -> dict:
+    """Five images of different sizes and modes in one padded batch."""
+    rng = np.random.default_rng(0)
+
+    def rgb(h: int, w: int) -> PIL.Image.Image:
+        return PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    images = [rgb(96, 144), rgb(150, 90), rgb(200, 200), rgb(120, 260).convert("L"), rgb(333, 111).convert("RGBA")]
+    return Gemma4Processor(cfg, MAX_SOFT_TOKENS).preprocess_images(images)
+
+
+# ---- weights ------------------------------------------------------------------------------------------------------
+
+
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_state_dict_keys_and_shapes_match_reference(cfg, hf_model, ours):
+    tower, embedder = ours
+    assert _shapes(tower.state_dict()) == _shapes(_substate(hf_model, "model.vision_tower."))
+    assert _shapes(embedder.state_dict()) == _shapes(_substate(hf_model, "model.embed_vision."))
+    assert "encoder.inv_freq" not in tower.state_dict()  # rebuilt from the config, never loaded
+
+
+def test_no_standardize_buffers_without_standardize():
+    vc = VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, head_dim=24,
+                      position_embedding_size=64, standardize=False)
+    hf_cfg = Gemma4Config(vision=vc).to_hf_dict()["vision_config"]
+    ref = transformers.models.gemma4.modeling_gemma4.Gemma4VisionModel(transformers.Gemma4VisionConfig(**hf_cfg))
+    assert _shapes(VisionTower(vc).state_dict()) == _shapes(ref.state_dict())
+
+
+def test_head_dim_must_split_into_two_rotary_axes():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        VisionTower(VisionConfig(hidden_size=48, num_attention_heads=2, head_dim=22))
+
+
+# ---- numerics -----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_soft_tokens_match_reference_fp32(hf_model, ours, batch):
+    ref = hf_model.model.vision_tower(batch["pixel_values"], batch["image_position_ids"]).last_hidden_state
+    out = ours[0](batch["pixel_values"], batch["image_position_ids"])
+    assert out.shape == ref.shape == (sum(batch["num_soft_tokens"]), 48)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) <= FP32_RTOL
+
+
+@torch.no_grad()
+def test_image_features_match_get_image_features(hf_model, ours, batch):
+    ref = hf_model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"]).pooler_output
+    out = image_features(*ours, batch["pixel_values"], batch["image_position_ids"])
+    assert [t.shape[0] for t in out] == [t.shape[0] for t in ref] == batch["num_soft_tokens"]
+    for o, r in zip(out, ref):
+        assert o.shape[-1] == 96
+        assert rel_err(o, r) <= FP32_RTOL
+
+
+@torch.no_grad()
+def test_image_alone_equals_image_in_batch(ours, batch):
+    """Padding and the other images must not leak into an image's soft tokens."""
+    tower = ours[0]
+    everything = tower(batch["pixel_values"], batch["image_position_ids"])
+    offsets = np.cumsum([0, *batch["num_soft_tokens"]])
+    for i in range(len(batch["num_soft_tokens"])):
+        alone = tower(batch["pixel_values"][i : i + 1], batch["image_position_ids"][i : i + 1])
+        assert rel_err(alone, everything[offsets[i] : offsets[i + 1]]) <= FP32_RTOL
+
+
+@torch.no_grad()
+def test_bf16_close_to_fp32_reference(cfg, hf_model, ours, batch):
+    ref = hf_model.model.vision_tower(batch["pixel_values"], batch["image_position_ids"]).last_hidden_state
+    tower = VisionTower(cfg.vision)
+    tower.load_state_dict(ours[0].state_dict())
+    tower = tower.to(torch.bfloat16)
+    out = tower(batch["pixel_values"], batch["image_position_ids"])
+    assert out.dtype == torch.bfloat16
+    err = rel_err(out, ref)
+
+    hf_bf16 = transformers.models.gemma4.modeling_gemma4.Gemma4VisionModel(hf_model.model.vision_tower.config)
+    hf_bf16.load_state_dict(hf_model.model.vision_tower.state_dict())
+    ref_bf16 = hf_bf16.to(torch.bfloat16)(batch["pixel_values"], batch["image_position_ids"]).last_hidden_state
+    assert err <= BF16_RTOL
+    assert err <= 1.5 * rel_err(ref_bf16, ref) + 1e-3, "our bf16 path is further from fp32 than the reference's"
+
+
+def test_forward_rejects_mismatched_shapes(ours, batch):
+    tower = ours[0]
+    with pytest.raises(ValueError, match="must share"):
+        tower(batch["pixel_values"][:2], batch["image_position_ids"][:3])
+    with pytest.raises(ValueError, match="multiple of 9"):
+        tower(batch["pixel_values"][:, :100], batch["image_position_ids"][:, :100])
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_reference_model_accepts_processor_output(cfg, hf_model):
+    """The full reference model checks that placeholders and vision soft tokens agree in number."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (64, 200, 3), dtype=np.uint8), rng.integers(0, 256, (90, 90), dtype=np.uint8)]
+    img = cfg.image_token_id
+    inputs = Gemma4Processor(cfg, MAX_SOFT_TOKENS)([2, 10, img, 11, 12, img, 13], images)
+    assert set(inputs) == {"input_ids", "mm_token_type_ids", "pixel_values", "image_position_ids"}
+    logits = hf_model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], cfg.text.vocab_size)
+    assert torch.isfinite(logits).all()

@@ -132,12 +132,15 @@ def greedy_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     step_fn=None,
+    cache: KVCache | None = None,
+    prefill_fn=None,
 ) -> Tensor | list[Tensor]:
     """Greedy decoding that matches the reference's ``generate(do_sample=False)``.
 
     A sequence that emits an end-of-sequence id is padded with ``pad_token_id`` afterwards; decoding stops once
     every sequence has finished or ``max_new_tokens`` were produced. ``input_ids`` [B, T] returns [B, T + new];
-    a list of prompts of different lengths returns a list. ``step_fn`` swaps in a graphed decode step.
+    a list of prompts of different lengths returns a list. ``step_fn``/``prefill_fn``/``cache`` swap in the
+    graphed decode step, the piecewise-graph prefill and their static cache.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -152,8 +155,9 @@ def greedy_generate(
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=model.device)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     lens = [int(p.numel()) for p in prompts]
-    cache = KVCache(cfg, len(prompts), max(lens) + max_new_tokens, model.dtype, model.device)
-    logits = model.prefill(prompts, pixel_values, image_position_ids, mm, cache=cache)
+    if cache is None:
+        cache = KVCache(cfg, len(prompts), max(lens) + max_new_tokens, model.dtype, model.device)
+    logits = (prefill_fn or model.prefill)(prompts, pixel_values, image_position_ids, mm, cache=cache)
     step = step_fn or (lambda tok, pos: decode_step(model.language_model, tok, pos, cache))
     positions = torch.tensor(lens, device=model.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)

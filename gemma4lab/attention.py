@@ -139,7 +139,7 @@ def flex_block_mask(batch: PackedBatch, sliding: bool, window: int, n_rows: int)
             return same_doc & (causal | img) & (pos[ki] > pos[qi] - window) | (qi == ki)
         return same_doc & causal | (qi == ki)
 
-    return create_block_mask(mask_mod, None, None, n_rows, n_rows, device=dev)
+    return create_block_mask(mask_mod, None, None, n_rows, n_rows, device=dev, _compile=True)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, head_dim: int) -> Tensor:

@@ -394,7 +394,7 @@ def _preset_tiny() -> Gemma4Config:
     # Token ids must fall inside the tiny vocabulary.
     return Gemma4Config(
         text=text, vision=vision, image_token_id=500, boi_token_id=501, eoi_token_id=502, video_token_id=503,
-        audio_token_id=504, vision_soft_tokens_per_image=16,
+        audio_token_id=504, vision_soft_tokens_per_image=70,
     )
 
 

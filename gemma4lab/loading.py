@@ -35,7 +35,8 @@ def _reset_nonpersistent(model: Gemma4ForConditionalGeneration) -> None:
     from .layers import rope_inv_freq
 
     lm, t, c = model.language_model, model.config.text, model.config
-    lm.placeholder_ids = torch.tensor([c.image_token_id, c.video_token_id, c.audio_token_id], device=lm.inv_freq_full.device)
+    ids = [c.image_token_id, c.video_token_id, c.audio_token_id]
+    lm.placeholder_ids = torch.tensor(ids, device=lm.inv_freq_full.device)
     lm.inv_freq_sliding = rope_inv_freq(t.head_dim, t.rope_theta_sliding, "default").to(lm.inv_freq_sliding.device)
     lm.inv_freq_full = rope_inv_freq(
         t.global_head_dim, t.rope_theta_full, t.rope_type_full, t.partial_rotary_factor_full

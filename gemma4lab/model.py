@@ -33,7 +33,8 @@ class _Inner(nn.Module):
             from .vision import MultimodalEmbedder, VisionTower
 
             self.vision_tower = VisionTower(cfg.vision)
-            self.embed_vision = MultimodalEmbedder(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.vision.rms_norm_eps)
+            v = cfg.vision
+            self.embed_vision = MultimodalEmbedder(v.hidden_size, cfg.text.hidden_size, v.rms_norm_eps)
         else:
             self.vision_tower = None
             self.embed_vision = None
@@ -104,7 +105,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
                 "expected pixel_values [num_images, max_patches, 3*patch^2] and image_position_ids "
                 f"[num_images, max_patches, 2], got {tuple(pixel_values.shape)} and {tuple(image_position_ids.shape)}"
             )
-        soft = self.model.vision_tower(pixel_values.to(self.device, self.dtype), image_position_ids.to(self.device))
+        # Pixels stay fp32: the tower's first op (2·(p − 0.5)) runs in fp32 in the reference too.
+        soft = self.model.vision_tower(pixel_values.to(self.device), image_position_ids.to(self.device))
         return self.model.embed_vision(soft)
 
     def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None) -> Tensor:

@@ -30,13 +30,12 @@ from __future__ import annotations
 import bisect
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .attention import PackedBatch
 from .generation import KVCache, decode_step, greedy_generate
 
 

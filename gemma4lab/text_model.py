@@ -171,11 +171,13 @@ class TextModel(nn.Module):
         if self.placeholder_ids.numel():
             is_placeholder = torch.isin(input_ids, self.placeholder_ids)
             input_ids = torch.where(is_placeholder, torch.full_like(input_ids, self.config.pad_token_id), input_ids)
-        scale = torch.tensor(self.config.embed_scale, dtype=self.embed_tokens.weight.dtype)
-        return self.embed_tokens(input_ids) * scale.to(input_ids.device)
+        # A Python float holding the dtype-rounded scale: no host→device copy (CUDA-graph capture forbids one).
+        scale = torch.tensor(self.config.embed_scale, dtype=self.embed_tokens.weight.dtype).item()
+        return self.embed_tokens(input_ids) * scale
 
     def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
-        return {True: rope_cos_sin(self.inv_freq_sliding, positions), False: rope_cos_sin(self.inv_freq_full, positions)}
+        return {True: rope_cos_sin(self.inv_freq_sliding, positions),
+                False: rope_cos_sin(self.inv_freq_full, positions)}
 
     def next_norm_weight(self, i: int) -> Tensor:
         return self.layers[i + 1].input_layernorm.weight if i + 1 < len(self.layers) else self.norm.weight

@@ -11,7 +11,6 @@ from conftest import rel_err
 
 import gemma4lab
 import gemma4lab.attention
-from gemma4lab import Fusion
 
 
 @pytest.fixture(scope="module")

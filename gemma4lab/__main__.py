@@ -1,0 +1,3 @@
+from gemma4lab.cli import main
+
+raise SystemExit(main())

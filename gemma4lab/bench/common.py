@@ -1,0 +1,92 @@
+"""Shared pieces of the model-level benchmarks: floors, a prompt builder, and the transformers twin."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gemma4lab.config import Gemma4Config
+
+
+def active_flops_per_token(cfg: Gemma4Config, n_tokens: int) -> float:
+    """Matmul FLOPs of one prefill of ``n_tokens`` tokens (2·params touched per token, plus attention scores).
+
+    Per token: attention projections, the dense MLP, the router and ``top_k`` experts of every layer. Attention:
+    4·heads·head_dim per visible query–key pair (QKᵀ and PV), causal, window-limited on sliding layers.
+    The head runs on one token per prompt.
+    """
+    t = cfg.text
+    per_token = 0.0
+    attn = 0.0
+    for i in range(t.num_hidden_layers):
+        d, hq, hkv = t.layer_head_dim(i), t.num_attention_heads, t.layer_kv_heads(i)
+        proj = t.hidden_size * d * (hq + hkv * (1 if t.layer_k_eq_v(i) else 2) + hq)
+        mlp = 3 * t.hidden_size * t.intermediate_size
+        moe = (t.hidden_size * t.num_experts + t.top_k_experts * 3 * t.hidden_size * t.moe_intermediate_size
+               if t.enable_moe_block else 0)
+        per_token += 2 * (proj + mlp + moe)
+        if t.is_sliding(i):
+            w = t.sliding_window
+            pairs = sum(min(q + 1, w) for q in range(n_tokens)) if n_tokens < 4 * w else (
+                n_tokens * w - w * (w - 1) / 2)
+        else:
+            pairs = n_tokens * (n_tokens + 1) / 2
+        attn += 4 * hq * d * pairs
+    head = 2 * t.hidden_size * t.vocab_size
+    return per_token * n_tokens + attn + head
+
+
+def text_weight_bytes(model) -> int:
+    """Bytes of every text-decoder weight a prefill must read at least once (all experts are hit at T ≳ 100)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "language_model" in n)
+
+
+def random_prompt(n: int, vocab: int, seed: int = 0, device="cuda") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 250000), (n,), generator=g).to(device)
+
+
+def hf_twin(model, attn_implementation: str = "sdpa"):
+    """Hugging Face's Gemma4ForConditionalGeneration sharing *our* weight tensors (no second copy in memory).
+
+    Our parameter names are the reference's, so ``load_state_dict(assign=True)`` aliases every tensor. Buffers
+    that checkpoints do not store (RoPE frequencies, the embedding scale) are rebuilt on the device.
+    """
+    import transformers
+
+    hcfg = transformers.Gemma4Config(**model.config.to_hf_dict())
+    hcfg._attn_implementation = attn_implementation
+    if hcfg.text_config is not None:
+        hcfg.text_config._attn_implementation = attn_implementation
+    if hcfg.vision_config is not None:
+        hcfg.vision_config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        hf = transformers.Gemma4ForConditionalGeneration(hcfg)
+    state = model.state_dict()
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers twin: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.lm_head.weight = hf.model.language_model.embed_tokens.weight
+    dev = model.device
+    for name, mod in list(hf.named_modules()):
+        metas = [n for n, b in mod.named_buffers(recurse=False) if b.is_meta]
+        if not metas:
+            continue
+        if "RotaryEmbedding" in type(mod).__name__:
+            fresh = type(mod)(mod.config).to(dev)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(hf.get_submodule(parent_name) if parent_name else hf, attr, fresh)
+        elif hasattr(mod, "scalar_embed_scale"):
+            mod.embed_scale = torch.tensor(mod.scalar_embed_scale, device=dev)
+        else:
+            raise RuntimeError(f"transformers twin: cannot rebuild meta buffers {metas} of {name}")
+    leftover = [n for n, b in hf.named_buffers() if b.is_meta] + [n for n, p in hf.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"transformers twin: still on meta: {leftover[:5]}")
+    return hf.eval()
+
+
+def fmt_ms(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"

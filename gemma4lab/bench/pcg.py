@@ -1,0 +1,135 @@
+"""Piecewise CUDA graphs on a reduced-depth model: ``python -m gemma4lab bench-pcg``.
+
+Full width (26B-A4B shapes), fewer layers, so it runs in a minute: capture time and graph memory for the
+default buckets, kernel launches per forward, CPU dispatch vs GPU busy time, and latency per token count for
+eager unfused, eager fused and fused + PCG. Writes ``results/pcg_<card>.json`` and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma4lab import measure
+from gemma4lab.bench.common import random_prompt
+from gemma4lab.config import Gemma4Config
+from gemma4lab.fusion import Fusion
+from gemma4lab.loading import random_init
+from gemma4lab.pcg import PiecewiseCudaGraphRunner
+from gemma4lab.profiling import profile_forward
+
+TOKENS = (16, 93, 189, 512, 1453, 2893, 5773)
+
+
+def run(args) -> dict[str, Any]:
+    dev = torch.device(args.device)
+    cfg = Gemma4Config.preset(args.preset).replace_text(num_hidden_layers=args.layers)
+    cfg = Gemma4Config(text=cfg.text, vision=None)
+    model = random_init(cfg, dtype=torch.bfloat16, device=dev, seed=0)
+    res: dict[str, Any] = {"benchmark": "pcg", "preset": args.preset, "layers": args.layers, "rows": {},
+                           "profiles": {}}
+    prompts = {t: [random_prompt(t, cfg.text.vocab_size, seed=t, device=dev)] for t in args.tokens}
+    runner = None
+    with torch.no_grad():
+        for name, fusion, graphs in (("eager_unfused", Fusion.none(), False), ("eager_fused", Fusion.all(), False),
+                                     ("pcg_fused", Fusion.all(), True)):
+            model.set_fusion(fusion)
+            if graphs:
+                runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
+                rep = runner.capture()
+                res["capture"] = {"capture_s": rep.capture_s, "graph_pool_bytes": rep.graph_pool_bytes,
+                                  "static_buffer_bytes": rep.static_buffer_bytes, "buckets": len(rep.buckets),
+                                  "max_tokens": runner.max_tokens, "pieces_per_bucket": rep.pieces_per_bucket,
+                                  "graphs": rep.graphs}
+                fwd_for = lambda t: (lambda: runner.prefill(prompts[t]))
+            else:
+                fwd_for = lambda t: (lambda: model.prefill(prompts[t]))
+            for t in args.tokens:
+                fn = fwd_for(t)
+                ms = measure.bench(fn, warmup_ms=50, rep_ms=args.rep_ms)
+                res["rows"].setdefault(str(t), {"tokens": t})[f"{name}_ms"] = ms
+                if t in args.profile_tokens:
+                    prof = profile_forward(fn, trace_path=(args.out / f"trace_{name}_{t}.json") if args.traces
+                                           else None)
+                    prof["launches_per_layer"] = prof["kernels"] / args.layers
+                    res["profiles"][f"{name}_{t}"] = prof
+                print(f"{name:>14} T={t:>5}: {ms:.3f} ms", flush=True)
+        # bit-identity of graphs against the same fused model run eagerly, at bucket boundaries
+        checks = {}
+        for n in (16, 17, 256, 257, 1024, 1025):
+            p = [random_prompt(n, cfg.text.vocab_size, seed=1000 + n, device=dev)]
+            d = (runner.prefill(p).float() - model.prefill(p).float()).abs().max().item()
+            checks[str(n)] = d
+        res["pcg_vs_eager_max_abs"] = checks
+        # per-piece replay overhead: (PCG wall time − GPU busy time) / pieces, from the profile at T=93
+        key = "pcg_fused_93"
+        if key in res["profiles"]:
+            pr = res["profiles"][key]
+            res["replay_overhead_us_per_piece"] = 1e3 * (pr["wall_ms"] - pr["gpu_busy_ms"]) / (args.layers + 1)
+    for r in res["rows"].values():
+        if r.get("eager_unfused_ms") and r.get("pcg_fused_ms"):
+            r["speedup"] = r["eager_unfused_ms"] / r["pcg_fused_ms"]
+    return res
+
+
+def plot(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(res["rows"].values(), key=lambda r: r["tokens"])
+    ts = [r["tokens"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, lab in (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
+                   ("pcg_fused_ms", "fused + PCG")):
+        a.plot(ts, [r.get(k) for r in rows], marker="o", label=lab)
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel("tokens")
+    a.set_ylabel("ms per forward")
+    a.legend()
+    a.grid(True, which="both", alpha=0.3)
+    profs = [(k, v) for k, v in res["profiles"].items() if k.endswith("_93")]
+    names = [k.rsplit("_", 1)[0] for k, _ in profs]
+    b.bar(names, [v["cpu_dispatch_ms"] for _, v in profs], label="CPU dispatch (launch calls)")
+    b.bar(names, [v["gpu_busy_ms"] for _, v in profs], alpha=0.6, label="GPU busy")
+    b.set_ylabel("ms at 93 tokens")
+    b.legend()
+    env = res.get("environment", {})
+    fig.suptitle(f"PCG, {res['layers']}-layer 26B-A4B-width model — {env.get('card', '?')} {env.get('date', '')[:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gemma4lab bench-pcg")
+    p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=TOKENS)
+    p.add_argument("--profile-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=(93, 1453))
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--preset", default="26b-a4b")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--rep-ms", type=float, default=200.0)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--traces", action="store_true", help="also write chrome traces next to the JSON")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("bench-pcg needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = run(args)
+    path = measure.write_json(args.out / f"pcg_{measure.card_slug()}.json", res)
+    plot(measure.read_json(path), path.with_suffix(".png"))
+    print({k: res[k] for k in ("capture", "pcg_vs_eager_max_abs") if k in res})
+    for r in sorted(res["rows"].values(), key=lambda r: r["tokens"]):
+        print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

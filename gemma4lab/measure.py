@@ -1,0 +1,191 @@
+"""Timing, bandwidth and provenance helpers shared by every benchmark in the repo.
+
+Rules they enforce: medians (robust to stragglers), CUDA timings through ``triton.testing.do_bench`` (CUDA events,
+L2 flushed between runs), CPU timings through ``time.perf_counter`` (Triton's GPU driver is never touched on a
+CPU-only machine), and every result file carries the environment it was measured in and a ``producer`` tag so that
+nothing else is ever overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRODUCER = "gemma4lab"
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------
+def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
+          device: str | torch.device | None = None) -> float:
+    """Median milliseconds per call of ``fn``. CUDA (default when available): ``triton.testing.do_bench``. CPU: a
+    ``perf_counter`` loop (at least 1 warm-up and 3 timed calls, however slow ``fn`` is)."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    stop = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < stop:
+        fn()
+    times: list[float] = []
+    stop = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < stop and len(times) < 100_000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_cuda_graph(fn: Callable[[], object], *, replays_per_graph: int = 20, warmup_ms: float = 25,
+                     rep_ms: float = 100) -> float:
+    """Median milliseconds per call of ``fn`` when ``replays_per_graph`` calls are captured in one CUDA graph:
+    what a call costs with CPU launch overhead removed (the floor piecewise CUDA graphs can reach).
+    ``fn`` must be capturable (static buffers, no host sync)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_cuda_graph needs a CUDA device; CUDA graphs do not exist on CPU")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compile, allocate) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return bench(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms, device="cuda") / replays_per_graph
+
+
+# ---- machine roofs --------------------------------------------------------------------------------------------
+def copy_bandwidth(device: str | torch.device, nbytes: int = 2**30, *, warmup_ms: float = 25,
+                   rep_ms: float = 100) -> float:
+    """Bytes/s of a device-to-device copy of ``nbytes``, counting the read and the write (median): the practical
+    bandwidth roof that the fused kernels are compared against."""
+    dev = _device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_rate(device: str | torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, *,
+                warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """FLOP/s of an ``n x n x n`` matmul on random data (2 n^3 flops): the compute roof."""
+    dev = _device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    ms = bench(lambda: a @ b, warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def empty_kernel_time(device: str | torch.device, *, warmup_ms: float = 25,
+                      rep_ms: float = 100) -> dict[str, float | None]:
+    """Milliseconds of a trivial Triton kernel: ``eager_ms`` (Python launch included) and ``graph_ms`` (inside a
+    CUDA graph): the floor for "within 2 us of an empty kernel". On CPU ``graph_ms`` is None and ``eager_ms`` is the
+    interpreter's launch cost if ``TRITON_INTERPRET=1`` was set before import, else None."""
+    from gemma4lab.kernels._common import INTERPRET, empty_kernel
+
+    dev = _device(device)
+    x = torch.zeros(1, device=dev)
+    launch = lambda: empty_kernel[(1,)](x)
+    if dev.type != "cuda":
+        eager = bench(launch, warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev) if INTERPRET else None
+        return {"eager_ms": eager, "graph_ms": None}
+    return {"eager_ms": bench(launch, warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev),
+            "graph_ms": bench_cuda_graph(launch, warmup_ms=warmup_ms, rep_ms=rep_ms)}
+
+
+# ---- provenance -----------------------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a number was measured on (no hostname): card, library versions, CUDA, UTC time."""
+    import triton
+
+    env: dict[str, Any] = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1))
+    return env
+
+
+def card_slug() -> str:
+    """Short lower-case card name for file names: "h100", "h200", "a100", ... or "cpu"."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    m = re.search(r"\b(gh200|gb200|[abhl]\d{2,3}[a-z]?|rtx ?\d{4})\b", name)
+    if m:
+        return m.group(1).replace(" ", "")
+    return re.sub(r"[^a-z0-9]+", "-", name.replace("nvidia", "")).strip("-") or "gpu"
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: turn them into None (recursively)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A result file if it exists and was produced by gemma4lab, else None."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("producer") == PRODUCER else None
+
+
+def write_json(path: str | Path, payload: dict[str, Any], *, overwrite: bool = False) -> Path:
+    """Write ``payload`` plus ``producer`` and ``environment`` (a fresh one unless the payload has one). Refuses
+    to replace an existing file that gemma4lab did not write, unless ``overwrite=True``."""
+    path = Path(path)
+    if path.exists() and not overwrite and read_json(path) is None:
+        raise FileExistsError(f"{path} exists and was not produced by gemma4lab; pass overwrite=True to replace it")
+    doc = {"producer": PRODUCER, **payload}
+    doc.setdefault("environment", environment())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path

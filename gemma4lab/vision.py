@@ -1,0 +1,252 @@
+"""The Gemma 4 vision tower and its projector into the text model, op for op as transformers rounds them.
+
+This is a new encoder (not SigLIP). For N images that the processor padded to a common P patches:
+
+    patches [N, P, 3·p²] ─ patch_embedder ─▶ [N, P, D]       linear patch embedding + (x, y) position tables
+        ─ encoder ─▶ [N, P, D]                               bidirectional layers, 2-D axial RoPE, padding masked
+        ─ pool ─▶ [N, P/k², D]                               average each k×k block of patches (k = 3)
+        ─ strip padding, ·√D, standardise ─▶ [T, D]          T = total soft tokens of all images
+    MultimodalEmbedder: [T, D] ─ RMS-normalise, Linear ─▶ [T, text_hidden]
+
+Module and parameter names follow ``Gemma4VisionModel`` / ``Gemma4MultimodalEmbedder`` so that a checkpoint's
+``model.vision_tower.*`` and ``model.embed_vision.*`` tensors load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Gemma4Config, VisionConfig
+from .layers import RMSNorm, gelu_tanh, rms_norm, rotate_half
+
+
+class _Linear(nn.Module):
+    """A bias-free Linear stored as ``.linear``: the checkpoint names it ``q_proj.linear.weight`` because the
+    reference wraps it in a clippable linear. Clipping exists only in the E-series towers; config rejects it."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+# ---- 2-D axial RoPE ---------------------------------------------------------------------------------------------
+
+
+def axial_inv_freq(head_dim: int, theta: float) -> Tensor:
+    """``head_dim // 4`` frequencies, shared by the x and y axes (each axis rotates half of the head)."""
+    spatial_dim = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim))
+
+
+def axial_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [N, P, head_dim] laid out ``[x, x, y, y]``: head dims [0:D/2] rotate with the patch column and
+    [D/2:D] with the row. Computed in fp32 and cast to the activations' dtype, as the reference does."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [N, P, 2, head_dim // 4]
+    fx, fy = freqs[:, :, 0], freqs[:, :, 1]
+    emb = torch.cat([fx, fx, fy, fy], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_axial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [N, P, heads, D]. Standard ``rotate_half`` RoPE applied separately to each half of the head."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([rotate_half(x[..., :half]), rotate_half(x[..., half:])], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+# ---- layers -----------------------------------------------------------------------------------------------------
+
+
+class PatchEmbedder(nn.Module):
+    """Pixels in [0, 1] → ``input_proj(2·(p − 0.5))`` plus learned column and row embeddings. Padding patches get
+    no position embedding (their position ids are -1)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.input_proj = nn.Linear(3 * cfg.patch_size**2, cfg.hidden_size, bias=False)
+        self.position_embedding_table = nn.Parameter(torch.ones(2, cfg.position_embedding_size, cfg.hidden_size))
+
+    def forward(self, pixel_values: Tensor, positions: Tensor, padding: Tensor) -> Tensor:
+        x = (2 * (pixel_values - 0.5)).to(self.input_proj.weight.dtype)
+        pos = positions.clamp(min=0)
+        table = self.position_embedding_table
+        pos_emb = F.embedding(pos[..., 0], table[0]) + F.embedding(pos[..., 1], table[1])
+        pos_emb = torch.where(padding[..., None], 0.0, pos_emb)
+        return self.input_proj(x) + pos_emb
+
+
+class VisionAttention(nn.Module):
+    """Multi-head attention with q/k RMSNorm (weighted), v RMSNorm (unweighted), 2-D RoPE and scale 1.0: the
+    norms already fix the logits' magnitude, so there is no 1/√d."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.head_dim, self.eps = hd, cfg.rms_norm_eps
+        self.q_proj = _Linear(d, h * hd)
+        self.k_proj = _Linear(d, h * hd)
+        self.v_proj = _Linear(d, h * hd)
+        self.o_proj = _Linear(h * hd, d)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        """x: [N, P, D]; key_mask: bool [N, 1, 1, P], True where a patch is real and may be attended to."""
+        n, p, _ = x.shape
+        shape = (n, p, -1, self.head_dim)
+        q = apply_axial_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin)
+        k = apply_axial_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
+        v = rms_norm(self.v_proj(x).view(shape), None, self.eps)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask, scale=1.0
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(n, p, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.gate_proj = _Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = _Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = _Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionEncoderLayer(nn.Module):
+    """The same norm sandwich as a text layer (norm before and after each sub-block), without a layer scalar."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.self_attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, key_mask))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: Tensor, positions: Tensor, padding: Tensor) -> Tensor:
+        # The RoPE frequencies are computed here rather than kept as a buffer: a buffer would be garbage after a
+        # meta-device build + ``to_empty`` and rounded to bf16 by ``.to(bfloat16)``; the reference's stay fp32.
+        # Computed on the CPU, as the reference computes them, so that they are bit-identical on any device.
+        inv_freq = axial_inv_freq(self.head_dim, self.rope_theta).to(positions.device)
+        cos, sin = axial_cos_sin(inv_freq, positions, x.dtype)
+        key_mask = ~padding[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, cos, sin, key_mask)
+        return x
+
+
+# ---- the tower --------------------------------------------------------------------------------------------------
+
+
+class VisionTower(nn.Module):
+    """``Gemma4VisionModel``: patches and their (x, y) positions → soft tokens [T, vision_hidden].
+
+    Sits at ``model.vision_tower``. The output has padding removed and images concatenated in order, each image
+    contributing its soft tokens in row-major order of its pooled grid.
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.head_dim % 4:
+            raise ValueError(f"vision head_dim={cfg.head_dim} must be a multiple of 4 (RoPE rotates pairs per axis)")
+        self.cfg = cfg
+        self.patch_embedder = PatchEmbedder(cfg)
+        self.encoder = VisionEncoder(cfg)
+        if cfg.standardize:
+            self.register_buffer("std_bias", torch.zeros(cfg.hidden_size))
+            self.register_buffer("std_scale", torch.ones(cfg.hidden_size))
+
+    def forward(self, pixel_values: Tensor, image_position_ids: Tensor) -> Tensor:
+        """pixel_values [N, P, 3·p²] in [0, 1]; image_position_ids [N, P, 2] as (x=col, y=row), (-1, -1) on padding.
+        Returns [T, vision_hidden] in the tower's weight dtype."""
+        k = self.cfg.pooling_kernel_size
+        n, p = image_position_ids.shape[:2]
+        if pixel_values.shape[:2] != (n, p) or p % (k * k):
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)} and image_position_ids {tuple(image_position_ids.shape)} "
+                f"must share [N, P] with P a multiple of {k * k} (the pooling block)"
+            )
+        padding = (image_position_ids == -1).all(dim=-1)
+        x = self.patch_embedder(pixel_values, image_position_ids, padding)
+        x = self.encoder(x, image_position_ids, padding)
+        pooled, valid = self._pool(x, image_position_ids, padding)
+        h = pooled[valid]
+        if self.cfg.standardize:
+            # fp32: the bias subtraction cancels large values.
+            h = (h - self.std_bias.float()) * self.std_scale.float()
+        return h.to(x.dtype)
+
+    def _pool(self, x: Tensor, positions: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
+        """Average each k×k block of patches into one soft token, by position. Returns fp32 pooled features
+        scaled by √D ([N, P/k², D]) and a mask of the pooled slots that received a patch.
+
+        Slot of patch (x, y) = ``x//k + (W/k)·(y//k)`` with W the image's width in patches, so an image's soft tokens
+        are the first (H/k)·(W/k) slots in row-major order. Padding patches are zeroed and sent to slot 0, which
+        every image has, so they add nothing. The average is a matmul with a one-hot matrix, as in the reference:
+        deterministic on GPU (a scatter-add is not) and the same fp32 rounding. The mean is rounded to the working
+        dtype before the fp32 √D scaling, again as the reference does.
+        """
+        k = self.cfg.pooling_kernel_size
+        x = x.masked_fill(padding[..., None], 0.0)
+        pos = positions.clamp(min=0)
+        width = pos[..., 0].amax(dim=-1, keepdim=True) + 1
+        slot = pos[..., 0] // k + (width // k) * (pos[..., 1] // k)  # [N, P]
+        weights = F.one_hot(slot.long(), x.shape[1] // (k * k)).float() / (k * k)  # [N, P, slots]
+        pooled = (weights.transpose(1, 2) @ x.float()).to(x.dtype)
+        valid = (weights != 0).any(dim=1)
+        return pooled.float() * self.cfg.hidden_size**0.5, valid
+
+    def soft_tokens_per_image(self, image_position_ids: Tensor) -> list[int]:
+        """Soft tokens each image contributes (its real patches / k²); syncs with the host."""
+        k = self.cfg.pooling_kernel_size
+        return ((image_position_ids != -1).all(dim=-1).sum(dim=-1) // (k * k)).tolist()
+
+
+class MultimodalEmbedder(nn.Module):
+    """``Gemma4MultimodalEmbedder`` (at ``model.embed_vision``): soft tokens → text embedding space.
+
+    ``Linear(rms_norm(x))`` with an unweighted norm. The text model's √hidden embedding scale is *not* applied to
+    these features: they replace the placeholder embeddings as they are.
+    """
+
+    def __init__(self, vision_hidden: int, text_hidden: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.embedding_projection = nn.Linear(vision_hidden, text_hidden, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg: Gemma4Config) -> MultimodalEmbedder:
+        if cfg.vision is None:
+            raise ValueError("config has no vision tower, so there is no vision embedder")
+        return cls(cfg.vision.hidden_size, cfg.text.hidden_size, cfg.vision.rms_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embedding_projection(rms_norm(x, None, self.eps))
+
+
+def image_features(
+    tower: VisionTower, embedder: MultimodalEmbedder, pixel_values: Tensor, image_position_ids: Tensor
+) -> list[Tensor]:
+    """``Gemma4Model.get_image_features``: one [soft_tokens_i, text_hidden] tensor per image."""
+    feats = embedder(tower(pixel_values, image_position_ids))
+    return list(torch.split(feats, tower.soft_tokens_per_image(image_position_ids)))

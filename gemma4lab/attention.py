@@ -7,7 +7,11 @@ layers only. Two backends compute the same mask:
 * ``"sdpa"``: one ``scaled_dot_product_attention`` call per prompt with an explicit boolean mask. Simple and
   exact; the reference on CPU.
 * ``"flex"``: one FlexAttention call for the whole pack, the mask expressed as a ``mask_mod`` over document ids,
-  positions and image-block ids, so masked-out tiles are skipped. The GPU default.
+  positions and image-block ids, so masked-out tiles are skipped. The GPU default for long or image prompts.
+* ``"causal"``: per-prompt ``scaled_dot_product_attention(is_causal=True)`` with no mask tensor at all. Exact
+  whenever a prompt has no image and is no longer than the window (then the sliding mask *is* the causal mask).
+  At short prompts it beats FlexAttention, whose block-mask construction and call overhead cost milliseconds
+  per forward on an H200 (measured by ``gemma4lab bench-attention``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,30 @@ def mask_for_prompt(n: int, sliding: bool, window: int, block_ids: Tensor | None
     return allowed
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch) -> Tensor:
+    """Per-prompt causal SDPA without a mask tensor (FlashAttention for head 256 on Hopper).
+
+    K/V heads are repeated explicitly: with ``enable_gqa=True`` PyTorch 2.11 routes to the fp32 math kernel
+    (seen in the profile: ``triu_tril`` + fp32 GEMMs), while the repeat costs one small copy.
+    """
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if len(batch.seq_lens) == 1:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                           scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(0, 1)
+    out = torch.empty_like(q)
+    start = 0
+    for n in batch.seq_lens:
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                           is_causal=True, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+        out[sl] = o.transpose(0, 1)
+        start += n
+    return out
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding: bool, window: int) -> Tensor:
     """q: [N, Hq, D], k/v: [N, Hkv, D] → [N, Hq, D]. Scaling 1.0 (Gemma 4 norms q and k instead)."""
     out = torch.empty_like(q)
@@ -108,12 +136,24 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding:
 _flex_compiled = None
 
 
+def _raise_recompile_limit(n: int = 64) -> None:
+    """Each prompt length is a new shape for FlexAttention; past dynamo's default limit (8) it would silently fall
+    back to an O(N²) eager path (seen: 1 s per forward at 5773 tokens). Dynamic shapes after the first recompile
+    plus a higher limit keep it compiled."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name) and getattr(dc, name) < n:
+            setattr(dc, name, n)
+
+
 def _flex():
     global _flex_compiled
     if _flex_compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        _raise_recompile_limit()
+        _flex_compiled = torch.compile(flex_attention, dynamic=None)
     return _flex_compiled
 
 
@@ -139,6 +179,7 @@ def flex_block_mask(batch: PackedBatch, sliding: bool, window: int, n_rows: int)
             return same_doc & (causal | img) & (pos[ki] > pos[qi] - window) | (qi == ki)
         return same_doc & causal | (qi == ki)
 
+    _raise_recompile_limit()
     return create_block_mask(mask_mod, None, None, n_rows, n_rows, device=dev, _compile=True)
 
 

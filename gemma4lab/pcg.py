@@ -258,6 +258,7 @@ class PiecewiseCudaGraphRunner:
         from tqdm.auto import tqdm
 
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # so that the reserved-memory delta is the graph pool alone
         before = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
         self._pool = torch.cuda.graph_pool_handle()
@@ -280,6 +281,7 @@ class PiecewiseCudaGraphRunner:
                 graphs.append(g)
             self._graphs[n] = graphs
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         self.report.graphs = True
         self.report.capture_s = time.perf_counter() - t0
         self.report.graph_pool_bytes = torch.cuda.memory_reserved(self.device) - before

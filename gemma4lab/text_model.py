@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import PackedBatch, flex_attention, flex_block_mask, sdpa_attention
+from .attention import PackedBatch, causal_attention, flex_attention, flex_block_mask, sdpa_attention
 from .config import TextConfig
 from .fusion import Fusion
 from .layers import MLP, Experts, RMSNorm, Router, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+
+# Below this many tokens per prompt, plain causal SDPA beats FlexAttention's fixed costs (gemma4lab bench-attention).
+CAUSAL_SDPA_MAX_TOKENS = 1024
 
 
 class Attention(nn.Module):
@@ -141,6 +144,7 @@ class ForwardContext:
     cos_sin: dict[bool, tuple[Tensor, Tensor]]  # keyed by ``sliding``
     block_masks: dict[bool, Any] = field(default_factory=dict)
     cache: Any = None  # a generation.KVCache to fill during prefill
+    modes: dict[bool, str] = field(default_factory=dict)  # attention backend per layer type (keyed by ``sliding``)
 
 
 class TextModel(nn.Module):
@@ -200,12 +204,23 @@ class TextModel(nn.Module):
         return "flex" if device.type == "cuda" else "sdpa"
 
     def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None) -> ForwardContext:
+        """Per-forward attention plan: for each layer type, ``causal`` SDPA, ``flex`` (with its block mask), or
+        ``sdpa`` with explicit masks (the CPU reference)."""
         ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
-        if self.backend_for(batch.positions.device) == "flex":
-            rows = n_rows or batch.num_tokens
-            rows = -(-rows // 128) * 128  # FlexAttention works on whole 128-row tiles
-            for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
+        backend = self.backend_for(batch.positions.device)
+        longest = max(batch.seq_lens)
+        for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
+            mask_is_causal = batch.block_ids is None or not sliding
+            if sliding:
+                mask_is_causal = mask_is_causal and longest <= self.config.sliding_window
+            if backend == "flex" and mask_is_causal and longest <= CAUSAL_SDPA_MAX_TOKENS:
+                ctx.modes[sliding] = "causal"
+            elif backend == "flex":
+                rows = -(-(n_rows or batch.num_tokens) // 128) * 128  # FlexAttention works on 128-row tiles
                 ctx.block_masks[sliding] = flex_block_mask(batch, sliding, self.config.sliding_window, rows)
+                ctx.modes[sliding] = "flex"
+            else:
+                ctx.modes[sliding] = backend
         return ctx
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
@@ -215,7 +230,10 @@ class TextModel(nn.Module):
         q, k, v = q[:n], k[:n], v[:n]
         if ctx.cache is not None:
             ctx.cache.fill(i, k, v, ctx.batch)
-        if self.backend_for(q.device) == "flex":
+        mode = ctx.modes.get(attn.sliding, "sdpa")
+        if mode == "causal":
+            return causal_attention(q, k, v, ctx.batch)
+        if mode == "flex":
             rows = -(-n // 128) * 128
             pad = rows - n
             if pad:

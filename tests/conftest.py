@@ -50,7 +50,7 @@ def make_hf_model(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.f
     hcfg = transformers.Gemma4Config(**cfg.to_hf_dict())
     ref = transformers.Gemma4ForConditionalGeneration(hcfg).eval()
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for _name, p in ref.named_parameters():
             if p.dim() == 1:
                 p.normal_(1.0, 0.1)
         for name, b in ref.named_buffers():

@@ -74,6 +74,18 @@ def _demo_notebook(folder: Path) -> Path:
     return path
 
 
+def _like_a_fresh_clone(folder: Path) -> None:
+    """Give each .py twin its notebook's mtime, as a git checkout does (it writes both at once).
+
+    A working tree where the .ipynb was saved last would otherwise make jupytext's contents manager refuse to open it
+    whenever the pair differs at all (tests/test_project.py checks the pair itself).
+    """
+    for nb in folder.glob("*.ipynb"):
+        if (twin := nb.with_suffix(".py")).exists():
+            st = nb.stat()
+            os.utime(twin, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _stage(tmp_path: Path) -> tuple[Path, str]:
     """Copy the notebooks into a scratch repo-shaped folder so running them in the lab can't touch the repo."""
     repo = tmp_path / "repo"
@@ -87,9 +99,11 @@ def _stage(tmp_path: Path) -> tuple[Path, str]:
     if override:
         source = Path(override).resolve()
         shutil.copytree(source.parent, repo / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+        _like_a_fresh_clone(repo / "notebooks")
         return repo / "notebooks", source.name
     shutil.copytree(ROOT / "notebooks", repo / "notebooks", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     folder = repo / "notebooks"
+    _like_a_fresh_clone(folder)
     if (folder / PREFERRED).exists():
         return folder, PREFERRED
     for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
@@ -224,7 +238,9 @@ def _image_srcs(scope) -> list[str]:
 
 def _drive_notebook(page, base: str, name: str) -> None:
     page.goto(f"{base}/lab/tree/{name}", wait_until="domcontentloaded")
-    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+    cell, dialog = page.locator(".jp-Notebook .jp-Cell").first, page.locator(".jp-Dialog")
+    _wait(lambda: cell.is_visible() or dialog.count(), 60, "the notebook to open")
+    assert not dialog.count(), f"JupyterLab showed a dialog instead of the notebook:\n{dialog.first.inner_text()}"
     _wait(lambda: (s := page.evaluate(STATE_JS)) and s["status"] == "idle", 90, "the kernel to start (idle)")
     _dismiss_toasts(page)
 
@@ -292,6 +308,7 @@ def test_lab_run_all_and_slider(tmp_path: Path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             try:
                 _drive_notebook(page, base, name)
+                page.screenshot(path=str(tmp_path / "browser-final.png"), full_page=True)  # to look at, if curious
             except BaseException:
                 shot = tmp_path / "browser-failure.png"
                 with contextlib.suppress(Exception):

@@ -32,6 +32,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     before = path.read_bytes()
     out = tmp_path / path.name
+    error = None
     try:
         nb = papermill.execute_notebook(
             str(path),
@@ -43,7 +44,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
             progress_bar=False,
         )
     except PapermillExecutionError as e:  # its str() is the failing cell's traceback, colours stripped
-        pytest.fail(f"{path.name} failed in cell {e.cell_index} (executed copy: {out}):{e}", pytrace=False)
+        error = e
+    if error is not None:  # failed outside the except block, so the traceback is shown once, not chained
+        pytest.fail(f"{path.name} failed (executed copy: {out}):{error}", pytrace=False)
 
     assert dict(nb.metadata.papermill.parameters) == PARAMETERS
     assert path.read_bytes() == before, f"executing {path.name} modified the committed notebook"

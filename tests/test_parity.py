@@ -123,3 +123,15 @@ def test_image_generation_identical_tokens(hf_tiny, ours, tiny_config):
     expected = ref.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=[1], pad_token_id=0)
     got = ours.generate(**batch, max_new_tokens=16, eos_token_id=[1], pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+def test_causal_sdpa_mode_equals_masked_reference(ours):
+    """The GPU fast path (``causal`` SDPA, no mask tensor) is exact for text prompts within the window."""
+    lm = ours.language_model
+    prompts = [_prompt(n, 40 + n) for n in (3, 16, 11)]  # all <= window 16
+    batch = gemma4lab.attention.PackedBatch.from_lengths([len(p) for p in prompts])
+    embeds = lm.embed(torch.cat(prompts))
+    ref = lm.forward_embeds(embeds, lm.make_context(batch))
+    ctx = lm.make_context(batch)
+    ctx.modes = {True: "causal", False: "causal"}
+    assert rel_err(lm.forward_embeds(embeds, ctx), ref) <= 1e-6

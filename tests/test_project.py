@@ -6,6 +6,7 @@ These run in seconds and catch the drift that otherwise only shows up on someone
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import re
 from pathlib import Path
@@ -122,3 +123,11 @@ def test_notebook_paired_with_percent_script(path: Path):
     for i, (a, b) in enumerate(zip(ipynb, py)):
         assert a == b, f"cell {i} differs between {path.name} and {script.name}: run `jupytext --sync {path.name}`"
     assert len(ipynb) == len(py), f"{path.name} has {len(ipynb)} cells, {script.name} {len(py)}: run jupytext --sync"
+    # JupyterLab's jupytext contents manager makes this very comparison (header included) and refuses to open the
+    # notebook when it fails and the .ipynb is the newer file.
+    from_ipynb = jupytext.writes(jupytext.read(path), "py:percent")
+    from_py = jupytext.writes(jupytext.reads(text, fmt="py:percent"), "py:percent")
+    diff = "\n".join(
+        difflib.unified_diff(from_py.splitlines(), from_ipynb.splitlines(), script.name, path.name, lineterm="")
+    )
+    assert not diff, f"{script.name} is out of sync with {path.name} (run `jupytext --sync {path.name}`):\n{diff}"

@@ -100,7 +100,8 @@ def plot(res: dict, path: Path) -> Path:
     b.set_ylabel("ms at 93 tokens")
     b.legend()
     env = res.get("environment", {})
-    fig.suptitle(f"PCG, {res['layers']}-layer 26B-A4B-width model — {env.get('card', '?')} {env.get('date', '')[:10]}")
+    when = env.get("date_utc", "")[:10]
+    fig.suptitle(f"PCG, {res['layers']}-layer 26B-A4B-width model — {env.get('card', '?')} {when}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

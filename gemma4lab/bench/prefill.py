@@ -272,7 +272,8 @@ def plot(res: dict, path: Path) -> Path:
     ts = [r["tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, label in (("eager_ms", "ours, unfused eager"), ("fused_ms", "ours, fused"),
-                       ("pcg_ms", "ours, fused + PCG"), ("hf_ms", "transformers"), ("compile_ms", "torch.compile (ours)"), ("floor_ms", "floor")):
+                       ("pcg_ms", "ours, fused + PCG"), ("hf_ms", "transformers"),
+                       ("compile_ms", "torch.compile (ours)"), ("floor_ms", "floor")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             ax.plot(ts, [y if y is not None else float("nan") for y in ys], marker="o", label=label,
@@ -282,7 +283,7 @@ def plot(res: dict, path: Path) -> Path:
     ax.set_xlabel("prompt tokens (batch 1)")
     ax.set_ylabel("prefill latency (ms)")
     env = res.get("environment", {})
-    ax.set_title(f"Gemma 4 26B-A4B prefill — {env.get('card', '?')}, {env.get('date', '')[:10]}")
+    ax.set_title(f"Gemma 4 26B-A4B prefill — {env.get('card', '?')}, {env.get('date_utc', '')[:10]}")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

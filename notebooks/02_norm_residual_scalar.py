@@ -1,0 +1,170 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Norm + residual + scalar in one pass
+#
+# At the end of every Gemma 4 layer the feed-forward output goes through a norm, is added to the residual stream and
+# multiplied by a per-layer scalar. Unfused, that is a chain of small elementwise kernels, each reading and writing
+# the full activation.
+#
+# **What you will learn**
+#
+# - what the unfused chain dispatches (counted with `gemma4lab.profiling.profile_forward`);
+# - how many bytes it moves compared with one fused pass;
+# - that `gemma_rmsnorm_residual_scalar` matches the reference;
+# - how close the fused kernel gets to copy bandwidth on a real GPU (recorded results).
+
+# %% tags=["parameters"]
+DEVICE = "cpu"  # "cuda" for live GPU numbers
+INTERACTIVE = True
+DTYPE = "float32"
+TOKENS = 16  # rows for kernel calls on CPU (the interpreter is slow)
+HIDDEN = 256  # the bytes model below uses the real 2816
+GPU_TOKENS = 4096
+
+# %%
+import os
+from pathlib import Path
+
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+RESULTS = ROOT / "results"
+
+# %matplotlib inline
+import matplotlib.pyplot as plt
+import torch
+
+import gemma4lab.kernels as K
+from gemma4lab import measure
+from gemma4lab.profiling import profile_forward
+
+dtype = getattr(torch, DTYPE)
+T = GPU_TOKENS if DEVICE == "cuda" else TOKENS
+
+# %% [markdown]
+# ## The unfused chain
+#
+# Written the way the Hugging Face model runs it: a norm (itself several ops), an add, a multiply. On a GPU each
+# op is at least one kernel launch; on CPU `profile_forward` counts dispatched ATen ops as the proxy.
+
+# %%
+def unfused(x, w, r, s, eps=1e-6):
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w  # norm
+    y = y + r  # residual
+    return y * s  # layer scalar
+
+
+gen = torch.Generator().manual_seed(0)
+x, r = (torch.randn(T, HIDDEN, generator=gen).to(DEVICE, dtype) for _ in range(2))
+w = (1 + 0.1 * torch.randn(HIDDEN, generator=gen)).to(DEVICE, dtype)
+s = torch.tensor([0.7], device=DEVICE, dtype=dtype)
+
+prof = profile_forward(lambda: unfused(x, w, r, s), warmup=1)
+print(f"unfused: {prof['kernels']} {'kernels' if prof['device'] == 'cuda' else 'ATen ops'}")
+for name, n in prof["top_kernels"]:
+    print(f"  {n} × {name}")
+print("fused: 1 kernel (by construction)")
+
+# %% [markdown]
+# ## Bytes moved
+#
+# Each elementwise op reads its inputs and writes its output to memory. Counting tensors of `T × H` (the weight
+# and scalar are tiny and stay in cache), at bf16 and the real hidden size 2816:
+
+# %%
+H_REAL, B = 2816, 2
+chain = {  # (reads, writes) in T×H activations, per op of the unfused chain
+    "upcast x": (1, 2), "square": (2, 2), "mean": (2, 0), "x·rsqrt": (2, 2),
+    "round to bf16": (2, 1), "·w": (1, 1), "+ residual": (2, 1), "·scalar": (1, 1),
+}
+unfused_bytes = sum(rd + wr for rd, wr in chain.values()) * H_REAL * B
+fused_bytes = 3 * H_REAL * B  # read x, read residual, write out
+print(f"unfused ≈ {unfused_bytes / 1e3:.1f} KB/token, fused = {fused_bytes / 1e3:.1f} KB/token "
+      f"({unfused_bytes / fused_bytes:.1f}× less traffic)")
+
+fig, ax = plt.subplots(figsize=(6, 2.5))
+ax.barh(["fused", "unfused"], [fused_bytes / 1e3, unfused_bytes / 1e3], color=["C2", "C3"])
+ax.set(xlabel="KB per token (bf16, H = 2816; fp32 intermediates count 2 units)",
+       title="memory traffic of norm + residual + scalar")
+plt.show()
+
+# %% [markdown]
+# The op-by-op breakdown is approximate (fp32 intermediates are counted as two bf16 units), but the conclusion is
+# not: a memory-bound chain costs what it moves, and the fused kernel moves the minimum, 3 × H × 2 bytes per token.
+#
+# ## Parity
+#
+# The kernel does all its math in fp32 and rounds once. We compare it with its torch twin (`_ref`), and both with
+# a float64 computation.
+
+# %%
+out = K.gemma_rmsnorm_residual_scalar(x, w, r, s)
+ref = K.gemma_rmsnorm_residual_scalar_ref(x, w, r, s)
+exact = K.gemma_rmsnorm_residual_scalar_ref(x.double(), w.double(), r.double(), s.double())
+print("backend:", K.kernel_backend(x))
+print(f"max |kernel - ref|    = {(out - ref).abs().max().item():.3e}")
+print(f"max |kernel - fp64|   = {(out.double() - exact).abs().max().item():.3e}")
+print(f"max |unfused - fp64|  = {(unfused(x, w, r, s).double() - exact).abs().max().item():.3e}")
+
+# %% [markdown]
+# ## How close to the bandwidth roof? (recorded on a GPU)
+#
+# `python -m gemma4lab bench-kernels` times each kernel against eager PyTorch and `torch.compile` and divides the
+# bytes it must move by the time: the fraction of the card's device-to-device copy bandwidth. 1.0 is the roof.
+
+# %%
+docs = [d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("kernels_*.json"))) if d]
+NAME = "gemma_rmsnorm_residual_scalar"
+
+
+def env_label(doc):
+    e = doc.get("environment", {})
+    return (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
+            f"{str(e.get('date_utc', '?'))[:10]}")
+
+
+def plot_roofline(doc):
+    rows = sorted((r for r in doc["results"] if r["kernel"] == NAME), key=lambda r: r["tokens"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for col, style in (("eager", ":"), ("compile", "--"), ("triton", "-"), ("graph", "-.")):
+        pts = [(r["tokens"], r.get(f"{col}_frac_copy")) for r in rows if r.get(f"{col}_frac_copy") is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, marker="o", ms=3, label=col)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth", ylim=(0, 1.1),
+           title=f"{NAME}\nrecorded: {env_label(doc)}")
+    ax.legend()
+    plt.show()
+
+
+if DEVICE == "cuda":
+    bw = measure.copy_bandwidth(DEVICE, nbytes=2**28)
+    ms = measure.bench(lambda: K.gemma_rmsnorm_residual_scalar(x, w, r, s))
+    nbytes = 3 * x.numel() * x.element_size()
+    print(f"live, T={T}, H={HIDDEN}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s = "
+          f"{nbytes / (ms * 1e-3) / bw:.0%} of copy bandwidth ({torch.cuda.get_device_name()})")
+if docs and any(r["kernel"] == NAME for r in docs[0].get("results", [])):
+    plot_roofline(docs[0])
+else:
+    print("No recorded results/kernels_*.json with this kernel yet: run `python -m gemma4lab bench-kernels` on a GPU "
+          "to produce one. (Nothing is plotted rather than showing made-up numbers.)")
+
+# %% [markdown]
+# Small T is launch-bound (a few microseconds whatever the size), so every implementation is far from the roof;
+# large T is bandwidth-bound, where fewer bytes win. Next: `03_dual_norm_epilogue` fuses a much longer chain.

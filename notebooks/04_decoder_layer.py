@@ -1,0 +1,140 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Fusions inside a decoder layer
+#
+# The kernels of notebooks 01–03 each replace a stretch of one decoder layer. `gemma4lab.Fusion` has one switch per
+# kernel and `model.set_fusion(...)` applies them to the whole model.
+#
+# **What you will learn**
+#
+# - which switch replaces which stretch of the layer;
+# - how the launches per layer fall as fusions are switched on (transformers, unfused, each fusion, all);
+# - that the fused model's logits match the unfused one's.
+
+# %% tags=["parameters"]
+DEVICE = "cpu"  # "cuda" for live kernel counts
+INTERACTIVE = True
+DTYPE = "float32"
+TOKENS = 8  # fused kernels run under the CPU interpreter: keep it small
+GPU_TOKENS = 512
+
+# %%
+import os
+from pathlib import Path
+
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+
+# %matplotlib inline
+import dataclasses
+
+import matplotlib.pyplot as plt
+import torch
+
+import gemma4lab
+from gemma4lab.profiling import profile_forward
+
+dtype = getattr(torch, DTYPE)
+T = GPU_TOKENS if DEVICE == "cuda" else TOKENS
+
+# %% [markdown]
+# ## The switches
+
+# %%
+print(gemma4lab.Fusion.__doc__)
+
+# %% [markdown]
+# ## Launches per layer
+#
+# We profile one forward per configuration: unfused, each switch alone (`next_norm` needs `epilogue`), and all.
+# On a GPU these are kernel launches. On CPU they are dispatched ATen ops, and **beware**: the Triton interpreter
+# emulates each fused kernel with many tensor ops of its own, so on CPU the fused bars come out *taller*. Only the
+# unfused and transformers bars are meaningful on CPU; run with `DEVICE = "cuda"` for real launch counts (or see the
+# recorded `launches_per_layer` in `results/pcg_*.json`, notebook 05).
+
+# %%
+model = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE)
+L = model.config.text.num_hidden_layers
+# ids below 256: the top of the tiny vocabulary holds the image/video/audio placeholders
+ids = torch.randint(2, 256, (1, T), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+configs = {"unfused": gemma4lab.Fusion()}
+for f in dataclasses.fields(gemma4lab.Fusion):
+    kw = {f.name: True, **({"epilogue": True} if f.name == "next_norm" else {})}
+    configs["+".join(kw) if len(kw) > 1 else f.name] = gemma4lab.Fusion(**kw)
+configs["all"] = gemma4lab.Fusion.all()
+
+per_layer, logits = {}, {}
+for name, fusion in configs.items():
+    model.set_fusion(fusion)
+    summary = profile_forward(lambda: model(ids), warmup=0)
+    per_layer[name] = summary["kernels"] / L
+    if name in ("unfused", "all"):
+        logits[name] = model(ids).logits
+    print(f"{name:>22}: {per_layer[name]:6.1f} per layer")
+
+# %% [markdown]
+# For comparison, the `transformers` reference on the same checkpoint (it is a test-only dependency: skipped if not
+# installed).
+
+# %%
+try:
+    import tempfile
+
+    import transformers
+
+    tmp = tempfile.mkdtemp(prefix="gemma4lab_")
+    gemma4lab.save_pretrained(model, tmp)
+    hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(DEVICE).eval()
+    with torch.no_grad():
+        hf_summary = profile_forward(lambda: hf(input_ids=ids, use_cache=False), warmup=0)
+    per_layer = {"transformers": hf_summary["kernels"] / L, **per_layer}
+    print(f"transformers {transformers.__version__}: {per_layer['transformers']:.1f} per layer")
+except ImportError as e:
+    print("transformers not installed, skipping the reference bar:", e)
+
+# %%
+def plot_launches(per_layer):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = list(per_layer)
+    colors = ["C7" if n == "transformers" else "C3" if n == "unfused" else "C2" if n == "all" else "C0"
+              for n in names]
+    ax.bar(names, [per_layer[n] for n in names], color=colors)
+    ax.set_ylabel("kernels per layer" if DEVICE == "cuda" else "ATen ops per layer (launch proxy)")
+    ax.set_title(f"tiny model, {T} tokens, {DEVICE}")
+    ax.tick_params(axis="x", rotation=30)
+    plt.show()
+
+
+plot_launches(per_layer)
+
+# %% [markdown]
+# The whole-model counts include embedding, attention, experts' matmuls and the head, which no fusion touches: the
+# fused kernels remove the *small* elementwise ops around them. That is exactly the part that is launch-bound at
+# short prompts, and what notebook 05 measures.
+#
+# ## Parity
+#
+# Same weights, fusions on vs off. In float32 the only difference is the order of floating-point operations.
+
+# %%
+diff = (logits["all"] - logits["unfused"]).abs().max().item()
+print(f"max |fused - unfused| logits = {diff:.2e} (scale {logits['unfused'].abs().max().item():.1f})")
+print("same greedy tokens:", torch.equal(logits["all"].argmax(-1), logits["unfused"].argmax(-1)))
+model.set_fusion("none")

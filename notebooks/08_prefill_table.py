@@ -1,0 +1,109 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · The prefill table
+#
+# The claim this repo checks: on Gemma 4 26B-A4B, fused kernels plus piecewise CUDA graphs roughly halve prefill
+# latency at short prompts. Here are the published numbers beside ours.
+#
+# **What you will learn**
+#
+# - the published reference (sglang PR #24048) and how to read it;
+# - our recorded full-size results (`results/prefill_*.json`), with the card and date they were measured on;
+# - where each implementation sits against the hardware floor.
+
+# %% tags=["parameters"]
+DEVICE = "cpu"  # this notebook only reads recorded results; a full-size run needs `python -m gemma4lab bench-prefill`
+INTERACTIVE = True
+DTYPE = "bfloat16"
+
+# %%
+import os
+from pathlib import Path
+
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+RESULTS = ROOT / "results"
+
+# %matplotlib inline
+import math
+
+import matplotlib.pyplot as plt
+
+from gemma4lab import measure
+
+# %% [markdown]
+# ## Published (sglang PR #24048)
+#
+# Baseline vs fused kernels + piecewise CUDA graphs, ms per prefill. The PR does not state the GPU; the ~ values are
+# read off its text as approximate.
+
+# %%
+PUBLISHED = {93: (35.6, 16.5), 189: (35.4, 17.1), 1453: (36.3, 25.1), 2893: (40.6, 30.6), 5773: (49.0, 41.6),
+             11533: (70.0, 66.4)}
+APPROX = {5773, 11533}
+print(f"{'tokens':>7} {'baseline':>9} {'fused+PCG':>10} {'speedup':>8}")
+for t, (b, f) in PUBLISHED.items():
+    print(f"{t:>7} {('~' if t in APPROX else '') + f'{b:.1f}':>9} {f:>10.1f} {b / f:>7.2f}×")
+
+# %% [markdown]
+# Note the flat baseline from 93 to 1453 tokens: ~36 ms whatever the prompt length. That is the signature of a
+# launch-bound forward (notebook 05): the GPU waits on the CPU. Removing the launches exposes the real work.
+#
+# ## Ours (recorded)
+
+# %%
+doc = next((d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("prefill_*.json"))) if d), None)
+COLS = ("eager_ms", "fused_ms", "pcg_ms", "hf_ms", "compile_ms", "floor_ms")
+if doc is None:
+    LABEL = None
+    rows = []
+    print("No recorded results/prefill_*.json yet: run `python -m gemma4lab bench-prefill` on a GPU with the "
+          "full checkpoint. Only the published numbers are shown.")
+else:
+    e = doc.get("environment", {})
+    LABEL = (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
+             f"transformers {e.get('transformers', '?')} · {str(e.get('date_utc', '?'))[:10]}")
+    print("recorded:", LABEL)
+    rows = sorted(doc.get("rows", {}).values(), key=lambda r: r["tokens"])
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
+    print(f"{'tokens':>7} " + " ".join(f"{c[:-3]:>8}" for c in COLS))
+    for r in rows:
+        print(f"{r['tokens']:>7} " + " ".join(f"{fmt(r.get(c)):>8}" for c in COLS))
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 4.5))
+ts = list(PUBLISHED)
+ax.plot(ts, [v[0] for v in PUBLISHED.values()], "k--", marker="s", alpha=0.5, label="published baseline")
+ax.plot(ts, [v[1] for v in PUBLISHED.values()], "k-", marker="s", alpha=0.5, label="published fused + PCG")
+for c, style in zip(COLS, ("C3o-", "C0o-", "C2o-", "C7o:", "C1o--", "C5:")):
+    pts = [(r["tokens"], r[c]) for r in rows if isinstance(r.get(c), (int, float))]
+    if pts:
+        ax.plot(*zip(*pts), style, label=f"ours: {c[:-3]}")
+ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms per prefill",
+       title="Gemma 4 26B-A4B prefill" + (f"\nours recorded on {LABEL}" if LABEL else "\n(published only)"))
+ax.title.set_fontsize(9)
+ax.legend(fontsize=8)
+ax.grid(True, which="both", alpha=0.3)
+plt.show()
+
+# %% [markdown]
+# `floor_ms` is the larger of two roofs at that token count: reading every active weight once at the card's copy
+# bandwidth, and the matmul FLOPs at its measured matmul rate. Nothing can beat it; the gap between an
+# implementation and the floor is what is left to win. Cards differ: compare *ratios* against the published table,
+# not absolute milliseconds.

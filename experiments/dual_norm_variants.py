@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from gemma4lab import measure
-from gemma4lab.kernels import gemma_dual_rmsnorm_residual_scalar, LaunchConfig
+from gemma4lab.kernels import LaunchConfig, gemma_dual_rmsnorm_residual_scalar
 
 
 @triton.jit

@@ -16,6 +16,8 @@ class Fusion:
     * ``gelu``: ``gelu_tanh(gate) * up`` for the dense MLP and the experts.
     * ``epilogue``: the MoE epilogue ``(rms(rms(d)·w1 + rms(m)·w2)·w3 + residual)·scalar`` (dual-norm kernel; the
       single-norm kernel on dense layers).
+    * ``experts``: the expert GEMMs by the streaming ``moe_gemm`` kernel (weights read once, GELU fused into the
+      down projection's operand load) for prompts up to ``Experts.MOE_GEMM_MAX_TOKENS`` tokens.
     * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
       norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
     """
@@ -26,6 +28,7 @@ class Fusion:
     gelu: bool = False
     epilogue: bool = False
     next_norm: bool = False
+    experts: bool = False
 
     def __post_init__(self) -> None:
         if self.next_norm and not self.epilogue:

@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
             weights, idx = K.gemma_router_topk(logits, self.router.per_expert_scale, self.router.top_k)
         else:
             weights, idx = self.router.tail(logits)
-        m = self.experts(experts_in, idx, weights, fused_act=fusion.gelu)
+        m = self.experts(experts_in, idx, weights, fused_act=fusion.gelu, fused_gemm=fusion.experts)
         w1 = self.post_feedforward_layernorm_1.weight
         w2 = self.post_feedforward_layernorm_2.weight
         w3 = self.post_feedforward_layernorm.weight

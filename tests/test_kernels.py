@@ -137,14 +137,23 @@ def test_dispatch_reports_interpreter():
     assert K.kernel_backend(torch.empty(1, device="meta")) == "torch-reference"
 
 
-def test_row_segments_cover_hidden_exactly_when_possible():
-    assert C.row_segments(2816) == (2048, 512, 256)
-    assert C.row_segments(96) == (64, 32, 0)
-    assert C.row_segments(200) == (128, 64, 8)
-    assert C.row_segments(4096) == (4096, 0, 0)
-    assert sum(C.row_segments(2880)) == 3072  # 2048 + 512 + 320 -> last segment padded to 512
-    assert C.rows_config(32768, 2816, None) == LaunchConfig(rows=2, num_warps=8)
-    assert C.rows_config(189, 2816, None) == LaunchConfig(rows=1, num_warps=8)
+def test_row_config_heuristic_depends_only_on_hidden_and_dtype():
+    RowConfig = C.RowConfig
+    assert C.row_config(2816, BF16, 3) == RowConfig(programs_per_sm=2, num_warps=4, num_stages=3, rows=1)
+    assert C.row_config(2048, BF16, 2) == RowConfig(2, 4, 3, 1)
+    assert C.row_config(2816, FP32, 3).num_stages == 2  # prefetched rows would not fit ~96 KB of shared memory
+    assert C.row_config(96, BF16, 3).rows == 16 and C.row_config(1024, BF16, 3).rows == 2
+    assert C.row_config(16384, BF16, 2).num_warps == 16
+    # persistent grid: min(row blocks, programs_per_sm * SMs); the compile-time meta never depends on n_rows
+    dev = torch.device("cpu")
+    (g1,), m1 = C.row_launch(1025, 2816, BF16, dev, 3)
+    (g2,), m2 = C.row_launch(1280, 2816, BF16, dev, 3)
+    assert m1 == m2 and g1 == g2 == 2 * C.num_sms(dev)
+    assert C.row_launch(1, 2816, BF16, dev, 3)[0] == (1,)
+    assert C.row_launch(100, 96, BF16, dev, 3, RowConfig(programs_per_sm=64, rows=16))[0] == (7,)
+    assert C.row_launch(100, 96, BF16, dev, 3, LaunchConfig(4, 2))[1]["ROWS"] == 4  # legacy config: rows, warps
+    with pytest.raises(TypeError, match="RowConfig or LaunchConfig"):
+        C.row_launch(100, 96, BF16, dev, 3, (1, 4))
 
 
 # ---- 1. rms + residual + scalar -----------------------------------------------------------------------------------
@@ -207,11 +216,66 @@ def test_dual_rmsnorm_residual_scalar(gen, dtype, n, h):
     assert_close(out, oracle_dual(*d(*args)), dtype)
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(4, 4), LaunchConfig(1, 1), LaunchConfig(16, 8)], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(4, 4), LaunchConfig(1, 1), LaunchConfig(16, 8),
+                                    C.RowConfig(1, 4, 1, 1), C.RowConfig(3, 2, 2, 2)], ids=str)
 def test_dual_launch_config_override(gen, config):
     args = dual_inputs(gen, 13, 200, BF16)
     out = K.gemma_dual_rmsnorm_residual_scalar(*args, config=config)
     assert_close(out, oracle_dual(*d(*args)), BF16)
+
+
+ROW_KERNELS = ["rms", "dual", "dual_next", "post_attention"]
+
+
+def row_case(name, gen, n, h, dtype):
+    """One row kernel on fresh inputs: (acts, run, oracle). ``run(acts, cfg)`` returns the list of outputs for the
+    ``[tokens, h]`` activations ``acts`` (any leading row slice of them works); ``oracle`` is the float64 truth."""
+    w = [wt(gen, h, dtype) for _ in range(4)]
+    s = torch.tensor([0.7])
+    if name == "rms":
+        acts = [act(gen, n, h, dtype=dtype), act(gen, n, h, dtype=dtype)]
+        return (acts, lambda a, cfg=None: [K.gemma_rmsnorm_residual_scalar(a[0], w[0], a[1], s, config=cfg)],
+                [oracle_rms_res(*d(acts[0], w[0], acts[1], s))])
+    if name in ("dual", "dual_next"):
+        acts = [act(gen, n, h, dtype=dtype), act(gen, n, h, dtype=dtype, scale=3.0), act(gen, n, h, dtype=dtype)]
+        args = lambda a: (a[0], w[0], a[1], w[1], w[2], a[2], s)
+        if name == "dual":
+            return (acts, lambda a, cfg=None: [K.gemma_dual_rmsnorm_residual_scalar(*args(a), config=cfg)],
+                    [oracle_dual(*d(*args(acts)))])
+        return (acts, lambda a, cfg=None: list(K.gemma_dual_rmsnorm_residual_scalar_next_norm(*args(a), w[3],
+                                                                                              config=cfg)),
+                list(oracle_dual_next(*d(*args(acts), w[3]), dtype)))
+    acts = [act(gen, n, h, dtype=dtype, scale=4.0), act(gen, n, h, dtype=dtype)]
+    return (acts, lambda a, cfg=None: list(K.gemma_post_attention_block(a[0], a[1], *w, config=cfg)),
+            list(oracle_post_attention(*d(*acts, *w), dtype)))
+
+
+@pytest.mark.parametrize("name", ROW_KERNELS)
+@pytest.mark.parametrize("config", [C.RowConfig(1, 4, 3, 1), C.RowConfig(3, 2, 2, 4)], ids=str)
+def test_persistent_loop_many_rows_per_program(gen, name, config):
+    """num_sms is 1 on CPU: 1-3 programs each loop over many row blocks (pipelined), including a partial last
+    block (ROWS=4 with 23 rows) and programs that get one block more than others."""
+    assert C.num_sms(torch.device("cpu")) == 1
+    acts, run, refs = row_case(name, gen, 23, 200, BF16)
+    outs = run(acts, config)
+    for got, ref in zip(outs, refs):
+        assert_close(got, ref, BF16)
+
+
+@pytest.mark.parametrize("name", ROW_KERNELS)
+@pytest.mark.parametrize("dtype,h", [(BF16, 200), (FP32, 96), (BF16, 2816)], ids=str)
+def test_row_result_independent_of_row_count(gen, name, dtype, h):
+    """A row's bits must not depend on how many rows share the call, nor on the grid (a GPU bug once gave
+    different bits for some rows at 1025 vs 1280 tokens): n rows vs n + k rows, and other persistent grids."""
+    n, k = (9, 14) if h < 1024 else (3, 4)
+    acts, run, _ = row_case(name, gen, n + k, h, dtype)
+    full = run(acts)
+    for cfg in (None, C.RowConfig(1, 4, 1, 1), C.RowConfig(4, 4, 3, 1)):
+        short = run([a[:n] for a in acts], cfg)
+        for a, b in zip(short, full):
+            assert torch.equal(a, b[:n])
+    for a, b in zip(run([a[: n + 1] for a in acts]), full):  # different grid size / last-block parity
+        assert torch.equal(a, b[: n + 1])
 
 
 # ---- 7. dual + next layer's input norm ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from conftest import rel_err
 
 import gemma4lab
 import gemma4lab.attention
+from gemma4lab import Fusion
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,23 @@ def test_bf16_within_documented_tolerance(hf_tiny, tiny_config):
     assert rel_err(ours, truth) <= 1.5 * rel_err(theirs, truth)
     # The first token sees no other token and routes identically: there bf16 must agree to rounding.
     assert rel_err(ours[0, 0], theirs[0, 0]) <= 1e-2
+
+
+@pytest.mark.parametrize("fusion", [Fusion.all(), Fusion.published(), Fusion(qkv_norm_rope=True, router=True),
+                                    Fusion(post_attention=True, gelu=True, experts=True)],
+                         ids=["all", "published", "qkv+router", "post_attention+gelu+experts"])
+def test_fused_model_keeps_parity(hf_tiny, ours, fusion):
+    """Fusions on (the Triton kernels themselves, under the CPU interpreter): rounding-level change only."""
+    ref, _ = hf_tiny
+    ids = _prompt(37, 6)[None]
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+    try:
+        ours.set_fusion(fusion)
+        got = ours(ids).logits
+    finally:
+        ours.set_fusion(Fusion.none())
+    assert rel_err(got, expected) <= 1e-5
 
 
 def _images(sizes, seed=0):

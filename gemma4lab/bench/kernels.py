@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from gemma4lab import kernels as K
 from gemma4lab import measure
 from gemma4lab.kernels import LaunchConfig, dual_rmsnorm, gelu_and_mul, post_attention_block, qkv_norm_rope, router_topk
 from gemma4lab.kernels import rmsnorm_residual_scalar as rms_mod
-from gemma4lab.kernels._common import SUPPORTED_DTYPES
+from gemma4lab.kernels._common import SUPPORTED_DTYPES, RowConfig
 
 DEFAULT_TOKENS = (93, 189, 1453, 2893, 5773, 11533, 32768)
 QUICK_TOKENS = (1, 5)
@@ -115,9 +115,9 @@ class Case:
 
     args: tuple
     unfused: Callable[..., Any]
-    fused: Callable[[LaunchConfig | None], Any]  # runs our kernel, optionally with a launch-config override
+    fused: Callable[[LaunchConfig | RowConfig | None], Any]  # runs our kernel, optionally with a launch-config override
     nbytes: int
-    heuristic: LaunchConfig
+    heuristic: LaunchConfig | RowConfig
     backend: str
     restore: Callable[[], None] = field(default=lambda: None)  # resets in-place inputs before a correctness check
 
@@ -150,7 +150,7 @@ class Factory:
         fused = lambda cfg=None: K.gemma_rmsnorm_residual_scalar(x, w, r, sc, out=out, config=cfg)
         # read x, residual; write out; weight; scalar
         return Case((x, w, r, sc), unfused_rmsnorm_residual_scalar, fused, 3 * t * h * self.b + h * self.b + 4,
-                    rms_mod._launch_config(t, h, self.dev), K.kernel_backend(x))
+                    rms_mod._launch_config(t, h, self.dev, self.dt), K.kernel_backend(x))
 
     def _dual_inputs(self, t: int):
         h = self.s.hidden
@@ -163,7 +163,7 @@ class Factory:
         fused = lambda cfg=None: K.gemma_dual_rmsnorm_residual_scalar(*args, out=out, config=cfg)
         # read x1, x2, residual; write out; 3 weights; scalar
         return Case(args, unfused_dual, fused, 4 * t * h * self.b + 3 * h * self.b + 4,
-                    dual_rmsnorm._launch_config(t, h, self.dev), K.kernel_backend(args[0]))
+                    dual_rmsnorm._launch_config(t, h, self.dev, self.dt), K.kernel_backend(args[0]))
 
     def dual_rmsnorm_next_norm(self, t: int) -> Case:
         h = self.s.hidden
@@ -172,7 +172,7 @@ class Factory:
         fused = lambda cfg=None: K.gemma_dual_rmsnorm_residual_scalar_next_norm(*args, out=outs, config=cfg)
         # read x1, x2, residual; write out, next_in; 4 weights; scalar
         return Case(args, unfused_dual_next, fused, 5 * t * h * self.b + 4 * h * self.b + 4,
-                    dual_rmsnorm._launch_config(t, h, self.dev), K.kernel_backend(args[0]))
+                    dual_rmsnorm._launch_config(t, h, self.dev, self.dt), K.kernel_backend(args[0]))
 
     def post_attention_block(self, t: int) -> Case:
         h = self.s.hidden
@@ -181,7 +181,7 @@ class Factory:
         fused = lambda cfg=None: K.gemma_post_attention_block(*args, out=outs, config=cfg)
         # read attn_out, residual; write h, mlp_in, experts_in, router_in; 4 weights
         return Case(args, unfused_post_attention, fused, 6 * t * h * self.b + 4 * h * self.b,
-                    post_attention_block._launch_config(t, h, self.dev), K.kernel_backend(args[0]))
+                    post_attention_block._launch_config(t, h, self.dev, self.dt), K.kernel_backend(args[0]))
 
     def _qkv(self, t: int, kv: tuple[int, int]) -> Case:
         (hkv, d), hq = kv, self.s.heads_q
@@ -237,8 +237,9 @@ UNFUSED: dict[str, Callable[..., Any]] = {
     "gelu_tanh_mul": unfused_gelu,
 }
 
-SWEEP_GRID: dict[str, list[LaunchConfig]] = {
-    **{k: [LaunchConfig(r, w) for r in (1, 2, 4) for w in (4, 8, 16)]
+SWEEP_GRID: dict[str, list[LaunchConfig | RowConfig]] = {
+    # persistent row kernels: programs per SM x warps x pipeline stages (one row per iteration at H >= 2048)
+    **{k: [RowConfig(p, w, st) for p in (1, 2, 4) for w in (4, 8) for st in (2, 3)]
        for k in ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_next_norm",
                  "post_attention_block")},
     **{k: [LaunchConfig(r, w) for r in (2, 4, 8, 16) for w in (2, 4, 8)]
@@ -318,9 +319,11 @@ def _sweep(name: str, t: int, case: Case, copy_bw: float, dev: torch.device, tim
     """Our kernel under every launch config of ``SWEEP_GRID[name]``."""
     rows = []
     for cfg in SWEEP_GRID[name]:
+        if isinstance(cfg, RowConfig) and isinstance(case.heuristic, RowConfig):  # rows per block: by hidden size
+            cfg = replace(cfg, rows=case.heuristic.rows)
         ms = _try(lambda cfg=cfg: measure.bench(lambda: case.fused(cfg), device=dev, **timing), errors,
                   f"{name} T={t} sweep {cfg}")
-        rows.append({"kernel": name, "tokens": t, "rows": cfg.rows, "num_warps": cfg.num_warps, "ms": ms,
+        rows.append({"kernel": name, "tokens": t, **cfg.__dict__, "ms": ms,
                      "frac_copy": case.nbytes / (ms * 1e-3) / copy_bw if ms else None,
                      "is_heuristic": cfg == case.heuristic})
     return rows
@@ -403,7 +406,8 @@ def table(payload: dict[str, Any]) -> str:
         for (k, t), s in best.items():
             heur = next((x for x in payload["sweep"] if x["kernel"] == k and x["tokens"] == t and x["is_heuristic"]),
                         None)
-            lines.append(f"sweep {k} T={t}: best rows={s['rows']} warps={s['num_warps']} "
+            knobs = " ".join(f"{f}={s[f]}" for f in ("programs_per_sm", "rows", "num_warps", "num_stages") if f in s)
+            lines.append(f"sweep {k} T={t}: best {knobs} "
                          f"{_fmt(s['ms'], 1e3)} us ({_fmt(s['frac_copy'], 100, 0)}% copy); heuristic "
                          f"{_fmt(heur['ms'], 1e3) if heur else 'not in grid'} us")
     for e in payload["errors"]:

@@ -9,32 +9,29 @@ Bytes per token: read x1, x2, residual (3*b*H), write out and next_in (2*b*H). b
 
 import torch
 
-from ._common import (
-    LaunchConfig,
-    check_out,
-    check_vector,
-    compute_dtype,
-    empty_rows,
-    out_tuple,
-    rms_inv_ref,
-    use_triton,
-)
-from .dual_rmsnorm import check_dual_inputs, gemma_dual_rmsnorm_residual_scalar_ref, launch_dual
+from ._common import LaunchConfig, RowConfig, check_row_call, compute_dtype, out_tuple, rms_inv_ref, use_triton
+from .dual_rmsnorm import gemma_dual_rmsnorm_residual_scalar_ref, launch_dual
+
+_ACT_NAMES = ("x1", "x2", "residual")
+_W_NAMES = ("weight1", "weight2", "weight3", "next_weight")
+_OUT_NAMES = ("out[0]", "out[1]")
 
 
 def gemma_dual_rmsnorm_residual_scalar_next_norm(
         x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,
         residual: torch.Tensor, scalar: torch.Tensor, next_weight: torch.Tensor, eps: float = 1e-6, *,
         out: tuple[torch.Tensor, torch.Tensor] | None = None,
-        config: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        config: RowConfig | LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, next_in)``: ``out`` as in :func:`gemma_dual_rmsnorm_residual_scalar`, ``next_in`` =
     ``rms(out) * next_weight``. ``out=(out_buf, next_buf)`` may pass preallocated buffers."""
-    n, hidden = check_dual_inputs(x1, weight1, x2, weight2, weight3, residual, scalar)
-    dev, dt = x1.device, x1.dtype
-    check_vector("next_weight", next_weight, hidden, dt, dev)
-    o, nx = out_tuple("out", out, 2)
-    o = empty_rows(x1, n, hidden) if o is None else check_out("out[0]", o, (n, hidden), dt, dev)
-    nx = empty_rows(x1, n, hidden) if nx is None else check_out("out[1]", nx, (n, hidden), dt, dev)
+    o, nx = (None, None) if out is None else out_tuple("out", out, 2)
+    check_row_call((x1, x2, residual), _ACT_NAMES, (weight1, weight2, weight3, next_weight), _W_NAMES, scalar,
+                   (o, nx), _OUT_NAMES)
+    n, hidden = x1.shape
+    if o is None:
+        o = torch.empty((n, hidden), dtype=x1.dtype, device=x1.device)
+    if nx is None:
+        nx = torch.empty((n, hidden), dtype=x1.dtype, device=x1.device)
     if n == 0:
         return o, nx
     if not use_triton(x1):

@@ -2,7 +2,7 @@
 per-layer scalar; the published sglang name and argument order).
 
 Bytes per token, activations of ``b`` bytes and hidden ``H``: read x and residual (2*b*H), write out (b*H).
-Weights (b*H) and the scalar are read once per program but stay in L2. bf16, H = 2816: 16.9 KB per token.
+The weight and the scalar are loaded once per (persistent) program. bf16, H = 2816: 16.9 KB per token.
 """
 
 import torch
@@ -11,79 +11,58 @@ import triton.language as tl
 
 from ._common import (
     LaunchConfig,
-    check_out,
-    check_rows,
-    check_same_tokens,
-    check_scalar,
-    check_vector,
+    RowConfig,
+    check_row_call,
     compute_dtype,
-    empty_rows,
-    load_row,
-    load_seg,
-    load_vec,
+    load_tile,
+    load_weight,
+    rms_inv,
     rms_inv_ref,
+    row_config,
     row_launch,
-    rows_config,
-    store_seg,
+    store_tile,
+    tile_offsets,
     use_triton,
 )
 
 
 @triton.jit
-def _epilogue_seg(x, inv, scalar, w_ptr, r_ptr, r_off, o_ptr, o_off, row_mask, START: tl.constexpr,
-                  SIZE: tl.constexpr, H: tl.constexpr, EVEN_ROWS: tl.constexpr):
-    r = load_seg(r_ptr, r_off, row_mask, START, SIZE, H, EVEN_ROWS)
-    y = (x * inv[:, None] * load_vec(w_ptr, START, SIZE, H) + r) * scalar
-    store_seg(o_ptr, o_off, row_mask, y, START, SIZE, H, EVEN_ROWS)
-
-
-@triton.jit
 def _rmsnorm_residual_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, o_ptr, n_rows, stride_x, stride_r, stride_o, eps,
-                                    H: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                                    ROWS: tl.constexpr, EVEN_ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
-    rows = rows.to(tl.int64)
-    r_off = rows * stride_r
-    o_off = rows * stride_o
-    x0, x1, x2, ss = load_row(x_ptr, rows * stride_x, row_mask, S0, S1, S2, H, EVEN_ROWS)
-    inv = tl.rsqrt(ss / H + eps)
+                                    H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+    w = load_weight(w_ptr, H, BLOCK)
     scalar = tl.load(s_ptr).to(tl.float32)
-    _epilogue_seg(x0, inv, scalar, w_ptr, r_ptr, r_off, o_ptr, o_off, row_mask, 0, S0, H, EVEN_ROWS)
-    if S1 > 0:
-        _epilogue_seg(x1, inv, scalar, w_ptr, r_ptr, r_off, o_ptr, o_off, row_mask, S0, S1, H, EVEN_ROWS)
-    if S2 > 0:
-        _epilogue_seg(x2, inv, scalar, w_ptr, r_ptr, r_off, o_ptr, o_off, row_mask, S0 + S1, S2, H, EVEN_ROWS)
+    for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
+        rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)
+        x = load_tile(x_ptr, rows, stride_x, cols, mask, H, BLOCK, ROWS)
+        r = load_tile(r_ptr, rows, stride_r, cols, mask, H, BLOCK, ROWS)
+        y = (x * rms_inv(x, eps, H) * w + r) * scalar
+        store_tile(o_ptr, rows, stride_o, cols, mask, y, H, BLOCK, ROWS)
 
 
-def _launch_config(n_rows: int, hidden: int, device: torch.device | None = None) -> LaunchConfig:
-    """Two streams in, one out: up to 8192 fp32 elements per tensor per program (2 rows at H = 2816 once the grid
-    keeps >= 4 programs per SM), 8 warps at H = 2816."""
-    return rows_config(n_rows, hidden, device, max_tile=8192)
+def _launch_config(n_rows: int, hidden: int, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.bfloat16) -> RowConfig:
+    """Heuristic launch (two activation streams in); independent of ``n_rows`` except through the grid size."""
+    return row_config(hidden, dtype, 2)
 
 
 def gemma_rmsnorm_residual_scalar(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                                   scalar: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
-                                  config: LaunchConfig | None = None) -> torch.Tensor:
+                                  config: RowConfig | LaunchConfig | None = None) -> torch.Tensor:
     """``(rms(x) * weight + residual) * scalar`` for 2-D ``[tokens, hidden]`` activations.
 
     ``scalar`` is a one-element device tensor read inside the kernel (CUDA-graph safe). ``out`` may be a
-    preallocated buffer (it may alias ``residual`` or ``x``: each program reads its rows before writing them)."""
-    x = check_rows("x", x)
+    preallocated buffer (it may alias ``residual`` or ``x``: each row is read before it is written)."""
+    check_row_call((x, residual), ("x", "residual"), (weight,), ("weight",), scalar, (out,), ("out",))
     n, hidden = x.shape
-    dev, dt = x.device, x.dtype
-    check_rows("residual", residual, hidden=hidden, dtype=dt, device=dev)
-    check_same_tokens("residual", residual, n)
-    check_vector("weight", weight, hidden, dt, dev)
-    check_scalar("scalar", scalar, dev)
-    out = empty_rows(x, n, hidden) if out is None else check_out("out", out, (n, hidden), dt, dev)
+    if out is None:
+        out = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
     if not use_triton(x):
         return out.copy_(gemma_rmsnorm_residual_scalar_ref(x, weight, residual, scalar, eps))
-    grid, meta = row_launch(n, hidden, config or _launch_config(n, hidden, dev))
-    _rmsnorm_residual_scalar_kernel[grid](x, weight, residual, scalar, out, n, x.stride(0), residual.stride(0),
-                                          out.stride(0), eps, **meta)
+    grid, meta = row_launch(n, hidden, x.dtype, x.device, 2, config)
+    _rmsnorm_residual_scalar_kernel[grid](x, weight, residual, scalar, out, n, x.stride()[0], residual.stride()[0],
+                                          out.stride()[0], eps, **meta)
     return out
 
 

@@ -20,7 +20,7 @@ empty results for zero tokens without a launch, and take ``out=`` buffers (stati
 ``config=LaunchConfig(...)`` (to override the launch heuristic in tuning sweeps).
 """
 
-from ._common import INTERPRET, LaunchConfig, kernel_backend
+from ._common import INTERPRET, LaunchConfig, RowConfig, kernel_backend
 from .dual_rmsnorm import gemma_dual_rmsnorm_residual_scalar, gemma_dual_rmsnorm_residual_scalar_ref
 from .dual_rmsnorm_next_norm import (
                                      gemma_dual_rmsnorm_residual_scalar_next_norm,
@@ -36,6 +36,7 @@ from .router_topk import gemma_router_topk, gemma_router_topk_ref
 __all__ = [
     "INTERPRET",
     "LaunchConfig",
+    "RowConfig",
     "gelu_tanh_and_mul",
     "gelu_tanh_and_mul_ref",
     "gelu_tanh_mul",

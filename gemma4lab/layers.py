@@ -155,7 +155,17 @@ class Experts(nn.Module):
                 fused_gemm: bool = False) -> Tensor:
         use_kernel = fused_gemm and x.shape[0] <= self.MOE_GEMM_MAX_TOKENS and self._kernel_ok(x)
         if use_kernel or grouped_mm_available(x.device, x.dtype):
-            y = self._grouped(x, idx, fused_act, use_kernel)
+            ys, order = self._grouped(x, idx, fused_act, use_kernel)
+            if fused_gemm and self._kernel_ok(x):
+                from .kernels import moe_combine
+
+                # where each routed slot landed in the sorted rows: the inverse permutation of ``order``
+                positions = torch.empty_like(order)
+                positions[order] = torch.arange(order.numel(), device=order.device)
+                return moe_combine(ys, positions, weights.float().contiguous())
+            y = torch.empty_like(ys)
+            y[order] = ys  # undo the sort: a permutation, so no accumulation order issues
+            y = y.view(*idx.shape, -1)
         else:
             y = self._looped(x, idx, fused_act)
         # y: [T, k, H] per-slot outputs in the activation dtype; weight and sum in fp32, cast once.
@@ -177,7 +187,8 @@ class Experts(nn.Module):
         backend = kernel_backend(x)
         return backend == "triton" or (backend == "triton-interpreter" and x.dtype == torch.float32)
 
-    def _grouped(self, x: Tensor, idx: Tensor, fused_act: bool, use_kernel: bool = False) -> Tensor:
+    def _grouped(self, x: Tensor, idx: Tensor, fused_act: bool, use_kernel: bool = False) -> tuple[Tensor, Tensor]:
+        """Expert outputs in sorted order [T·k, H] and the sort order (slot index of each sorted row)."""
         t, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # routed slots sorted by expert
@@ -192,9 +203,7 @@ class Experts(nn.Module):
         else:
             h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
             ys = _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)
-        y = torch.empty_like(ys)
-        y[order] = ys  # undo the sort: a permutation, so no accumulation order issues
-        return y.view(t, k, -1)
+        return ys, order
 
     def _looped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
         """Reference path (CPU): one matmul per expert that was hit. Syncs the host; never used under graphs."""

@@ -61,3 +61,23 @@ def test_moe_gemm_zero_rows_and_bad_input():
         moe_gemm(a.double(), w, offs)
     with pytest.raises(ValueError, match=r"a \[M, K\]"):
         moe_gemm(a[None], w, offs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_combine_unsorts_and_weights_in_fp32(dtype):
+    from gemma4lab.kernels import moe_combine
+
+    g = torch.Generator().manual_seed(1)
+    t, k, h = 7, 3, 200
+    ys = torch.randn(t * k, h, generator=g).to(dtype)
+    order = torch.randperm(t * k, generator=g)
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(t * k)
+    w = torch.rand(t, k, generator=g)
+    out = torch.full((t, h), float("nan"), dtype=dtype)
+    out = moe_combine(ys, positions, w)
+    ref = (ys.double()[positions].view(t, k, h) * w.double()[..., None]).sum(1)
+    bound = 1e-6 if dtype == torch.float32 else 8e-3
+    assert ((out.double() - ref).norm() / ref.norm()).item() < bound
+    with pytest.raises(ValueError, match="positions"):
+        moe_combine(ys, positions[:-1], w)

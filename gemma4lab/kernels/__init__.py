@@ -27,7 +27,7 @@ from .dual_rmsnorm_next_norm import (
                                      gemma_dual_rmsnorm_residual_scalar_next_norm_ref,
 )
 from .gelu_and_mul import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, gelu_tanh_mul, gelu_tanh_mul_ref
-from .moe_gemm import moe_gemm, moe_gemm_ref
+from .moe_gemm import moe_combine, moe_combine_ref, moe_gemm, moe_gemm_ref
 from .post_attention_block import gemma_post_attention_block, gemma_post_attention_block_ref
 from .qkv_norm_rope import gemma_qkv_norm_rope_, gemma_qkv_norm_rope_ref_
 from .rmsnorm_residual_scalar import gemma_rmsnorm_residual_scalar, gemma_rmsnorm_residual_scalar_ref
@@ -54,6 +54,8 @@ __all__ = [
     "gemma_router_topk",
     "gemma_router_topk_ref",
     "kernel_backend",
+    "moe_combine",
+    "moe_combine_ref",
     "moe_gemm",
     "moe_gemm_ref",
 ]

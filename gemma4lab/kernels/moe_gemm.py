@@ -130,3 +130,54 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_ga
     _moe_gemm_kernel[grid](a, w, offsets, out, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
                            GELU_GATE=gelu_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
     return out
+
+
+@triton.jit
+def _moe_combine_kernel(
+    ys_ptr,  # [M, H] expert outputs, rows sorted by expert
+    pos_ptr,  # [T * TOP_K] int: where routed slot (t, j) landed in the sorted rows
+    w_ptr,  # [T, TOP_K] fp32 routing weights
+    out_ptr,  # [T, H]
+    H,
+    stride_y,
+    stride_o,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
+        w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+        acc += w * tl.load(ys_ptr + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_combine_ref(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    t, k = weights.shape
+    y = ys[positions.long()].view(t, k, -1)
+    return (y.float() * weights[..., None].float()).sum(1).to(ys.dtype)
+
+
+def moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · ys[positions[t·k + j]]`` in fp32, one rounding: un-sorts and weights the
+    expert outputs in one pass, with no ``[T, k, H]`` fp32 intermediate (1.5 GB at 8192 tokens) and no atomics."""
+    if ys.dim() != 2 or weights.dim() != 2 or positions.dim() != 1 or positions.numel() != weights.numel():
+        raise ValueError(f"expected ys [M, H], positions [T*k], weights [T, k]; got {tuple(ys.shape)}, "
+                         f"{tuple(positions.shape)}, {tuple(weights.shape)}")
+    if ys.stride(-1) != 1 or not weights.is_contiguous() or not positions.is_contiguous():
+        raise ValueError("moe_combine needs contiguous rows, weights and positions")
+    t, k = weights.shape
+    out = torch.empty(t, ys.shape[1], dtype=ys.dtype, device=ys.device)
+    if t == 0:
+        return out
+    if not use_triton(ys):
+        return moe_combine_ref(ys, positions, weights)
+    h = ys.shape[1]
+    block = triton.next_power_of_2(h)
+    extra = {"num_warps": 4 if block <= 4096 else 8} if ys.is_cuda else {}
+    _moe_combine_kernel[(t,)](ys, positions, weights, out, h, ys.stride(0), out.stride(0), TOP_K=k, BLOCK=block,
+                              **extra)
+    return out

@@ -154,6 +154,10 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:
         use_kernel = fused_gemm and x.shape[0] <= self.MOE_GEMM_MAX_TOKENS and self._kernel_ok(x)
+        if x.is_cuda and not grouped_mm_available(x.device, x.dtype):
+            # e.g. fp32 on a GPU: torch's grouped_mm is bf16-only there, and the looped path syncs the host
+            # (fatal inside CUDA-graph capture), so the Triton kernel serves every size.
+            use_kernel = True
         if use_kernel or grouped_mm_available(x.device, x.dtype):
             ys, order = self._grouped(x, idx, fused_act, use_kernel)
             if fused_gemm and self._kernel_ok(x):

@@ -274,10 +274,16 @@ class PiecewiseCudaGraphRunner:
                     p()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graphs = []
-            for p in pieces:
+            for j, p in enumerate(pieces):
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._pool, stream=stream):
-                    p()
+                try:
+                    with torch.cuda.graph(g, pool=self._pool, stream=stream):
+                        p()
+                except Exception as e:
+                    raise RuntimeError(
+                        f"capturing piece {j} of bucket {n} failed: something in it synchronises with the host or "
+                        f"changes shape with the data ({type(e).__name__}: {e})"[:600]
+                    ) from e
                 graphs.append(g)
             self._graphs[n] = graphs
         torch.cuda.synchronize(self.device)

@@ -333,21 +333,40 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
+_FLOOR_KEYS = ("weight_floor_ms", "compute_floor_ms", "floor_ms", "flops")
+_RUN_KEYS = ("copy_bandwidth_Bps", "matmul_flops", "environment", "build_s")
+
+
 def _merge(old: dict | None, new: dict) -> dict:
+    """Add a later run's parts to a result file. The first run's floors stay the reference; the later run's own
+    floors and environment are kept beside its numbers under ``merged_runs`` (same card, measured again)."""
     if not old:
         return new
     out = dict(old)
+    out.setdefault("merged_runs", []).append({"parts": new.get("parts"), **{k: new.get(k) for k in _RUN_KEYS},
+                                              "floors": {t: {k: r.get(k) for k in _FLOOR_KEYS}
+                                                         for t, r in new.get("rows", {}).items()}})
     for k, v in new.items():
         if k == "rows":
             rows = dict(old.get("rows", {}))
             for t, r in v.items():
-                rows[t] = {**rows.get(t, {}), **r}
+                keep = {k2: r2 for k2, r2 in r.items() if k2 not in _FLOOR_KEYS or t not in rows}
+                rows[t] = {**rows.get(t, {}), **keep}
             out["rows"] = rows
         elif k == "parts":
             out["parts"] = sorted(set(old.get("parts", [])) | set(v))
-        else:
+        elif k not in _RUN_KEYS:
             out[k] = v
     return out
+
+
+def merge_files(base: Path, later: Path, out: Path) -> Path:
+    """Merge two result files of this benchmark (e.g. a compile run made in a second process) into ``out``."""
+    doc = _merge(measure.read_json(base), measure.read_json(later))
+    doc.pop("producer", None)
+    path = measure.write_json(out, doc, overwrite=True)
+    plot(measure.read_json(path), path.with_suffix(".png"))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

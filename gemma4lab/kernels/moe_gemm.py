@@ -47,6 +47,7 @@ def _moe_gemm_kernel(
     stride_wn,
     stride_om,
     GELU_GATE: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -73,7 +74,10 @@ def _moe_gemm_kernel(
             else:
                 a = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_base + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(a, w, acc)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -128,7 +132,8 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_ga
     grid = (e, triton.cdiv(n, block_n))
     extra = {} if not a.is_cuda else {"num_warps": num_warps, "num_stages": num_stages}
     _moe_gemm_kernel[grid](a, w, offsets, out, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                           GELU_GATE=gelu_gate, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
+                           GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_K=block_k, **extra)
     return out
 
 

@@ -168,3 +168,13 @@ def test_gpu_image_prompt_and_decode_graph(cuda_model, tiny_config):
                        image_position_ids=batch["image_position_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                        prefill_runner=runner, eos_token_id=[], pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_model_captures(hf_tiny):
+    """fp32 on a GPU: torch's grouped_mm is bf16-only, so the experts must take the graph-safe Triton kernel."""
+    model = gemma4lab.load_pretrained(hf_tiny[1], dtype=torch.float32, device="cuda")
+    runner = PiecewiseCudaGraphRunner(model, buckets=[16, 32], progress=False)
+    assert runner.capture().graphs
+    prompts = [p.cuda() for p in _prompts([13])]
+    assert rel_err(runner.prefill(prompts), model.prefill(prompts)) <= PADDING_BOUND

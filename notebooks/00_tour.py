@@ -34,19 +34,14 @@ TOKENS = 16  # prompt length
 NEW_TOKENS = 8
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-RESULTS = ROOT / "results"
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
+import os
 import tempfile
 
-import matplotlib.pyplot as plt
 import torch
 
 import gemma4lab
@@ -115,12 +110,7 @@ batch = proc(input_ids=prompt, images=[photo])
 for k, v in batch.items():
     print(f"{k:>20}: {tuple(v.shape)} {v.dtype}")
 
-fig, ax = plt.subplots(figsize=(3, 3.5))
-ax.imshow(photo)
-ax.set_title(f"{photo.width}×{photo.height} px → {int((batch['input_ids'] == model.config.image_token_id).sum())} "
-             "soft tokens", fontsize=9)
-ax.axis("off")
-plt.show()
+viz.plot_photo_tokens(photo, int((batch["input_ids"] == model.config.image_token_id).sum()))
 
 # %%
 batch = {k: v.to(DEVICE) for k, v in batch.items()}

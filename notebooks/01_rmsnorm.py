@@ -34,16 +34,11 @@ HIDDEN = 256  # Gemma 4 26B-A4B uses 2816
 SAMPLES = 4096  # rows for the precision study (pure torch, cheap)
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
-import matplotlib.pyplot as plt
 import torch
 import triton
 import triton.language as tl
@@ -97,20 +92,7 @@ for name, e in rel.items():
     print(f"{name:>26}: mean rel err {e.mean():.2e}, max {e.max():.2e}")
 
 # %%
-def plot_errors(rows):
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bins = torch.logspace(-7, -1, 60)
-    for name, e in rel.items():
-        ax.hist(e.view(SAMPLES, HIDDEN)[:rows].flatten().clamp_min(1e-7).numpy(), bins=bins.numpy(),
-                alpha=0.6, label=name)
-    ax.axvline(2**-9, color="k", ls="--", lw=1, label="half a bf16 ulp (2⁻⁹)")
-    ax.set(xscale="log", xlabel="relative error vs float64", ylabel="elements",
-           title=f"RMSNorm in bf16, {rows} rows × {HIDDEN}")
-    ax.legend(fontsize=8)
-    plt.show()
-
-
-plot_errors(SAMPLES)
+viz.plot_error_histograms(rel, SAMPLES, HIDDEN)
 
 # %% [markdown]
 # One rounding keeps every element within half an ulp; bf16 math spreads errors well past it. That is the
@@ -121,7 +103,8 @@ plot_errors(SAMPLES)
 if INTERACTIVE:
     from ipywidgets import IntSlider, interact
 
-    interact(plot_errors, rows=IntSlider(value=256, min=16, max=SAMPLES, step=16, description="rows"))
+    interact(lambda rows: viz.plot_error_histograms(rel, rows, HIDDEN),
+             rows=IntSlider(value=256, min=16, max=SAMPLES, step=16, description="rows"))
 
 # %% [markdown]
 # ## A first Triton kernel

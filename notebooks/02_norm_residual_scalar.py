@@ -36,18 +36,14 @@ HIDDEN = 256  # the bytes model below uses the real 2816
 GPU_TOKENS = 4096
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
-import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 
 import gemma4lab.kernels as K
 from gemma4lab import measure
@@ -98,11 +94,7 @@ fused_bytes = 3 * H_REAL * B  # read x, read residual, write out
 print(f"unfused ≈ {unfused_bytes / 1e3:.1f} KB/token, fused = {fused_bytes / 1e3:.1f} KB/token "
       f"({unfused_bytes / fused_bytes:.1f}× less traffic)")
 
-fig, ax = plt.subplots(figsize=(6, 2.5))
-ax.barh(["fused", "unfused"], [fused_bytes / 1e3, unfused_bytes / 1e3], color=["C2", "C3"])
-ax.set(xlabel="KB per token (bf16, H = 2816; fp32 intermediates count 2 units)",
-       title="memory traffic of norm + residual + scalar")
-plt.show()
+viz.plot_traffic(fused_bytes / 1e3, unfused_bytes / 1e3)
 
 # %% [markdown]
 # The op-by-op breakdown is approximate (fp32 intermediates are counted as two bf16 units), but the conclusion is
@@ -129,38 +121,17 @@ print(f"max |unfused - fp64|  = {(unfused(x, w, r, s).double() - exact).abs().ma
 # bytes it must move by the time: the fraction of the card's device-to-device copy bandwidth. 1.0 is the roof.
 
 # %%
-docs = [d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("kernels_*.json"))) if d]
 NAME = "gemma_rmsnorm_residual_scalar"
-
-
-def env_label(doc):
-    e = doc.get("environment", {})
-    return (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
-            f"{str(e.get('date_utc', '?'))[:10]}")
-
-
-def plot_roofline(doc):
-    rows = sorted((r for r in doc["results"] if r["kernel"] == NAME), key=lambda r: r["tokens"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for col, style in (("eager", ":"), ("compile", "--"), ("triton", "-"), ("graph", "-.")):
-        pts = [(r["tokens"], r.get(f"{col}_frac_copy")) for r in rows if r.get(f"{col}_frac_copy") is not None]
-        if pts:
-            ax.plot(*zip(*pts), style, marker="o", ms=3, label=col)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth", ylim=(0, 1.1),
-           title=f"{NAME}\nrecorded: {env_label(doc)}")
-    ax.legend()
-    plt.show()
-
-
+recorded = viz.load_recorded("kernels", RESULTS)
+rows = viz.kernel_rows(recorded[0], NAME) if recorded else []
 if DEVICE == "cuda":
     bw = measure.copy_bandwidth(DEVICE, nbytes=2**28)
     ms = measure.bench(lambda: K.gemma_rmsnorm_residual_scalar(x, w, r, s))
     nbytes = 3 * x.numel() * x.element_size()
     print(f"live, T={T}, H={HIDDEN}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s = "
           f"{nbytes / (ms * 1e-3) / bw:.0%} of copy bandwidth ({torch.cuda.get_device_name()})")
-if docs and any(r["kernel"] == NAME for r in docs[0].get("results", [])):
-    plot_roofline(docs[0])
+if rows:
+    display(viz.plot_roofline(rows, NAME, recorded[1]))
 else:
     print("No recorded results/kernels_*.json with this kernel yet: run `python -m gemma4lab bench-kernels` on a GPU "
           "to produce one. (Nothing is plotted rather than showing made-up numbers.)")

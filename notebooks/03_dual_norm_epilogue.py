@@ -36,16 +36,11 @@ HIDDEN = 256
 GPU_TOKENS = 4096
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
-import matplotlib.pyplot as plt
 import torch
 
 import gemma4lab.kernels as K
@@ -99,19 +94,7 @@ for name, y in (("unfused chain", chain), ("fused kernel", fused)):
     print(f"{name:>14}: mean |err| {err[name][0]:.2e}, max {err[name][1]:.2e}")
 
 # %%
-def plot_errors(err):
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = list(err)
-    xs = range(len(names))
-    ax.bar([i - 0.2 for i in xs], [err[n][0] for n in names], 0.4, label="mean |error|")
-    ax.bar([i + 0.2 for i in xs], [err[n][1] for n in names], 0.4, label="max |error|")
-    ax.set_xticks(list(xs), names)
-    ax.set(yscale="log", ylabel="|y − float64|", title=f"MoE epilogue in {DTYPE}, {T} × {HIDDEN}")
-    ax.legend()
-    plt.show()
-
-
-plot_errors(err)
+viz.plot_error_bars(err, f"MoE epilogue in {DTYPE}, {T} × {HIDDEN}")
 
 # %% [markdown]
 # The fused kernel differs from the exact result by its single final rounding; the chain adds an error at every

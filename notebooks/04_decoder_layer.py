@@ -33,18 +33,13 @@ TOKENS = 8  # fused kernels run under the CPU interpreter: keep it small
 GPU_TOKENS = 512
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import dataclasses
 
-import matplotlib.pyplot as plt
 import torch
 
 import gemma4lab
@@ -110,19 +105,7 @@ except ImportError as e:
     print("transformers not installed, skipping the reference bar:", e)
 
 # %%
-def plot_launches(per_layer):
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    names = list(per_layer)
-    colors = ["C7" if n == "transformers" else "C3" if n == "unfused" else "C2" if n == "all" else "C0"
-              for n in names]
-    ax.bar(names, [per_layer[n] for n in names], color=colors)
-    ax.set_ylabel("kernels per layer" if DEVICE == "cuda" else "ATen ops per layer (launch proxy)")
-    ax.set_title(f"tiny model, {T} tokens, {DEVICE}")
-    ax.tick_params(axis="x", rotation=30)
-    plt.show()
-
-
-plot_launches(per_layer)
+viz.plot_launches(per_layer, DEVICE, T)
 
 # %% [markdown]
 # The whole-model counts include embedding, attention, experts' matmuls and the head, which no fusion touches: the

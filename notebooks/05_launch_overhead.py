@@ -34,21 +34,16 @@ CPU_TOKENS = [4, 16, 64]  # live token counts on CPU (eager, unfused: cheap)
 GPU_TOKENS = [16, 93, 189, 512, 1453]
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
-import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 
 import gemma4lab
-from gemma4lab import measure
 from gemma4lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
@@ -82,27 +77,14 @@ for t in tokens:
 # latency of eager unfused, eager fused and fused + piecewise CUDA graphs, plus profiles at a few token counts.
 
 # %%
-doc = next((d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("pcg_*.json"))) if d), None)
+doc, SOURCE = viz.load_recorded("pcg", RESULTS) or (None, None)
 if doc is None:
     print("No recorded results/pcg_*.json yet (run `python -m gemma4lab bench-pcg` on a GPU). "
           f"Showing the live {DEVICE} measurement below instead.")
 else:
-    e = doc.get("environment", {})
-    SOURCE = (f"recorded: {e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
-              f"CUDA {e.get('cuda', '?')} · {str(e.get('date_utc', '?'))[:10]} · {doc.get('layers', '?')} layers")
+    SOURCE = f"recorded: {SOURCE} · {doc.get('layers', '?')} layers"
     print(SOURCE)
-    rows = sorted(doc["rows"].values(), key=lambda r: r["tokens"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
-                       ("pcg_fused_ms", "fused + PCG")):
-        pts = [(r["tokens"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward", title=SOURCE)
-    ax.title.set_fontsize(8)
-    ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
-    plt.show()
+    display(viz.plot_pcg_latency(doc, SOURCE))
 
 # %% [markdown]
 # ## Breakdown per token count
@@ -112,37 +94,14 @@ else:
 # the live CPU proxy (where "GPU busy" is zero by definition).
 
 # %%
-def breakdown_data():
-    if DEVICE == "cuda" or doc is None:
-        return {t: {"live": v} for t, v in live.items()}, f"live on {DEVICE}"
-    data = {}
-    for key, prof in doc.get("profiles", {}).items():
-        name, t = key.rsplit("_", 1)
-        lat = doc["rows"].get(t, {}).get(f"{name}_ms", prof.get("wall_ms"))
-        data.setdefault(int(t), {})[name] = {"cpu_dispatch_ms": prof["cpu_dispatch_ms"],
-                                             "gpu_busy_ms": prof["gpu_busy_ms"], "latency_ms": lat,
-                                             "kernels": prof["kernels"]}
-    return (data, SOURCE) if data else ({t: {"live": v} for t, v in live.items()}, f"live on {DEVICE}")
-
-
-DATA, DATA_SOURCE = breakdown_data()
+DATA, DATA_SOURCE = viz.breakdown_data(doc if DEVICE != "cuda" else None), SOURCE
+if not DATA:
+    DATA, DATA_SOURCE = {t: {"live": v} for t, v in live.items()}, f"live on {DEVICE}"
 COUNTS = sorted(DATA)
 
 
 def plot_breakdown(i):
-    t = COUNTS[i]
-    impls = DATA[t]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    names = list(impls)
-    xs = range(len(names))
-    for j, (key, label) in enumerate((("cpu_dispatch_ms", "CPU dispatch"), ("gpu_busy_ms", "GPU busy"),
-                                      ("latency_ms", "latency"))):
-        ax.bar([x + (j - 1) * 0.27 for x in xs], [impls[n][key] or 0 for n in names], 0.27, label=label)
-    ax.set_xticks(list(xs), [f"{n}\n({impls[n]['kernels']} launches)" for n in names])
-    ax.set(ylabel="ms", title=f"T = {t} tokens — {DATA_SOURCE}")
-    ax.title.set_fontsize(8)
-    ax.legend()
-    plt.show()
+    return viz.plot_breakdown(DATA[COUNTS[i]], COUNTS[i], DATA_SOURCE)
 
 
 plot_breakdown(0)

@@ -35,20 +35,16 @@ TOKENS = 13  # a prompt length that is not a bucket
 BUCKETS = [8, 16, 32]
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
 import warnings
 
-import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 
 import gemma4lab
 from gemma4lab import measure, pcg
@@ -83,12 +79,8 @@ print(len(buckets), "buckets:", buckets[:12], "...", buckets[-4:])
 sizer = pcg.PiecewiseCudaGraphRunner(model, buckets=buckets[:40], progress=False)  # small buffers on CPU
 ns = list(range(1, sizer.max_tokens + 1))
 waste = sizer.padding_waste(ns)
-fig, ax = plt.subplots(figsize=(7, 3.2))
-ax.plot(ns, waste)
-ax.set(xscale="log", xlabel="prompt tokens", ylabel="padding fraction", title="padding waste, default buckets")
-ax.grid(True, which="both", alpha=0.3)
-plt.show()
 del sizer
+viz.plot_padding_waste(ns, waste)
 
 # %% [markdown]
 # ## Capture and replay
@@ -124,29 +116,18 @@ print("eager fallbacks:", runner.stats["eager_fallbacks"])
 # ## Recorded on a GPU: what capture costs and what it buys
 
 # %%
-doc = next((d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("pcg_*.json"))) if d), None)
+doc, label = viz.load_recorded("pcg", RESULTS) or (None, None)
 if doc is None:
     print("No recorded results/pcg_*.json yet: run `python -m gemma4lab bench-pcg` on a GPU.")
 else:
-    e, cap = doc.get("environment", {}), doc.get("capture", {})
-    label = (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
-             f"{str(e.get('date_utc', '?'))[:10]} · {doc.get('layers', '?')} layers at full width")
+    cap = doc.get("capture", {})
+    label += f" · {doc.get('layers', '?')} layers at full width"
     print("recorded:", label)
     if cap:
         print(f"capture: {cap.get('buckets')} buckets × {cap.get('pieces_per_bucket')} pieces in "
               f"{cap.get('capture_s', 0):.1f} s; graph pool {cap.get('graph_pool_bytes', 0) / 2**30:.2f} GiB; "
               f"static buffers {cap.get('static_buffer_bytes', 0) / 2**30:.2f} GiB")
-    rows = sorted(doc["rows"].values(), key=lambda r: r["tokens"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, lab in (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
-                     ("pcg_fused_ms", "fused + PCG")):
-        pts = [(r["tokens"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=lab)
-    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward", title=label)
-    ax.title.set_fontsize(8)
-    ax.legend()
-    plt.show()
+    display(viz.plot_pcg_latency(doc, label))
 if DEVICE == "cuda":
     for n in (TOKENS, BUCKETS[-1]):
         x = ids[:, :n] if n <= TOKENS else big[:, :n]

@@ -33,19 +33,14 @@ NEW_TOKENS = 8
 MAX_LEN = 512
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when kernels are decorated: set before import
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import tempfile
 
 import matplotlib.cbook
-import matplotlib.pyplot as plt
 import PIL.Image
 import torch
 
@@ -72,12 +67,7 @@ ids = batch["input_ids"]
 n_img = int((ids == cfg.image_token_id).sum())
 print(f"prompt: {ids.shape[1]} tokens, of which {n_img} image soft tokens")
 
-fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3), gridspec_kw={"width_ratios": [1, 3]})
-a.imshow(photo)
-a.axis("off")
-b.imshow(batch["mm_token_type_ids"].cpu(), aspect="auto", cmap="Blues", interpolation="nearest")
-b.set(yticks=[], xlabel="prompt position", title="mm_token_type_ids (dark = image soft token)")
-plt.show()
+viz.plot_mm_token_types(photo, batch["mm_token_type_ids"].cpu())
 
 # %% [markdown]
 # ## Vision tower → merged embeddings

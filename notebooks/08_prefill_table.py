@@ -31,21 +31,13 @@ INTERACTIVE = True
 DTYPE = "bfloat16"
 
 # %%
-import os
-from pathlib import Path
+from gemma4lab import viz
 
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
 import math
-
-import matplotlib.pyplot as plt
-
-from gemma4lab import measure
 
 # %% [markdown]
 # ## Published (sglang PR #24048)
@@ -68,39 +60,22 @@ for t, (b, f) in PUBLISHED.items():
 # ## Ours (recorded)
 
 # %%
-doc = next((d for d in (measure.read_json(p) for p in sorted(RESULTS.glob("prefill_*.json"))) if d), None)
-COLS = ("eager_ms", "fused_ms", "pcg_ms", "hf_ms", "compile_ms", "floor_ms")
+doc, LABEL = viz.load_recorded("prefill", RESULTS) or (None, None)
+COLS = tuple(key for key, _ in viz.PREFILL_SERIES)
+rows = sorted(doc.get("rows", {}).values(), key=lambda r: r["tokens"]) if doc else []
 if doc is None:
-    LABEL = None
-    rows = []
     print("No recorded results/prefill_*.json yet: run `python -m gemma4lab bench-prefill` on a GPU with the "
           "full checkpoint. Only the published numbers are shown.")
 else:
-    e = doc.get("environment", {})
-    LABEL = (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
-             f"transformers {e.get('transformers', '?')} · {str(e.get('date_utc', '?'))[:10]}")
+    LABEL += f" · transformers {doc.get('environment', {}).get('transformers', '?')}"
     print("recorded:", LABEL)
-    rows = sorted(doc.get("rows", {}).values(), key=lambda r: r["tokens"])
     fmt = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
     print(f"{'tokens':>7} " + " ".join(f"{c[:-3]:>8}" for c in COLS))
     for r in rows:
         print(f"{r['tokens']:>7} " + " ".join(f"{fmt(r.get(c)):>8}" for c in COLS))
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 4.5))
-ts = list(PUBLISHED)
-ax.plot(ts, [v[0] for v in PUBLISHED.values()], "k--", marker="s", alpha=0.5, label="published baseline")
-ax.plot(ts, [v[1] for v in PUBLISHED.values()], "k-", marker="s", alpha=0.5, label="published fused + PCG")
-for c, style in zip(COLS, ("C3o-", "C0o-", "C2o-", "C7o:", "C1o--", "C5:")):
-    pts = [(r["tokens"], r[c]) for r in rows if isinstance(r.get(c), (int, float))]
-    if pts:
-        ax.plot(*zip(*pts), style, label=f"ours: {c[:-3]}")
-ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms per prefill",
-       title="Gemma 4 26B-A4B prefill" + (f"\nours recorded on {LABEL}" if LABEL else "\n(published only)"))
-ax.title.set_fontsize(9)
-ax.legend(fontsize=8)
-ax.grid(True, which="both", alpha=0.3)
-plt.show()
+viz.plot_prefill(PUBLISHED, rows, LABEL)
 
 # %% [markdown]
 # `floor_ms` is the larger of two roofs at that token count: reading every active weight once at the card's copy

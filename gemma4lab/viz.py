@@ -1,0 +1,310 @@
+"""The notebooks' figures and recorded-results loading, as small pure functions.
+
+Why here and not in the notebooks: a plot defined inline is only tested by running the whole notebook, and the
+same loading/labelling code was being copied between notebooks. Every ``plot_*`` takes data (a ``results/*.json``
+document, or live numbers) and returns a :class:`matplotlib.figure.Figure`. They never call ``plt.show()``, never
+touch pyplot's global figure list and never read files: a notebook displays the returned figure (as a cell's last
+expression, or through ``interact``), and a test counts its axes and lines.
+
+This module must stay importable before ``gemma4lab.kernels``: :func:`notebook_setup` sets ``TRITON_INTERPRET``,
+which Triton reads when the kernels are decorated, so nothing here may import Triton or the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import measure
+
+__all__ = [
+    "breakdown_data",
+    "env_label",
+    "kernel_rows",
+    "load_recorded",
+    "notebook_setup",
+    "plot_breakdown",
+    "plot_error_bars",
+    "plot_error_histograms",
+    "plot_launches",
+    "plot_mm_token_types",
+    "plot_padding_waste",
+    "plot_pcg_latency",
+    "plot_photo_tokens",
+    "plot_prefill",
+    "plot_roofline",
+    "plot_traffic",
+]
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+#: (row key, legend label) of the three implementations that ``bench-pcg`` times.
+PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
+              ("pcg_fused_ms", "fused + PCG"))  # fmt: skip
+
+#: (row key, matplotlib format) of the implementations that ``bench-prefill`` times, in legend order.
+PREFILL_SERIES = (("eager_ms", "C3o-"), ("fused_ms", "C0o-"), ("pcg_ms", "C2o-"), ("hf_ms", "C7o:"),
+                  ("compile_ms", "C1o--"), ("floor_ms", "C5:"))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- setup, loading
+
+
+def notebook_setup(device: str, start: str | Path | None = None) -> Path:
+    """Prepare a notebook kernel for ``device`` and return the repo root (the folder holding ``pyproject.toml``).
+
+    On ``"cpu"`` it sets ``TRITON_INTERPRET=1`` (unless already set) so the Triton kernels run in the interpreter:
+    call it before ``gemma4lab.kernels`` is imported, since Triton reads the variable when kernels are decorated.
+    A typo such as ``"gpu"`` raises ValueError here rather than a confusing error many cells later.
+    """
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"unknown DEVICE {device!r}: use 'cpu' (Triton interpreter) or 'cuda' / 'cuda:N' (a GPU)")
+    if device == "cpu":
+        if "gemma4lab.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            warnings.warn("gemma4lab.kernels was imported before notebook_setup('cpu'): restart the kernel and call "
+                          "notebook_setup first, or the kernels will not run on CPU tensors", stacklevel=2)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    here = Path(start) if start is not None else Path.cwd()
+    for p in (here, *here.parents):
+        if (p / "pyproject.toml").exists():
+            return p
+    package_root = Path(__file__).resolve().parents[1]  # an installed checkout run from elsewhere
+    if (package_root / "pyproject.toml").exists():
+        return package_root
+    raise FileNotFoundError(f"no pyproject.toml above {here}: start the notebook inside the gemma4lab checkout")
+
+
+def env_label(doc: Mapping[str, Any]) -> str:
+    """"card · torch X · triton Y · date" of a result document: a recorded number means nothing without it."""
+    e = doc.get("environment", {}) or {}
+    return (f"{e.get('card', '?')} · torch {e.get('torch', '?')} · triton {e.get('triton', '?')} · "
+            f"{str(e.get('date_utc', '?'))[:10]}")
+
+
+def load_recorded(kind: str, results_dir: str | Path) -> tuple[dict[str, Any], str] | None:
+    """The first ``results_dir/<kind>_*.json`` that gemma4lab wrote, as ``(doc, env_label(doc))``; None if none.
+
+    Notebooks show recorded GPU numbers only when a file exists, and say how to produce one otherwise; files not
+    written by gemma4lab (or unreadable) are skipped rather than plotted.
+    """
+    for path in sorted(Path(results_dir).glob(f"{kind}_*.json")):
+        doc = measure.read_json(path)
+        if doc:
+            return doc, env_label(doc)
+    return None
+
+
+def _points(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(tokens, value) for the rows that have a numeric ``key``: missing or failed measurements are left out."""
+    return [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def _rows_by_tokens(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return sorted(doc.get("rows", {}).values(), key=lambda r: r["tokens"])
+
+
+# ------------------------------------------------------------------------------------------------------ 00 and 07
+
+
+def plot_photo_tokens(photo: Any, soft_tokens: int) -> Figure:
+    """The photo with the number of soft tokens it becomes (00): the image's cost in prompt length at a glance."""
+    fig = Figure(figsize=(3, 3.5))
+    ax = fig.subplots()
+    ax.imshow(photo)
+    ax.set_title(f"{photo.width}×{photo.height} px → {soft_tokens} soft tokens", fontsize=9)
+    ax.axis("off")
+    return fig
+
+
+def plot_mm_token_types(photo: Any, mm_token_type_ids: Any) -> Figure:
+    """The photo beside its prompt's token-type row (07): shows where the soft tokens sit in the prompt."""
+    fig = Figure(figsize=(9, 3))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3]})
+    a.imshow(photo)
+    a.axis("off")
+    b.imshow(np.asarray(mm_token_type_ids), aspect="auto", cmap="Blues", interpolation="nearest")
+    b.set(yticks=[], xlabel="prompt position", title="mm_token_type_ids (dark = image soft token)")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------ 01 to 04
+
+
+def plot_error_histograms(errors: Mapping[str, Any], rows: int, hidden: int) -> Figure:
+    """Histogram of relative errors per computation, over the first ``rows`` rows of ``hidden`` elements (01).
+
+    ``errors`` maps a name to the flattened per-element relative errors; the half-ulp line makes "one rounding stays
+    within it" visible. ``rows`` is the slider's knob: fewer rows, a noisier histogram.
+    """
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    bins = np.logspace(-7, -1, 60)
+    for name, e in errors.items():
+        ax.hist(np.clip(np.asarray(e).reshape(-1)[: rows * hidden], 1e-7, None), bins=bins, alpha=0.6, label=name)
+    ax.axvline(2**-9, color="k", ls="--", lw=1, label="half a bf16 ulp (2⁻⁹)")
+    ax.set(xscale="log", xlabel="relative error vs float64", ylabel="elements",
+           title=f"RMSNorm in bf16, {rows} rows × {hidden}")  # fmt: skip
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_traffic(fused_kb: float, unfused_kb: float) -> Figure:
+    """Bytes per token, fused vs unfused (02): a memory-bound chain costs what it moves."""
+    fig = Figure(figsize=(6, 2.5))
+    ax = fig.subplots()
+    ax.barh(["fused", "unfused"], [fused_kb, unfused_kb], color=["C2", "C3"])
+    ax.set(xlabel="KB per token (bf16, H = 2816; fp32 intermediates count 2 units)",
+           title="memory traffic of norm + residual + scalar")  # fmt: skip
+    return fig
+
+
+def kernel_rows(doc: Mapping[str, Any], kernel: str) -> list[dict[str, Any]]:
+    """A ``kernels_*.json`` document's rows for ``kernel``, by tokens.
+
+    The benchmark names kernels without the ``gemma_`` prefix of the Python function, so both spellings match.
+    """
+    names = {kernel, kernel.removeprefix("gemma_")}
+    return sorted((r for r in doc.get("results", []) if r.get("kernel") in names), key=lambda r: r["tokens"])
+
+
+def plot_roofline(rows: Sequence[Mapping[str, Any]], kernel: str, label: str) -> Figure:
+    """Fraction of copy bandwidth reached per implementation vs tokens (02): 1.0 is the roof for a memory-bound op."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for col, style in (("eager", ":"), ("compile", "--"), ("triton", "-"), ("graph", "-.")):
+        pts = _points(rows, f"{col}_frac_copy")
+        if pts:
+            ax.plot(*zip(*pts), style, marker="o", ms=3, label=col)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth", ylim=(0, 1.1),
+           title=f"{kernel}\nrecorded: {label}")  # fmt: skip
+    ax.legend()
+    return fig
+
+
+def plot_error_bars(errors: Mapping[str, tuple[float, float]], title: str) -> Figure:
+    """Mean and max absolute error per computation, log scale (03): one rounding vs many, side by side."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    names = list(errors)
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [errors[n][0] for n in names], 0.4, label="mean |error|")
+    ax.bar(xs + 0.2, [errors[n][1] for n in names], 0.4, label="max |error|")
+    ax.set_xticks(list(xs), names)
+    ax.set(yscale="log", ylabel="|y − float64|", title=title)
+    ax.legend()
+    return fig
+
+
+def plot_launches(per_layer: Mapping[str, float], device: str, tokens: int) -> Figure:
+    """Kernels (GPU) or dispatched ATen ops (CPU proxy) per layer for each fusion configuration (04)."""
+    fig = Figure(figsize=(8, 3.8))
+    ax = fig.subplots()
+    names = list(per_layer)
+    colors = ["C7" if n == "transformers" else "C3" if n == "unfused" else "C2" if n == "all" else "C0"
+              for n in names]  # fmt: skip
+    ax.bar(names, [per_layer[n] for n in names], color=colors)
+    ax.set_ylabel("kernels per layer" if device.startswith("cuda") else "ATen ops per layer (launch proxy)")
+    ax.set_title(f"tiny model, {tokens} tokens, {device}")
+    ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------ 05 and 06
+
+
+def plot_pcg_latency(doc: Mapping[str, Any], title: str) -> Figure:
+    """Recorded ms per forward vs tokens for eager unfused, eager fused and fused + PCG (``pcg_*.json``; 05, 06)."""
+    rows = _rows_by_tokens(doc)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for key, label in PCG_SERIES:
+        pts = _points(rows, key)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward", title=title)
+    ax.title.set_fontsize(8)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def breakdown_data(doc: Mapping[str, Any] | None) -> dict[int, dict]:
+    """{tokens: {implementation: {cpu_dispatch_ms, gpu_busy_ms, latency_ms, kernels}}} for the breakdown (05).
+
+    Read from a ``pcg_*.json`` document's profiles (keys like ``eager_fused_93``), latency from its rows; empty when
+    there is no document or it has no profiles, so the notebook falls back to its live numbers.
+    """
+    data: dict[int, dict] = {}
+    for key, prof in (doc or {}).get("profiles", {}).items():
+        name, t = key.rsplit("_", 1)
+        lat = doc.get("rows", {}).get(t, {}).get(f"{name}_ms", prof.get("wall_ms"))
+        data.setdefault(int(t), {})[name] = {"cpu_dispatch_ms": prof["cpu_dispatch_ms"],
+                                             "gpu_busy_ms": prof["gpu_busy_ms"], "latency_ms": lat,
+                                             "kernels": prof["kernels"]}  # fmt: skip
+    return data
+
+
+def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: str) -> Figure:
+    """CPU dispatch, GPU busy and latency per implementation at one token count (05).
+
+    When the dispatch bar is as tall as the busy bar the GPU idles between kernels: launch-bound.
+    """
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.subplots()
+    names = list(impls)
+    xs = np.arange(len(names))
+    for j, (key, label) in enumerate((("cpu_dispatch_ms", "CPU dispatch"), ("gpu_busy_ms", "GPU busy"),
+                                      ("latency_ms", "latency"))):  # fmt: skip
+        ax.bar(xs + (j - 1) * 0.27, [impls[n][key] or 0 for n in names], 0.27, label=label)
+    ax.set_xticks(list(xs), [f"{n}\n({impls[n]['kernels']} launches)" for n in names])
+    ax.set(ylabel="ms", title=f"T = {tokens} tokens — {source}")
+    ax.title.set_fontsize(8)
+    ax.legend()
+    return fig
+
+
+def plot_padding_waste(tokens: Sequence[int], waste: Sequence[float]) -> Figure:
+    """Fraction of each padded bucket that is padding, vs prompt length (06): what the bucket choice costs."""
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    ax.plot(tokens, waste)
+    ax.set(xscale="log", xlabel="prompt tokens", ylabel="padding fraction", title="padding waste, default buckets")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------ 08
+
+
+def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Mapping[str, Any]],
+                 label: str | None) -> Figure:  # fmt: skip
+    """Published baseline / fused+PCG ms per prefill beside our recorded rows (08), on log-log axes.
+
+    ``published`` maps tokens to (baseline, fused + PCG) ms; ``rows`` are a ``prefill_*.json``'s rows (may be empty,
+    then only the published lines are drawn); ``label`` names the card and date ours were measured on.
+    """
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ts = list(published)
+    ax.plot(ts, [v[0] for v in published.values()], "k--", marker="s", alpha=0.5, label="published baseline")
+    ax.plot(ts, [v[1] for v in published.values()], "k-", marker="s", alpha=0.5, label="published fused + PCG")
+    rows = sorted(rows, key=lambda r: r["tokens"])
+    for key, style in PREFILL_SERIES:
+        pts = _points(rows, key)
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"ours: {key[:-3]}")
+    ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms per prefill",
+           title="Gemma 4 26B-A4B prefill" + (f"\nours recorded on {label}" if label else "\n(published only)"))
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig

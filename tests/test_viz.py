@@ -1,0 +1,268 @@
+"""gemma4lab.viz: every notebook figure from small synthetic data and from the recorded results in the repo.
+
+The notebooks only call these functions, so a figure that breaks fails here in milliseconds, not after a notebook run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from gemma4lab import measure, viz
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+ENV = {"card": "TestCard X1", "torch": "9.9", "triton": "8.8", "date_utc": "2031-02-03T04:05:06+00:00"}
+LABEL = "TestCard X1 · torch 9.9 · triton 8.8 · 2031-02-03"
+
+
+def _doc(**payload):
+    return {"producer": measure.PRODUCER, "environment": ENV, **payload}
+
+
+def _pcg_doc():
+    rows = {str(t): {"tokens": t, "eager_unfused_ms": 30.0, "eager_fused_ms": 20.0, "pcg_fused_ms": 5.0 + t / 100}
+            for t in (16, 93, 1453)}  # fmt: skip
+    rows["93"]["pcg_fused_ms"] = None  # a missing measurement is skipped, not plotted as 0
+    prof = {"cpu_dispatch_ms": 10.0, "gpu_busy_ms": 6.0, "kernels": 1100, "wall_ms": 120.0}
+    profiles = {f"{name}_{t}": prof for name in ("eager_unfused", "pcg_fused") for t in (93, 1453)}
+    return _doc(rows=rows, profiles=profiles, layers=6)
+
+
+def _title(fig: Figure) -> str:
+    return " ".join(ax.get_title() for ax in fig.axes)
+
+
+def _recorded(kind: str):
+    rec = viz.load_recorded(kind, RESULTS)
+    if rec is None:
+        pytest.skip(f"no results/{kind}_*.json in this checkout")
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------ notebook_setup
+
+
+def test_notebook_setup_cpu_sets_interpreter_and_finds_root(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert viz.notebook_setup("cpu", start=tmp_path / "notebooks") == tmp_path
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_notebook_setup_cuda_leaves_interpreter_alone(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert viz.notebook_setup("cuda") == tmp_path
+    assert viz.notebook_setup("cuda:1") == tmp_path
+    assert "TRITON_INTERPRET" not in os.environ
+
+
+def test_notebook_setup_respects_an_explicit_interpreter_setting(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    viz.notebook_setup("cpu", start=tmp_path)
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+# ids avoid the bare word "gpu": conftest skips tests with that keyword on machines without one
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "", "cuda:x", "mps", None], ids=lambda d: f"device={d!r}")
+def test_notebook_setup_rejects_unknown_device(device, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="unknown DEVICE"):
+        viz.notebook_setup(device)
+    assert "TRITON_INTERPRET" not in os.environ
+
+
+def test_notebook_setup_falls_back_to_the_checkout(tmp_path):
+    assert viz.notebook_setup("cuda", start=tmp_path) == ROOT  # no pyproject above tmp_path: the package's checkout
+
+
+def test_importing_viz_does_not_import_the_kernels():
+    """notebook_setup must run before Triton decorates the kernels, so importing viz may not pull them in."""
+    code = "import sys, gemma4lab.viz; print(sorted(m for m in ('triton', 'gemma4lab.kernels') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ load_recorded
+
+
+def test_load_recorded_missing_returns_none(tmp_path):
+    assert viz.load_recorded("pcg", tmp_path) is None
+    assert viz.load_recorded("pcg", tmp_path / "does-not-exist") is None
+
+
+def test_load_recorded_skips_foreign_and_broken_files(tmp_path):
+    (tmp_path / "pcg_a.json").write_text("{not json")
+    (tmp_path / "pcg_b.json").write_text(json.dumps({"rows": {}}))  # no gemma4lab producer
+    assert viz.load_recorded("pcg", tmp_path) is None
+    (tmp_path / "pcg_c.json").write_text(json.dumps(_pcg_doc()))
+    (tmp_path / "kernels_z.json").write_text(json.dumps(_doc(results=[])))
+    doc, label = viz.load_recorded("pcg", tmp_path)
+    assert doc["layers"] == 6 and label == LABEL
+
+
+def test_env_label_without_environment():
+    assert viz.env_label({}) == "? · torch ? · triton ? · ?"
+
+
+@pytest.mark.parametrize("kind", ["pcg", "kernels", "prefill"])
+def test_load_recorded_real_results(kind):
+    doc, label = _recorded(kind)
+    e = doc["environment"]
+    assert label == f"{e['card']} · torch {e['torch']} · triton {e['triton']} · {e['date_utc'][:10]}"
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def test_plot_photo_tokens():
+    fig = viz.plot_photo_tokens(Image.new("RGB", (40, 30)), 12)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert fig.axes[0].get_title() == "40×30 px → 12 soft tokens"
+
+
+def test_plot_mm_token_types():
+    fig = viz.plot_mm_token_types(Image.new("RGB", (8, 8)), np.array([[0, 1, 1, 0]]))
+    assert len(fig.axes) == 2 and len(fig.axes[1].get_images()) == 1
+
+
+def test_plot_error_histograms_uses_the_first_rows():
+    rng = np.random.default_rng(0)
+    errors = {"one rounding": rng.uniform(1e-6, 1e-3, 8 * 4), "many": rng.uniform(1e-5, 1e-2, 8 * 4)}
+    fig = viz.plot_error_histograms(errors, rows=2, hidden=4)
+    (ax,) = fig.axes
+    assert len(ax.containers) == 2 and len(ax.get_lines()) == 1  # two histograms and the half-ulp line
+    assert sum(p.get_height() for p in ax.containers[0]) == 2 * 4
+    assert ax.get_title() == "RMSNorm in bf16, 2 rows × 4"
+
+
+def test_plot_traffic():
+    (ax,) = viz.plot_traffic(16.9, 78.8).axes
+    assert [p.get_width() for p in ax.patches] == [16.9, 78.8]
+
+
+def test_plot_roofline_synthetic():
+    doc = _doc(results=[{"kernel": "rmsnorm_residual_scalar", "tokens": t, "eager_frac_copy": 0.1,
+                         "triton_frac_copy": 0.5, "graph_frac_copy": None} for t in (1024, 93)]
+                       + [{"kernel": "other", "tokens": 1, "eager_frac_copy": 0.9}])  # fmt: skip
+    rows = viz.kernel_rows(doc, "gemma_rmsnorm_residual_scalar")
+    assert [r["tokens"] for r in rows] == [93, 1024]
+    fig = viz.plot_roofline(rows, "gemma_rmsnorm_residual_scalar", viz.env_label(doc))
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.get_lines()[:2]] == ["eager", "triton"]
+    assert len(ax.get_lines()) == 3  # two series and the roof
+    assert LABEL in ax.get_title()
+
+
+def test_plot_roofline_real_results():
+    doc, label = _recorded("kernels")
+    rows = viz.kernel_rows(doc, "gemma_rmsnorm_residual_scalar")
+    assert rows, "the notebook's kernel must be in the recorded results, or 02 plots nothing"
+    (ax,) = viz.plot_roofline(rows, "gemma_rmsnorm_residual_scalar", label).axes
+    assert len(ax.get_lines()) >= 2 and doc["environment"]["card"] in ax.get_title()
+
+
+def test_plot_error_bars():
+    (ax,) = viz.plot_error_bars({"unfused chain": (1e-2, 5e-2), "fused kernel": (1e-3, 4e-3)}, "t").axes
+    assert len(ax.patches) == 4
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["unfused chain", "fused kernel"]
+
+
+@pytest.mark.parametrize(("device", "ylabel"), [("cpu", "ATen ops per layer (launch proxy)"),
+                                                ("cuda", "kernels per layer")])  # fmt: skip
+def test_plot_launches(device, ylabel):
+    per_layer = {"transformers": 50.0, "unfused": 40.0, "epilogue": 35.0, "all": 30.0}
+    (ax,) = viz.plot_launches(per_layer, device, 8).axes
+    assert len(ax.patches) == 4 and ax.get_ylabel() == ylabel
+    assert ax.get_title() == f"tiny model, 8 tokens, {device}"
+
+
+def test_plot_pcg_latency_synthetic():
+    (ax,) = viz.plot_pcg_latency(_pcg_doc(), LABEL).axes
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["eager, unfused", "eager, fused", "fused + PCG"]
+    assert list(lines[2].get_xdata()) == [16, 1453]  # the None at 93 is left out
+    assert ax.get_title() == LABEL
+
+
+def test_plot_pcg_latency_real_results():
+    doc, label = _recorded("pcg")
+    (ax,) = viz.plot_pcg_latency(doc, label).axes
+    assert len(ax.get_lines()) == 3 and doc["environment"]["date_utc"][:10] in ax.get_title()
+
+
+def test_breakdown_data_and_plot():
+    data = viz.breakdown_data(_pcg_doc())
+    assert sorted(data) == [93, 1453] and sorted(data[93]) == ["eager_unfused", "pcg_fused"]
+    assert data[93]["eager_unfused"]["latency_ms"] == 30.0
+    assert data[93]["pcg_fused"]["latency_ms"] is None  # the row's own (missing) value, not the profile's wall time
+    assert viz.breakdown_data(None) == {} and viz.breakdown_data(_doc(rows={})) == {}
+    fig = viz.plot_breakdown(data[93], 93, LABEL)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 3 * 2  # dispatch, busy, latency × two implementations
+    assert ax.get_title() == f"T = 93 tokens — {LABEL}"
+    assert "1100 launches" in ax.get_xticklabels()[0].get_text()
+
+
+def test_breakdown_data_real_results():
+    doc, label = _recorded("pcg")
+    data = viz.breakdown_data(doc)
+    t = min(data)
+    (ax,) = viz.plot_breakdown(data[t], t, label).axes
+    assert len(ax.patches) == 3 * len(data[t]) and label in ax.get_title()
+
+
+def test_plot_breakdown_live():
+    (ax,) = viz.plot_breakdown({"live": {"cpu_dispatch_ms": 3.0, "gpu_busy_ms": 0.0, "latency_ms": 4.0,
+                                         "kernels": 500}}, 16, "live on cpu").axes  # fmt: skip
+    assert len(ax.patches) == 3
+
+
+def test_plot_padding_waste():
+    (ax,) = viz.plot_padding_waste([1, 2, 3, 4], [0.75, 0.5, 0.25, 0.0]).axes
+    assert len(ax.get_lines()) == 1 and ax.get_xscale() == "log"
+
+
+PUBLISHED = {93: (35.6, 16.5), 1453: (36.3, 25.1)}
+
+
+def test_plot_prefill_published_only():
+    (ax,) = viz.plot_prefill(PUBLISHED, [], None).axes
+    assert len(ax.get_lines()) == 2 and "(published only)" in ax.get_title()
+
+
+def test_plot_prefill_synthetic():
+    rows = [{"tokens": 1453, "eager_ms": 90.0, "pcg_ms": 40.0, "hf_ms": float("nan")},
+            {"tokens": 93, "eager_ms": 80.0, "pcg_ms": 20.0, "hf_ms": "oom"}]  # fmt: skip
+    (ax,) = viz.plot_prefill(PUBLISHED, rows, LABEL).axes
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["published baseline", "published fused + PCG", "ours: eager", "ours: pcg", "ours: hf"]
+    assert list(ax.get_lines()[2].get_xdata()) == [93, 1453]
+    assert LABEL in ax.get_title()
+
+
+def test_plot_prefill_real_results():
+    doc, label = _recorded("prefill")
+    (ax,) = viz.plot_prefill(PUBLISHED, list(doc["rows"].values()), label).axes
+    assert len(ax.get_lines()) > 2 and doc["environment"]["card"] in ax.get_title()
+
+
+def test_figures_do_not_touch_pyplot():
+    """Figures are returned, not registered with pyplot: nothing is shown twice or leaks between notebook cells."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    viz.plot_pcg_latency(_pcg_doc(), LABEL)
+    assert plt.get_fignums() == before

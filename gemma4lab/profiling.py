@@ -2,7 +2,8 @@
 
 On a GPU, ``torch.profiler`` records every kernel launch (runtime API calls on the CPU side, kernels on the GPU
 side); from one trace we read the launch count, the CPU time spent dispatching, and the GPU busy time. On a CPU
-there are no kernels, so we count dispatched ATen ops (a proxy for launches: each would be at least one kernel).
+there are no kernels, so we count dispatched ATen ops (a proxy for launches: each would be at least one kernel),
+and each fused-kernel call as one launch however many ops its CPU emulation runs.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: st
             "cpu_dispatch_ms": dispatch,
             "gpu_busy_ms": busy,
         }
-    ops = [e for e in events if e.name.startswith("aten::") and _is_leaf_op(e)]
+    # A fused kernel on CPU (interpreter or torch reference) is one ``gemma4lab::`` range: one launch, whatever
+    # tensor ops it runs inside.
+    markers = [e for e in events if e.name.startswith("gemma4lab::")]
+    ops = [e for e in events if e.name.startswith("aten::") and _is_leaf_op(e) and not _inside_marker(e)]
+    ops += markers
     counts = Counter(e.name for e in ops)
     return {
         "device": "cpu",
@@ -103,6 +108,15 @@ _NO_KERNEL = {
     "aten::_unsafe_view", "aten::contiguous", "aten::result_type", "aten::item", "aten::_local_scalar_dense",
     "aten::is_nonzero", "aten::size", "aten::stride", "aten::numel", "aten::dim", "aten::to", "aten::_to_copy",
 }
+
+
+def _inside_marker(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("gemma4lab::"):
+            return True
+        p = p.cpu_parent
+    return False
 
 
 def _is_leaf_op(e) -> bool:

@@ -58,10 +58,10 @@ print(gemma4lab.Fusion.__doc__)
 # ## Launches per layer
 #
 # We profile one forward per configuration: unfused, each switch alone (`next_norm` needs `epilogue`), and all.
-# On a GPU these are kernel launches. On CPU they are dispatched ATen ops, and **beware**: the Triton interpreter
-# emulates each fused kernel with many tensor ops of its own, so on CPU the fused bars come out *taller*. Only the
-# unfused and transformers bars are meaningful on CPU; run with `DEVICE = "cuda"` for real launch counts (or see the
-# recorded `launches_per_layer` in `results/pcg_*.json`, notebook 05).
+# On a GPU these are kernel launches. On CPU they are dispatched ATen ops, each of which would be at least one
+# kernel; a fused-kernel call counts once, however many tensor ops the Triton interpreter needs to emulate it (the
+# wrappers mark their calls with a `gemma4lab::` profiler range). Run with `DEVICE = "cuda"` for real launch counts,
+# or see the recorded `launches_per_layer` in `results/pcg_*.json` (notebook 05).
 
 # %%
 model = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE)

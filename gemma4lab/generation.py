@@ -120,6 +120,13 @@ def decode_step(lm, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor
     return lm.logits(lm.final_norm(h, x))
 
 
+def as_prompt_list(x: Tensor | list[Tensor]) -> list[Tensor]:
+    """A list of 1-D per-prompt tensors from a list, a [B, T] tensor or a single [T] prompt."""
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return list(x if x.dim() == 2 else x[None])
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
@@ -146,11 +153,8 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     cfg = model.config.text
     as_list = isinstance(input_ids, (list, tuple))
-    prompts = list(input_ids) if as_list else list(input_ids if input_ids.dim() == 2 else input_ids[None])
-    mm = None
-    if mm_token_type_ids is not None:
-        mm = list(mm_token_type_ids) if isinstance(mm_token_type_ids, (list, tuple)) else list(
-            mm_token_type_ids if mm_token_type_ids.dim() == 2 else mm_token_type_ids[None])
+    prompts = as_prompt_list(input_ids)
+    mm = as_prompt_list(mm_token_type_ids) if mm_token_type_ids is not None else None
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=model.device)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id

@@ -26,24 +26,8 @@ def _build_empty(config: Gemma4Config, dtype: torch.dtype, device: torch.device)
         model = Gemma4ForConditionalGeneration(config)
     # Cast on meta (free), then allocate once on the target device in the final dtype.
     model = model.to(dtype=dtype).to_empty(device=device)
-    _reset_nonpersistent(model)
+    model.init_buffers()
     return model.eval()
-
-
-def _reset_nonpersistent(model: Gemma4ForConditionalGeneration) -> None:
-    """Recompute buffers that are not in checkpoints (RoPE frequencies) after ``to_empty``."""
-    from .layers import rope_inv_freq
-
-    lm, t, c = model.language_model, model.config.text, model.config
-    ids = [c.image_token_id, c.video_token_id, c.audio_token_id]
-    lm.placeholder_ids = torch.tensor(ids, device=lm.inv_freq_full.device)
-    lm.inv_freq_sliding = rope_inv_freq(t.head_dim, t.rope_theta_sliding, "default").to(lm.inv_freq_sliding.device)
-    lm.inv_freq_full = rope_inv_freq(
-        t.global_head_dim, t.rope_theta_full, t.rope_type_full, t.partial_rotary_factor_full
-    ).to(lm.inv_freq_full.device)
-    tower = model.model.vision_tower
-    if tower is not None and hasattr(tower, "reset_nonpersistent_buffers"):
-        tower.reset_nonpersistent_buffers()
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

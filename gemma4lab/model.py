@@ -47,9 +47,12 @@ class Gemma4ForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.model = _Inner(config)
-        self.language_model.placeholder_ids = torch.tensor(
-            [config.image_token_id, config.video_token_id, config.audio_token_id], dtype=torch.long
-        )
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The buffers checkpoints do not store (RoPE frequencies, placeholder ids), e.g. after ``to_empty``."""
+        c = self.config
+        self.language_model.init_buffers([c.image_token_id, c.video_token_id, c.audio_token_id])
 
     # ---- conveniences ---------------------------------------------------------------------------------------------
     @property
@@ -137,6 +140,18 @@ class Gemma4ForConditionalGeneration(nn.Module):
                 blocks = _split_blocks_at(blocks, starts)
         return PackedBatch.from_lengths(seq_lens, self.device, blocks)
 
+    def pack_prompts(self, prompts: list[Tensor], mm_token_type_ids: list[Tensor] | None) -> tuple[Tensor, PackedBatch]:
+        """Checked, concatenated token ids [N] and where each prompt lives in them (shared with the PCG runner)."""
+        if not prompts:
+            raise ValueError("prefill needs at least one prompt")
+        for p in prompts:
+            if not isinstance(p, Tensor) or p.dim() != 1:
+                raise ValueError("each prompt must be a 1-D tensor of token ids")
+        ids = torch.cat([p.to(self.device) for p in prompts])
+        self._check_ids(ids)
+        mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]) if mm_token_type_ids is not None else None
+        return ids, self.packed_batch([int(p.numel()) for p in prompts], mm)
+
     # ---- forward --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(
@@ -154,16 +169,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
         Returns the logits of each prompt's last token [num_prompts, vocab], or of every token [N, vocab].
         Images (if any) belong to the prompts in order of their placeholders.
         """
-        if not prompts:
-            raise ValueError("prefill needs at least one prompt")
-        for p in prompts:
-            if not isinstance(p, Tensor) or p.dim() != 1:
-                raise ValueError("each prompt must be a 1-D tensor of token ids")
-        ids = torch.cat([p.to(self.device) for p in prompts])
-        self._check_ids(ids)
-        seq_lens = [int(p.numel()) for p in prompts]
-        mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]) if mm_token_type_ids is not None else None
-        batch = self.packed_batch(seq_lens, mm)
+        ids, batch = self.pack_prompts(prompts, mm_token_type_ids)
         embeds = self.embed_inputs(ids, pixel_values, image_position_ids)
         lm = self.language_model
         hidden = lm.forward_embeds(embeds, lm.make_context(batch, cache=cache))
@@ -180,19 +186,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
         mm_token_type_ids: Tensor | None = None,
     ) -> ModelOutput:
         """The reference's batch API: ``input_ids`` [B, T] (equal-length prompts) → ``.logits`` [B, T, vocab]."""
-        if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
-        b, t = input_ids.shape
-        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (b, t):
-            raise ValueError(f"mm_token_type_ids must have the shape of input_ids {(b, t)}, got "
-                             f"{tuple(mm_token_type_ids.shape)}")
-        logits = self.prefill(
-            list(input_ids), pixel_values, image_position_ids,
-            list(mm_token_type_ids) if mm_token_type_ids is not None else None, all_logits=True,
-        )
-        return ModelOutput(logits=logits.view(b, t, -1))
+        return batch_forward(self.prefill, input_ids, pixel_values, image_position_ids, mm_token_type_ids)
 
     def generate(
         self,
@@ -208,6 +202,22 @@ class Gemma4ForConditionalGeneration(nn.Module):
 
         return greedy_generate(self, input_ids, max_new_tokens, pixel_values, image_position_ids, mm_token_type_ids,
                                **kwargs)
+
+
+def batch_forward(prefill, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None,
+                  mm_token_type_ids: Tensor | None) -> ModelOutput:
+    """The [B, T] batch API on top of a packed ``prefill`` (the model's or the PCG runner's)."""
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
+    b, t = input_ids.shape
+    if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (b, t):
+        raise ValueError(f"mm_token_type_ids must have the shape of input_ids {(b, t)}, got "
+                         f"{tuple(mm_token_type_ids.shape)}")
+    logits = prefill(list(input_ids), pixel_values, image_position_ids,
+                     list(mm_token_type_ids) if mm_token_type_ids is not None else None, all_logits=True)
+    return ModelOutput(logits=logits.view(b, t, -1))
 
 
 def _split_blocks_at(blocks: Tensor, starts: Tensor) -> Tensor:

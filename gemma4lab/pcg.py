@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .generation import KVCache, decode_step, greedy_generate
+from .generation import KVCache, as_prompt_list, decode_step, greedy_generate
 
 
 def default_buckets(max_tokens: int = 8192) -> list[int]:
@@ -152,7 +152,8 @@ class PiecewiseCudaGraphRunner:
                                     pieces_per_bucket=len(self.lm.layers) + 1)
 
     # ---- buffers -------------------------------------------------------------------------------------------------
-    def _buffer_shapes(self) -> dict[str, int]:
+    def _buffer_elements(self) -> int:
+        """Elements of the static buffers ``_allocate`` will create (checked against free memory first)."""
         cfg, n = self.lm.config, self.max_tokens
         per_row = 3 * cfg.hidden_size  # h, x, hidden
         for sliding in (True, False):
@@ -161,10 +162,10 @@ class PiecewiseCudaGraphRunner:
                 continue
             d = cfg.layer_head_dim(i)
             per_row += (2 * cfg.num_attention_heads + 2 * cfg.layer_kv_heads(i)) * d + 2 * d
-        return {"elements": n * per_row + n * cfg.hidden_size}
+        return n * per_row + n * cfg.hidden_size
 
     def _check_memory(self) -> None:
-        est = self._buffer_shapes()["elements"] * torch.finfo(self.model.dtype).bits // 8
+        est = self._buffer_elements() * torch.finfo(self.model.dtype).bits // 8
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
@@ -339,11 +340,7 @@ class PiecewiseCudaGraphRunner:
         if self.use_graphs and bucket not in self._graphs:
             self.capture()
 
-        ids = torch.cat([p.to(self.device) for p in prompts])
-        model._check_ids(ids)
-        seq_lens = [int(p.numel()) for p in prompts]
-        mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]) if mm_token_type_ids is not None else None
-        batch = model.packed_batch(seq_lens, mm)
+        ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
         b = self.buf
         # Inputs: copy the real rows, then the padding (zeros/pad ids, or a test's garbage).
         b.ids[:n_real].copy_(ids)
@@ -382,14 +379,9 @@ class PiecewiseCudaGraphRunner:
 
     def forward(self, input_ids: Tensor, pixel_values=None, image_position_ids=None, mm_token_type_ids=None):
         """Batch API like the model's: [B, T] → logits of every token [B, T, vocab]."""
-        from .model import ModelOutput
+        from .model import batch_forward
 
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        b, t = input_ids.shape
-        logits = self.prefill(list(input_ids), pixel_values, image_position_ids,
-                              list(mm_token_type_ids) if mm_token_type_ids is not None else None, all_logits=True)
-        return ModelOutput(logits=logits.view(b, t, -1))
+        return batch_forward(self.prefill, input_ids, pixel_values, image_position_ids, mm_token_type_ids)
 
     __call__ = forward
 
@@ -467,8 +459,7 @@ class DecodeGraphRunner:
     def generate(self, input_ids, max_new_tokens: int, pixel_values=None, image_position_ids=None,
                  mm_token_type_ids=None, *, prefill_runner: PiecewiseCudaGraphRunner | None = None, **kwargs):
         """Greedy generation: (PCG) prefill into the static cache, then graph-replayed decode steps."""
-        prompts = list(input_ids) if isinstance(input_ids, (list, tuple)) else list(
-            input_ids if input_ids.dim() == 2 else input_ids[None])
+        prompts = as_prompt_list(input_ids)
         longest = max(int(p.numel()) for p in prompts)
         if longest + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed the decode runner's "

@@ -156,18 +156,26 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer(
-            "inv_freq_sliding", rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding, "default"), persistent=False
-        )
-        self.register_buffer(
-            "inv_freq_full",
-            rope_inv_freq(cfg.global_head_dim, cfg.rope_theta_full, cfg.rope_type_full, cfg.partial_rotary_factor_full),
-            persistent=False,
-        )
-        self.fusion = Fusion()
-        self.attn_backend = "auto"
+        self.register_buffer("inv_freq_sliding", torch.empty(0), persistent=False)
+        self.register_buffer("inv_freq_full", torch.empty(0), persistent=False)
         # Multimodal placeholder ids (set by the multimodal model) embed as padding, as in the reference.
         self.register_buffer("placeholder_ids", torch.empty(0, dtype=torch.long), persistent=False)
+        self.init_buffers()
+        self.fusion = Fusion()
+        self.attn_backend = "auto"
+
+    def init_buffers(self, placeholder_ids: list[int] | None = None) -> None:
+        """(Re)compute the buffers no checkpoint stores: fp32 RoPE frequencies and the placeholder ids.
+
+        Called at construction and again after ``to_empty`` (which leaves them uninitialised) by the loader.
+        """
+        cfg, dev = self.config, self.inv_freq_full.device
+        self.inv_freq_sliding = rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding, "default").to(dev)
+        self.inv_freq_full = rope_inv_freq(
+            cfg.global_head_dim, cfg.rope_theta_full, cfg.rope_type_full, cfg.partial_rotary_factor_full
+        ).to(dev)
+        if placeholder_ids is not None:
+            self.placeholder_ids = torch.tensor(placeholder_ids, dtype=torch.long, device=dev)
 
     # ---- the pieces between attention calls ---------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:

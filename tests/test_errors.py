@@ -23,29 +23,31 @@ def _copy_ckpt(src, dst):
     return dst
 
 
-def test_missing_key_is_named(hf_tiny, tmp_path):
-    path = _copy_ckpt(hf_tiny[1], tmp_path / "ck")
+def _tampered_ckpt(src, dst, edit):
+    """A copy of the checkpoint whose tensors ``edit(state)`` changed in place."""
+    path = _copy_ckpt(src, dst)
     state = load_file(path / "model.safetensors")
-    del state["model.language_model.layers.0.router.scale"]
+    edit(state)
     save_file(state, path / "model.safetensors")
+    return path
+
+
+def test_missing_key_is_named(hf_tiny, tmp_path):
+    path = _tampered_ckpt(hf_tiny[1], tmp_path / "ck", lambda s: s.pop("model.language_model.layers.0.router.scale"))
     with pytest.raises(ValueError, match=r"missing keys.*layers\.0\.router\.scale"):
         gemma4lab.load_pretrained(path)
 
 
 def test_unexpected_key_is_named(hf_tiny, tmp_path):
-    path = _copy_ckpt(hf_tiny[1], tmp_path / "ck")
-    state = load_file(path / "model.safetensors")
-    state["model.language_model.layers.0.self_attn.bogus.weight"] = torch.zeros(2)
-    save_file(state, path / "model.safetensors")
+    path = _tampered_ckpt(hf_tiny[1], tmp_path / "ck", lambda s: s.update(
+        {"model.language_model.layers.0.self_attn.bogus.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected keys.*bogus"):
         gemma4lab.load_pretrained(path)
 
 
 def test_wrong_shape_is_named(hf_tiny, tmp_path):
-    path = _copy_ckpt(hf_tiny[1], tmp_path / "ck")
-    state = load_file(path / "model.safetensors")
-    state["model.language_model.norm.weight"] = torch.ones(5)
-    save_file(state, path / "model.safetensors")
+    path = _tampered_ckpt(hf_tiny[1], tmp_path / "ck", lambda s: s.update(
+        {"model.language_model.norm.weight": torch.ones(5)}))
     with pytest.raises(ValueError, match=r"shape mismatches.*norm\.weight"):
         gemma4lab.load_pretrained(path)
 

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .config import Gemma4Config
 from .model import Gemma4ForConditionalGeneration
@@ -183,7 +182,3 @@ def random_init(
             p.normal_(0.0, min(std, 1.0 / math.sqrt(fan_in)) if leaf != "position_embedding_table" else std,
                       generator=gen)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -8,7 +8,6 @@ and each fused-kernel call as one launch however many ops its CPU emulation runs
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -121,14 +120,3 @@ def _inside_marker(e) -> bool:
 
 def _is_leaf_op(e) -> bool:
     return e.name not in _NO_KERNEL and not any(c.name.startswith("aten::") for c in e.cpu_children)
-
-
-def launches_per_layer(summary: dict, num_layers: int) -> float:
-    return summary["kernels"] / max(num_layers, 1)
-
-
-def save_summary(path: str | Path, summaries: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summaries, indent=2, default=str))
-    return path

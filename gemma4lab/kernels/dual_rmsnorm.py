@@ -67,12 +67,6 @@ _ACT_NAMES = ("x1", "x2", "residual")
 _W_NAMES = ("weight1", "weight2", "weight3")
 
 
-def check_dual_inputs(x1, weight1, x2, weight2, weight3, residual, scalar) -> tuple[int, int]:
-    """Shared validation for the dual-norm wrappers; returns (tokens, hidden)."""
-    check_row_call((x1, x2, residual), _ACT_NAMES, (weight1, weight2, weight3), _W_NAMES, scalar, (), ())
-    return x1.shape
-
-
 def launch_dual(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, out, next_out, eps: float,
                 config: RowConfig | LaunchConfig | None) -> None:
     n, hidden = x1.shape

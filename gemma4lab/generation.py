@@ -7,6 +7,8 @@ one-token step in a CUDA graph. Sliding layers keep a ring of ``sliding_window``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -72,6 +74,28 @@ class KVCache:
         b = positions.shape[0]
         rows = torch.arange(b, device=positions.device)
         self.slot_pos[rows, positions % self.window] = positions
+
+    @contextlib.contextmanager
+    def preserved(self, positions: Tensor):
+        """Undo what decode steps at ``positions`` write (slot map and K/V) when the block exits.
+
+        Capturing a decode graph has to *run* the step, which writes K/V at the (stale) static positions; without
+        this a capture between prefill and decode would overwrite a real token's keys.
+        """
+        b = positions.shape[0]
+        rows = torch.arange(b, device=positions.device)
+        slots = {s: positions % self.window if s else positions for s in (True, False)}
+        saved_map = self.slot_pos.clone()
+        saved = [(self.k[i][rows, :, slots[self.cfg.is_sliding(i)]].clone(),
+                  self.v[i][rows, :, slots[self.cfg.is_sliding(i)]].clone()) for i in range(len(self.k))]
+        try:
+            yield
+        finally:
+            self.slot_pos.copy_(saved_map)
+            for i, (k, v) in enumerate(saved):
+                slot = slots[self.cfg.is_sliding(i)]
+                self.k[i][rows, :, slot] = k
+                self.v[i][rows, :, slot] = v
 
     def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
         b = positions.shape[0]

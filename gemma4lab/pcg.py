@@ -427,18 +427,18 @@ class DecodeGraphRunner:
         t0 = time.perf_counter()
         pool = pool or torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        saved = self.cache.slot_pos.clone()
-        for bsz in tqdm(range(self.max_batch, 0, -1), desc="capturing decode graphs", disable=not self.progress):
-            tok, pos = self.tokens[:bsz], self.positions[:bsz]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                decode_step(self.lm, tok, pos, self.cache)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool, stream=stream):
-                self.logits[bsz] = decode_step(self.lm, tok, pos, self.cache)
-            self._graphs[bsz] = g
-        self.cache.slot_pos.copy_(saved)
+        # The warm-up steps write K/V at the static positions, which may hold a prefilled prompt: undo that.
+        with self.cache.preserved(self.positions):
+            for bsz in tqdm(range(self.max_batch, 0, -1), desc="capturing decode graphs", disable=not self.progress):
+                tok, pos = self.tokens[:bsz], self.positions[:bsz]
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    decode_step(self.lm, tok, pos, self.cache)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.logits[bsz] = decode_step(self.lm, tok, pos, self.cache)
+                self._graphs[bsz] = g
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         return self.capture_s

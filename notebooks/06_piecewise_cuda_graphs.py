@@ -95,8 +95,15 @@ ids = torch.randint(2, 256, (1, TOKENS), generator=torch.Generator().manual_seed
 ids = ids.to(DEVICE)
 eager = model(ids).logits
 replay = runner(ids).logits
-print(f"T={TOKENS} → bucket {runner.bucket_for(TOKENS)}; max |replay - eager| = "
-      f"{(replay - eager).abs().max().item():.2e}; stats {runner.stats}")
+rel = ((replay - eager).norm() / eager.norm()).item()
+print(f"T={TOKENS} → bucket {runner.bucket_for(TOKENS)}; ‖replay − eager‖/‖eager‖ = {rel:.1e}; stats {runner.stats}")
+assert rel <= (1e-5 if dtype == torch.float32 else 1e-2), "padding changed a real token's output"
+
+# %% [markdown]
+# Why the bound depends on the dtype: padding changes a matmul's row count (13 → 16 here), and cuBLAS (or the CPU
+# BLAS) may pick another blocking for another shape, which reorders float32 sums — a difference at rounding level,
+# never one of data (the test suite fills the padding with garbage to prove that). For the fused bfloat16 model
+# (`model.set_fusion("all")`, as served) the GPU tests require bit-identity (`torch.equal`) at every bucket boundary.
 
 # %% [markdown]
 # ## Above the largest bucket: a loud fallback

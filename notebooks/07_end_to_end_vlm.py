@@ -99,6 +99,7 @@ eager = model.generate(ids, NEW_TOKENS, batch["pixel_values"], batch["image_posi
                        batch["mm_token_type_ids"])[0, n:].tolist()
 print("PCG + decode graphs:", ours)
 print("eager generate:     ", eager, "| equal:", ours == eager)
+assert ours == eager, "graph generation must give the eager model's tokens"
 
 # %% [markdown]
 # ## Parity with transformers
@@ -125,3 +126,4 @@ if transformers is not None:
                             eos_token_id=[1], pad_token_id=0)[0, n:].tolist()
     print(f"transformers {transformers.__version__}:", ref_new)
     print("gemma4lab:            ", mine, "| equal:", ref_new == mine)
+    assert ref_new == mine, "greedy tokens must match transformers"

@@ -123,6 +123,24 @@ def test_decode_runner_generates_the_same_tokens(model):
         runner.generate(prompts, 100)
 
 
+def test_kv_cache_preserved_undoes_a_decode_step(model):
+    """What a decode-graph capture runs (a step at stale positions) must leave a prefilled cache untouched."""
+    from gemma4lab.generation import KVCache, decode_step
+
+    lm = model.language_model
+    cache = KVCache(lm.config, 2, 32, model.dtype, model.device)
+    for t in cache.k + cache.v:
+        t.normal_()
+    cache.slot_pos.copy_(torch.arange(cache.window).expand(2, -1))
+    before = [t.clone() for t in cache.k + cache.v] + [cache.slot_pos.clone()]
+    positions = torch.tensor([0, 5])
+    with cache.preserved(positions):
+        decode_step(lm, torch.tensor([7, 9]), positions, cache)
+        assert not torch.equal(cache.k[0], before[0])  # the step did write
+    after = cache.k + cache.v + [cache.slot_pos]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
 # ---- on a GPU: real graphs ---------------------------------------------------------------------------------------
 
 
@@ -178,3 +196,9 @@ def test_gpu_fp32_model_captures(hf_tiny):
     assert runner.capture().graphs
     prompts = [p.cuda() for p in _prompts([13])]
     assert rel_err(runner.prefill(prompts), model.prefill(prompts)) <= PADDING_BOUND
+    # A decode runner captured lazily, between the prefill and the first step, must not clobber the prefilled cache.
+    ids = torch.stack(_prompts([11], seed=3)).cuda()
+    expected = model.generate(ids, 12, eos_token_id=[], pad_token_id=0)
+    dec = DecodeGraphRunner(model, max_batch=2, max_len=64, progress=False)
+    got = dec.generate(ids, 12, prefill_runner=runner, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)

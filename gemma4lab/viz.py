@@ -308,3 +308,29 @@ def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Ma
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return fig
+
+
+ATTENTION_SERIES = (("triton", "gemma4lab Triton kernel"), ("flex", "FlexAttention (compiled)"),
+                    ("sdpa", "best SDPA backend (masked)"))
+
+
+def plot_attention(rows: Sequence[Mapping[str, Any]], title: str, matmul_tflops: float | None = None) -> Figure:
+    """TFLOP/s (visible pairs only) vs tokens, one panel per layer type (``attention_*.json``; bench-attention)."""
+    layers = [name for name in ("full", "sliding") if any(r["layer"] == name for r in rows)]
+    fig = Figure(figsize=(5.5 * max(1, len(layers)), 4))
+    axes = fig.subplots(1, max(1, len(layers)), squeeze=False)[0]
+    for ax, layer in zip(axes, layers):
+        mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["tokens"])
+        for key, label in ATTENTION_SERIES:
+            pts = _points(mine, f"{key}_tflops")
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        if matmul_tflops:
+            ax.axhline(matmul_tflops, color="gray", ls="--", lw=1, label="bf16 matmul (same run)")
+        head = mine[0]["head_dim"] if mine else "?"
+        ax.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s (visible pairs)", title=f"{layer} layers (head {head})")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    return fig

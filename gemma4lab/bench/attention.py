@@ -1,64 +1,141 @@
-"""Attention options for Gemma 4 prefill: ``python -m gemma4lab bench-attention``.
+"""Prefill attention for Gemma 4: ``python -m gemma4lab bench-attention``.
 
 Full layers (16 q heads × 512, 2 KV heads, causal) and sliding layers (16 × 256, 8 KV heads, window 1024), batch 1,
-bf16, scale 1.0: our per-prompt masked SDPA backend against one FlexAttention call. TFLOP/s counts visible
-query–key pairs only (4·heads·dim each). Writes ``results/attention_<card>.json``.
+bf16, scale 1.0. Our Triton kernel (``gemma4lab.kernels.attention``) against one FlexAttention call and the best
+SDPA backend that runs (a per-prompt boolean mask: cuDNN / efficient on sliding layers, math on head 512), all in
+one process on one card, with the dense bf16 matmul rate measured beside them as the roof. TFLOP/s counts visible
+query–key pairs only (4·heads·dim each). ``--sweep`` also times a grid of tile shapes at one length. Writes
+``results/attention_<card>.json`` and a plot beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from gemma4lab import measure
 from gemma4lab.attention import PackedBatch, flex_attention, flex_block_mask, sdpa_attention
+from gemma4lab.kernels.attention import AttentionConfig, attention_config, gemma_prefill_attention
+
+WINDOW = 1024
+LAYERS = {"sliding": (256, 8, WINDOW), "full": (512, 2, None)}  # head_dim, kv heads, window
+SWEEP = {
+    "full": [(64, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 1), (64, 16, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2),
+             (64, 32, 4, 1), (128, 32, 8, 1), (128, 16, 8, 2)],
+    "sliding": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+                (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2), (128, 64, 4, 2)],
+}
+
+
+def visible_pairs(t: int, window: int | None) -> int:
+    if window is None:
+        return t * (t + 1) // 2
+    w = min(window, t)
+    return w * (w + 1) // 2 + (t - w) * w
+
+
+def _inputs(t: int, d: int, hkv: int, dev) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=dev).manual_seed(t)
+    return tuple(torch.randn(t, h, d, device=dev, dtype=torch.bfloat16, generator=g) for h in (16, hkv, hkv))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def measure_length(layer: str, t: int, args, dev) -> tuple[dict, list[dict]]:
+    """One layer type at one length: our kernel, FlexAttention, masked SDPA (and the tile sweep if asked)."""
+    d, hkv, window = LAYERS[layer]
+    sliding = window is not None
+    q, k, v = _inputs(t, d, hkv, dev)
+    cu = torch.tensor([0, t], device=dev, dtype=torch.int32)
+    flops = 4 * 16 * d * visible_pairs(t, window)
+    row = {"layer": layer, "tokens": t, "head_dim": d, "flops": flops}
+
+    def ours(cfg=None):
+        return gemma_prefill_attention(q, k, v, cu, t, window=window, config=cfg)
+
+    got = ours()
+    row["triton_ms"] = measure.bench(ours, rep_ms=args.rep_ms)
+    batch = PackedBatch.from_lengths([t], dev)
+    rows = -(-t // 128) * 128
+    padded = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, rows - t)) for x in (q, k, v)]
+    try:
+        bm = flex_block_mask(batch, sliding, WINDOW, rows)
+        row["rel_err_vs_flex"] = _rel(got, flex_attention(*padded, bm, d)[:t])
+        row["flex_ms"] = measure.bench(lambda: flex_attention(*padded, bm, d), rep_ms=args.rep_ms)
+    except Exception as e:  # report, do not hide: the row says why Flex has no number
+        row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+    if t <= args.sdpa_max:
+        row["rel_err_vs_sdpa"] = _rel(got, sdpa_attention(q, k, v, batch, sliding, WINDOW))
+        row["sdpa_ms"] = measure.bench(lambda: sdpa_attention(q, k, v, batch, sliding, WINDOW), rep_ms=args.rep_ms)
+    for key in ("triton", "flex", "sdpa"):
+        if f"{key}_ms" in row:
+            row[f"{key}_tflops"] = flops / (row[f"{key}_ms"] * 1e-3) / 1e12
+    print({key: (round(val, 4) if isinstance(val, float) else val) for key, val in row.items()}, flush=True)
+    sweep = []
+    if args.sweep and t == args.sweep_tokens:
+        for shape in SWEEP[layer]:
+            cfg = AttentionConfig(*shape)
+            rec = {"layer": layer, "tokens": t, **dataclasses.asdict(cfg)}
+            try:
+                rec["rel_diff_vs_default"] = _rel(ours(cfg), got)
+                rec["ms"] = measure.bench(lambda: ours(cfg), rep_ms=args.rep_ms)  # noqa: B023 (called right here)
+                rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
+            except Exception as e:  # e.g. out of shared memory: part of what the sweep learns
+                rec["error"] = f"{type(e).__name__}: {e}"[:200]
+            sweep.append(rec)
+            print("  sweep", rec, flush=True)
+    return row, sweep
 
 
 def run(args) -> dict:
     dev = torch.device("cuda")
-    out = {"benchmark": "attention", "rows": []}
-    for sliding, d, hkv in ((True, 256, 8), (False, 512, 2)):
+    out: dict = {"benchmark": "attention", "rows": [], "sweep": [],
+                 "matmul_tflops": measure.matmul_rate(dev) / 1e12, "window": WINDOW}
+    print(f"bf16 8192³ matmul: {out['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    for layer in args.layers:
+        d, _, window = LAYERS[layer]
+        out[f"config_{layer}"] = dataclasses.asdict(attention_config(d, torch.bfloat16, window is not None))
         for t in args.tokens:
-            q = torch.randn(t, 16, d, device=dev, dtype=torch.bfloat16)
-            k = torch.randn(t, hkv, d, device=dev, dtype=torch.bfloat16)
-            v = torch.randn(t, hkv, d, device=dev, dtype=torch.bfloat16)
-            batch = PackedBatch.from_lengths([t], dev)
-            w = 1024
-            pairs = sum(min(i + 1, w) for i in range(t)) if sliding else t * (t + 1) / 2
-            flops = 4 * 16 * d * pairs
-            row = {"layer": "sliding" if sliding else "full", "tokens": t, "head_dim": d, "flops": flops}
-            ref = sdpa_attention(q, k, v, batch, sliding, w)
-            if t <= 8192:
-                row["sdpa_ms"] = measure.bench(lambda: sdpa_attention(q, k, v, batch, sliding, w), rep_ms=200)
-            rows = -(-t // 128) * 128
-            bm = flex_block_mask(batch, sliding, w, rows)
-            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 0, 0, rows - t))
-            qp, kp, vp = pad(q), pad(k), pad(v)
-            try:
-                got = flex_attention(qp, kp, vp, bm, d)[:t]
-                row["flex_max_abs_vs_sdpa"] = (got.float() - ref.float()).abs().max().item()
-                row["flex_ms"] = measure.bench(lambda: flex_attention(qp, kp, vp, bm, d), rep_ms=200)
-                row["block_mask_ms"] = measure.bench(lambda: flex_block_mask(batch, sliding, w, rows), rep_ms=100)
-            except Exception as e:
-                row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
-            for key in ("sdpa_ms", "flex_ms"):
-                if key in row:
-                    row[key.replace("_ms", "_tflops")] = flops / (row[key] * 1e-3) / 1e12
+            row, sweep = measure_length(layer, t, args, dev)
             out["rows"].append(row)
-            print(row, flush=True)
+            out["sweep"] += sweep
+            torch.cuda.empty_cache()
     return out
+
+
+def plot(doc: dict, path: Path) -> Path:
+    from gemma4lab import viz
+
+    fig = viz.plot_attention(doc["rows"], viz.env_label(doc), doc.get("matmul_tflops"))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-attention")
-    p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=(93, 1453, 2893, 11533))
+    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    p.add_argument("--tokens", type=ints, default=(1453, 2893, 5773, 11533, 32768))
+    p.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=("full", "sliding"))
+    p.add_argument("--sdpa-max", type=int, default=8192, help="SDPA's explicit mask is O(T²): skip it above this")
+    p.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes at --sweep-tokens")
+    p.add_argument("--sweep-tokens", type=int, default=11533)
+    p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
+    bad = set(args.layers) - set(LAYERS)
+    if bad:
+        p.error(f"unknown layer type(s) {sorted(bad)}; choose from {sorted(LAYERS)}")
     if not torch.cuda.is_available():
         p.error("bench-attention needs a CUDA GPU")
-    measure.write_json(args.out / f"attention_{measure.card_slug()}.json", run(args))
+    path = measure.write_json(args.out / f"attention_{measure.card_slug()}.json", run(args))
+    plot(measure.read_json(path), path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

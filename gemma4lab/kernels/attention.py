@@ -1,0 +1,283 @@
+"""FlashAttention-style prefill for Gemma 4's two layer types, over packed prompts, in one launch.
+
+Why our own kernel: no attention kernel that ships with PyTorch serves Gemma 4 well. SDPA's fused kernels refuse
+head dimension 512 (the full layers); the sliding layers' window needs a mask, which drops SDPA to cuDNN at
+~11 TFLOP/s; FlexAttention fits head 512 only with 32×32 tiles.
+
+One program computes a ``BLOCK_M``-row tile of queries of one prompt for one query head:
+
+* **online softmax**: scores never leave registers; running max ``m``, running sum ``l`` and the ``[BLOCK_M, D]``
+  fp32 accumulator are rescaled when the max grows (``exp2`` with ``log2 e`` folded into the scores). Scale 1.0:
+  Gemma 4 normalises q and k instead of dividing by √d.
+* **GQA** by index: query head ``h`` reads KV head ``h // (Hq / Hkv)``; K/V are never repeated in memory.
+* **packed prompts**: ``cu_seqlens`` (int32, ``[B + 1]``) bounds every key range, so prompts never see each other.
+* **one integer per row describes every mask**: ``key_end[r]`` is the exclusive end of the keys row ``r`` may see
+  (``r + 1`` for text, the end of its image for an image soft token on a sliding layer: bidirectional inside the
+  image). With a window ``W`` (sliding layers) a key must also satisfy ``key > r - W``. Keys outside
+  ``[max(start, q_lo - W + 1), max key_end of the tile)`` are never visited, so fully masked tiles cost nothing.
+* **three key segments per tile**: the window edge (masked), the interior (every key visible to every row of the
+  tile: no mask arithmetic at all) and the diagonal / image tail (masked).
+
+Layouts: ``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]``, any token and head strides (the projections' views), unit
+stride along ``D``. fp32 inputs use IEEE fp32 dots (no TF32) so the fp32 model keeps its 1e-5 parity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, use_triton
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and launch of the prefill kernel (override the heuristic with ``config=``; the benchmark sweeps)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"AttentionConfig.{name} must be a power of two >= 1, got {v}")
+        if self.num_stages < 1:
+            raise ValueError(f"AttentionConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> AttentionConfig:
+    """Default tiles. The ``[BLOCK_M, D]`` fp32 accumulator must fit in registers and Q, K, V tiles in shared
+    memory: head 512 takes 64-row query tiles on 8 warps; fp32 halves the tiles; the interpreter runs small ones."""
+    if INTERPRET:
+        return AttentionConfig(16, 16, 4, 1)
+    d = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        return AttentionConfig(32, 32, 4, 1) if d >= 256 else AttentionConfig(64, 32, 4, 2)
+    if d >= 512:
+        return AttentionConfig(64, 32, 8, 2)
+    if d >= 256:
+        return AttentionConfig(128, 64, 8, 2)
+    return AttentionConfig(128, 64, 8, 3)
+
+
+# ---- kernel --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end, lo, hi, window,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                 SLIDING: tl.constexpr, IEEE: tl.constexpr):
+    """Fold keys ``[lo, hi)`` into the running softmax. Unmasked segments must span whole ``BLOCK_N`` tiles."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start in tl.range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        cols64 = cols.to(tl.int64)
+        kv_ok = cols < hi
+        if BLOCK_D != HEAD_DIM or MASKED:
+            ld = kv_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_head + cols64[:, None] * stride_kn + offs_d[None, :], mask=ld, other=0.0)
+        else:
+            k = tl.load(k_head + cols64[:, None] * stride_kn + offs_d[None, :])
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * 1.4426950408889634  # log2(e): softmax via exp2
+        if MASKED:
+            visible = (cols[None, :] < key_end[:, None]) & kv_ok[None, :]  # kv_ok: the segment's own end
+            if SLIDING:
+                visible = visible & (cols[None, :] > rows[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if BLOCK_D != HEAD_DIM or MASKED:
+            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_d[None, :], mask=ld, other=0.0)
+        else:
+            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_d[None, :])
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, key_end_ptr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    window, n_tiles,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr, IEEE: tl.constexpr,
+):
+    h = tl.program_id(0)  # query heads vary fastest: programs that share a KV tile run together (L2 reuse)
+    tile = n_tiles - 1 - tl.program_id(1)  # causal: the longest tiles are scheduled first
+    b = tl.program_id(2)
+    p_start = tl.load(cu_ptr + b)
+    p_end = tl.load(cu_ptr + b + 1)
+    q_lo = p_start + tile * BLOCK_M
+    if q_lo >= p_end:
+        return
+    q_last = tl.minimum(q_lo + BLOCK_M, p_end) - 1
+    rows = q_lo + tl.arange(0, BLOCK_M)
+    row_ok = rows < p_end
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    if HAS_KEY_END:
+        key_end = tl.load(key_end_ptr + rows, mask=row_ok, other=0)
+        kv_hi = tl.max(key_end, 0)
+    else:
+        key_end = rows + 1
+        kv_hi = q_last + 1
+    kv_lo = p_start
+    interior_lo = p_start
+    if SLIDING:
+        kv_lo = tl.maximum(p_start, q_lo - window + 1)
+        interior_lo = tl.maximum(p_start, q_last - window + 1)
+    # Every key in [interior_lo, q_lo] is visible to every row of the tile; keep whole tiles of it unmasked.
+    n_interior = tl.maximum(q_lo + 1 - interior_lo, 0) // BLOCK_N * BLOCK_N
+    interior_hi = interior_lo + n_interior
+
+    kvh = h // GROUP
+    q_head = q_ptr + h * stride_qh
+    q = tl.load(q_head + rows64[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    # A finite start for the running max: a row whose first tile is fully masked then gets p = 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SLIDING:  # the window's edge
+        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+                                     kv_lo, interior_lo, window, BLOCK_N, BLOCK_D, HEAD_DIM, True, SLIDING, IEEE)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+                                 interior_lo, interior_hi, window, BLOCK_N, BLOCK_D, HEAD_DIM, False, SLIDING, IEEE)
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+                                 interior_hi, kv_hi, window, BLOCK_N, BLOCK_D, HEAD_DIM, True, SLIDING, IEEE)
+    out = acc / l_i[:, None]
+    o_ptrs = o_ptr + h * stride_oh + rows64[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ---- wrapper ---------------------------------------------------------------------------------------------------
+def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be 3-D [tokens, heads, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has unsupported dtype {q.dtype}; expected float32, float16 or bfloat16")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device or cu_seqlens.device != q.device:
+        raise ValueError(f"q, k, v and cu_seqlens must be on one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{cu_seqlens.device}")
+    n, hq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != d:
+        raise ValueError(f"k and v must be [{n}, Hkv, {d}] like q's tokens and head_dim, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if hq % k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must have a contiguous head_dim (stride 1), got strides {t.stride()}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [num_prompts + 1], got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int (the longest prompt), got {max_seqlen!r}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None (full layer) or a positive int, got {window!r}")
+    if key_end is not None:
+        if not isinstance(key_end, torch.Tensor) or key_end.shape != (n,) or key_end.dtype != torch.int32:
+            raise ValueError(f"key_end must be an int32 tensor [{n}], got "
+                             f"{getattr(key_end, 'dtype', type(key_end))} {tuple(getattr(key_end, 'shape', ()))}")
+        if key_end.device != q.device or key_end.stride(0) != 1:
+            raise ValueError("key_end must be contiguous and on q's device")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or \
+                out.device != q.device or out.stride(2) != 1:
+            raise ValueError(f"out must be a {q.dtype} tensor {tuple(q.shape)} on {q.device} with a contiguous "
+                             "head_dim")
+
+
+def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, *, window: int | None = None, key_end: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+    """Attention of packed prompts, scale 1.0: ``q [N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` → ``[N, Hq, D]``.
+
+    ``cu_seqlens`` int32 ``[B + 1]`` (prompt b is rows ``cu[b]:cu[b+1]``), ``max_seqlen`` the longest prompt (a host
+    int: it sizes the grid), ``window`` the sliding window (keys ``> row - window``; None on full layers),
+    ``key_end`` int32 ``[N]`` the exclusive end of each row's visible keys (default ``row + 1``: causal; see
+    :func:`key_end_for_blocks` for image blocks). The rows of ``cu_seqlens`` are trusted, not read on the host.
+    """
+    _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out)
+    if not use_triton(q):
+        return gemma_prefill_attention_ref(q, k, v, cu_seqlens, window=window, key_end=key_end, out=out)
+    n, hq, d = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    if n == 0:
+        return o
+    cfg = config or attention_config(d, q.dtype, window is not None)
+    n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
+    batch = cu_seqlens.numel() - 1
+    _prefill_attention_kernel[(hq, n_tiles, batch)](
+        q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        window or 0, n_tiles,
+        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
+        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o
+
+
+def key_end_for_blocks(block_ids: torch.Tensor) -> torch.Tensor:
+    """``key_end`` for rows with image block ids (``-1`` = text): text rows end at ``row + 1`` (causal), image rows
+    at the end of their block (bidirectional inside the image). Device ops only: no host sync."""
+    n = block_ids.numel()
+    rows = torch.arange(n, device=block_ids.device)
+    is_img = block_ids >= 0
+    bid = block_ids.clamp(min=0).long()
+    last = torch.full((n,), -1, dtype=torch.long, device=block_ids.device)
+    last = last.scatter_reduce(0, bid[is_img], rows[is_img], reduce="amax")
+    return torch.where(is_img, last[bid] + 1, rows + 1).to(torch.int32)
+
+
+def gemma_prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                                window: int | None = None, key_end: torch.Tensor | None = None,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin: an explicit mask per prompt, softmax in fp32 (fp64 for fp64 inputs)."""
+    ct = compute_dtype(q)
+    bounds = cu_seqlens.tolist()
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        rows = torch.arange(s, e, device=q.device)
+        ends = key_end[s:e].long() if key_end is not None else rows + 1
+        visible = rows[None, :] < ends[:, None]
+        if window is not None:
+            visible &= rows[None, :] > rows[:, None] - window
+        qq = q[s:e].to(ct).transpose(0, 1)
+        kk = k[s:e].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
+        vv = v[s:e].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
+        scores = (qq @ kk.transpose(1, 2)).masked_fill(~visible, float("-inf"))
+        o[s:e] = (scores.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
+    return o

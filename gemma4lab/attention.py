@@ -2,7 +2,10 @@
 
 Gemma 4 needs three things most attention kernels lack at once: head dim 512 on full layers (no FlashAttention
 kernel exists for it), a sliding window of 1024 keys, and bidirectional attention inside each image on sliding
-layers only. Two backends compute the same mask:
+layers only. Four backends compute the same mask:
+
+* ``"triton"``: our FlashAttention-style kernel (``gemma4lab.kernels.attention``), one launch for the whole pack,
+  the GPU default. Its CPU twin runs under Triton's interpreter in the tests.
 
 * ``"sdpa"``: one ``scaled_dot_product_attention`` call per prompt with an explicit boolean mask. Simple and
   exact; the reference on CPU.

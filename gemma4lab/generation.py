@@ -132,14 +132,22 @@ def decode_step(lm, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor
     h = lm.embed(tokens)
     cache.advance(positions)
     cos_sin = lm.rope(positions)
-    masks = {s: cache.mask(s, positions) for s in (True, False)}
+    triton_attn = lm.backend_for(tokens.device) == "triton"
+    if triton_attn:
+        from .kernels.decode_attention import gemma_decode_attention
+    else:
+        masks = {s: cache.mask(s, positions) for s in (True, False)}
     x = None
     for i, layer in enumerate(lm.layers):
         sliding = layer.self_attn.sliding
         cos, sin = cos_sin[sliding]
         q, k, v = layer.pre_attention(h, x, cos, sin, fusion)
         cache.write(i, k, v, positions)
-        o = decode_attention(q, cache.k[i][:b], cache.v[i][:b], masks[sliding])
+        if triton_attn:
+            o = gemma_decode_attention(q, cache.k[i], cache.v[i], positions, slot_pos=cache.slot_pos if sliding else
+                                       None, window=lm.config.sliding_window if sliding else None)
+        else:
+            o = decode_attention(q, cache.k[i][:b], cache.v[i][:b], masks[sliding])
         h, x = layer.post_attention(o, h, lm.next_norm_weight(i), fusion)
     return lm.logits(lm.final_norm(h, x))
 

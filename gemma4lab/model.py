@@ -79,8 +79,10 @@ class Gemma4ForConditionalGeneration(nn.Module):
         return self
 
     def set_attention_backend(self, backend: str) -> Gemma4ForConditionalGeneration:
-        if backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+        """``auto``: our Triton kernel on a GPU, masked SDPA (the reference) on CPU; or force ``triton``, ``flex``
+        (FlexAttention, with causal SDPA for short text prompts) or ``sdpa``."""
+        if backend not in ("auto", "triton", "sdpa", "flex"):
+            raise ValueError(f"attention backend must be 'auto', 'triton', 'sdpa' or 'flex', got {backend!r}")
         self.language_model.attn_backend = backend
         return self
 

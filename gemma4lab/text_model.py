@@ -145,6 +145,8 @@ class ForwardContext:
     block_masks: dict[bool, Any] = field(default_factory=dict)
     cache: Any = None  # a generation.KVCache to fill during prefill
     modes: dict[bool, str] = field(default_factory=dict)  # attention backend per layer type (keyed by ``sliding``)
+    cu_seqlens: Tensor | None = None  # int32 [B + 1] on the device, for the Triton kernel
+    key_end: dict[bool, Tensor | None] = field(default_factory=dict)  # per layer type: image-block key ends
 
 
 class TextModel(nn.Module):
@@ -209,14 +211,23 @@ class TextModel(nn.Module):
     def backend_for(self, device: torch.device) -> str:
         if self.attn_backend != "auto":
             return self.attn_backend
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "triton" if device.type == "cuda" else "sdpa"
 
     def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None) -> ForwardContext:
-        """Per-forward attention plan: for each layer type, ``causal`` SDPA, ``flex`` (with its block mask), or
-        ``sdpa`` with explicit masks (the CPU reference)."""
+        """Per-forward attention plan: for each layer type, our ``triton`` kernel (the GPU default), ``causal``
+        SDPA, ``flex`` (with its block mask), or ``sdpa`` with explicit masks (the CPU reference)."""
         ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
         backend = self.backend_for(batch.positions.device)
         longest = max(batch.seq_lens)
+        if backend == "triton":
+            from .kernels.attention import key_end_for_blocks
+
+            dev = batch.positions.device
+            ctx.cu_seqlens = torch.tensor([0, *batch.seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+            ctx.key_end = {True: key_end_for_blocks(batch.block_ids) if batch.block_ids is not None else None,
+                           False: None}
+            ctx.modes = {True: "triton", False: "triton"}
+            return ctx
         for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
             mask_is_causal = batch.block_ids is None or not sliding
             if sliding:
@@ -239,6 +250,12 @@ class TextModel(nn.Module):
         if ctx.cache is not None:
             ctx.cache.fill(i, k, v, ctx.batch)
         mode = ctx.modes.get(attn.sliding, "sdpa")
+        if mode == "triton":
+            from .kernels.attention import gemma_prefill_attention
+
+            window = self.config.sliding_window if attn.sliding else None
+            return gemma_prefill_attention(q, k, v, ctx.cu_seqlens, max(ctx.batch.seq_lens), window=window,
+                                           key_end=ctx.key_end[attn.sliding])
         if mode == "causal":
             return causal_attention(q, k, v, ctx.batch)
         if mode == "flex":

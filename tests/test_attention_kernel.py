@@ -85,6 +85,9 @@ def test_odd_head_dim_and_strided_views():
     v = fused[:, (hq + hkv) * d: (hq + 2 * hkv) * d].view(n, hkv, d)
     got, ref = _run(q, k, v, [11, 18], window=8)
     assert rel_err(got, ref) <= 1e-5
+    cfg = AttentionConfig(16, 16, 4, 1, dv_splits=2)  # the second program's lanes 24..31 are masked
+    got = gemma_prefill_attention(q, k, v, _cu([11, 18]), 18, config=cfg)
+    assert rel_err(got, _oracle(q, k, v, _cu([11, 18]))) <= 1e-5
 
 
 @needs_kernel
@@ -109,7 +112,8 @@ def test_image_blocks_on_sliding_layers(start):
 
 @needs_kernel
 @pytest.mark.parametrize("config", [AttentionConfig(16, 16, 4, 1), AttentionConfig(32, 16, 4, 1),
-                                    AttentionConfig(16, 32, 4, 2)])
+                                    AttentionConfig(16, 32, 4, 2), AttentionConfig(32, 16, 4, 1, dv_splits=2),
+                                    AttentionConfig(16, 16, 4, 1, dv_splits=4)])
 def test_tile_shapes_agree(config):
     q, k, v = _qkv(70, 4, 2, 32, seed=3)
     cu = _cu([70])
@@ -181,3 +185,55 @@ def test_gpu_packed_prompts_and_image_block_at_the_window_edge():
     q32, k32, v32 = (t.float() for t in (q, k, v))  # fp32 takes IEEE dots: parity-grade
     got32, ref32 = _run(q32, k32, v32, lengths)
     assert rel_err(got32, ref32) <= 1e-5
+
+
+# ---- decode: one token against the static KV cache -------------------------------------------------------------
+from gemma4lab.kernels.decode_attention import gemma_decode_attention, gemma_decode_attention_ref  # noqa: E402
+
+
+def _cache(b, hkv, slots, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(b + 1, hkv, slots, d, generator=g, device=device).to(dtype) for _ in range(2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [32, 24])
+def test_decode_full_layer(d):
+    kc, vc = _cache(3, 2, 40, d, seed=d)
+    q = torch.randn(3, 4, d)
+    pos = torch.tensor([0, 17, 39])
+    got = gemma_decode_attention(q, kc, vc, pos)
+    ref = gemma_decode_attention_ref(q.double(), kc.double(), vc.double(), pos)
+    assert rel_err(got, ref) <= 1e-5
+    # the oracle is the model's masked SDPA over the cache
+    from gemma4lab.generation import decode_attention
+
+    mask = torch.arange(40)[None, :] <= pos[:, None]
+    assert rel_err(ref, decode_attention(q.double(), kc[:3].double(), vc[:3].double(), mask[:, None, None])) < 1e-12
+
+
+@needs_kernel
+def test_decode_sliding_ring():
+    w = 16
+    kc, vc = _cache(2, 2, w, 32, seed=1)
+    pos = torch.tensor([5, 40])
+    slot_pos = torch.full((3, w), -1)
+    slot_pos[0, :6] = torch.arange(6)  # a young ring: 10 empty slots
+    slot_pos[1] = torch.tensor([(40 - ((40 - s) % w)) for s in range(w)])  # a full ring around position 40
+    q = torch.randn(2, 4, 32)
+    got = gemma_decode_attention(q, kc, vc, pos, slot_pos=slot_pos, window=w)
+    ref = gemma_decode_attention_ref(q.double(), kc.double(), vc.double(), pos, slot_pos=slot_pos, window=w)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_decode_bad_input():
+    kc, vc = _cache(1, 2, 8, 32)
+    q = torch.randn(1, 4, 32)
+    with pytest.raises(ValueError, match="positions"):
+        gemma_decode_attention(q, kc, vc, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="window and slot_pos"):
+        gemma_decode_attention(q, kc, vc, torch.tensor([1]), window=4)
+    with pytest.raises(TypeError, match="share a float dtype"):
+        gemma_decode_attention(q.double(), kc, vc, torch.tensor([1]))
+    with pytest.raises(ValueError, match="does not fit"):
+        gemma_decode_attention(torch.randn(1, 3, 32), kc, vc, torch.tensor([1]))

@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=PARTS)
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--layers", type=int, default=0, help="reduce depth (0 = the preset's)")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex"])
+    p.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "flex"])
     p.add_argument("--max-tokens", type=int, default=8192, help="largest PCG bucket")
     p.add_argument("--rep-ms", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path("results"))

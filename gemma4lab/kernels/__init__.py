@@ -21,6 +21,8 @@ empty results for zero tokens without a launch, and take ``out=`` buffers (stati
 """
 
 from ._common import INTERPRET, LaunchConfig, RowConfig, kernel_backend
+from .attention import AttentionConfig, gemma_prefill_attention, gemma_prefill_attention_ref, key_end_for_blocks
+from .decode_attention import gemma_decode_attention, gemma_decode_attention_ref
 from .dual_rmsnorm import gemma_dual_rmsnorm_residual_scalar, gemma_dual_rmsnorm_residual_scalar_ref
 from .dual_rmsnorm_next_norm import (
                                      gemma_dual_rmsnorm_residual_scalar_next_norm,
@@ -34,6 +36,7 @@ from .rmsnorm_residual_scalar import gemma_rmsnorm_residual_scalar, gemma_rmsnor
 from .router_topk import gemma_router_topk, gemma_router_topk_ref
 
 __all__ = [
+    "AttentionConfig",
     "INTERPRET",
     "LaunchConfig",
     "RowConfig",
@@ -41,12 +44,16 @@ __all__ = [
     "gelu_tanh_and_mul_ref",
     "gelu_tanh_mul",
     "gelu_tanh_mul_ref",
+    "gemma_decode_attention",
+    "gemma_decode_attention_ref",
     "gemma_dual_rmsnorm_residual_scalar",
     "gemma_dual_rmsnorm_residual_scalar_next_norm",
     "gemma_dual_rmsnorm_residual_scalar_next_norm_ref",
     "gemma_dual_rmsnorm_residual_scalar_ref",
     "gemma_post_attention_block",
     "gemma_post_attention_block_ref",
+    "gemma_prefill_attention",
+    "gemma_prefill_attention_ref",
     "gemma_qkv_norm_rope_",
     "gemma_qkv_norm_rope_ref_",
     "gemma_rmsnorm_residual_scalar",
@@ -54,6 +61,7 @@ __all__ = [
     "gemma_router_topk",
     "gemma_router_topk_ref",
     "kernel_backend",
+    "key_end_for_blocks",
     "moe_combine",
     "moe_combine_ref",
     "moe_gemm",
@@ -85,6 +93,6 @@ def _count_as_one_launch(fn):
 
 
 for _name in [n for n in __all__ if not n.endswith("_ref") and not n.endswith("_ref_") and n not in
-              ("INTERPRET", "LaunchConfig", "RowConfig", "kernel_backend")]:
+              ("AttentionConfig", "INTERPRET", "LaunchConfig", "RowConfig", "kernel_backend", "key_end_for_blocks")]:
     globals()[_name] = _count_as_one_launch(globals()[_name])
 del _name

@@ -43,9 +43,12 @@ class AttentionConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: Programs sharing one query tile, each producing ``D / dv_splits`` output dims (they recompute ``QKᵀ``): a
+    #: smaller fp32 accumulator, so larger query tiles fit in registers at head 512.
+    dv_splits: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "num_warps"):
+        for name in ("block_m", "block_n", "num_warps", "dv_splits"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"AttentionConfig.{name} must be a power of two >= 1, got {v}")
@@ -70,13 +73,16 @@ def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> Attent
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end, lo, hi, window,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                 SLIDING: tl.constexpr, IEEE: tl.constexpr):
-    """Fold keys ``[lo, hi)`` into the running softmax. Unmasked segments must span whole ``BLOCK_N`` tiles."""
+def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end, lo, hi, window, dv0,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 MASKED: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr):
+    """Fold keys ``[lo, hi)`` into the running softmax (output dims ``dv0 + [0, BLOCK_DV)``). Unmasked segments must
+    span whole ``BLOCK_N`` tiles."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = dv0 + tl.arange(0, BLOCK_DV)
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM
     for start in tl.range(lo, hi, BLOCK_N):
         cols = start + offs_n
         cols64 = cols.to(tl.int64)
@@ -102,9 +108,10 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if BLOCK_D != HEAD_DIM or MASKED:
-            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_d[None, :], mask=ld, other=0.0)
+            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_dv[None, :],
+                        mask=kv_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
-            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_d[None, :])
+            v = tl.load(v_head + cols64[:, None] * stride_vn + offs_dv[None, :])
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         else:
@@ -118,10 +125,13 @@ def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, key_end_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     window, n_tiles,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    h = tl.program_id(0)  # query heads vary fastest: programs that share a KV tile run together (L2 reuse)
+    # (query head, output-dim slice) vary fastest: programs that share a KV tile run together (L2 reuse)
+    h = tl.program_id(0) // (BLOCK_D // BLOCK_DV)
+    dv0 = tl.program_id(0) % (BLOCK_D // BLOCK_DV) * BLOCK_DV
     tile = n_tiles - 1 - tl.program_id(1)  # causal: the longest tiles are scheduled first
     b = tl.program_id(2)
     p_start = tl.load(cu_ptr + b)
@@ -159,17 +169,21 @@ def _prefill_attention_kernel(
     # A finite start for the running max: a row whose first tile is fully masked then gets p = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if SLIDING:  # the window's edge
         acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
-                                     kv_lo, interior_lo, window, BLOCK_N, BLOCK_D, HEAD_DIM, True, SLIDING, IEEE)
+                                     kv_lo, interior_lo, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, True,
+                                     SLIDING, IEEE)
     acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
-                                 interior_lo, interior_hi, window, BLOCK_N, BLOCK_D, HEAD_DIM, False, SLIDING, IEEE)
+                                 interior_lo, interior_hi, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, False,
+                                 SLIDING, IEEE)
     acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
-                                 interior_hi, kv_hi, window, BLOCK_N, BLOCK_D, HEAD_DIM, True, SLIDING, IEEE)
+                                 interior_hi, kv_hi, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, True,
+                                 SLIDING, IEEE)
     out = acc / l_i[:, None]
-    o_ptrs = o_ptr + h * stride_oh + rows64[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+    o_ptrs = o_ptr + h * stride_oh + rows64[:, None] * stride_on + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM)[None, :])
 
 
 # ---- wrapper ---------------------------------------------------------------------------------------------------
@@ -236,11 +250,14 @@ def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     cfg = config or attention_config(d, q.dtype, window is not None)
     n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
     batch = cu_seqlens.numel() - 1
-    _prefill_attention_kernel[(hq, n_tiles, batch)](
+    block_d = triton.next_power_of_2(d)
+    if cfg.dv_splits > block_d:
+        raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")
+    _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, batch)](
         q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         window or 0, n_tiles,
-        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=cfg.block_m,
+        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -107,6 +107,9 @@ def run(args) -> dict:
             out["rows"].append(row)
             out["sweep"] += sweep
             torch.cuda.empty_cache()
+            if args.path is not None:  # after every length: a run cut short still leaves what it measured
+                measure.write_json(args.path, {**out, "complete": False})
+    out["complete"] = True
     return out
 
 
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown layer type(s) {sorted(bad)}; choose from {sorted(LAYERS)}")
     if not torch.cuda.is_available():
         p.error("bench-attention needs a CUDA GPU")
-    path = measure.write_json(args.out / f"attention_{measure.card_slug()}.json", run(args))
+    args.path = args.out / f"attention_{measure.card_slug()}.json"
+    path = measure.write_json(args.path, run(args))
     plot(measure.read_json(path), path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

@@ -55,12 +55,32 @@ def kernels_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def attention_table(path: Path) -> str:
+    d = read_json(path)
+    if d is None:
+        return f"(no {path})"
+    env = d["environment"]
+    lines = [f"Prefill attention, batch 1, bf16, 16 query heads — {env['card']}, torch {env['torch']}, triton "
+             f"{env['triton']}, {env['date_utc'][:10]}; bf16 matmul in the same run: {d['matmul_tflops']:.0f} TFLOP/s",
+             "",
+             "| layer | tokens | ours ms | ours TFLOP/s | FlexAttention TFLOP/s | best SDPA TFLOP/s | ours vs Flex |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in d["rows"]:
+        tf = lambda k: "—" if r.get(k) is None else f"{r[k]:.0f}"  # noqa: E731
+        vs = f"{r['flex_ms'] / r['triton_ms']:.2f}×" if r.get("flex_ms") and r.get("triton_ms") else "—"
+        lines.append(f"| {r['layer']} (head {r['head_dim']}) | {r['tokens']} | {r['triton_ms']:.3f} | "
+                     f"{tf('triton_tflops')} | {tf('flex_tflops')} | {tf('sdpa_tflops')} | {vs} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     root = Path(argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else "results"))
     for p in sorted(root.glob("prefill_*.json")):
         print(prefill_table(p), "\n")
     for p in sorted(root.glob("kernels_*.json")):
         print(kernels_table(p), "\n")
+    for p in sorted(root.glob("attention_*.json")):
+        print(attention_table(p), "\n")
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from . import measure
 
@@ -329,6 +330,9 @@ def plot_attention(rows: Sequence[Mapping[str, Any]], title: str, matmul_tflops:
             ax.axhline(matmul_tflops, color="gray", ls="--", lw=1, label="bf16 matmul (same run)")
         head = mine[0]["head_dim"] if mine else "?"
         ax.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s (visible pairs)", title=f"{layer} layers (head {head})")
+        ts = [r["tokens"] for r in mine]
+        ax.set_xticks(ts, [str(t) for t in ts])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

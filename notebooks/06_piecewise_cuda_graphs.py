@@ -139,3 +139,39 @@ if DEVICE == "cuda":
     for n in (TOKENS, BUCKETS[-1]):
         x = ids[:, :n] if n <= TOKENS else big[:, :n]
         print(f"live T={n}: eager {measure.bench(lambda: model(x)):.2f} ms, PCG {measure.bench(lambda: runner(x)):.2f} ms")
+
+# %% [markdown]
+# ## Between the pieces: the attention kernel
+#
+# Attention stays eager: it needs the real token count and the prompt boundaries, which a graph would freeze. On a
+# GPU it is our Triton kernel (`gemma4lab.kernels.gemma_prefill_attention`): one launch for all packed prompts,
+# with every mask written as one integer per row (`key_end`: `row + 1` for text, the end of its image for an image
+# soft token) plus the sliding window. Here it runs on the same real rows as the model (on CPU: under Triton's
+# interpreter) and is checked against the float64 reference.
+
+# %%
+from gemma4lab.kernels import gemma_prefill_attention, gemma_prefill_attention_ref  # noqa: E402
+
+cfg = model.config.text
+lengths = [5, TOKENS]
+g = torch.Generator().manual_seed(1)
+qa = torch.randn(sum(lengths), cfg.num_attention_heads, cfg.head_dim, generator=g).to(DEVICE)
+ka, va = (torch.randn(sum(lengths), cfg.num_key_value_heads, cfg.head_dim, generator=g).to(DEVICE) for _ in "kv")
+cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+got = gemma_prefill_attention(qa, ka, va, cu, max(lengths), window=cfg.sliding_window)
+ref = gemma_prefill_attention_ref(qa.double(), ka.double(), va.double(), cu, window=cfg.sliding_window)
+rel = ((got.double() - ref).norm() / ref.norm()).item()
+print(f"sliding layer, prompts {lengths}: ‖kernel − float64‖/‖float64‖ = {rel:.1e}")
+assert rel <= (1e-5 if qa.dtype == torch.float32 else 1e-2)
+
+# %% [markdown]
+# Recorded at full size: TFLOP/s over the visible query–key pairs, against FlexAttention and the best SDPA backend
+# that runs (`python -m gemma4lab bench-attention`).
+
+# %%
+rec = viz.load_recorded("attention", RESULTS)
+if rec is None:
+    print("No recorded results/attention_*.json yet: run `python -m gemma4lab bench-attention` on a GPU.")
+else:
+    doc, label = rec
+    display(viz.plot_attention(doc["rows"], label, doc.get("matmul_tflops")))

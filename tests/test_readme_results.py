@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemma4lab.report import kernels_table, prefill_table
+from gemma4lab.report import attention_table, kernels_table, prefill_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_tables_match_recorded_results():
     readme = (ROOT / "README.md").read_text()
-    files = sorted((ROOT / "results").glob("prefill_*.json")) + sorted((ROOT / "results").glob("kernels_*.json"))
+    tables = {"prefill_": prefill_table, "kernels_": kernels_table, "attention_": attention_table}
+    files = [p for prefix in tables for p in sorted((ROOT / "results").glob(f"{prefix}*.json"))]
     assert files, "no recorded results"
     for path in files:
-        table = prefill_table(path) if path.name.startswith("prefill_") else kernels_table(path)
+        table = next(fn for prefix, fn in tables.items() if path.name.startswith(prefix))(path)
         assert table.strip() in readme, f"README table out of date for {path.name}: run python -m gemma4lab.report"
-    for png in sorted((ROOT / "results").glob("prefill_*.png")):
+    for png in sorted((ROOT / "results").glob("prefill_*.png")) + sorted((ROOT / "results").glob("attention_*.png")):
         assert f"results/{png.name}" in readme

@@ -82,25 +82,24 @@ class KVCache:
         Capturing a decode graph has to *run* the step, which writes K/V at the (stale) static positions; without
         this a capture between prefill and decode would overwrite a real token's keys.
         """
-        b = positions.shape[0]
-        rows = torch.arange(b, device=positions.device)
-        slots = {s: positions % self.window if s else positions for s in (True, False)}
+        rows = torch.arange(positions.shape[0], device=positions.device)
         saved_map = self.slot_pos.clone()
-        saved = [(self.k[i][rows, :, slots[self.cfg.is_sliding(i)]].clone(),
-                  self.v[i][rows, :, slots[self.cfg.is_sliding(i)]].clone()) for i in range(len(self.k))]
+        saved = [(self.k[i][rows, :, self._slots(i, positions)].clone(),
+                  self.v[i][rows, :, self._slots(i, positions)].clone()) for i in range(len(self.k))]
         try:
             yield
         finally:
             self.slot_pos.copy_(saved_map)
             for i, (k, v) in enumerate(saved):
-                slot = slots[self.cfg.is_sliding(i)]
-                self.k[i][rows, :, slot] = k
-                self.v[i][rows, :, slot] = v
+                self.write(i, k, v, positions)
+
+    def _slots(self, layer: int, positions: Tensor) -> Tensor:
+        """Where each sequence's token at ``positions`` lives in layer ``layer``'s cache (a ring on sliding layers)."""
+        return positions % self.window if self.cfg.is_sliding(layer) else positions
 
     def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
-        b = positions.shape[0]
-        rows = torch.arange(b, device=positions.device)
-        slot = positions % self.window if self.cfg.is_sliding(layer) else positions
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        slot = self._slots(layer, positions)
         self.k[layer][rows, :, slot] = k
         self.v[layer][rows, :, slot] = v
 

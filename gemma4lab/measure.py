@@ -89,6 +89,12 @@ def copy_bandwidth(device: str | torch.device, nbytes: int = 2**30, *, warmup_ms
     return 2 * nbytes / (ms * 1e-3)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64, the accuracy figure every benchmark records."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def matmul_rate(device: str | torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, *,
                 warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """FLOP/s of an ``n x n x n`` matmul on random data (2 n^3 flops): the compute roof."""

@@ -43,11 +43,6 @@ def _inputs(t: int, d: int, hkv: int, dev) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(t, h, d, device=dev, dtype=torch.bfloat16, generator=g) for h in (16, hkv, hkv))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def measure_length(layer: str, t: int, args, dev) -> tuple[dict, list[dict]]:
     """One layer type at one length: our kernel, FlexAttention, masked SDPA (and the tile sweep if asked)."""
     d, hkv, window = LAYERS[layer]
@@ -67,12 +62,12 @@ def measure_length(layer: str, t: int, args, dev) -> tuple[dict, list[dict]]:
     padded = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, rows - t)) for x in (q, k, v)]
     try:
         bm = flex_block_mask(batch, sliding, WINDOW, rows)
-        row["rel_err_vs_flex"] = _rel(got, flex_attention(*padded, bm, d)[:t])
+        row["rel_err_vs_flex"] = measure.rel_err(got, flex_attention(*padded, bm, d)[:t])
         row["flex_ms"] = measure.bench(lambda: flex_attention(*padded, bm, d), rep_ms=args.rep_ms)
     except Exception as e:  # report, do not hide: the row says why Flex has no number
         row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
     if t <= args.sdpa_max:
-        row["rel_err_vs_sdpa"] = _rel(got, sdpa_attention(q, k, v, batch, sliding, WINDOW))
+        row["rel_err_vs_sdpa"] = measure.rel_err(got, sdpa_attention(q, k, v, batch, sliding, WINDOW))
         row["sdpa_ms"] = measure.bench(lambda: sdpa_attention(q, k, v, batch, sliding, WINDOW), rep_ms=args.rep_ms)
     for key in ("triton", "flex", "sdpa"):
         if f"{key}_ms" in row:
@@ -84,7 +79,7 @@ def measure_length(layer: str, t: int, args, dev) -> tuple[dict, list[dict]]:
             cfg = AttentionConfig(*shape)
             rec = {"layer": layer, "tokens": t, **dataclasses.asdict(cfg)}
             try:
-                rec["rel_diff_vs_default"] = _rel(ours(cfg), got)
+                rec["rel_diff_vs_default"] = measure.rel_err(ours(cfg), got)
                 rec["ms"] = measure.bench(lambda: ours(cfg), rep_ms=args.rep_ms)  # noqa: B023 (called right here)
                 rec["tflops"] = flops / (rec["ms"] * 1e-3) / 1e12
             except Exception as e:  # e.g. out of shared memory: part of what the sweep learns

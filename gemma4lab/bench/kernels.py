@@ -250,11 +250,6 @@ SWEEP_GRID: dict[str, list[LaunchConfig | RowConfig]] = {
 
 
 # ---- measurement ------------------------------------------------------------------------------------------------
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _try(fn: Callable[[], float], errors: list[str], what: str) -> float | None:
     try:
         return fn()
@@ -270,7 +265,7 @@ def _check(case: Case) -> float:
     got = _first(case.fused(None))
     if got is None:  # in-place qkv: the result is q itself
         got = case.args[0].reshape(ref.shape)
-    err = _rel_err(got, ref)
+    err = measure.rel_err(got, ref)
     case.restore()
     return err
 

@@ -274,7 +274,7 @@ def accuracy(cfg: Gemma4Config, device: torch.device, n_tokens: int = 64) -> dic
     for p in list(m.parameters()) + [b for n, b in m.named_buffers() if "inv_freq" not in n and b.is_floating_point()]:
         p.data = p.data.to(torch.bfloat16)
     m.set_attention_backend("auto")
-    rel = lambda x: ((x - truth).norm() / truth.norm()).item()
+    rel = lambda x: measure.rel_err(x, truth)
     agree = lambda x: (x.argmax(-1) == truth.argmax(-1)).float().mean().item()
     out: dict[str, Any] = {"layers": layers, "tokens": n_tokens}
     for name, fusion in (("ours_unfused", Fusion.none()), ("ours_fused", Fusion.all())):

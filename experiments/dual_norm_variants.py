@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma4lab import measure
 from gemma4lab.kernels import LaunchConfig, gemma_dual_rmsnorm_residual_scalar
+from gemma4lab.lab import measure
 
 
 @triton.jit

@@ -7,8 +7,8 @@ fraction for both, per token count and tile choice. ``python experiments/moe_gem
 import torch
 import torch.nn.functional as F
 
-from gemma4lab import measure
 from gemma4lab.kernels import moe_gemm
+from gemma4lab.lab import measure
 
 
 def main():

@@ -10,10 +10,10 @@ Public API::
     runner = gemma4lab.PiecewiseCudaGraphRunner(model)        # piecewise CUDA graphs for prefill
 """
 
-from .config import Gemma4Config, TextConfig, VisionConfig
-from .fusion import Fusion
-from .loading import load_pretrained, random_init, save_pretrained
-from .model import Gemma4ForConditionalGeneration, ModelOutput
+from gemma4lab.model.config import Gemma4Config, TextConfig, VisionConfig
+from gemma4lab.model.loading import load_pretrained, random_init, save_pretrained
+from gemma4lab.model.multimodal import Gemma4ForConditionalGeneration, ModelOutput
+from gemma4lab.runtime.fusion import Fusion
 
 __all__ = [
     "Fusion",
@@ -33,11 +33,11 @@ __all__ = [
 def __getattr__(name: str):
     # Heavier pieces load on first use so that ``import gemma4lab`` stays cheap.
     if name == "Gemma4Processor":
-        from .processor import Gemma4Processor
+        from gemma4lab.model.processor import Gemma4Processor
 
         return Gemma4Processor
     if name in ("PiecewiseCudaGraphRunner", "DecodeGraphRunner"):
-        from . import pcg
+        from gemma4lab.runtime import decode_graphs, pcg
 
-        return getattr(pcg, name)
+        return getattr(pcg if name == "PiecewiseCudaGraphRunner" else decode_graphs, name)
     raise AttributeError(f"module 'gemma4lab' has no attribute {name!r}")

@@ -13,10 +13,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "bench-kernels": "gemma4lab.bench.kernels",
-    "bench-pcg": "gemma4lab.bench.pcg",
-    "bench-prefill": "gemma4lab.bench.prefill",
-    "bench-attention": "gemma4lab.bench.attention",
+    "bench-kernels": "gemma4lab.lab.bench.kernels",
+    "bench-pcg": "gemma4lab.lab.bench.pcg",
+    "bench-prefill": "gemma4lab.lab.bench.prefill",
+    "bench-attention": "gemma4lab.lab.bench.attention",
 }
 
 

@@ -34,9 +34,9 @@ TOKENS = 16  # prompt length
 NEW_TOKENS = 8
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import os
@@ -45,6 +45,7 @@ import tempfile
 import torch
 
 import gemma4lab
+from gemma4lab.lab import viz
 
 dtype = getattr(torch, DTYPE)
 print("repo root:", ROOT)

@@ -34,9 +34,9 @@ HIDDEN = 256  # Gemma 4 26B-A4B uses 2816
 SAMPLES = 4096  # rows for the precision study (pure torch, cheap)
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import torch
@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 import gemma4lab.kernels as K
+from gemma4lab.lab import viz
 
 dtype = getattr(torch, DTYPE)
 print("kernel backend for", DEVICE, "tensors:", K.kernel_backend(torch.empty(1, device=DEVICE)))

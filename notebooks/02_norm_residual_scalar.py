@@ -36,9 +36,9 @@ HIDDEN = 256  # the bytes model below uses the real 2816
 GPU_TOKENS = 4096
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
@@ -46,8 +46,8 @@ import torch
 from IPython.display import display
 
 import gemma4lab.kernels as K
-from gemma4lab import measure
-from gemma4lab.profiling import profile_forward
+from gemma4lab.lab import measure, viz
+from gemma4lab.lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
 T = GPU_TOKENS if DEVICE == "cuda" else TOKENS

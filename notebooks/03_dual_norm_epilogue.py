@@ -36,15 +36,16 @@ HIDDEN = 256
 GPU_TOKENS = 4096
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import torch
 
 import gemma4lab.kernels as K
-from gemma4lab.profiling import profile_forward
+from gemma4lab.lab import viz
+from gemma4lab.lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
 T = GPU_TOKENS if DEVICE == "cuda" else TOKENS

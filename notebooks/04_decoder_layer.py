@@ -33,9 +33,9 @@ TOKENS = 8  # fused kernels run under the CPU interpreter: keep it small
 GPU_TOKENS = 512
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import dataclasses
@@ -43,7 +43,8 @@ import dataclasses
 import torch
 
 import gemma4lab
-from gemma4lab.profiling import profile_forward
+from gemma4lab.lab import viz
+from gemma4lab.lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
 T = GPU_TOKENS if DEVICE == "cuda" else TOKENS

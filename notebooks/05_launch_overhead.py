@@ -34,9 +34,9 @@ CPU_TOKENS = [4, 16, 64]  # live token counts on CPU (eager, unfused: cheap)
 GPU_TOKENS = [16, 93, 189, 512, 1453]
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
@@ -44,7 +44,8 @@ import torch
 from IPython.display import display
 
 import gemma4lab
-from gemma4lab.profiling import profile_forward
+from gemma4lab.lab import viz
+from gemma4lab.lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
 

@@ -35,9 +35,9 @@ TOKENS = 13  # a prompt length that is not a bucket
 BUCKETS = [8, 16, 32]
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
@@ -47,7 +47,8 @@ import torch
 from IPython.display import display
 
 import gemma4lab
-from gemma4lab import measure, pcg
+from gemma4lab.lab import measure, viz
+from gemma4lab.runtime import pcg
 
 dtype = getattr(torch, DTYPE)
 

@@ -33,9 +33,9 @@ NEW_TOKENS = 8
 MAX_LEN = 512
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 
 # %matplotlib inline
 import tempfile
@@ -45,7 +45,8 @@ import PIL.Image
 import torch
 
 import gemma4lab
-from gemma4lab import pcg
+from gemma4lab.lab import viz
+from gemma4lab.runtime import decode_graphs, pcg
 
 dtype = getattr(torch, DTYPE)
 
@@ -90,7 +91,7 @@ print("soft tokens:", tuple(feats.shape), "→ merged prompt embeddings:", tuple
 n = ids.shape[1]
 runner = gemma4lab.PiecewiseCudaGraphRunner(model, buckets=[pcg.default_buckets(n)[-1]], progress=False)
 print(runner.capture())
-decoder = pcg.DecodeGraphRunner(model, max_batch=1, max_len=MAX_LEN, progress=False)
+decoder = decode_graphs.DecodeGraphRunner(model, max_batch=1, max_len=MAX_LEN, progress=False)
 out = decoder.generate(ids, NEW_TOKENS, pixel_values=batch["pixel_values"],
                        image_position_ids=batch["image_position_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                        prefill_runner=runner)

@@ -31,13 +31,15 @@ INTERACTIVE = True
 DTYPE = "bfloat16"
 
 # %%
-from gemma4lab import viz
+from gemma4lab.lab import notebook
 
-ROOT = viz.notebook_setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
 import math
+
+from gemma4lab.lab import viz
 
 # %% [markdown]
 # ## Published (sglang PR #24048)

@@ -206,7 +206,7 @@ def test_decode_full_layer(d):
     ref = gemma_decode_attention_ref(q.double(), kc.double(), vc.double(), pos)
     assert rel_err(got, ref) <= 1e-5
     # the oracle is the model's masked SDPA over the cache
-    from gemma4lab.generation import decode_attention
+    from gemma4lab.runtime.generation import decode_attention
 
     mask = torch.arange(40)[None, :] <= pos[:, None]
     assert rel_err(ref, decode_attention(q.double(), kc[:3].double(), vc[:3].double(), mask[:, None, None])) < 1e-12

@@ -588,7 +588,7 @@ def test_oracles_match_hugging_face(gen):
 
 # ---- the benchmark command (CPU smoke run) ------------------------------------------------------------------------
 def test_bench_kernels_quick_smoke(tmp_path, monkeypatch):
-    from gemma4lab.bench import kernels as bench
+    from gemma4lab.lab.bench import kernels as bench
 
     assert bench.main(["--quick", "--tokens", "1,3", "--device", "cpu", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "kernels_cpu.json").read_text())

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from gemma4lab import measure
 from gemma4lab.kernels import INTERPRET
+from gemma4lab.lab import measure
 
 
 def test_bench_on_cpu_returns_median_ms():

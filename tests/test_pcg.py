@@ -11,7 +11,8 @@ from conftest import rel_err
 
 import gemma4lab
 from gemma4lab import Fusion
-from gemma4lab.pcg import DecodeGraphRunner, PiecewiseCudaGraphRunner, default_buckets, validate_buckets
+from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
+from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner, default_buckets, validate_buckets
 
 # Padding rows can change the *shapes* of a forward's matmuls (more rows, and more rows per expert group),
 # and a BLAS may pick a different blocking, so fp32 results may differ by rounding — never by data.
@@ -125,7 +126,7 @@ def test_decode_runner_generates_the_same_tokens(model):
 
 def test_kv_cache_preserved_undoes_a_decode_step(model):
     """What a decode-graph capture runs (a step at stale positions) must leave a prefilled cache untouched."""
-    from gemma4lab.generation import KVCache, decode_step
+    from gemma4lab.runtime.generation import KVCache, decode_step
 
     lm = model.language_model
     cache = KVCache(lm.config, 2, 32, model.dtype, model.device)

@@ -10,8 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from gemma4lab.config import Gemma4Config
-from gemma4lab.processor import Gemma4Processor, aspect_preserving_size
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.processor import Gemma4Processor, aspect_preserving_size
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.gemma4.image_processing_pil_gemma4 import (  # noqa: E402

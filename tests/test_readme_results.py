@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gemma4lab.report import attention_table, kernels_table, prefill_table
+from gemma4lab.lab.report import attention_table, kernels_table, prefill_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

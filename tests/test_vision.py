@@ -11,9 +11,9 @@ import PIL.Image
 import pytest
 import torch
 
-from gemma4lab.config import Gemma4Config, VisionConfig
-from gemma4lab.processor import Gemma4Processor
-from gemma4lab.vision import MultimodalEmbedder, VisionTower, image_features
+from gemma4lab.model.config import Gemma4Config, VisionConfig
+from gemma4lab.model.processor import Gemma4Processor
+from gemma4lab.model.vision import MultimodalEmbedder, VisionTower, image_features
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""gemma4lab.viz: every notebook figure from small synthetic data and from the recorded results in the repo.
+"""gemma4lab.lab.viz: every notebook figure from small synthetic data and from the recorded results in the repo.
 
 The notebooks only call these functions, so a figure that breaks fails here in milliseconds, not after a notebook run.
 """
@@ -16,7 +16,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from gemma4lab import measure, viz
+from gemma4lab.lab import measure, notebook, viz
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -55,7 +55,7 @@ def test_notebook_setup_cpu_sets_interpreter_and_finds_root(tmp_path, monkeypatc
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "notebooks").mkdir()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert viz.notebook_setup("cpu", start=tmp_path / "notebooks") == tmp_path
+    assert notebook.setup("cpu", start=tmp_path / "notebooks") == tmp_path
     assert os.environ["TRITON_INTERPRET"] == "1"
 
 
@@ -63,15 +63,15 @@ def test_notebook_setup_cuda_leaves_interpreter_alone(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert viz.notebook_setup("cuda") == tmp_path
-    assert viz.notebook_setup("cuda:1") == tmp_path
+    assert notebook.setup("cuda") == tmp_path
+    assert notebook.setup("cuda:1") == tmp_path
     assert "TRITON_INTERPRET" not in os.environ
 
 
 def test_notebook_setup_respects_an_explicit_interpreter_setting(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    viz.notebook_setup("cpu", start=tmp_path)
+    notebook.setup("cpu", start=tmp_path)
     assert os.environ["TRITON_INTERPRET"] == "0"
 
 
@@ -80,17 +80,18 @@ def test_notebook_setup_respects_an_explicit_interpreter_setting(tmp_path, monke
 def test_notebook_setup_rejects_unknown_device(device, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="unknown DEVICE"):
-        viz.notebook_setup(device)
+        notebook.setup(device)
     assert "TRITON_INTERPRET" not in os.environ
 
 
 def test_notebook_setup_falls_back_to_the_checkout(tmp_path):
-    assert viz.notebook_setup("cuda", start=tmp_path) == ROOT  # no pyproject above tmp_path: the package's checkout
+    assert notebook.setup("cuda", start=tmp_path) == ROOT  # no pyproject above tmp_path: the package's checkout
 
 
 def test_importing_viz_does_not_import_the_kernels():
     """notebook_setup must run before Triton decorates the kernels, so importing viz may not pull them in."""
-    code = "import sys, gemma4lab.viz; print(sorted(m for m in ('triton', 'gemma4lab.kernels') if m in sys.modules))"
+    code = ("import sys, gemma4lab.lab.viz, gemma4lab.lab.notebook; "
+            "print(sorted(m for m in ('triton', 'gemma4lab.kernels') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

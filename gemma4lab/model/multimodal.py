@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import PackedBatch, image_block_ids
-from .config import Gemma4Config
-from .fusion import Fusion
-from .text_model import TextModel
+from gemma4lab.attention import PackedBatch, image_block_ids
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.text import TextModel
+from gemma4lab.runtime.fusion import Fusion
 
 
 @dataclass
@@ -30,7 +30,7 @@ class _Inner(nn.Module):
         super().__init__()
         self.language_model = TextModel(cfg.text)
         if cfg.vision is not None:
-            from .vision import MultimodalEmbedder, VisionTower
+            from gemma4lab.model.vision import MultimodalEmbedder, VisionTower
 
             self.vision_tower = VisionTower(cfg.vision)
             v = cfg.vision
@@ -200,7 +200,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
         **kwargs,
     ) -> Tensor:
         """Greedy decoding with a KV cache → token ids [B, T + new] (see ``gemma4lab.generation``)."""
-        from .generation import greedy_generate
+        from gemma4lab.runtime.generation import greedy_generate
 
         return greedy_generate(self, input_ids, max_new_tokens, pixel_values, image_position_ids, mm_token_type_ids,
                                **kwargs)

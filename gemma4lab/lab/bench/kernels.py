@@ -1,4 +1,4 @@
-"""Benchmark of the fused kernels against the unfused model: ``python -m gemma4lab.bench.kernels``.
+"""Benchmark of the fused kernels against the unfused model: ``python -m gemma4lab.lab.bench.kernels``.
 
 For every kernel and token count T it times (a) the unfused eager PyTorch chain the model runs without fusion
 (Hugging Face style: activation dtype, each upcast/norm/add a separate op), (b) ``torch.compile`` of that same
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from gemma4lab import kernels as K
-from gemma4lab import measure
 from gemma4lab.kernels import LaunchConfig, dual_rmsnorm, gelu_and_mul, post_attention_block, qkv_norm_rope, router_topk
 from gemma4lab.kernels import rmsnorm_residual_scalar as rms_mod
 from gemma4lab.kernels._common import SUPPORTED_DTYPES, RowConfig
+from gemma4lab.lab import measure
 
 DEFAULT_TOKENS = (93, 189, 1453, 2893, 5773, 11533, 32768)
 QUICK_TOKENS = (1, 5)
@@ -474,7 +474,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gemma4lab.bench.kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gemma4lab.lab.bench.kernels", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=_ints, default=None,
                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))}; --quick: "
                         f"{','.join(map(str, QUICK_TOKENS))})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gemma4lab.measure import read_json
+from gemma4lab.lab.measure import read_json
 
 
 def prefill_table(path: Path) -> str:

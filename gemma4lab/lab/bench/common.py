@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gemma4lab.config import Gemma4Config
+from gemma4lab.model.config import Gemma4Config
 
 
 def active_flops_per_token(cfg: Gemma4Config, n_tokens: int) -> float:

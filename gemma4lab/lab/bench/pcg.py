@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from gemma4lab import measure
-from gemma4lab.bench.common import random_prompt
-from gemma4lab.config import Gemma4Config
-from gemma4lab.fusion import Fusion
-from gemma4lab.loading import random_init
-from gemma4lab.pcg import PiecewiseCudaGraphRunner
-from gemma4lab.profiling import profile_forward
+from gemma4lab.lab import measure
+from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.lab.profiling import profile_forward
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.loading import random_init
+from gemma4lab.runtime.fusion import Fusion
+from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
 TOKENS = (16, 93, 189, 512, 1453, 2893, 5773)
 
@@ -67,8 +67,9 @@ def run(args) -> dict[str, Any]:
         # Replay cost of one middle piece vs the GPU time of its kernels (target: + <= 10 us).
         replay = {}
         for bucket in (96, 1536):
-            if bucket in runner._graphs:
-                g = runner._graphs[bucket][len(runner._graphs[bucket]) // 2]
+            graphs = runner.piece_graphs(bucket)
+            if graphs:
+                g = graphs[len(graphs) // 2]
                 t_replay = measure.bench(g.replay, rep_ms=args.rep_ms)
                 busy = profile_forward(g.replay)["gpu_busy_ms"]
                 replay[str(bucket)] = {"replay_ms": t_replay, "kernels_gpu_ms": busy,

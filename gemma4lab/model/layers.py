@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TextConfig
+from gemma4lab.model.config import TextConfig
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -88,7 +88,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if fused_act:
-            from .kernels import gelu_tanh_and_mul
+            from gemma4lab.kernels import gelu_tanh_and_mul
 
             return self.down_proj(gelu_tanh_and_mul(gate, up))
         return self.down_proj(gelu_tanh(gate) * up)
@@ -105,6 +105,13 @@ class Router(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        #: ``[num_experts]`` added to the logits when set (None: the reference router). Not part of Gemma 4: the lab
+        #: uses it to give random weights the skewed expert load of a trained router (``gemma4lab.lab.routing``).
+        self.logit_bias: Tensor | None = None
+
+    def logits(self, router_in: Tensor) -> Tensor:
+        out = self.proj(router_in)
+        return out if self.logit_bias is None else out + self.logit_bias.to(out.dtype)
 
     def router_input(self, h: Tensor) -> Tensor:
         return rms_norm(h, None, self.eps) * self.scale * self.scalar_root_size
@@ -117,7 +124,7 @@ class Router(nn.Module):
         return w * self.per_expert_scale[idx], idx
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        return self.tail(self.proj(self.router_input(h)))
+        return self.tail(self.logits(self.router_input(h)))
 
 
 def _grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
@@ -161,7 +168,7 @@ class Experts(nn.Module):
         if use_kernel or grouped_mm_available(x.device, x.dtype):
             ys, order = self._grouped(x, idx, fused_act, use_kernel)
             if fused_gemm and self._kernel_ok(x):
-                from .kernels import moe_combine
+                from gemma4lab.kernels import moe_combine
 
                 # where each routed slot landed in the sorted rows: the inverse permutation of ``order``
                 positions = torch.empty_like(order)
@@ -177,7 +184,7 @@ class Experts(nn.Module):
 
     def _act(self, gate_up: Tensor, fused_act: bool) -> Tensor:
         if fused_act:
-            from .kernels import gelu_tanh_mul
+            from gemma4lab.kernels import gelu_tanh_mul
 
             return gelu_tanh_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -186,7 +193,7 @@ class Experts(nn.Module):
     @staticmethod
     def _kernel_ok(x: Tensor) -> bool:
         """CUDA, or fp32 under Triton's CPU interpreter (its bf16 ``tl.dot`` is wrong, so never bf16 there)."""
-        from .kernels import kernel_backend
+        from gemma4lab.kernels import kernel_backend
 
         backend = kernel_backend(x)
         return backend == "triton" or (backend == "triton-interpreter" and x.dtype == torch.float32)
@@ -201,7 +208,7 @@ class Experts(nn.Module):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         xs = x[order // k]
         if use_kernel:
-            from .kernels import moe_gemm
+            from gemma4lab.kernels import moe_gemm
 
             ys = moe_gemm(moe_gemm(xs, self.gate_up_proj, offs), self.down_proj, offs, gelu_gate=True)
         else:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from gemma4lab import measure
 from gemma4lab.attention import PackedBatch, flex_attention, flex_block_mask, sdpa_attention
 from gemma4lab.kernels.attention import AttentionConfig, attention_config, gemma_prefill_attention
+from gemma4lab.lab import measure
 
 WINDOW = 1024
 LAYERS = {"sliding": (256, 8, WINDOW), "full": (512, 2, None)}  # head_dim, kv heads, window
@@ -109,7 +109,7 @@ def run(args) -> dict:
 
 
 def plot(doc: dict, path: Path) -> Path:
-    from gemma4lab import viz
+    from gemma4lab.lab import viz
 
     fig = viz.plot_attention(doc["rows"], viz.env_label(doc), doc.get("matmul_tflops"))
     fig.savefig(path, dpi=120, bbox_inches="tight")

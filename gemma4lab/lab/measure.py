@@ -12,6 +12,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -32,26 +33,48 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------
-def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
-          device: str | torch.device | None = None) -> float:
-    """Median milliseconds per call of ``fn``. CUDA (default when available): ``triton.testing.do_bench``. CPU: a
-    ``perf_counter`` loop (at least 1 warm-up and 3 timed calls, however slow ``fn`` is)."""
+def time_stats(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
+               device: str | torch.device | None = None) -> dict[str, float]:
+    """Milliseconds per call of ``fn`` over repeated runs: ``median_ms``, ``min_ms``, ``max_ms``, the 20 / 80 %
+    quantiles ``q20_ms`` / ``q80_ms`` and ``runs`` (at least 3). CUDA (default when available):
+    ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU: a ``perf_counter`` loop (at least 1
+    warm-up and 3 timed calls, however slow ``fn`` is). Result files record all of these, so a reader sees the
+    spread of a number and not only its centre."""
     dev = _device(device)
     if dev.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    fn()
-    stop = time.perf_counter() + warmup_ms / 1e3
-    while time.perf_counter() < stop:
+        times = [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
+        while len(times) < 3:  # do_bench runs at least once; very slow calls get their third run here
+            times += [float(t) for t in triton.testing.do_bench(fn, warmup=0, rep=1, return_mode="all")]
+    else:
         fn()
-    times: list[float] = []
-    stop = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < stop and len(times) < 100_000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        stop = time.perf_counter() + warmup_ms / 1e3
+        while time.perf_counter() < stop:
+            fn()
+        times = []
+        stop = time.perf_counter() + rep_ms / 1e3
+        while len(times) < 3 or (time.perf_counter() < stop and len(times) < 100_000):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return spread(times)
+
+
+def spread(times_ms: list[float]) -> dict[str, float]:
+    """Median, min, max, 20 / 80 % quantiles and count of a list of timings in ms (see :func:`time_stats`)."""
+    if not times_ms:
+        raise ValueError("spread() needs at least one timing")
+    xs = sorted(times_ms)
+    q = lambda f: xs[min(len(xs) - 1, max(0, round(f * (len(xs) - 1))))]  # noqa: E731
+    return {"median_ms": statistics.median(xs), "min_ms": xs[0], "max_ms": xs[-1], "q20_ms": q(0.2),
+            "q80_ms": q(0.8), "runs": len(xs)}
+
+
+def bench(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
+          device: str | torch.device | None = None) -> float:
+    """Median milliseconds per call of ``fn`` (:func:`time_stats` has the spread too)."""
+    return time_stats(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, device=device)["median_ms"]
 
 
 def bench_cuda_graph(fn: Callable[[], object], *, replays_per_graph: int = 20, warmup_ms: float = 25,
@@ -131,10 +154,57 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout the package runs from; on a machine without the ``.git`` folder (the GPU
+    machine gets a copy of the working tree) the commit comes from ``GEMMA4LAB_GIT_COMMIT``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        env = os.environ.get("GEMMA4LAB_GIT_COMMIT")
+        return (env or None), None
+
+
+_SMI_FIELDS = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.limit",
+               "power.draw", "temperature.gpu", "persistence_mode")
+
+
+def gpu_state() -> dict[str, Any] | None:
+    """Driver, current and maximum clocks (MHz), power limit and draw (W) and temperature of GPU 0, read with
+    ``nvidia-smi`` at the time of the measurement: a timing is only reproducible on a card in the same state."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []
+    if len(values) != len(_SMI_FIELDS):
+        return None
+
+    def num(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    return {k.replace(".", "_"): (v if k in ("driver_version", "persistence_mode") else num(v))
+            for k, v in zip(_SMI_FIELDS, values)}
+
+
 def environment() -> dict[str, Any]:
-    """What a number was measured on (no hostname): card, library versions, CUDA, UTC time."""
+    """What a number was measured on (no hostname): card, library versions, CUDA, the commit of the code, the GPU's
+    driver, clocks and power limit, UTC time."""
     import triton
 
+    commit, dirty = _git_commit()
     env: dict[str, Any] = {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
@@ -142,12 +212,14 @@ def environment() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1))
+                   memory_gib=round(props.total_memory / 2**30, 1), gpu=gpu_state())
     return env
 
 

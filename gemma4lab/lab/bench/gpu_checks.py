@@ -1,6 +1,6 @@
 """A GPU sanity probe: PCG (graphs and graph-less) against the same fused model run eagerly, just past the window.
 
-``python -m gemma4lab.bench.gpu_checks`` — prints the largest logit difference per configuration.
+``python -m gemma4lab.lab.bench.gpu_checks`` — prints the largest logit difference per configuration.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 import gemma4lab
-from gemma4lab.bench.common import random_prompt
-from gemma4lab.pcg import PiecewiseCudaGraphRunner
+from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
 
 def kernel_row_consistency(n: int = 1025, bucket: int = 1280) -> None:
@@ -37,7 +37,7 @@ def kernel_row_consistency(n: int = 1025, bucket: int = 1280) -> None:
         d = (f(n).float() - f(bucket)[:n].float()).abs().max().item()
         print(f"kernel {name}: rows 0..{n} alone vs inside {bucket} rows: max abs diff {d}", flush=True)
     # experts path
-    import gemma4lab.layers as L
+    import gemma4lab.model.layers as L
 
     cfg = gemma4lab.Gemma4Config.preset("26b-a4b").text
     ex = L.Experts(cfg).to(dev, dt)

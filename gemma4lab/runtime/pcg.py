@@ -1,4 +1,4 @@
-"""Piecewise CUDA graphs for prefill, and a full CUDA graph for the one-token decode step.
+"""Piecewise CUDA graphs for prefill.
 
 At small and medium prompt lengths a prefill is bound by the CPU launching hundreds of kernels per layer. A CUDA
 graph replays a recorded stream of kernels with one launch, but attention cannot live inside it: its cost and its
@@ -21,13 +21,18 @@ Design choices, and the production problems they avoid:
   runs and a warning says so, once; ``runner.stats`` counts every fallback.
 * **Images replay the same graphs.** The vision tower runs outside; its soft tokens go into a static
   input-embeddings buffer that piece 0 selects with a mask, so text and image prompts share every graph.
-* **Same code on CPU.** Without CUDA the runner runs the identical split and padding logic eagerly and says
-  that no graphs were captured, so CI tests the logic.
+* **Same code on CPU.** Without CUDA the runner runs the identical split, padding and caching logic, with the
+  pieces kept as Python closures instead of graphs, and says that no graphs were captured, so CI tests the logic.
+* **Graphs know what they hold.** A captured graph replays the kernels of the model settings it was captured
+  with. The runner records ``program_key`` (fused kernels, attention backend, dtype, routing bias) at capture; a
+  later call with other settings drops the old graphs, says so, and captures again, instead of replaying stale ones.
+* **One call at a time.** The static buffers are shared by every call, so concurrent calls are serialised by a lock.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -36,7 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .generation import KVCache, as_prompt_list, decode_step, greedy_generate
+from gemma4lab.model.decoder import Stream, piece, program_key, run_decoder
+from gemma4lab.runtime.kv_cache import KVCache
 
 
 def default_buckets(max_tokens: int = 8192) -> list[int]:
@@ -115,6 +121,49 @@ class _Buffers:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+class StaticStream(Stream):
+    """The decoder's stream over ``[:n]`` views of the static buffers: every piece reads its inputs from and copies
+    its outputs into the same memory, so a captured piece is valid on every replay."""
+
+    def __init__(self, buf: _Buffers, n: int) -> None:  # no super().__init__: every field is a view below
+        self.buf, self.n = buf, n
+        self.has_x = False  # a Python fact of the program (fusion.next_norm), the same at capture and replay
+
+    @property
+    def h(self) -> Tensor:
+        return self.buf.h[: self.n]
+
+    @property
+    def x(self) -> Tensor | None:
+        return self.buf.x[: self.n] if self.has_x else None
+
+    @property
+    def hidden(self) -> Tensor:
+        return self.buf.hidden[: self.n]
+
+    def set_residual(self, h: Tensor, x: Tensor | None) -> None:
+        self.buf.h[: self.n].copy_(h)
+        self.has_x = x is not None
+        if x is not None:
+            self.buf.x[: self.n].copy_(x)
+
+    def set_qkv(self, sliding: bool, q: Tensor, k: Tensor, v: Tensor) -> None:
+        for buf, t in ((self.buf.q, q), (self.buf.k, k), (self.buf.v, v)):
+            buf[sliding][: self.n].copy_(t)
+
+    def qkv(self, sliding: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(buf[sliding][: self.n] for buf in (self.buf.q, self.buf.k, self.buf.v))
+
+    def set_o(self, sliding: bool, o: Tensor) -> None:
+        self.buf.o[sliding][: o.shape[0]].copy_(o)  # attention returns the real rows only
+
+    def attn_out(self, sliding: bool) -> Tensor:
+        return self.buf.o[sliding][: self.n]
+
+    def set_hidden(self, hidden: Tensor) -> None:
+        self.buf.hidden[: self.n].copy_(hidden)
+
+
 class PiecewiseCudaGraphRunner:
     """Prefill with piecewise CUDA graphs over token-count buckets (eager pieces on CPU).
 
@@ -141,10 +190,13 @@ class PiecewiseCudaGraphRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("use_graphs=True needs the model on a CUDA device")
         self.progress = progress
-        self.stats = {"replays": 0, "eager_fallbacks": 0, "padded_tokens": 0, "real_tokens": 0}
+        self.stats = {"replays": 0, "eager_fallbacks": 0, "padded_tokens": 0, "real_tokens": 0, "recaptures": 0}
         self._warned = False
-        self._graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        #: bucket -> its pieces: captured graphs (CUDA) or the Python closures themselves (CPU), all of one program
+        self._entries: dict[int, list] = {}
+        self._key: tuple | None = None  # program_key of what _entries hold
         self._pool = None
+        self._lock = threading.RLock()
         self._check_memory()
         self.buf = self._allocate()
         self.report = CaptureReport(graphs=False, buckets=self.buckets, device=str(self.device),
@@ -208,54 +260,62 @@ class PiecewiseCudaGraphRunner:
 
     # ---- the pieces ----------------------------------------------------------------------------------------------
     def _pieces(self, n: int) -> list[Callable[[], None]]:
-        """Closures over ``[:n]`` views; each reads and writes only static buffers."""
+        """The decoder program's pieces over ``[:n]`` views of the static buffers; piece 0 also builds its inputs
+        (embeddings with image soft tokens merged in, RoPE tables) from the static ids and positions."""
         lm, b, fusion = self.lm, self.buf, self.lm.fusion
-        layers = lm.layers
+        s = StaticStream(b, n)
+        cos_sin = {sliding: (b.cos[sliding][:n], b.sin[sliding][:n]) for sliding in b.cos}
 
-        def store_qkv(i: int, q: Tensor, k: Tensor, v: Tensor) -> None:
-            s = layers[i].self_attn.sliding
-            b.q[s][:n].copy_(q)
-            b.k[s][:n].copy_(k)
-            b.v[s][:n].copy_(v)
-
-        def piece0() -> None:
+        def first() -> None:
             e = lm.embed(b.ids[:n])
-            e = torch.where(b.mm_mask[:n, None], b.mm_embeds[:n], e)
-            b.h[:n].copy_(e)
-            for s, (c, si) in lm.rope(b.positions[:n]).items():
-                b.cos[s][:n].copy_(c)
-                b.sin[s][:n].copy_(si)
-            s0 = layers[0].self_attn.sliding
-            store_qkv(0, *layers[0].pre_attention(b.h[:n], None, b.cos[s0][:n], b.sin[s0][:n], fusion))
+            s.set_residual(torch.where(b.mm_mask[:n, None], b.mm_embeds[:n], e), None)
+            for sliding, (c, si) in lm.rope(b.positions[:n]).items():
+                b.cos[sliding][:n].copy_(c)
+                b.sin[sliding][:n].copy_(si)
+            piece(lm, 0, s, cos_sin, fusion)
 
-        def middle(i: int) -> Callable[[], None]:
-            def piece() -> None:
-                prev = layers[i - 1]
-                h, x = prev.post_attention(b.o[prev.self_attn.sliding][:n], b.h[:n], lm.next_norm_weight(i - 1),
-                                           fusion)
-                b.h[:n].copy_(h)
-                if x is not None:
-                    b.x[:n].copy_(x)
-                s = layers[i].self_attn.sliding
-                xin = b.x[:n] if x is not None else None
-                store_qkv(i, *layers[i].pre_attention(b.h[:n], xin, b.cos[s][:n], b.sin[s][:n], fusion))
+        def later(j: int) -> Callable[[], None]:
+            return lambda: piece(lm, j, s, cos_sin, fusion)
 
-            return piece
-
-        def last() -> None:
-            prev = layers[-1]
-            h, x = prev.post_attention(b.o[prev.self_attn.sliding][:n], b.h[:n], lm.next_norm_weight(len(layers) - 1),
-                                       fusion)
-            b.hidden[:n].copy_(lm.final_norm(h, x))
-
-        return [piece0] + [middle(i) for i in range(1, len(layers))] + [last]
+        return [first] + [later(j) for j in range(1, len(lm.layers) + 1)]
 
     # ---- capture -------------------------------------------------------------------------------------------------
+    def _check_program(self) -> None:
+        """Drop every cached piece if the model's settings changed since they were made (see ``program_key``)."""
+        key = program_key(self.lm)
+        if key == self._key:
+            return
+        if self._entries:
+            warnings.warn(f"PiecewiseCudaGraphRunner: the model's settings changed since capture ({self._key} -> "
+                          f"{key}); the old graphs are dropped and captured again", stacklevel=4)
+            self.stats["recaptures"] += 1
+            self._entries.clear()
+            self._pool = None
+            if self.use_graphs:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+        self._key = key
+
+    def piece_graphs(self, bucket: int) -> list:
+        """The captured graphs of ``bucket`` (empty before capture or without CUDA): for replay-cost measurements."""
+        return list(self._entries.get(bucket, [])) if self.use_graphs else []
+
+    @property
+    def captured_key(self) -> tuple | None:
+        """The ``program_key`` of the model settings the cached pieces were made with (None before capture)."""
+        return self._key if self._entries else None
+
     def capture(self) -> CaptureReport:
-        """Record every bucket's pieces (largest first, one shared pool). A no-op report without CUDA."""
-        if not self.use_graphs:
-            self.report.graphs = False
-            return self.report
+        """Record every bucket's pieces (largest first, one shared pool). Without CUDA the pieces stay Python
+        closures (made per bucket on first use) and the report says no graphs were captured."""
+        with self._lock:
+            self._check_program()
+            if not self.use_graphs:
+                self.report.graphs = False
+                return self.report
+            return self._capture_graphs()
+
+    def _capture_graphs(self) -> CaptureReport:
         from tqdm.auto import tqdm
 
         torch.cuda.synchronize(self.device)
@@ -286,13 +346,25 @@ class PiecewiseCudaGraphRunner:
                         f"changes shape with the data ({type(e).__name__}: {e})"[:600]
                     ) from e
                 graphs.append(g)
-            self._graphs[n] = graphs
+            self._entries[n] = graphs
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         self.report.graphs = True
         self.report.capture_s = time.perf_counter() - t0
         self.report.graph_pool_bytes = torch.cuda.memory_reserved(self.device) - before
         return self.report
+
+    def _pieces_for(self, bucket: int) -> list[Callable[[], None]]:
+        """What replays bucket ``bucket``: its graphs' ``replay`` (capturing every bucket first if needed), or its
+        cached Python pieces on CPU; always of the model's current program."""
+        self._check_program()
+        if bucket not in self._entries:
+            if self.use_graphs:
+                self._capture_graphs()
+            else:
+                self._entries[bucket] = self._pieces(bucket)
+        entry = self._entries[bucket]
+        return [g.replay for g in entry] if self.use_graphs else entry
 
     def _fill_dummy(self, n: int) -> None:
         b = self.buf
@@ -327,7 +399,14 @@ class PiecewiseCudaGraphRunner:
         cache: KVCache | None = None,
         pad_fill: Callable[[_Buffers, int, int], None] | None = None,
     ) -> Tensor:
-        """Same contract as ``model.prefill``. ``pad_fill(buffers, n_real, bucket)`` lets tests write garbage."""
+        """Same contract as ``model.prefill``. ``pad_fill(buffers, n_real, bucket)`` lets tests write garbage.
+        Concurrent calls run one after the other (the static buffers are shared)."""
+        with self._lock:
+            return self._prefill(prompts, pixel_values, image_position_ids, mm_token_type_ids, all_logits, cache,
+                                 pad_fill)
+
+    def _prefill(self, prompts, pixel_values, image_position_ids, mm_token_type_ids, all_logits, cache,
+                 pad_fill) -> Tensor:
         model = self.model
         n_real = sum(int(p.numel()) for p in prompts)
         bucket = self.bucket_for(n_real)
@@ -337,10 +416,8 @@ class PiecewiseCudaGraphRunner:
             self._fallback(why)
             return model.prefill(prompts, pixel_values, image_position_ids, mm_token_type_ids,
                                  all_logits=all_logits, cache=cache)
-        if self.use_graphs and bucket not in self._graphs:
-            self.capture()
-
         ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
+        pieces = self._pieces_for(bucket)  # first: capturing writes dummy inputs into the static buffers
         b = self.buf
         # Inputs: copy the real rows, then the padding (zeros/pad ids, or a test's garbage).
         b.ids[:n_real].copy_(ids)
@@ -364,14 +441,8 @@ class PiecewiseCudaGraphRunner:
         self.stats["padded_tokens"] += bucket - n_real
 
         ctx = self.lm.make_context(batch, cache=cache)
-        pieces = self._graphs[bucket] if self.use_graphs else self._pieces(bucket)
-        layers = self.lm.layers
-        for i, piece in enumerate(pieces):
-            piece.replay() if self.use_graphs else piece()
-            if i < len(layers):
-                s = layers[i].self_attn.sliding
-                o = self.lm.attend(i, b.q[s][:bucket], b.k[s][:bucket], b.v[s][:bucket], ctx)
-                b.o[s][:n_real].copy_(o)
+        attend = lambda i, q, k, v: self.lm.attend(i, q, k, v, ctx)  # noqa: E731
+        run_decoder(self.lm, StaticStream(b, bucket), {}, attend, self.lm.fusion, pieces=pieces)
         # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its
         # row count, and the eager model computes logits for these rows only.
         rows = b.hidden[:n_real] if all_logits else b.hidden[batch.last_token_rows]
@@ -379,7 +450,7 @@ class PiecewiseCudaGraphRunner:
 
     def forward(self, input_ids: Tensor, pixel_values=None, image_position_ids=None, mm_token_type_ids=None):
         """Batch API like the model's: [B, T] → logits of every token [B, T, vocab]."""
-        from .model import batch_forward
+        from gemma4lab.model.multimodal import batch_forward
 
         return batch_forward(self.prefill, input_ids, pixel_values, image_position_ids, mm_token_type_ids)
 
@@ -392,80 +463,3 @@ class PiecewiseCudaGraphRunner:
             bk = self.bucket_for(n)
             out.append(float("nan") if bk is None else (bk - n) / bk)
         return out
-
-
-class DecodeGraphRunner:
-    """A full CUDA graph of the one-token decode step for batch sizes ``1..max_batch``, over a static KV cache.
-
-    Generation = PCG prefill (filling this runner's cache) + graph replays of the decode step. Without CUDA the
-    step runs eagerly on the same static cache.
-    """
-
-    def __init__(self, model, *, max_batch: int = 4, max_len: int = 2048, use_graphs: bool | None = None,
-                 progress: bool = True) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model = model
-        self.lm = model.language_model
-        self.device = model.device
-        self.max_batch = max_batch
-        self.max_len = max_len
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self.progress = progress
-        self.cache = KVCache(self.lm.config, max_batch, max_len, model.dtype, self.device)
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.logits: dict[int, Tensor] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.capture_s = 0.0
-
-    def capture(self, pool=None) -> float:
-        if not self.use_graphs:
-            return 0.0
-        from tqdm.auto import tqdm
-
-        t0 = time.perf_counter()
-        pool = pool or torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.device)
-        # The warm-up steps write K/V at the static positions, which may hold a prefilled prompt: undo that.
-        with self.cache.preserved(self.positions):
-            for bsz in tqdm(range(self.max_batch, 0, -1), desc="capturing decode graphs", disable=not self.progress):
-                tok, pos = self.tokens[:bsz], self.positions[:bsz]
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    decode_step(self.lm, tok, pos, self.cache)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=stream):
-                    self.logits[bsz] = decode_step(self.lm, tok, pos, self.cache)
-                self._graphs[bsz] = g
-        torch.cuda.synchronize(self.device)
-        self.capture_s = time.perf_counter() - t0
-        return self.capture_s
-
-    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        bsz = tokens.shape[0]
-        if bsz > self.max_batch:
-            raise ValueError(f"batch of {bsz} exceeds the decode runner's max_batch={self.max_batch}")
-        if not self.use_graphs:
-            return decode_step(self.lm, tokens, positions, self.cache)
-        if bsz not in self._graphs:
-            self.capture()
-        self.tokens[:bsz].copy_(tokens)
-        self.positions[:bsz].copy_(positions)
-        self._graphs[bsz].replay()
-        return self.logits[bsz].clone()
-
-    def generate(self, input_ids, max_new_tokens: int, pixel_values=None, image_position_ids=None,
-                 mm_token_type_ids=None, *, prefill_runner: PiecewiseCudaGraphRunner | None = None, **kwargs):
-        """Greedy generation: (PCG) prefill into the static cache, then graph-replayed decode steps."""
-        prompts = as_prompt_list(input_ids)
-        longest = max(int(p.numel()) for p in prompts)
-        if longest + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceed the decode runner's "
-                             f"max_len={self.max_len}")
-        if len(prompts) > self.max_batch:
-            raise ValueError(f"{len(prompts)} prompts exceed the decode runner's max_batch={self.max_batch}")
-        prefill = prefill_runner.prefill if prefill_runner is not None else self.model.prefill
-        return greedy_generate(self.model, input_ids, max_new_tokens, pixel_values, image_position_ids,
-                               mm_token_type_ids, step_fn=self.step, cache=self.cache, prefill_fn=prefill, **kwargs)

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from gemma4lab import measure
-from gemma4lab.bench.common import active_flops_per_token, fmt_ms, hf_twin, random_prompt, text_weight_bytes
-from gemma4lab.config import Gemma4Config
-from gemma4lab.fusion import Fusion
-from gemma4lab.loading import random_init
+from gemma4lab.lab import measure
+from gemma4lab.lab.bench.common import active_flops_per_token, fmt_ms, hf_twin, random_prompt, text_weight_bytes
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.loading import random_init
+from gemma4lab.runtime.fusion import Fusion
 
 TOKENS = (93, 189, 1453, 2893, 5773, 11533)
 PUBLISHED = {  # sglang PR #24048 (GPU not stated): baseline, fused + PCG in ms
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model.set_fusion(Fusion.all())
             time_all("fused_ms", lambda t: lambda: model.prefill(prompts[t]))
         if "pcg" in args.parts:
-            from gemma4lab.pcg import PiecewiseCudaGraphRunner
+            from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
             model.set_fusion(Fusion.all())
             runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
@@ -174,7 +174,7 @@ def _image_prompt(model, runner, args) -> dict:
     import matplotlib.cbook as cbook
     from PIL import Image
 
-    from gemma4lab.processor import Gemma4Processor
+    from gemma4lab.model.processor import Gemma4Processor
 
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         img = Image.open(f).convert("RGB")
@@ -204,7 +204,7 @@ def _image_prompt(model, runner, args) -> dict:
 def _layer_alone(model, args) -> dict:
     """One full-size MoE decoder layer (a sliding one), T = 93 and 2893: latency and kernel launches."""
     from gemma4lab.attention import PackedBatch
-    from gemma4lab.profiling import profile_forward
+    from gemma4lab.lab.profiling import profile_forward
 
     lm = model.language_model
     out: dict[str, Any] = {}
@@ -231,7 +231,7 @@ def _layer_alone(model, args) -> dict:
 
 
 def _hf_layer(hf, model, args) -> dict:
-    from gemma4lab.profiling import profile_forward
+    from gemma4lab.lab.profiling import profile_forward
 
     out = {}
     layer = hf.model.language_model.layers[0]

@@ -6,16 +6,12 @@ document, or live numbers) and returns a :class:`matplotlib.figure.Figure`. They
 touch pyplot's global figure list and never read files: a notebook displays the returned figure (as a cell's last
 expression, or through ``interact``), and a test counts its axes and lines.
 
-This module must stay importable before ``gemma4lab.kernels``: :func:`notebook_setup` sets ``TRITON_INTERPRET``,
-which Triton reads when the kernels are decorated, so nothing here may import Triton or the kernels.
+Nothing here imports Triton or the kernels, so a notebook can import it before ``gemma4lab.lab.notebook.setup``
+has chosen the Triton interpreter.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,14 +20,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from . import measure
+from gemma4lab.lab import measure
 
 __all__ = [
     "breakdown_data",
     "env_label",
     "kernel_rows",
     "load_recorded",
-    "notebook_setup",
     "plot_breakdown",
     "plot_error_bars",
     "plot_error_histograms",
@@ -45,8 +40,6 @@ __all__ = [
     "plot_traffic",
 ]
 
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-
 #: (row key, legend label) of the three implementations that ``bench-pcg`` times.
 PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
               ("pcg_fused_ms", "fused + PCG"))  # fmt: skip
@@ -57,30 +50,6 @@ PREFILL_SERIES = (("eager_ms", "C3o-"), ("fused_ms", "C0o-"), ("pcg_ms", "C2o-")
 
 
 # --------------------------------------------------------------------------------------------------- setup, loading
-
-
-def notebook_setup(device: str, start: str | Path | None = None) -> Path:
-    """Prepare a notebook kernel for ``device`` and return the repo root (the folder holding ``pyproject.toml``).
-
-    On ``"cpu"`` it sets ``TRITON_INTERPRET=1`` (unless already set) so the Triton kernels run in the interpreter:
-    call it before ``gemma4lab.kernels`` is imported, since Triton reads the variable when kernels are decorated.
-    A typo such as ``"gpu"`` raises ValueError here rather than a confusing error many cells later.
-    """
-    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise ValueError(f"unknown DEVICE {device!r}: use 'cpu' (Triton interpreter) or 'cuda' / 'cuda:N' (a GPU)")
-    if device == "cpu":
-        if "gemma4lab.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            warnings.warn("gemma4lab.kernels was imported before notebook_setup('cpu'): restart the kernel and call "
-                          "notebook_setup first, or the kernels will not run on CPU tensors", stacklevel=2)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    here = Path(start) if start is not None else Path.cwd()
-    for p in (here, *here.parents):
-        if (p / "pyproject.toml").exists():
-            return p
-    package_root = Path(__file__).resolve().parents[1]  # an installed checkout run from elsewhere
-    if (package_root / "pyproject.toml").exists():
-        return package_root
-    raise FileNotFoundError(f"no pyproject.toml above {here}: start the notebook inside the gemma4lab checkout")
 
 
 def env_label(doc: Mapping[str, Any]) -> str:

@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from .config import Gemma4Config, VisionConfig
+from gemma4lab.model.config import Gemma4Config, VisionConfig
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the budgets the reference image processor accepts
 DEFAULT_SOFT_TOKENS = 280  # the reference image processor's default

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Gemma4Config, VisionConfig
-from .layers import RMSNorm, gelu_tanh, rms_norm, rotate_half
+from gemma4lab.model.config import Gemma4Config, VisionConfig
+from gemma4lab.model.layers import RMSNorm, gelu_tanh, rms_norm, rotate_half
 
 
 class _Linear(nn.Module):

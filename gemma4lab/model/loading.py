@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Gemma4Config
-from .model import Gemma4ForConditionalGeneration
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.multimodal import Gemma4ForConditionalGeneration
 
 TIED_KEYS = {"lm_head.weight"}  # tied to model.language_model.embed_tokens.weight
 

@@ -22,7 +22,8 @@
 #
 # **What you will learn**
 #
-# - the two numbers that decide it: CPU dispatch time and GPU busy time (`gemma4lab.profiling.profile_forward`);
+# - the number that decides it: how long the GPU sits idle, latency − GPU busy time (the profiler gives busy
+#   time, `gemma4lab.lab.measure` the latency);
 # - the CPU-only proxy (dispatched ATen ops) and what it does and does not tell you;
 # - recorded GPU numbers: latency vs tokens, and a per-token-count breakdown with a slider.
 
@@ -44,7 +45,7 @@ import torch
 from IPython.display import display
 
 import gemma4lab
-from gemma4lab.lab import viz
+from gemma4lab.lab import measure, viz
 from gemma4lab.lab.profiling import profile_forward
 
 dtype = getattr(torch, DTYPE)
@@ -53,9 +54,12 @@ dtype = getattr(torch, DTYPE)
 # ## The live measurement
 #
 # `profile_forward(fn)` runs `fn` under `torch.profiler`. On a GPU it returns the kernel count, the CPU time spent
-# inside launch calls (`cpu_dispatch_ms`) and the union of kernel intervals (`gpu_busy_ms`). If dispatch ≥ busy, the
-# forward is launch-bound. On CPU there are no kernels: we get the count of dispatched ATen ops, each of which would be
-# at least one launch, and the wall time.
+# inside launch calls (`cpu_dispatch_ms`) and the union of kernel intervals (`gpu_busy_ms`). The latency we time
+# separately with `measure.bench` (the profiler itself slows the host down, so its wall time is not the latency).
+# The forward is launch-bound when the GPU is **idle** for a large share of it: idle = latency − busy. Comparing
+# dispatch with busy is not enough: the CPU also spends time *between* launch calls (Python, tensor bookkeeping),
+# so a forward can dispatch for less time than the GPU is busy and still leave the GPU waiting most of the time.
+# On CPU there are no kernels: we get the count of dispatched ATen ops, each of which would be at least one launch.
 
 # %%
 model = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE)
@@ -64,8 +68,7 @@ live = {}
 for t in tokens:
     ids = [torch.randint(2, 256, (t,), generator=torch.Generator().manual_seed(t)).to(DEVICE)]
     p = profile_forward(lambda: model.prefill(ids), warmup=1)
-    live[t] = {"cpu_dispatch_ms": p["cpu_dispatch_ms"], "gpu_busy_ms": p["gpu_busy_ms"], "latency_ms": p["wall_ms"],
-               "kernels": p["kernels"]}
+    live[t] = viz.breakdown_entry(p, measure.bench(lambda: model.prefill(ids), device=DEVICE))
     print(f"T={t:>5}: {p['kernels']} {'kernels' if p['device'] == 'cuda' else 'ATen ops'}, wall {p['wall_ms']:.1f} ms")
 
 # %% [markdown]
@@ -90,9 +93,10 @@ else:
 # %% [markdown]
 # ## Breakdown per token count
 #
-# For each token count: CPU dispatch, GPU busy, and end-to-end latency, per implementation. When dispatch is as tall
-# as busy, the GPU idles between kernels. Data: recorded profiles if present (and on a GPU, the live ones), else
-# the live CPU proxy (where "GPU busy" is zero by definition).
+# For each token count and implementation: a stacked bar of GPU busy + GPU idle (their sum is the latency), beside
+# the CPU's time inside launch calls. The labels count kernels apart from launch calls: a CUDA graph runs many
+# kernels per launch. Data: recorded profiles if present (and on a GPU, the live ones), else the live CPU proxy
+# (where "GPU busy" is zero by definition).
 
 # %%
 DATA, DATA_SOURCE = viz.breakdown_data(doc if DEVICE != "cuda" else None), SOURCE
@@ -108,8 +112,17 @@ def plot_breakdown(i):
 plot_breakdown(0)
 
 # %% [markdown]
-# Drag the slider through the token counts: at small T the dispatch bar rivals the busy bar (launch-bound); at large
-# T the busy bar takes over and fusion's fewer bytes matter more than its fewer launches.
+# Drag the slider through the token counts: at small T the idle part dominates eager latency — the GPU waits on the
+# CPU — and graphs remove most of it; at large T the busy part takes over and fusion's fewer bytes matter more than
+# its fewer launches. The recorded data checks the point made above: eager fused at the smallest token count
+# dispatches for *less* time than the GPU is busy, yet the GPU is idle most of the time.
+
+# %%
+if doc is not None and DEVICE != "cuda":
+    ef = viz.breakdown_data(doc)[min(viz.breakdown_data(doc))]["eager_fused"]
+    print(f"eager fused: dispatch {ef['cpu_dispatch_ms']:.1f} ms, busy {ef['gpu_busy_ms']:.1f} ms, latency "
+          f"{ef['latency_ms']:.1f} ms → GPU idle {ef['idle_ms'] / ef['latency_ms']:.0%} of the time")
+    assert ef["cpu_dispatch_ms"] < ef["gpu_busy_ms"] and ef["idle_ms"] > 0.5 * ef["latency_ms"]
 
 # %%
 if INTERACTIVE:

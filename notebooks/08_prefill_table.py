@@ -63,7 +63,7 @@ for t, (b, f) in PUBLISHED.items():
 
 # %%
 doc, LABEL = viz.load_recorded("prefill", RESULTS) or (None, None)
-COLS = tuple(key for key, _ in viz.PREFILL_SERIES)
+COLS = tuple(key for key, _, _ in viz.PREFILL_SERIES)
 rows = sorted(doc.get("rows", {}).values(), key=lambda r: r["tokens"]) if doc else []
 if doc is None:
     print("No recorded results/prefill_*.json yet: run `python -m gemma4lab bench-prefill` on a GPU with the "

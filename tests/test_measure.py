@@ -15,9 +15,23 @@ from gemma4lab.lab import measure
 
 
 def test_bench_on_cpu_returns_median_ms():
+    import time
+
     calls = []
-    ms = measure.bench(lambda: calls.append(1), warmup_ms=0, rep_ms=1, device="cpu")
-    assert ms >= 0 and len(calls) >= 4  # one warm-up + at least three timed calls
+    ms = measure.bench(lambda: (calls.append(1), time.sleep(0.002)), warmup_ms=0, rep_ms=1, device="cpu")
+    assert 2.0 <= ms < 50 and len(calls) >= 4  # one warm-up + at least three timed calls of >= 2 ms
+
+
+def test_time_stats_reports_the_spread():
+    st = measure.time_stats(lambda: None, warmup_ms=0, rep_ms=2, device="cpu")
+    assert st["runs"] >= 3 and st["min_ms"] <= st["q20_ms"] <= st["median_ms"] <= st["q80_ms"] <= st["max_ms"]
+
+
+def test_spread_of_known_values():
+    assert measure.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median_ms": 3.0, "min_ms": 1.0, "max_ms": 5.0,
+                                                         "q20_ms": 2.0, "q80_ms": 4.0, "runs": 5}
+    with pytest.raises(ValueError, match="at least one"):
+        measure.spread([])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
@@ -36,7 +50,9 @@ def test_roofs_on_cpu():
 
 def test_environment_and_slug():
     env = measure.environment()
-    assert {"card", "torch", "triton", "transformers", "python", "cuda", "date_utc"} <= env.keys()
+    keys = {"card", "torch", "triton", "transformers", "python", "cuda", "date_utc", "git_commit", "git_dirty"}
+    assert keys <= env.keys()
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
     assert env["date_utc"].endswith("+00:00")
     assert not any("host" in k for k in env)
     if not torch.cuda.is_available():

@@ -142,6 +142,40 @@ def test_kv_cache_preserved_undoes_a_decode_step(model):
     assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
+def test_runner_follows_a_settings_change_after_capture(model):
+    """Pieces made with one fusion setting must never serve another (the stale-graph bug): the runner recaptures,
+    says so, and returns the logits of the model as it is now. On CPU the runner caches its pieces exactly as it
+    caches graphs on a GPU, so this fails if the keying is removed."""
+    prompts = _prompts([13, 6], seed=2)
+    runner = PiecewiseCudaGraphRunner(model, buckets=[32], progress=False)
+    try:
+        model.set_fusion("all")
+        assert rel_err(runner.prefill(prompts), model.prefill(prompts)) <= PADDING_BOUND
+        key_fused = runner.captured_key
+        model.set_fusion("none")
+        with pytest.warns(UserWarning, match="settings changed since capture"):
+            got = runner.prefill(prompts)
+        assert rel_err(got, model.prefill(prompts)) <= PADDING_BOUND
+        assert runner.stats["recaptures"] == 1 and runner.captured_key != key_fused
+        model.set_attention_backend("flex")
+        assert runner.captured_key != gemma4lab.model.decoder.program_key(model.language_model)
+    finally:
+        model.set_fusion(Fusion.none()).set_attention_backend("auto")
+
+
+def test_concurrent_prefills_get_the_eager_logits(model):
+    """Six threads share one runner (one set of static buffers): each must get its own prompt's logits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = PiecewiseCudaGraphRunner(model, buckets=[32], progress=False)
+    prompts = [_prompts([n], seed=n) for n in (5, 9, 13, 17, 21, 25)]
+    expected = [model.prefill(p) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(runner.prefill, prompts * 3))
+    for i, g in enumerate(got):
+        assert rel_err(g, expected[i % 6]) <= PADDING_BOUND, i
+
+
 # ---- on a GPU: real graphs ---------------------------------------------------------------------------------------
 
 
@@ -203,3 +237,43 @@ def test_gpu_fp32_model_captures(hf_tiny):
     dec = DecodeGraphRunner(model, max_batch=2, max_len=64, progress=False)
     got = dec.generate(ids, 12, prefill_runner=runner, eos_token_id=[], pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_follow_a_settings_change_after_capture(hf_tiny):
+    """The stale-graph bug on real graphs: after set_fusion("none") the runner must give the unfused model's logits,
+    not replay the fused graphs (before the keying it stayed within 0.03 of the fused model, silently)."""
+    model = gemma4lab.load_pretrained(hf_tiny[1], dtype=torch.bfloat16, device="cuda").set_fusion("all")
+    runner = PiecewiseCudaGraphRunner(model, buckets=[32, 64], progress=False)
+    runner.capture()
+    prompts = [p.cuda() for p in _prompts([29], seed=4)]
+    fused = runner.prefill(prompts, all_logits=True)
+    assert torch.equal(fused, model.prefill(prompts, all_logits=True))
+    model.set_fusion("none")
+    unfused = model.prefill(prompts, all_logits=True)
+    assert not torch.equal(unfused, fused)  # the two programs differ in bf16 rounding, so a stale replay shows
+    with pytest.warns(UserWarning, match="settings changed since capture"):
+        got = runner.prefill(prompts, all_logits=True)
+    assert torch.equal(got, unfused)
+    dec = DecodeGraphRunner(model, max_batch=1, max_len=64, progress=False)
+    ids = torch.stack(_prompts([9], seed=6)).cuda()
+    expected = model.generate(ids, 8, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(dec.generate(ids, 8, eos_token_id=[], pad_token_id=0), expected)
+    model.set_fusion("all")
+    with pytest.warns(UserWarning, match="settings changed since capture"):
+        got = dec.generate(ids, 8, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, model.generate(ids, 8, eos_token_id=[], pad_token_id=0))
+
+
+@pytest.mark.gpu
+def test_gpu_concurrent_prefills_get_the_eager_logits(cuda_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    runner = PiecewiseCudaGraphRunner(cuda_model, buckets=[32], progress=False)
+    runner.capture()
+    prompts = [[p.cuda() for p in _prompts([n], seed=n)] for n in (5, 9, 13, 17, 21, 25)]
+    expected = [cuda_model.prefill(p) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(runner.prefill, prompts * 5))
+    for i, g in enumerate(got):
+        assert torch.equal(g, expected[i % 6]), i

@@ -208,13 +208,15 @@ def test_breakdown_data_and_plot():
     data = viz.breakdown_data(_pcg_doc())
     assert sorted(data) == [93, 1453] and sorted(data[93]) == ["eager_unfused", "pcg_fused"]
     assert data[93]["eager_unfused"]["latency_ms"] == 30.0
+    assert data[93]["eager_unfused"]["idle_ms"] == 30.0 - data[93]["eager_unfused"]["gpu_busy_ms"]
     assert data[93]["pcg_fused"]["latency_ms"] is None  # the row's own (missing) value, not the profile's wall time
+    assert data[93]["pcg_fused"]["idle_ms"] is None
     assert viz.breakdown_data(None) == {} and viz.breakdown_data(_doc(rows={})) == {}
     fig = viz.plot_breakdown(data[93], 93, LABEL)
     (ax,) = fig.axes
-    assert len(ax.patches) == 3 * 2  # dispatch, busy, latency × two implementations
+    assert len(ax.patches) == 3 * 2  # busy, idle, dispatch × two implementations
     assert ax.get_title() == f"T = 93 tokens — {LABEL}"
-    assert "1100 launches" in ax.get_xticklabels()[0].get_text()
+    assert "1100 kernels" in ax.get_xticklabels()[0].get_text()
 
 
 def test_breakdown_data_real_results():
@@ -227,7 +229,7 @@ def test_breakdown_data_real_results():
 
 def test_plot_breakdown_live():
     (ax,) = viz.plot_breakdown({"live": {"cpu_dispatch_ms": 3.0, "gpu_busy_ms": 0.0, "latency_ms": 4.0,
-                                         "kernels": 500}}, 16, "live on cpu").axes  # fmt: skip
+                                         "idle_ms": 4.0, "kernels": 500}}, 16, "live on cpu").axes  # fmt: skip
     assert len(ax.patches) == 3
 
 
@@ -249,7 +251,8 @@ def test_plot_prefill_synthetic():
             {"tokens": 93, "eager_ms": 80.0, "pcg_ms": 20.0, "hf_ms": "oom"}]  # fmt: skip
     (ax,) = viz.plot_prefill(PUBLISHED, rows, LABEL).axes
     labels = [line.get_label() for line in ax.get_lines()]
-    assert labels == ["published baseline", "published fused + PCG", "ours: eager", "ours: pcg", "ours: hf"]
+    assert labels == ["published baseline", "published fused + PCG", "ours, unfused eager", "ours, fused + PCG",
+                      "transformers"]
     assert list(ax.get_lines()[2].get_xdata()) == [93, 1453]
     assert LABEL in ax.get_title()
 

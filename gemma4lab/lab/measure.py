@@ -42,11 +42,15 @@ def time_stats(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float
     spread of a number and not only its centre."""
     dev = _device(device)
     if dev.type == "cuda":
-        import triton.testing
+        once = _cuda_call_ms(fn)
+        if 5 * once <= rep_ms:  # fast calls: do_bench (many runs, L2 flushed between them)
+            import triton.testing
 
-        times = [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
-        while len(times) < 3:  # do_bench runs at least once; very slow calls get their third run here
-            times += [float(t) for t in triton.testing.do_bench(fn, warmup=0, rep=1, return_mode="all")]
+            times = [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
+        else:  # slow calls (a whole-model forward): do_bench would time a single run; take at least three
+            for _ in range(max(1, round(warmup_ms / once))):
+                fn()
+            times = [_cuda_call_ms(fn) for _ in range(max(3, round(rep_ms / once)))]
     else:
         fn()
         stop = time.perf_counter() + warmup_ms / 1e3
@@ -59,6 +63,16 @@ def time_stats(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return spread(times)
+
+
+def _cuda_call_ms(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end))
 
 
 def spread(times_ms: list[float]) -> dict[str, float]:

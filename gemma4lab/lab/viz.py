@@ -24,6 +24,7 @@ from gemma4lab.lab import measure
 
 __all__ = [
     "breakdown_data",
+    "breakdown_entry",
     "env_label",
     "kernel_rows",
     "load_recorded",
@@ -44,12 +45,22 @@ __all__ = [
 PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
               ("pcg_fused_ms", "fused + PCG"))  # fmt: skip
 
-#: (row key, matplotlib format) of the implementations that ``bench-prefill`` times, in legend order.
-PREFILL_SERIES = (("eager_ms", "C3o-"), ("fused_ms", "C0o-"), ("pcg_ms", "C2o-"), ("hf_ms", "C7o:"),
-                  ("compile_ms", "C1o--"), ("floor_ms", "C5:"))  # fmt: skip
+#: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
+PREFILL_SERIES = (("eager_ms", "C3o-", "ours, unfused eager"), ("fused_ms", "C0o-", "ours, fused eager"),
+                  ("pcg_ms", "C2o-", "ours, fused + PCG"), ("hf_ms", "C7o:", "transformers"),
+                  ("hf_compile_ms", "C1o--", "torch.compile(transformers)"),
+                  ("hf_compile_ro_ms", "C4o--", "torch.compile(transformers, reduce-overhead)"),
+                  ("floor_ms", "C5:", "floor (same run)"))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- setup, loading
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write a figure next to its results file (benchmarks call this; they draw nothing themselves)."""
+    path = Path(path)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def env_label(doc: Mapping[str, Any]) -> str:
@@ -111,15 +122,16 @@ def plot_mm_token_types(photo: Any, mm_token_type_ids: Any) -> Figure:
 def plot_error_histograms(errors: Mapping[str, Any], rows: int, hidden: int) -> Figure:
     """Histogram of relative errors per computation, over the first ``rows`` rows of ``hidden`` elements (01).
 
-    ``errors`` maps a name to the flattened per-element relative errors; the half-ulp line makes "one rounding stays
-    within it" visible. ``rows`` is the slider's knob: fewer rows, a noisier histogram.
+    ``errors`` maps a name to the flattened per-element relative errors; the 2⁻⁸ line (the largest relative error
+    one bf16 rounding can make) shows that one rounding stays within it. ``rows`` is the slider's knob: fewer rows,
+    a noisier histogram.
     """
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
     bins = np.logspace(-7, -1, 60)
     for name, e in errors.items():
         ax.hist(np.clip(np.asarray(e).reshape(-1)[: rows * hidden], 1e-7, None), bins=bins, alpha=0.6, label=name)
-    ax.axvline(2**-9, color="k", ls="--", lw=1, label="half a bf16 ulp (2⁻⁹)")
+    ax.axvline(2**-8, color="k", ls="--", lw=1, label="one bf16 rounding, at most (2⁻⁸)")
     ax.set(xscale="log", xlabel="relative error vs float64", ylabel="elements",
            title=f"RMSNorm in bf16, {rows} rows × {hidden}")  # fmt: skip
     ax.legend(fontsize=8)
@@ -208,37 +220,55 @@ def plot_pcg_latency(doc: Mapping[str, Any], title: str) -> Figure:
 
 
 def breakdown_data(doc: Mapping[str, Any] | None) -> dict[int, dict]:
-    """{tokens: {implementation: {cpu_dispatch_ms, gpu_busy_ms, latency_ms, kernels}}} for the breakdown (05).
+    """{tokens: {implementation: {cpu_dispatch_ms, gpu_busy_ms, latency_ms, idle_ms, kernels, launch_calls,
+    graph_launches}}} for the breakdown (05).
 
-    Read from a ``pcg_*.json`` document's profiles (keys like ``eager_fused_93``), latency from its rows; empty when
-    there is no document or it has no profiles, so the notebook falls back to its live numbers.
+    Read from a ``pcg_*.json`` document's profiles (keys like ``eager_fused_93``). Latency is the row's timed median,
+    never the profiler's wall time (the profiler slows the host down); without it latency and idle are None. Empty
+    when there is no document or it has no profiles, so the notebook falls back to its live numbers.
     """
     data: dict[int, dict] = {}
     for key, prof in (doc or {}).get("profiles", {}).items():
         name, t = key.rsplit("_", 1)
-        lat = doc.get("rows", {}).get(t, {}).get(f"{name}_ms", prof.get("wall_ms"))
-        data.setdefault(int(t), {})[name] = {"cpu_dispatch_ms": prof["cpu_dispatch_ms"],
-                                             "gpu_busy_ms": prof["gpu_busy_ms"], "latency_ms": lat,
-                                             "kernels": prof["kernels"]}  # fmt: skip
+        lat = doc.get("rows", {}).get(t, {}).get(f"{name}_ms")
+        data.setdefault(int(t), {})[name] = breakdown_entry(prof, lat)
     return data
 
 
-def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: str) -> Figure:
-    """CPU dispatch, GPU busy and latency per implementation at one token count (05).
+def breakdown_entry(prof: Mapping[str, Any], latency_ms: float | None) -> dict[str, Any]:
+    """One implementation's bars from a ``profile_forward`` summary and a separately timed latency: the GPU idles
+    for ``latency − busy``, whatever the CPU's launch time is (dispatch < busy can still leave the GPU idle)."""
+    busy = prof["gpu_busy_ms"]
+    return {"cpu_dispatch_ms": prof["cpu_dispatch_ms"], "gpu_busy_ms": busy, "latency_ms": latency_ms,
+            "idle_ms": None if latency_ms is None else max(0.0, latency_ms - busy), "kernels": prof["kernels"],
+            "launch_calls": prof.get("launch_calls", prof["kernels"]), "graph_launches": prof.get("graph_launches", 0)}
 
-    When the dispatch bar is as tall as the busy bar the GPU idles between kernels: launch-bound.
-    """
-    fig = Figure(figsize=(7, 3.8))
+
+def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: str) -> Figure:
+    """Per implementation at one token count (05): a stacked bar of GPU busy + GPU idle (= latency) beside the CPU's
+    time inside launch calls. The idle share is the launch overhead the GPU pays; kernels are counted apart from
+    the CPU's launch calls (a CUDA graph runs many kernels per launch)."""
+    fig = Figure(figsize=(7.5, 4))
     ax = fig.subplots()
     names = list(impls)
     xs = np.arange(len(names))
-    for j, (key, label) in enumerate((("cpu_dispatch_ms", "CPU dispatch"), ("gpu_busy_ms", "GPU busy"),
-                                      ("latency_ms", "latency"))):  # fmt: skip
-        ax.bar(xs + (j - 1) * 0.27, [impls[n][key] or 0 for n in names], 0.27, label=label)
-    ax.set_xticks(list(xs), [f"{n}\n({impls[n]['kernels']} launches)" for n in names])
+    busy = [impls[n]["gpu_busy_ms"] or 0 for n in names]
+    idle = [impls[n].get("idle_ms") or 0 for n in names]
+    ax.bar(xs - 0.2, busy, 0.4, label="GPU busy", color="C0")
+    ax.bar(xs - 0.2, idle, 0.4, bottom=busy, label="GPU idle (latency − busy)", color="C3", alpha=0.7)
+    ax.bar(xs + 0.2, [impls[n]["cpu_dispatch_ms"] or 0 for n in names], 0.4, label="CPU in launch calls",
+           color="C7")
+    labels = []
+    for n in names:
+        e = impls[n]
+        launches = f"{e.get('launch_calls', e['kernels'])} launches"
+        if e.get("graph_launches"):
+            launches += f" + {e['graph_launches']} graphs"
+        labels.append(f"{n}\n{e['kernels']} kernels\n{launches}")
+    ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set(ylabel="ms", title=f"T = {tokens} tokens — {source}")
     ax.title.set_fontsize(8)
-    ax.legend()
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -268,10 +298,10 @@ def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Ma
     ax.plot(ts, [v[0] for v in published.values()], "k--", marker="s", alpha=0.5, label="published baseline")
     ax.plot(ts, [v[1] for v in published.values()], "k-", marker="s", alpha=0.5, label="published fused + PCG")
     rows = sorted(rows, key=lambda r: r["tokens"])
-    for key, style in PREFILL_SERIES:
+    for key, style, name in PREFILL_SERIES:
         pts = _points(rows, key)
         if pts:
-            ax.plot(*zip(*pts), style, label=f"ours: {key[:-3]}")
+            ax.plot(*zip(*pts), style, label=name)
     ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms per prefill",
            title="Gemma 4 26B-A4B prefill" + (f"\nours recorded on {label}" if label else "\n(published only)"))
     ax.title.set_fontsize(9)

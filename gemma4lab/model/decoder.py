@@ -175,17 +175,19 @@ class Stream:
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def pre(lm, i: int, s: Stream, cos_sin: dict[bool, tuple[Tensor, Tensor]], fusion: Fusion) -> None:
-    """Layer ``i``'s first half: ``s.h`` (and ``s.x``) → ``s.q, s.k, s.v``."""
-    layer = lm.layers[i]
+def pre(lm, i: int, s: Stream, cos_sin: dict[bool, tuple[Tensor, Tensor]], fusion: Fusion,
+        layer: DecoderLayer | None = None) -> None:
+    """Layer ``i``'s first half: ``s.h`` (and ``s.x``) → ``s.q, s.k, s.v``. ``layer`` stands in for
+    ``lm.layers[i]`` (e.g. an fp32 copy of it, for a per-layer accuracy study)."""
+    layer = layer or lm.layers[i]
     sliding = layer.self_attn.sliding
     cos, sin = cos_sin[sliding]
     s.set_qkv(sliding, *layer.pre_attention(s.h, s.x, cos, sin, fusion))
 
 
-def post(lm, i: int, s: Stream, fusion: Fusion) -> None:
+def post(lm, i: int, s: Stream, fusion: Fusion, layer: DecoderLayer | None = None) -> None:
     """Layer ``i``'s second half: ``s.o`` and ``s.h`` → the new ``s.h`` (and ``s.x`` for layer ``i + 1``)."""
-    layer = lm.layers[i]
+    layer = layer or lm.layers[i]
     s.set_residual(*layer.post_attention(s.attn_out(layer.self_attn.sliding), s.h, lm.next_norm_weight(i), fusion))
 
 
@@ -219,12 +221,13 @@ def run_decoder(lm, s: Stream, cos_sin: dict[bool, tuple[Tensor, Tensor]], atten
 
 
 def run_layer(lm, i: int, s: Stream, cos_sin: dict[bool, tuple[Tensor, Tensor]], attend: Attend,
-              fusion: Fusion) -> Tensor:
-    """One layer alone (benchmarks, per-layer accuracy): ``s.h`` → the layer's output residual stream."""
-    pre(lm, i, s, cos_sin, fusion)
+              fusion: Fusion, layer: DecoderLayer | None = None) -> Tensor:
+    """One layer alone (benchmarks, per-layer accuracy): ``s.h`` → the layer's output residual stream. ``layer``
+    stands in for ``lm.layers[i]`` (same shapes, e.g. another dtype)."""
+    pre(lm, i, s, cos_sin, fusion, layer)
     sliding = lm.layers[i].self_attn.sliding
     s.set_o(sliding, attend(i, *s.qkv(sliding)))
-    post(lm, i, s, fusion)
+    post(lm, i, s, fusion, layer)
     return s.h
 
 

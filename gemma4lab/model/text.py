@@ -98,11 +98,12 @@ class TextModel(nn.Module):
             return self.attn_backend
         return "triton" if device.type == "cuda" else "sdpa"
 
-    def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None) -> ForwardContext:
+    def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None,
+                     backend: str | None = None) -> ForwardContext:
         """Per-forward attention plan: for each layer type, our ``triton`` kernel (the GPU default), ``causal``
         SDPA, ``flex`` (with its block mask), or ``sdpa`` with explicit masks (the CPU reference)."""
         ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
-        backend = self.backend_for(batch.positions.device)
+        backend = backend or self.backend_for(batch.positions.device)
         longest = max(batch.seq_lens)
         if backend == "triton":
             from gemma4lab.kernels.attention import key_end_for_blocks

@@ -1,13 +1,21 @@
-"""Full-size Gemma 4 26B-A4B prefill: ``python -m gemma4lab bench-prefill``.
+"""Full-size Gemma 4 26B-A4B prefill against fair peers: ``python -m gemma4lab bench-prefill``.
 
-Builds the real shapes with random bf16 weights straight on the GPU, then times batch-1 prefill at the published
-token counts for: our unfused eager model (the baseline), our fused kernels, fused + piecewise CUDA graphs,
-transformers' Gemma 4 on the *same* weight tensors, and ``torch.compile`` of our unfused model. Beside them: the
-floors measured in the same run (weight bytes / copy bandwidth, FLOPs / bf16 matmul rate), one image prompt
-(a real photo through the processor), the decoder layer alone (latency and kernel launches), and the bf16
-logits of ours against transformers'. Everything lands in ``results/prefill_<card>.json`` and a plot.
+One process, one card, one set of random bf16 weights at the real shapes (generated on the GPU):
 
-Parts can run in separate processes (``--parts eager,fused`` then ``--parts hf --merge``) to fit time limits.
+* **ours**: unfused eager (our baseline), fused eager, fused + piecewise CUDA graphs;
+* **peers**, each in its best supported configuration on the *same* weight tensors: transformers'
+  ``Gemma4ForConditionalGeneration`` as ``from_pretrained`` sets it up (``grouped_mm`` experts, SDPA attention), and
+  ``torch.compile`` of that model (``mode="default", dynamic=True``; ``reduce-overhead`` too with ``--parts``);
+* **floors** measured in the same run: the weight bytes a prefill must read (non-expert weights plus the experts the
+  routing actually hit) over the device-to-device copy bandwidth, and the matmul FLOPs over the bf16 matmul rate;
+* **routing**: uniform (what random router weights give) and Zipf-skewed (what trained routers look like;
+  ``gemma4lab.lab.routing``), with the experts each one actually hit;
+* **accuracy that can fail**: fp32 parity with transformers at full width and 1/2/6 layers against a float64 truth,
+  and the teacher-forced bf16 error of every one of the 30 layers (``gemma4lab.lab.accuracy``).
+
+Every timing carries its spread (min / 20 % / median / 80 % / max over >= 3 runs), its ratio to the floor and its
+first-call time (compile, capture or Triton JIT). Everything lands in ``results/prefill_<card>.json`` and a plot;
+``python -m gemma4lab.lab.report`` turns it into the README's tables.
 """
 
 from __future__ import annotations
@@ -16,13 +24,21 @@ import argparse
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gemma4lab.lab import measure
-from gemma4lab.lab.bench.common import active_flops_per_token, fmt_ms, hf_twin, random_prompt, text_weight_bytes
+from gemma4lab.lab.bench.common import (
+    active_flops_per_token,
+    fmt_ms,
+    hf_experts_implementation,
+    hf_twin,
+    random_prompt,
+    text_weight_bytes,
+)
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.fusion import Fusion
@@ -32,140 +48,202 @@ PUBLISHED = {  # sglang PR #24048 (GPU not stated): baseline, fused + PCG in ms
     93: (35.6, 16.5), 189: (35.4, 17.1), 1453: (36.3, 25.1), 2893: (40.6, 30.6), 5773: (49.0, 41.6),
     11533: (70.0, 66.4),
 }
-PARTS = ("eager", "fused", "pcg", "hf", "compile", "image", "layer", "accuracy")
+#: column key -> what it is (the report and the plot use these labels)
+COLUMNS = {
+    "eager": "ours, unfused eager",
+    "fused": "ours, fused eager",
+    "pcg": "ours, fused + PCG",
+    "hf": "transformers (grouped_mm, sdpa)",
+    "hf_compile": "torch.compile of transformers (default, dynamic)",
+    "hf_compile_ro": "torch.compile of transformers (reduce-overhead)",
+}
+PEERS = ("hf", "hf_compile", "hf_compile_ro")
+PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "skew", "image", "layer")
+DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "skew", "image", "layer")
+SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
 
-def _time(fn, rep_ms: float) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return measure.bench(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms)
-
-
-def _try(out: dict, key: str, fn):
+def _try(out: dict, key: str, fn: Callable[[], Any]) -> Any:
     try:
         out[key] = fn()
+        return out[key]
     except Exception as e:  # a failing configuration is recorded, not fatal
         out.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:500]
         traceback.print_exc()
+        return None
+
+
+def _timed(row: dict, col: str, make: Callable[[], Callable[[], Any]], rep_ms: float) -> None:
+    """Time column ``col`` into ``row``: the first call (compile / capture / JIT included) and the spread."""
+    def go() -> dict:
+        t0 = time.perf_counter()
+        fn = make()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        return {**measure.time_stats(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms), "first_call_s": first}
+
+    stats = _try(row, f"{col}_stats", go)
+    if stats is not None:
+        row[f"{col}_ms"] = stats["median_ms"]
+        row[f"{col}_x_floor"] = stats["median_ms"] / row["floor_ms"]
+    print(f"{col:>14} T={row['tokens']:>6}: {fmt_ms(row.get(f'{col}_ms'))} ms", flush=True)
+
+
+def floors(cfg: Gemma4Config, model, t: int, experts_hit: float, copy_bw: float, mm_rate: float) -> dict:
+    """The two roofs of one prefill: weight bytes it must read (experts: only the ``experts_hit`` per layer the
+    routing used) over copy bandwidth, and its matmul FLOPs over the matmul rate."""
+    lm = model.language_model
+    expert_bytes = sum(p.numel() * p.element_size() for layer in lm.layers if layer.moe
+                       for p in layer.experts.parameters())
+    n_moe = sum(1 for layer in lm.layers if layer.moe)
+    per_expert = expert_bytes / max(1, n_moe * cfg.text.num_experts)
+    nbytes = text_weight_bytes(model) - expert_bytes + n_moe * experts_hit * per_expert
+    flops = active_flops_per_token(cfg, t)
+    out = {"tokens": t, "experts_hit": experts_hit, "weight_bytes": nbytes, "flops": flops,
+           "weight_floor_ms": nbytes / copy_bw * 1e3, "compute_floor_ms": flops / mm_rate * 1e3}
+    out["floor_ms"] = max(out["weight_floor_ms"], out["compute_floor_ms"])
+    return out
+
+
+def _derived(rows: dict[str, dict]) -> None:
+    """Best peer per row and our speed-ups against it and against our own baseline."""
+    for r in rows.values():
+        peers = {c: r[f"{c}_ms"] for c in PEERS if r.get(f"{c}_ms")}
+        if peers:
+            best = min(peers, key=peers.get)
+            r["best_peer"], r["best_peer_ms"] = best, peers[best]
+            if r.get("pcg_ms"):
+                r["speedup_vs_best_peer"] = peers[best] / r["pcg_ms"]
+        if r.get("eager_ms") and r.get("pcg_ms"):
+            r["speedup_vs_unfused"] = r["eager_ms"] / r["pcg_ms"]
+
+
+def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict, tag: str) -> None:
+    """Ours (eager, fused, PCG) and transformers eager at each token count, at the model's current routing."""
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
+
+    for col, fusion in (("eager", Fusion.none()), ("fused", Fusion.all())):
+        if col in parts:
+            model.set_fusion(fusion)
+            for t in args.tokens:
+                _timed(rows[str(t)], col, lambda t=t: lambda: model.prefill(prompts[t]), args.rep_ms)
+    if "pcg" in parts:
+        model.set_fusion(Fusion.all())
+        runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
+        report = runner.capture()
+        res[f"pcg_capture{tag}"] = {"capture_s": report.capture_s, "graph_pool_bytes": report.graph_pool_bytes,
+                                    "static_buffer_bytes": report.static_buffer_bytes,
+                                    "buckets": len(report.buckets), "max_tokens": runner.max_tokens,
+                                    "pieces_per_bucket": report.pieces_per_bucket}
+        print(report, flush=True)
+        for t in args.tokens:
+            r = rows[str(t)]
+            _timed(r, "pcg", lambda t=t: lambda: runner.prefill(prompts[t]), args.rep_ms)
+            r["pcg_bucket"] = runner.bucket_for(t)  # None: above the largest bucket, the eager fallback ran
+            if t <= args.max_tokens:
+                _try(r, "pcg_vs_eager_max_abs", lambda t=t: (runner.prefill(prompts[t]).float()
+                                                              - model.prefill(prompts[t]).float()).abs().max().item())
+        res[f"pcg_stats{tag}"] = dict(runner.stats)
+        if "image" in parts:
+            _try(res, f"image{tag}", lambda: _image_prompt(model, runner, args))
+        del runner
+        _free()
+    if "hf" in parts:
+        hf = hf_twin(model)
+        res[f"hf_experts_implementation{tag}"] = hf_experts_implementation(hf)
+        for t in args.tokens:
+            _timed(rows[str(t)], "hf", lambda t=t: lambda: hf(input_ids=prompts[t][0][None], use_cache=False,
+                                                                logits_to_keep=1), args.rep_ms)
+        if "layer" in parts and "layer" in res and not tag:
+            _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
+        del hf
+        _free()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict) -> None:
+    """torch.compile of transformers' own model, as a reader would try it, on the same weights."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from gemma4lab.attention.backends import _raise_recompile_limit
+
+    _raise_recompile_limit(256)
+    for col, mode in (("hf_compile", "default"), ("hf_compile_ro", "reduce-overhead")):
+        if col not in parts:
+            continue
+        torch._dynamo.reset()
+        hf = hf_twin(model)
+        compiled = torch.compile(hf, mode=mode, dynamic=True)
+        graphs0 = dynamo_utils.counters["stats"]["unique_graphs"]
+        for t in args.tokens:
+            _timed(rows[str(t)], col, lambda t=t: lambda: compiled(input_ids=prompts[t][0][None], use_cache=False,
+                                                                    logits_to_keep=1), args.rep_ms)
+        res.setdefault("compile", {})[col] = {
+            "mode": mode, "dynamic": True,
+            "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"] - graphs0,
+            "first_call_s": {str(t): rows[str(t)].get(f"{col}_stats", {}).get("first_call_s") for t in args.tokens}}
+        compiled = hf = None  # free the twin and its compiled graphs before the next mode
+        _free()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from gemma4lab.lab import accuracy, routing
+
     dev = torch.device(args.device)
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
         cfg = cfg.replace_text(num_hidden_layers=args.layers)
-    acc = None
-    if "accuracy" in args.parts:  # its own fp32 model: run it before the bf16 one takes the memory
-        with torch.no_grad():
-            acc = accuracy(cfg, dev)
-        print("accuracy:", acc, flush=True)
-        if set(args.parts) == {"accuracy"}:
-            return {"benchmark": "prefill", "accuracy": acc, "rows": {}, "parts": ["accuracy"]}
+    parts = tuple(args.parts)
+    res: dict[str, Any] = {"benchmark": "prefill", "preset": args.preset, "layers": cfg.text.num_hidden_layers,
+                           "attention_backend": args.attention, "columns": COLUMNS, "parts": list(parts),
+                           "published_ms": {str(k): v for k, v in PUBLISHED.items()}, "rows": {}}
+    if "accuracy" in parts:  # fp32 / fp64 models of a few layers: before the bf16 model takes the memory
+        _try(res, "accuracy_shallow", lambda: accuracy.shallow_parity(cfg, dev, depths=(1, 2, 6)))
+        print("shallow parity:", res.get("accuracy_shallow"), flush=True)
     t0 = time.perf_counter()
     model = random_init(cfg, dtype=torch.bfloat16, device=dev, seed=0)
-    build_s = time.perf_counter() - t0
+    res["build_s"] = time.perf_counter() - t0
     model.set_attention_backend(args.attention)
-    lm = model.language_model
-    copy_bw = measure.copy_bandwidth(dev)
-    mm_rate = measure.matmul_rate(dev)
-    wbytes = text_weight_bytes(model)
-    res: dict[str, Any] = {
-        "benchmark": "prefill", "preset": args.preset, "layers": cfg.text.num_hidden_layers,
-        "attention_backend": args.attention, "build_s": build_s,
-        "copy_bandwidth_Bps": copy_bw, "matmul_flops": mm_rate, "text_weight_bytes": wbytes,
-        "published_ms": {str(k): v for k, v in PUBLISHED.items()}, "rows": {}, "parts": list(args.parts),
-    }
-    if acc is not None:
-        res["accuracy"] = acc
-    rows = res["rows"]
-    for t in args.tokens:
-        flops = active_flops_per_token(cfg, t)
-        rows[str(t)] = {"tokens": t, "flops": flops, "weight_floor_ms": wbytes / copy_bw * 1e3,
-                        "compute_floor_ms": flops / mm_rate * 1e3}
-        rows[str(t)]["floor_ms"] = max(rows[str(t)]["weight_floor_ms"], rows[str(t)]["compute_floor_ms"])
+    copy_bw, mm_rate = measure.copy_bandwidth(dev), measure.matmul_rate(dev)
+    res.update(copy_bandwidth_Bps=copy_bw, matmul_flops=mm_rate, text_weight_bytes=text_weight_bytes(model))
     prompts = {t: [random_prompt(t, cfg.text.vocab_size, seed=t, device=dev)] for t in args.tokens}
 
-    def time_all(key: str, fn_for):
-        for t in args.tokens:
-            fn = fn_for(t)
-            if fn is None:
-                continue
-            _try(rows[str(t)], key, lambda fn=fn: _time(fn, args.rep_ms))
-            print(f"{key:>8} T={t:>6}: {fmt_ms(rows[str(t)].get(key))} ms", flush=True)
-
     with torch.no_grad():
-        if "eager" in args.parts:
-            model.set_fusion(Fusion.none())
-            time_all("eager_ms", lambda t: lambda: model.prefill(prompts[t]))
-        if "fused" in args.parts:
-            model.set_fusion(Fusion.all())
-            time_all("fused_ms", lambda t: lambda: model.prefill(prompts[t]))
-        if "pcg" in args.parts:
-            from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
-
-            model.set_fusion(Fusion.all())
-            runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
-            report = runner.capture()
-            res["pcg_capture"] = {"capture_s": report.capture_s, "graph_pool_bytes": report.graph_pool_bytes,
-                                  "static_buffer_bytes": report.static_buffer_bytes, "buckets": report.buckets,
-                                  "pieces_per_bucket": report.pieces_per_bucket}
-            print(report, flush=True)
-            time_all("pcg_ms", lambda t: lambda: runner.prefill(prompts[t]))
-            for t in args.tokens:
-                rows[str(t)]["pcg_bucket"] = runner.bucket_for(t)
-                if t <= 2893:  # bit-identity check of PCG against the same fused model, eager
-                    _try(rows[str(t)], "pcg_vs_eager_max_abs",
-                         lambda t=t: (runner.prefill(prompts[t]).float() - model.prefill(prompts[t]).float())
-                         .abs().max().item())
-            res["pcg_stats"] = dict(runner.stats)
-            if "image" in args.parts:
-                _try(res, "image", lambda: _image_prompt(model, runner, args))
-            del runner
-            gc.collect()
-            torch.cuda.empty_cache()
-        if "layer" in args.parts:
+        if "accuracy" in parts:
+            def per_layer() -> dict:
+                hf = hf_twin(model)
+                return accuracy.per_layer_errors(model, prompts[min(args.tokens)][0], hf=hf)
+            _try(res, "accuracy_per_layer", per_layer)
+        res["routing"] = {"uniform": {"exponent": 0.0}}
+        for t in args.tokens:
+            stats = routing.routing_stats(model, prompts[t])
+            res["rows"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+                                   "routing": stats}
+        if "layer" in parts:
             _try(res, "layer", lambda: _layer_alone(model, args))
-        if "hf" in args.parts:
-            hf = hf_twin(model)
-            time_all("hf_ms", lambda t: lambda: hf(input_ids=prompts[t][0][None], use_cache=False,
-                                                      logits_to_keep=1))
-            if "layer" in args.parts and "layer" in res:
-                _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
-            del hf
-            gc.collect()
-        if "compile" in args.parts:
-            # What users try next: torch.compile (Inductor, default mode) of our unfused model. Compiled
-            # piecewise like vLLM does — every layer's pre- and post-attention code, attention left eager — with
-            # dynamic shapes, so one compilation serves every prompt length and all layers share the code.
-            from gemma4lab.attention import _raise_recompile_limit
+        _time_columns(model, res["rows"], prompts, parts, args, res, tag="")
+        _compile_columns(model, res["rows"], prompts, parts, args, res)
+        _derived(res["rows"])
 
-            _raise_recompile_limit(256)
-            model.set_fusion(Fusion.none())
-            for layer in lm.layers:
-                layer.pre_attention = torch.compile(layer.pre_attention, dynamic=True)
-                layer.post_attention = torch.compile(layer.post_attention, dynamic=True)
-            res["compile_mode"] = "torch.compile(default, dynamic=True) of each layer's pre/post-attention pieces"
-
-            def make(t):
-                t1 = time.perf_counter()
-                try:
-                    model.prefill(prompts[t])
-                    torch.cuda.synchronize()
-                except Exception as e:
-                    rows[str(t)].setdefault("errors", {})["compile_ms"] = f"{type(e).__name__}: {e}"[:300]
-                    traceback.print_exc()
-                    return None
-                rows[str(t)]["compile_first_call_s"] = time.perf_counter() - t1
-                return lambda: model.prefill(prompts[t])
-
-            time_all("compile_ms", make)
-    for t in args.tokens:
-        r = rows[str(t)]
-        for k in ("eager_ms", "fused_ms", "pcg_ms", "hf_ms", "compile_ms"):
-            if r.get(k):
-                r[k.replace("_ms", "_x_floor")] = r[k] / r["floor_ms"]
-        if r.get("eager_ms") and r.get("pcg_ms"):
-            r["speedup_pcg_vs_eager"] = r["eager_ms"] / r["pcg_ms"]
+        if "skew" in parts:
+            recipe = routing.skew_routing(model, args.skew, prompts[max(t for t in args.tokens if t <= 2893)])
+            res["routing"]["skewed"] = recipe
+            res["rows_skewed"] = {}
+            for t in args.tokens:
+                stats = routing.routing_stats(model, prompts[t])
+                res["rows_skewed"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+                                              "routing": stats}
+            _time_columns(model, res["rows_skewed"], prompts, tuple(p for p in SKEW_PARTS if p in parts), args,
+                          res, tag="_skewed")
+            _derived(res["rows_skewed"])
+            routing.skew_routing(model, 0.0, [])
     return res
 
 
@@ -183,217 +261,110 @@ def _image_prompt(model, runner, args) -> dict:
     text = random_prompt(40, cfg.text.vocab_size, seed=7, device="cpu").tolist()
     batch = proc(input_ids=[cfg.text.bos_token_id] + text[:20] + [cfg.image_token_id] + text[20:], images=[img])
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    n = batch["input_ids"].shape[1]
-    ids = [batch["input_ids"][0]]
-    mm = [batch["mm_token_type_ids"][0]]
+    ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
     pv, ip = batch["pixel_values"], batch["image_position_ids"]
-    eager = lambda: model.prefill(ids, pv, ip, mm)
-    pcg = lambda: runner.prefill(ids, pv, ip, mm)
-    vision = lambda: model.image_features(pv, ip)
-    out = {"tokens": n, "image_size": list(img.size), "soft_tokens": int((batch["input_ids"] == cfg.image_token_id)
-                                                                          .sum()),
-           "eager_fused_ms": _time(eager, args.rep_ms), "pcg_ms": _time(pcg, args.rep_ms),
-           "vision_tower_ms": _time(vision, args.rep_ms),
+    eager = lambda: model.prefill(ids, pv, ip, mm)  # noqa: E731
+    pcg = lambda: runner.prefill(ids, pv, ip, mm)  # noqa: E731
+    out = {"tokens": int(batch["input_ids"].shape[1]), "image_size": list(img.size),
+           "soft_tokens": int((batch["input_ids"] == cfg.image_token_id).sum()),
+           "eager_fused": measure.time_stats(eager, rep_ms=args.rep_ms),
+           "pcg": measure.time_stats(pcg, rep_ms=args.rep_ms),
+           "vision_tower": measure.time_stats(lambda: model.image_features(pv, ip), rep_ms=args.rep_ms),
            "pcg_vs_eager_max_abs": (pcg().float() - eager().float()).abs().max().item()}
     model.set_fusion(Fusion.none())
-    out["eager_unfused_ms"] = _time(eager, args.rep_ms)
+    out["eager_unfused"] = measure.time_stats(eager, rep_ms=args.rep_ms)
     model.set_fusion(Fusion.all())
     return out
 
 
 def _layer_alone(model, args) -> dict:
-    """One full-size MoE decoder layer (a sliding one), T = 93 and 2893: latency and kernel launches."""
+    """One MoE decoder layer (a sliding one) alone at ``args.layer_tokens``: latency and kernel launches."""
     from gemma4lab.attention import PackedBatch
     from gemma4lab.lab.profiling import profile_forward
+    from gemma4lab.model.decoder import Stream, run_layer
 
     lm = model.language_model
     out: dict[str, Any] = {}
-    for t in (93, 2893):
-        batch = PackedBatch.from_lengths([t], model.device)
-        ctx = lm.make_context(batch)
+    for t in args.layer_tokens:
+        ctx = lm.make_context(PackedBatch.from_lengths([t], model.device))
         h = torch.randn(t, lm.config.hidden_size, device=model.device, dtype=model.dtype)
-        layer = lm.layers[0]
-        cos, sin = ctx.cos_sin[True]
+        attend = lambda i, q, k, v, ctx=ctx: lm.attend(i, q, k, v, ctx)  # noqa: E731
         entry = {}
         for name, fusion in (("unfused", Fusion.none()), ("fused", Fusion.all())):
-            def fwd(fusion=fusion):
-                q, k, v = layer.pre_attention(h, None, cos, sin, fusion)
-                o = lm.attend(0, q, k, v, ctx)
-                return layer.post_attention(o, h, lm.next_norm_weight(0), fusion)
-            entry[f"{name}_ms"] = _time(fwd, args.rep_ms)
+            fwd = lambda fusion=fusion, h=h, ctx=ctx, attend=attend: run_layer(lm, 0, Stream(h), ctx.cos_sin,  # noqa
+                                                                                attend, fusion)
+            entry[f"{name}_ms"] = measure.bench(fwd, rep_ms=args.rep_ms)
             prof = profile_forward(fwd)
-            entry[f"{name}_launches"] = prof["kernels"]
-            entry[f"{name}_top_kernels"] = prof["top_kernels"][:15]
-            entry[f"{name}_cpu_dispatch_ms"] = prof["cpu_dispatch_ms"]
-            entry[f"{name}_gpu_busy_ms"] = prof["gpu_busy_ms"]
+            entry.update({f"{name}_launches": prof["kernels"], f"{name}_top_kernels": prof["top_kernels"][:15],
+                          f"{name}_cpu_dispatch_ms": prof["cpu_dispatch_ms"],
+                          f"{name}_gpu_busy_ms": prof["gpu_busy_ms"]})
         out[str(t)] = entry
     return out
 
 
 def _hf_layer(hf, model, args) -> dict:
+    """transformers' first decoder layer alone, through a pre-hook on its text model (no private API)."""
     from gemma4lab.lab.profiling import profile_forward
 
     out = {}
-    layer = hf.model.language_model.layers[0]
-    rot = hf.model.language_model.rotary_emb
-    for t in (93, 2893):
+    text = hf.model.language_model
+    for t in args.layer_tokens:
         h = torch.randn(1, t, model.config.text.hidden_size, device=model.device, dtype=model.dtype)
-        pos = torch.arange(t, device=model.device)[None]
-        pe = rot(h, pos, "sliding_attention")
-        from transformers.masking_utils import create_sliding_window_causal_mask
-
-        mask = create_sliding_window_causal_mask(config=hf.config.text_config, inputs_embeds=h, attention_mask=None,
-                                                 past_key_values=None, position_ids=pos)
-        fwd = lambda h=h, pe=pe, mask=mask: layer(h, None, shared_kv_states={}, position_embeddings=pe,
-                                                  attention_mask=mask, position_ids=pos)
-        prof = profile_forward(fwd)
-        out[str(t)] = {"ms": _time(fwd, args.rep_ms), "launches": prof["kernels"],
-                       "top_kernels": prof["top_kernels"][:15]}
-    return out
-
-
-def accuracy(cfg: Gemma4Config, device: torch.device, n_tokens: int = 64) -> dict:
-    """bf16 accuracy at full width, standing in for the published MMMU check (no real weights here).
-
-    Random weights make a deep MoE chaotic in bf16 (one rounding flips a top-k choice and the difference grows
-    layer by layer), so bf16 is judged against the fp32 truth on the *same* weights, next to transformers' own
-    bf16 run: ours should be no further from the truth than the reference implementation is. The fp32 model is
-    built first (as deep as memory allows), then cast to bf16 in place, so both runs see identical weights.
-    """
-    free, _ = torch.cuda.mem_get_info(device)
-    per_layer = 2 * 1.70e9  # bytes of one 26B-A4B layer in fp32
-    fixed = 2 * 2.4e9  # embeddings/head + vision tower in fp32
-    layers = max(1, min(cfg.text.num_hidden_layers, int((0.85 * free - fixed) // per_layer)))
-    if layers < cfg.text.num_hidden_layers:
-        cfg = cfg.replace_text(num_hidden_layers=layers)
-    cfg = Gemma4Config(text=cfg.text, vision=None)
-    m = random_init(cfg, dtype=torch.float32, device=device, seed=3)
-    ids = random_prompt(n_tokens, cfg.text.vocab_size, seed=11, device=device)
-    m.set_attention_backend("sdpa")
-    truth = m.prefill([ids], all_logits=True).float()
-    for p in list(m.parameters()) + [b for n, b in m.named_buffers() if "inv_freq" not in n and b.is_floating_point()]:
-        p.data = p.data.to(torch.bfloat16)
-    m.set_attention_backend("auto")
-    rel = lambda x: measure.rel_err(x, truth)
-    agree = lambda x: (x.argmax(-1) == truth.argmax(-1)).float().mean().item()
-    out: dict[str, Any] = {"layers": layers, "tokens": n_tokens}
-    for name, fusion in (("ours_unfused", Fusion.none()), ("ours_fused", Fusion.all())):
-        m.set_fusion(fusion)
-        got = m.prefill([ids], all_logits=True).float()
-        out[f"{name}_rel_err_vs_fp32"] = rel(got)
-        out[f"{name}_top1_agree_vs_fp32"] = agree(got)
-    hf = hf_twin(m)
-    theirs = hf(input_ids=ids[None], use_cache=False).logits[0].float()
-    out["transformers_bf16_rel_err_vs_fp32"] = rel(theirs)
-    out["transformers_bf16_top1_agree_vs_fp32"] = agree(theirs)
-    out["ratio_fused_to_transformers"] = out["ours_fused_rel_err_vs_fp32"] / out["transformers_bf16_rel_err_vs_fp32"]
-    del m, hf
-    gc.collect()
-    torch.cuda.empty_cache()
+        layers = text.layers
+        keep = text.config.num_hidden_layers
+        text.config.num_hidden_layers = 1  # the text model loops over layers[:num_hidden_layers]
+        try:
+            fwd = lambda h=h: text(inputs_embeds=h, use_cache=False)  # noqa: E731
+            prof = profile_forward(fwd)
+            out[str(t)] = {"ms": measure.bench(fwd, rep_ms=args.rep_ms), "launches": prof["kernels"],
+                           "top_kernels": prof["top_kernels"][:15], "layers": len(layers[:1])}
+        finally:
+            text.config.num_hidden_layers = keep
     return out
 
 
 def table(res: dict) -> str:
-    lines = ["tokens | floor | eager (baseline) | fused | fused+PCG | change | transformers | compile"]
+    lines = ["tokens | floor | eager | fused | fused+PCG | transformers | compile | best peer / PCG"]
     for r in res["rows"].values():
-        e, p = r.get("eager_ms"), r.get("pcg_ms")
-        ch = f"{(p / e - 1) * 100:+.1f}%" if e and p else "—"
-        lines.append(f"{r['tokens']:>6} | {fmt_ms(r['floor_ms'])} | {fmt_ms(e)} | {fmt_ms(r.get('fused_ms'))} | "
-                     f"{fmt_ms(p)} | {ch} | {fmt_ms(r.get('hf_ms'))} | {fmt_ms(r.get('compile_ms'))}")
+        lines.append(f"{r['tokens']:>6} | {fmt_ms(r['floor_ms'])} | {fmt_ms(r.get('eager_ms'))} | "
+                     f"{fmt_ms(r.get('fused_ms'))} | {fmt_ms(r.get('pcg_ms'))} | {fmt_ms(r.get('hf_ms'))} | "
+                     f"{fmt_ms(r.get('hf_compile_ms'))} | {fmt_ms(r.get('speedup_vs_best_peer'))}")
     return "\n".join(lines)
-
-
-def plot(res: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(res["rows"].values(), key=lambda r: r["tokens"])
-    ts = [r["tokens"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, label in (("eager_ms", "ours, unfused eager"), ("fused_ms", "ours, fused"),
-                       ("pcg_ms", "ours, fused + PCG"), ("hf_ms", "transformers"),
-                       ("compile_ms", "torch.compile (ours)"), ("floor_ms", "floor")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(ts, [y if y is not None else float("nan") for y in ys], marker="o", label=label,
-                    linestyle="--" if key == "floor_ms" else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("prompt tokens (batch 1)")
-    ax.set_ylabel("prefill latency (ms)")
-    env = res.get("environment", {})
-    ax.set_title(f"Gemma 4 26B-A4B prefill — {env.get('card', '?')}, {env.get('date_utc', '')[:10]}")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-_FLOOR_KEYS = ("weight_floor_ms", "compute_floor_ms", "floor_ms", "flops")
-_RUN_KEYS = ("copy_bandwidth_Bps", "matmul_flops", "environment", "build_s")
-
-
-def _merge(old: dict | None, new: dict) -> dict:
-    """Add a later run's parts to a result file. The first run's floors stay the reference; the later run's own
-    floors and environment are kept beside its numbers under ``merged_runs`` (same card, measured again)."""
-    if not old:
-        return new
-    out = dict(old)
-    out.setdefault("merged_runs", []).append({"parts": new.get("parts"), **{k: new.get(k) for k in _RUN_KEYS},
-                                              "floors": {t: {k: r.get(k) for k in _FLOOR_KEYS}
-                                                         for t, r in new.get("rows", {}).items()}})
-    for k, v in new.items():
-        if k == "rows":
-            rows = dict(old.get("rows", {}))
-            for t, r in v.items():
-                keep = {k2: r2 for k2, r2 in r.items() if k2 not in _FLOOR_KEYS or t not in rows}
-                rows[t] = {**rows.get(t, {}), **keep}
-            out["rows"] = rows
-        elif k == "parts":
-            out["parts"] = sorted(set(old.get("parts", [])) | set(v))
-        elif k not in _RUN_KEYS:
-            out[k] = v
-    return out
-
-
-def merge_files(base: Path, later: Path, out: Path) -> Path:
-    """Merge two result files of this benchmark (e.g. a compile run made in a second process) into ``out``."""
-    doc = _merge(measure.read_json(base), measure.read_json(later))
-    doc.pop("producer", None)
-    path = measure.write_json(out, doc, overwrite=True)
-    plot(measure.read_json(path), path.with_suffix(".png"))
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-prefill", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=TOKENS)
-    p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=PARTS)
+    p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=DEFAULT_PARTS,
+                   help=f"comma-separated, from {','.join(PARTS)}")
     p.add_argument("--preset", default="26b-a4b")
     p.add_argument("--layers", type=int, default=0, help="reduce depth (0 = the preset's)")
     p.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "flex"])
     p.add_argument("--max-tokens", type=int, default=8192, help="largest PCG bucket")
+    p.add_argument("--layer-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=(93, 2893),
+                   help="token counts of the one-layer part")
+    p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
     p.add_argument("--rep-ms", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--merge", action="store_true", help="merge into an existing result file")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
     bad = set(args.parts) - set(PARTS)
     if bad:
         p.error(f"unknown parts {sorted(bad)}; choose from {PARTS}")
-    if not torch.cuda.is_available():
-        p.error("bench-prefill needs a CUDA GPU (the full-size model is ~50 GB)")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("bench-prefill needs a CUDA GPU for the full-size model (~50 GB); a CPU smoke run: "
+                "--device cpu --preset tiny")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out} is not a usable directory: {e}")
     res = run(args)
-    path = args.out / f"prefill_{measure.card_slug()}.json"
-    if args.merge:
-        res = _merge(measure.read_json(path), res)
-    measure.write_json(path, res, overwrite=False)
-    plot(measure.read_json(path), path.with_suffix(".png"))
-    print(table(measure.read_json(path)))
+    path = measure.write_json(args.out / f"prefill_{measure.card_slug()}.json", res)
+    from gemma4lab.lab import viz
+
+    viz.save(viz.plot_prefill(PUBLISHED, list(res["rows"].values()), viz.env_label(measure.read_json(path))),
+             path.with_suffix(".png"))
+    print(table(res))
     return 0
 
 

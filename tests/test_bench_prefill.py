@@ -1,0 +1,51 @@
+"""bench-prefill's whole pipeline on the tiny config on CPU: every part it runs on the GPU must at least run here,
+write a result file the report can read, and record the provenance and spread it promises."""
+
+from __future__ import annotations
+
+import pytest
+
+from gemma4lab.lab import measure, report
+from gemma4lab.lab.bench import prefill
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts", "accuracy,eager,hf,skew,layer",
+            "--rep-ms", "5", "--layer-tokens", "12", "--out", str(out)]
+    assert prefill.main(argv) == 0
+    return out, measure.read_json(out / "prefill_cpu.json")
+
+
+def test_columns_floors_and_spread(result):
+    _, doc = result
+    assert "errors" not in doc
+    for key in ("rows", "rows_skewed"):
+        for r in doc[key].values():
+            assert r["floor_ms"] == max(r["weight_floor_ms"], r["compute_floor_ms"]) > 0
+            st = r["eager_stats"] if key == "rows" else r["hf_stats"]
+            assert st["runs"] >= 3 and st["min_ms"] <= st["median_ms"] <= st["max_ms"]
+            assert st["first_call_s"] > 0
+    assert doc["hf_experts_implementation"] == "grouped_mm"
+    assert doc["routing"]["skewed"]["exponent"] == 1.0
+    assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
+
+
+def test_accuracy_parts_are_recorded(result):
+    _, doc = result
+    assert set(doc["accuracy_shallow"]["depths"]) == {"1", "2", "6"}
+    per = doc["accuracy_per_layer"]
+    assert len(per["ours_fused"]) == per["layers"] == 6
+
+
+def test_report_reads_the_result(result):
+    out, _ = result
+    text = report.readme_results(out)
+    assert "Skewed routing" in text and "Teacher-forced" in text and "| 12 |" in text
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+    with pytest.raises(SystemExit):
+        prefill.main(["--parts", "eager,banana"])
+    assert "unknown parts" in capsys.readouterr().err

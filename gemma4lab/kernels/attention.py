@@ -126,7 +126,7 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, key_end_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    window, n_tiles,
+    window, n_tiles, n_rows,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr,
     IEEE: tl.constexpr,
@@ -136,8 +136,10 @@ def _prefill_attention_kernel(
     dv0 = tl.program_id(0) % (BLOCK_D // BLOCK_DV) * BLOCK_DV
     tile = n_tiles - 1 - tl.program_id(1)  # causal: the longest tiles are scheduled first
     b = tl.program_id(2)
-    p_start = tl.load(cu_ptr + b)
-    p_end = tl.load(cu_ptr + b + 1)
+    # Device-side guard: prompt bounds clamped to the rows that exist, so a bad cu_seqlens can never read or write
+    # out of bounds (the wrapper checks the values themselves when they live on the host).
+    p_end = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1), 0), n_rows)
+    p_start = tl.minimum(tl.maximum(tl.load(cu_ptr + b), 0), p_end)
     q_lo = p_start + tile * BLOCK_M
     if q_lo >= p_end:
         return
@@ -149,7 +151,7 @@ def _prefill_attention_kernel(
     d_ok = offs_d < HEAD_DIM
     if HAS_KEY_END:
         key_end = tl.load(key_end_ptr + rows, mask=row_ok, other=0)
-        kv_hi = tl.max(key_end, 0)
+        kv_hi = tl.minimum(tl.max(key_end, 0), p_end)  # never past the prompt's last row
     else:
         key_end = rows + 1
         kv_hi = q_last + 1
@@ -225,6 +227,16 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
                              f"{getattr(key_end, 'dtype', type(key_end))} {tuple(getattr(key_end, 'shape', ()))}")
         if key_end.device != q.device or key_end.stride(0) != 1:
             raise ValueError("key_end must be contiguous and on q's device")
+    if cu_seqlens.device.type == "cpu":  # the values are on the host already: check them (no device sync)
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to the token count {n} without decreasing, got {cu}")
+        if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest prompt in cu_seqlens ({cu})")
+        if key_end is not None and key_end.numel():
+            lo, hi = int(key_end.min()), int(key_end.max())
+            if lo < 0 or hi > n:
+                raise ValueError(f"key_end values must lie in [0, {n}], got [{lo}, {hi}]")
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or \
                 out.device != q.device or out.stride(2) != 1:
@@ -258,7 +270,7 @@ def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, batch)](
         q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        window or 0, n_tiles,
+        window or 0, n_tiles, n,
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -40,6 +40,7 @@ def _moe_gemm_kernel(
     w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
     offs_ptr,  # [E] int32 inclusive cumulative row counts
     out_ptr,  # [M, N]
+    M,
     N,
     K,
     stride_am,
@@ -54,8 +55,9 @@ def _moe_gemm_kernel(
 ):
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
-    end = tl.load(offs_ptr + e)
-    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    # Device-side guard: an expert's rows clamped to [0, M), so bad offsets can never read or write out of bounds.
+    end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), M)
+    start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n[None, :].to(tl.int64) * stride_wn
@@ -116,6 +118,11 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
         raise ValueError("a, w and offsets must be on one device")
     if a.stride(-1) != 1 or w.stride(-1) != 1:
         raise ValueError("a and w need a contiguous last dimension")
+    if offsets.device.type == "cpu" and e:  # values on the host already: check them (no device sync)
+        ends = offsets.tolist()
+        if ends[0] < 0 or ends[-1] != a.shape[0] or any(y < x for x, y in zip(ends, ends[1:])):
+            raise ValueError(f"offsets must be non-decreasing cumulative row counts ending at the {a.shape[0]} rows "
+                             f"of a, got {ends}")
     return e, n, k
 
 
@@ -131,7 +138,7 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_ga
         return moe_gemm_ref(a, w, offsets, gelu_gate)
     grid = (e, triton.cdiv(n, block_n))
     extra = {} if not a.is_cuda else {"num_warps": num_warps, "num_stages": num_stages}
-    _moe_gemm_kernel[grid](a, w, offsets, out, n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+    _moe_gemm_kernel[grid](a, w, offsets, out, a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
                            GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                            BLOCK_K=block_k, **extra)
     return out
@@ -143,6 +150,7 @@ def _moe_combine_kernel(
     pos_ptr,  # [T * TOP_K] int: where routed slot (t, j) landed in the sorted rows
     w_ptr,  # [T, TOP_K] fp32 routing weights
     out_ptr,  # [T, H]
+    M,
     H,
     stride_y,
     stride_o,
@@ -156,6 +164,9 @@ def _moe_combine_kernel(
     for j in tl.static_range(TOP_K):
         p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
         w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+        ok = (p >= 0) & (p < M)  # device-side guard: a bad position reads row 0 with weight 0, never out of bounds
+        p = tl.where(ok, p, 0)
+        w = tl.where(ok, w, 0.0)
         acc += w * tl.load(ys_ptr + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -174,6 +185,15 @@ def moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor
                          f"{tuple(positions.shape)}, {tuple(weights.shape)}")
     if ys.stride(-1) != 1 or not weights.is_contiguous() or not positions.is_contiguous():
         raise ValueError("moe_combine needs contiguous rows, weights and positions")
+    if positions.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
+        raise TypeError(f"positions must be int32/int64 and weights floating point, got {positions.dtype}, "
+                        f"{weights.dtype}")
+    if not (ys.device == positions.device == weights.device):
+        raise ValueError("ys, positions and weights must be on one device")
+    if positions.device.type == "cpu" and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= ys.shape[0]:
+            raise ValueError(f"positions must index the {ys.shape[0]} rows of ys, got values in [{lo}, {hi}]")
     t, k = weights.shape
     out = torch.empty(t, ys.shape[1], dtype=ys.dtype, device=ys.device)
     if t == 0:
@@ -183,6 +203,6 @@ def moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor
     h = ys.shape[1]
     block = triton.next_power_of_2(h)
     extra = {"num_warps": 4 if block <= 4096 else 8} if ys.is_cuda else {}
-    _moe_combine_kernel[(t,)](ys, positions, weights, out, h, ys.stride(0), out.stride(0), TOP_K=k, BLOCK=block,
-                              **extra)
+    _moe_combine_kernel[(t,)](ys, positions, weights, out, ys.shape[0], h, ys.stride(0), out.stride(0), TOP_K=k,
+                              BLOCK=block, **extra)
     return out

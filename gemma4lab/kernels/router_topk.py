@@ -3,7 +3,9 @@ probabilities to sum 1 -> multiply by ``per_expert_scale[id]``. Matches Hugging 
 
 Selection order equals ``torch.topk`` (descending probability). Ties (equal fp32 probabilities, e.g. duplicate
 bf16 logits) go to the *lowest* expert index first; ``torch.topk`` does not document its tie order, so on exact
-ties the ids may be a permutation of torch's (the weights are then equal anyway). NaN logits are not supported.
+ties the ids may be a permutation of torch's (the weights are then equal anyway). NaN is handled as ``torch.topk``
+handles it: NaN ranks above every probability, so a row with a NaN or +inf logit (whose softmax is all NaN) gets
+``top_k`` distinct, valid expert ids and NaN weights — never an id out of range.
 
 Bytes per token (128 experts, top-8): read logits (128 * b), write weights and ids (8 * 4 + 8 * 8).
 """
@@ -28,15 +30,17 @@ def _router_topk_kernel(l_ptr, scale_ptr, w_ptr, id_ptr, n_rows, stride_l, strid
     e = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = e / tl.sum(e, axis=1)[:, None]
     p = tl.where(col_ok, p, -1.0)  # padding lanes never win
+    key = tl.where(p != p, 2.0, p)  # NaN ranks above every probability (<= 1), as in torch.topk
     kcols = tl.arange(0, K_BLOCK)[None, :]
     top_p = tl.zeros([ROWS, K_BLOCK], dtype=tl.float32)
     top_i = tl.zeros([ROWS, K_BLOCK], dtype=tl.int32)
     for j in tl.static_range(K):
-        best = tl.max(p, axis=1)
-        idx = tl.min(tl.where(p == best[:, None], cols[None, :], E_BLOCK), axis=1)  # lowest index among ties
-        top_p = tl.where(kcols == j, best[:, None], top_p)
+        best = tl.max(key, axis=1)
+        idx = tl.min(tl.where(key == best[:, None], cols[None, :], E_BLOCK), axis=1)  # lowest index among ties
+        hit = cols[None, :] == idx[:, None]
+        top_p = tl.where(kcols == j, tl.sum(tl.where(hit, p, 0.0), axis=1)[:, None], top_p)  # p itself (NaN stays)
         top_i = tl.where(kcols == j, idx[:, None], top_i)
-        p = tl.where(cols[None, :] == idx[:, None], -2.0, p)
+        key = tl.where(hit, -2.0, key)
     k_ok = kcols < K
     scale = tl.load(scale_ptr + top_i, mask=k_ok, other=0.0).to(tl.float32)
     w = top_p / tl.sum(top_p, axis=1)[:, None] * scale

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,28 @@ class TextConfig:
     max_position_embeddings: int = 262144
 
     def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window", "max_position_embeddings")
+        if self.attention_k_eq_v:
+            _positive(self, "num_global_key_value_heads")
+        for name in ("head_dim", "global_head_dim"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"{name}={getattr(self, name)} must be even (RoPE rotates pairs of dimensions)")
+        for name in ("rms_norm_eps", "rope_theta_sliding", "rope_theta_full"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not 0 < self.partial_rotary_factor_full <= 1:
+            raise ValueError(f"partial_rotary_factor_full must lie in (0, 1], got {self.partial_rotary_factor_full}")
+        cap = self.final_logit_softcapping
+        if cap is not None and (not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0):
+            raise ValueError(f"final_logit_softcapping must be None or a number > 0, got {cap!r}")
+        if self.enable_moe_block:
+            _positive(self, "num_experts", "top_k_experts", "moe_intermediate_size")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ValueError(f"{name}={v!r} must be a token id in [0, vocab_size={self.vocab_size})")
         if not self.layer_types:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
         if len(self.layer_types) != self.num_hidden_layers:
@@ -108,6 +131,16 @@ class VisionConfig:
     rms_norm_eps: float = 1e-6
     standardize: bool = True
 
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                  "patch_size", "pooling_kernel_size", "position_embedding_size")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim={self.head_dim} must be a multiple of 4 (2-D RoPE rotates pairs on two "
+                             "axes)")
+        if not isinstance(self.rms_norm_eps, (int, float)) or not math.isfinite(self.rms_norm_eps) or \
+                self.rms_norm_eps <= 0:
+            raise ValueError(f"vision rms_norm_eps must be a finite number > 0, got {self.rms_norm_eps!r}")
+
 
 @dataclass
 class Gemma4Config:
@@ -137,23 +170,42 @@ class Gemma4Config:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"no config.json found at {path}")
-        with open(file) as f:
-            return cls.from_hf_dict(json.load(f))
+        try:
+            with open(file) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(d)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> Gemma4Config:
-        """Build from a Hugging Face ``Gemma4Config`` dict (or a bare ``gemma4_text`` one)."""
-        if d.get("model_type") == "gemma4_text" or "text_config" not in d:
+        """Build from a Hugging Face ``Gemma4Config`` dict (or a bare ``gemma4_text`` one). Anything that is not a
+        Gemma 4 config — an empty dict, another model's ``config.json``, a missing ``text_config`` — is refused."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a config must be a dict (parsed config.json), got {type(d).__name__}")
+        kind = d.get("model_type")
+        if kind not in ("gemma4", "gemma4_text"):
+            raise ValueError(f"model_type={kind!r} is not a Gemma 4 config (expected 'gemma4' or 'gemma4_text'): "
+                             "gemma4lab builds only Gemma 4")
+        if kind == "gemma4_text":
             text_d, vision_d, top = d, None, {}
         else:
-            text_d, vision_d, top = d["text_config"] or {}, d.get("vision_config"), d
+            if not isinstance(d.get("text_config"), dict):
+                raise ValueError(f"a 'gemma4' config needs a text_config object, got {d.get('text_config')!r}")
+            if d.get("vision_config") is not None and not isinstance(d["vision_config"], dict):
+                raise ValueError(f"vision_config must be an object or null, got {d['vision_config']!r}")
+            text_d, vision_d, top = d["text_config"], d.get("vision_config"), d
         if top.get("audio_config"):
             raise ValueError("audio_config is set: the audio tower (E2B/E4B) is not supported by gemma4lab")
         kw: dict[str, Any] = {}
+        fields = _Fields(top, "config")
         for k in ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id", "audio_token_id",
                   "vision_soft_tokens_per_image"):
-            if top.get(k) is not None:
-                kw[k] = top[k]
+            v = fields.int(k, None)
+            if v is not None:
+                if v < 0:
+                    raise ValueError(f"config field {k}={v} must be >= 0")
+                kw[k] = v
         return cls(text=_text_from_hf(text_d), vision=_vision_from_hf(vision_d) if vision_d else None, **kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -247,9 +299,69 @@ class Gemma4Config:
 # ---- Hugging Face dict parsing ------------------------------------------------------------------------------------
 
 
+def _positive(cfg: Any, *names: str) -> None:
+    """Each named field must be an int >= 1 (a 0 or a float would build a model that crashes or is silently wrong)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be an int >= 1, got {v!r}")
+
+
 def _require(d: dict[str, Any], key: str, allowed: tuple[Any, ...], what: str) -> None:
     if d.get(key, allowed[0]) not in allowed:
         raise ValueError(f"config field {what}.{key}={d.get(key)!r} is not supported (supported: {allowed})")
+
+
+class _Fields:
+    """Typed reads of one config section: a wrong type is a ``ValueError`` naming the field, never a crash later.
+    A missing field (or ``None``, as transformers writes for unset optional fields) takes the default."""
+
+    def __init__(self, d: dict[str, Any], what: str) -> None:
+        self.d, self.what = d, what
+
+    def _bad(self, key: str, want: str) -> ValueError:
+        return ValueError(f"config field {self.what}.{key}={self.d.get(key)!r} must be {want}")
+
+    def int(self, key: str, default: int | None) -> int | None:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self._bad(key, "an integer")
+        return v
+
+    def num(self, key: str, default: float | None) -> float | None:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self._bad(key, "a number")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false")
+        return v
+
+    def obj(self, key: str) -> dict[str, Any]:
+        v = self.d.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise self._bad(key, "an object")
+        return v
+
+    def ints(self, key: str, default: list[int]) -> list[int]:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        v = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise self._bad(key, "an integer or a list of integers")
+        return list(v)
 
 
 def _text_from_hf(d: dict[str, Any]) -> TextConfig:
@@ -259,24 +371,34 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     _require(d, "attention_bias", (False, None), "text_config")
     _require(d, "hidden_activation", ("gelu_pytorch_tanh",), "text_config")
     _require(d, "use_bidirectional_attention", ("vision", None), "text_config")
-    n_layers = d.get("num_hidden_layers", 30)
+    f = _Fields(d, "text_config")
+    n_layers = f.int("num_hidden_layers", 30)
+    if n_layers < 1:
+        raise ValueError(f"text_config.num_hidden_layers must be an int >= 1, got {n_layers!r}")
     layer_types = d.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise ValueError(f"text_config.layer_types must be a list, got {layer_types!r}")
     if not layer_types:
         layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
     layer_types = list(layer_types)
     layer_types[-1] = FULL
-    head_dim = d.get("head_dim", 256)
-    kv = d.get("num_key_value_heads", 4)
-    k_eq_v = bool(d.get("attention_k_eq_v", False))
+    head_dim = f.int("head_dim", 256)
+    kv = f.int("num_key_value_heads", 4)
+    k_eq_v = f.flag("attention_k_eq_v", False)
 
     # Full-layer shapes: 5.5-style top-level fields, or 5.16+ per_layer_config overrides.
-    per_layer = d.get("per_layer_config")
+    per_layer = f.obj("per_layer_config")
     if per_layer:
-        overrides = {int(k): v for k, v in per_layer.items()}
+        try:
+            overrides = {int(k): v for k, v in per_layer.items()}
+        except ValueError:
+            raise ValueError(f"per_layer_config keys must be layer numbers, got {sorted(per_layer)}") from None
         full_ids = [i for i, t in enumerate(layer_types) if t == FULL]
         extra = [i for i in overrides if i not in full_ids]
         if extra:
             raise ValueError(f"per_layer_config overrides sliding layers {extra}: only full layers may differ")
+        if not all(isinstance(v, dict) for v in overrides.values()):
+            raise ValueError("per_layer_config entries must be objects")
         seen = {json.dumps(overrides.get(i, {}), sort_keys=True) for i in full_ids}
         if len(seen) > 1:
             raise ValueError("per_layer_config gives full layers different shapes: not supported")
@@ -284,16 +406,18 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
         unknown = set(o) - {"head_dim", "num_key_value_heads"}
         if unknown:
             raise ValueError(f"per_layer_config fields {sorted(unknown)} are not supported")
-        global_head_dim = o.get("head_dim", head_dim)
-        global_kv = o.get("num_key_value_heads", kv)
+        of = _Fields(o, "text_config.per_layer_config")
+        global_head_dim = of.int("head_dim", head_dim)
+        global_kv = of.int("num_key_value_heads", kv)
     else:
-        global_head_dim = d.get("global_head_dim", 512)
-        g = d.get("num_global_key_value_heads")
+        global_head_dim = f.int("global_head_dim", 512)
+        g = f.int("num_global_key_value_heads", None)
         global_kv = g if (g is not None and k_eq_v) else kv
 
-    rope = d.get("rope_parameters") or {}
-    rs = rope.get(SLIDING, {"rope_type": "default", "rope_theta": 10000.0})
-    rf = rope.get(FULL, {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
+    rope = f.obj("rope_parameters")
+    rope_f = _Fields(rope, "text_config.rope_parameters")
+    rs = rope_f.obj(SLIDING) or {"rope_type": "default", "rope_theta": 10000.0}
+    rf = rope_f.obj(FULL) or {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}
     if rs.get("rope_type", "default") != "default":
         raise ValueError(f"rope_parameters.sliding_attention.rope_type={rs.get('rope_type')!r} is not supported")
     if rf.get("rope_type") not in ("default", "proportional"):
@@ -301,36 +425,36 @@ def _text_from_hf(d: dict[str, Any]) -> TextConfig:
     for r in (rs, rf):
         if r.get("factor", 1.0) != 1.0:
             raise ValueError("rope_parameters.*.factor != 1 is not supported")
-    eos = d.get("eos_token_id", 1)
-    moe = bool(d.get("enable_moe_block", False))
+    fs, ff = _Fields(rs, f"rope_parameters.{SLIDING}"), _Fields(rf, f"rope_parameters.{FULL}")
+    moe = f.flag("enable_moe_block", False)
     return TextConfig(
-        vocab_size=d.get("vocab_size", 262144),
-        hidden_size=d.get("hidden_size", 2304),
-        intermediate_size=d.get("intermediate_size", 9216),
+        vocab_size=f.int("vocab_size", 262144),
+        hidden_size=f.int("hidden_size", 2304),
+        intermediate_size=f.int("intermediate_size", 9216),
         num_hidden_layers=n_layers,
-        num_attention_heads=d.get("num_attention_heads", 8),
+        num_attention_heads=f.int("num_attention_heads", 8),
         num_key_value_heads=kv,
         head_dim=head_dim,
         global_head_dim=global_head_dim,
         num_global_key_value_heads=global_kv,
         attention_k_eq_v=k_eq_v,
         layer_types=layer_types,
-        sliding_window=d.get("sliding_window", 512),
-        rope_theta_sliding=float(rs.get("rope_theta", 10000.0)),
-        rope_theta_full=float(rf.get("rope_theta", 1e6)),
+        sliding_window=f.int("sliding_window", 512),
+        rope_theta_sliding=fs.num("rope_theta", 10000.0),
+        rope_theta_full=ff.num("rope_theta", 1e6),
         rope_type_full=rf.get("rope_type", "proportional"),
-        partial_rotary_factor_full=float(rf.get("partial_rotary_factor", 1.0)),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        final_logit_softcapping=d.get("final_logit_softcapping"),
+        partial_rotary_factor_full=ff.num("partial_rotary_factor", 1.0),
+        rms_norm_eps=f.num("rms_norm_eps", 1e-6),
+        final_logit_softcapping=f.num("final_logit_softcapping", None),
         enable_moe_block=moe,
-        num_experts=d.get("num_experts") or 0 if moe else 0,
-        top_k_experts=d.get("top_k_experts") or 0 if moe else 0,
-        moe_intermediate_size=d.get("moe_intermediate_size") or 0 if moe else 0,
-        pad_token_id=d.get("pad_token_id", 0) or 0,
-        bos_token_id=d.get("bos_token_id", 2),
-        eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+        num_experts=f.int("num_experts", 0) if moe else 0,
+        top_k_experts=f.int("top_k_experts", 0) if moe else 0,
+        moe_intermediate_size=f.int("moe_intermediate_size", 0) if moe else 0,
+        pad_token_id=f.int("pad_token_id", 0),
+        bos_token_id=f.int("bos_token_id", 2),
+        eos_token_id=f.ints("eos_token_id", [1]),
         use_bidirectional_attention=d.get("use_bidirectional_attention"),
-        max_position_embeddings=d.get("max_position_embeddings", 131072),
+        max_position_embeddings=f.int("max_position_embeddings", 131072),
     )
 
 
@@ -338,22 +462,23 @@ def _vision_from_hf(d: dict[str, Any]) -> VisionConfig:
     _require(d, "use_clipped_linears", (False, None), "vision_config")
     _require(d, "attention_bias", (False, None), "vision_config")
     _require(d, "hidden_activation", ("gelu_pytorch_tanh",), "vision_config")
-    heads = d.get("num_attention_heads", 12)
-    if d.get("num_key_value_heads", heads) != heads:
+    f = _Fields(d, "vision_config")
+    heads = f.int("num_attention_heads", 12)
+    if f.int("num_key_value_heads", heads) != heads:
         raise ValueError("vision_config.num_key_value_heads != num_attention_heads is not supported")
-    rope = d.get("rope_parameters") or {}
+    rope = _Fields(f.obj("rope_parameters"), "vision_config.rope_parameters")
     return VisionConfig(
-        hidden_size=d.get("hidden_size", 768),
-        intermediate_size=d.get("intermediate_size", 3072),
-        num_hidden_layers=d.get("num_hidden_layers", 16),
+        hidden_size=f.int("hidden_size", 768),
+        intermediate_size=f.int("intermediate_size", 3072),
+        num_hidden_layers=f.int("num_hidden_layers", 16),
         num_attention_heads=heads,
-        head_dim=d.get("head_dim", 64),
-        patch_size=d.get("patch_size", 16),
-        pooling_kernel_size=d.get("pooling_kernel_size", 3),
-        position_embedding_size=d.get("position_embedding_size", 10240),
-        rope_theta=float(rope.get("rope_theta", 100.0)),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        standardize=bool(d.get("standardize", False)),
+        head_dim=f.int("head_dim", 64),
+        patch_size=f.int("patch_size", 16),
+        pooling_kernel_size=f.int("pooling_kernel_size", 3),
+        position_embedding_size=f.int("position_embedding_size", 10240),
+        rope_theta=rope.num("rope_theta", 100.0),
+        rms_norm_eps=f.num("rms_norm_eps", 1e-6),
+        standardize=f.flag("standardize", False),
     )
 
 

@@ -29,19 +29,36 @@ def _build_empty(config: Gemma4Config, dtype: torch.dtype, device: torch.device)
     return model.eval()
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ValueError(f"the index names shards that are missing from {path}: {missing}")
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files to read and, for a sharded checkpoint, its key -> shard map.
+
+    Precedence as in transformers: ``model.safetensors`` wins over an index. An index must be valid JSON and name
+    only shards inside ``path`` that exist."""
+    single = path / SINGLE
     if single.is_file():
-        return [single]
-    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        return [single], None
+    index = path / INDEX
+    if not index.is_file():
+        raise ValueError(f"no {SINGLE} or {INDEX} in {path}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    root = path.resolve()
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if (root / s).resolve().parent != root]
+    if outside:
+        raise ValueError(f"{index} names shards outside the checkpoint directory: {outside[:5]}")
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ValueError(f"the index names shards that are missing from {path}: {missing}")
+    return [path / s for s in shards], weight_map
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config_path: Path) -> torch.dtype:
@@ -71,17 +88,25 @@ def load_pretrained(
     config = Gemma4Config.from_pretrained(path)
     dtype = _resolve_dtype(dtype, path / "config.json")
     device = torch.device(device or "cpu")
-    files = _checkpoint_files(path)
+    files, weight_map = _checkpoint_files(path)
 
     model = _build_empty(config, dtype, device)
     targets = dict(model.state_dict(keep_vars=True))
+    embed_key = "model.language_model.embed_tokens.weight"
     seen: set[str] = set()
     unexpected: list[str] = []
     bad_shapes: list[str] = []
+    bad_dtypes: list[str] = []
+    misplaced: list[str] = []
+    head = None
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
+                if weight_map is not None and weight_map.get(key) != file.name:
+                    misplaced.append(f"{key} in {file.name} (index: {weight_map.get(key)})")
+                    continue
                 if key in TIED_KEYS:
+                    head = f.get_tensor(key)  # must equal the embeddings: checked below
                     continue
                 if key not in targets:
                     unexpected.append(key)
@@ -91,9 +116,22 @@ def load_pretrained(
                 if tuple(t.shape) != tuple(dst.shape):
                     bad_shapes.append(f"{key}: checkpoint {tuple(t.shape)} vs model {tuple(dst.shape)}")
                     continue
+                if t.is_floating_point() != dst.is_floating_point():
+                    bad_dtypes.append(f"{key}: checkpoint {t.dtype}, model expects {dst.dtype}")
+                    continue
                 with torch.no_grad():
                     dst.copy_(t)  # cast + copy to the device; the mmap'd source is dropped right after
                 seen.add(key)
+    if weight_map is not None:
+        never = sorted(set(weight_map) - seen - set(unexpected) - TIED_KEYS
+                       - {k.split(":")[0] for k in bad_shapes + bad_dtypes} - {m.split(" in ")[0] for m in misplaced})
+        if never:
+            misplaced.append(f"keys the index names but its shards lack: {never[:10]}")
+    if head is not None and embed_key in seen:
+        if head.shape != targets[embed_key].shape or not torch.equal(head.to(targets[embed_key].dtype).cpu(),
+                                                                      targets[embed_key].detach().cpu()):
+            unexpected.append("lm_head.weight (an untied head: Gemma 4 ties it to the token embeddings, and "
+                              "gemma4lab supports only that)")
     missing = sorted(set(targets) - seen)
     problems = []
     if missing:
@@ -102,9 +140,18 @@ def load_pretrained(
         problems.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)[:20]}")
     if bad_shapes:
         problems.append(f"shape mismatches: {bad_shapes[:20]}")
+    if bad_dtypes:
+        problems.append(f"non-float tensors for float weights: {bad_dtypes[:20]}")
+    if misplaced:
+        problems.append(f"the index and its shards disagree: {misplaced[:10]}")
     if problems:
         raise ValueError(f"checkpoint {path} does not match the model config: " + "; ".join(problems))
     return model
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """Files a save writes (and may replace): config, the single file, the index and its shards."""
+    return name in ("config.json", SINGLE, INDEX) or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
 def save_pretrained(
@@ -112,23 +159,64 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json`` + safetensors in the reference layout (loadable by transformers too).
 
-    Refuses to write into a directory that already holds a checkpoint unless ``overwrite=True``.
+    Atomic: everything is written into a temporary directory beside ``path`` and swapped in at the end, so an
+    interrupted save leaves the old checkpoint as it was, and a finished one has no stale shard or index left from
+    an earlier save. Files in ``path`` that are not checkpoint files (a tokenizer, a README) are kept. Refuses to
+    replace an existing checkpoint file (including a lone ``config.json``) unless ``overwrite=True``.
     ``max_shard_bytes > 0`` splits the weights into shards with an index, as large checkpoints are stored.
     """
+    import os
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
 
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 0:
+        raise ValueError(f"max_shard_bytes must be an int >= 0 (0: one file), got {max_shard_bytes!r}")
     path = Path(path)
-    if path.exists() and any(path.glob("*.safetensors")) and not overwrite:
-        raise FileExistsError(f"{path} already holds a checkpoint; pass overwrite=True to replace it")
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    cfg = model.config.to_hf_dict()
-    cfg["dtype"] = str(model.dtype).replace("torch.", "")
-    with open(path / "config.json", "w") as f:
-        json.dump(cfg, f, indent=2)
-    if max_shard_bytes <= 0:
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-        return path
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    existing = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    ours = [n for n in existing if _is_checkpoint_file(n)]
+    if ours and not overwrite:
+        raise FileExistsError(f"{path} already holds checkpoint files {ours[:5]}; pass overwrite=True to replace them")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        cfg = model.config.to_hf_dict()
+        cfg["dtype"] = str(model.dtype).replace("torch.", "")
+        if max_shard_bytes <= 0:
+            save_file(state, str(tmp / SINGLE), metadata={"format": "pt"})
+        else:
+            _save_shards(state, tmp, max_shard_bytes, save_file)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name in existing:  # keep the user's other files: hard links (no copy), or a copy across devices
+            if _is_checkpoint_file(name):
+                continue
+            src, dst = path / name, tmp / name
+            if src.is_dir():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _save_shards(state: dict, out: Path, max_shard_bytes: int, save_file) -> None:
     shards: list[dict] = [{}]
     size = 0
     for k, v in state.items():
@@ -141,12 +229,10 @@ def save_pretrained(
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    with open(path / "model.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                   "weight_map": weight_map}, f, indent=2)
-    return path
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ embeddings), so a checkpoint loads by name with no renaming table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
                 "expected pixel_values [num_images, max_patches, 3*patch^2] and image_position_ids "
                 f"[num_images, max_patches, 2], got {tuple(pixel_values.shape)} and {tuple(image_position_ids.shape)}"
             )
+        check_pixels(pixel_values, image_position_ids, self.config.vision.position_embedding_size)
         # Pixels stay fp32: the tower's first op (2·(p − 0.5)) runs in fp32 in the reference too.
         soft = self.model.vision_tower(pixel_values.to(self.device), image_position_ids.to(self.device))
         return self.model.embed_vision(soft)
@@ -134,6 +136,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
 
     def packed_batch(self, seq_lens: list[int], mm_token_type_ids: Tensor | None) -> PackedBatch:
         blocks = None
+        if mm_token_type_ids is not None and mm_token_type_ids.numel() != sum(seq_lens):
+            raise ValueError(f"mm_token_type_ids has {mm_token_type_ids.numel()} entries for {sum(seq_lens)} tokens")
         if mm_token_type_ids is not None and self.config.text.use_bidirectional_attention == "vision":
             blocks = image_block_ids(mm_token_type_ids.to(self.device).reshape(-1))
             # Blocks never cross prompt boundaries: a new prompt restarts the run.
@@ -151,8 +155,26 @@ class Gemma4ForConditionalGeneration(nn.Module):
                 raise ValueError("each prompt must be a 1-D tensor of token ids")
         ids = torch.cat([p.to(self.device) for p in prompts])
         self._check_ids(ids)
-        mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]) if mm_token_type_ids is not None else None
+        mm = None
+        if mm_token_type_ids is not None:
+            if len(mm_token_type_ids) != len(prompts):
+                raise ValueError(f"{len(mm_token_type_ids)} mm_token_type_ids rows for {len(prompts)} prompts")
+            mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]).to(self.device)
+            self._check_token_types(ids, mm)
         return ids, self.packed_batch([int(p.numel()) for p in prompts], mm)
+
+    def _check_token_types(self, ids: Tensor, mm: Tensor) -> None:
+        """``mm_token_type_ids`` must mark exactly the image soft tokens (type 1), so the attention masks built from
+        it match the prompt; a mismatch would silently change the logits. One host read per prefill."""
+        if mm.shape != ids.shape or mm.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"mm_token_type_ids must be int token types of the prompt's shape {tuple(ids.shape)}, "
+                             f"got {mm.dtype} {tuple(mm.shape)}")
+        is_image = ids == self.config.image_token_id
+        marked = mm == 1
+        if not torch.equal(is_image, marked) or bool(((mm != 0) & (mm != 1)).any()):
+            bad = int((is_image != marked).sum())
+            raise ValueError(f"mm_token_type_ids disagrees with input_ids at {bad} positions: it must be 1 exactly at "
+                             f"the image token ({self.config.image_token_id}) and 0 elsewhere (use Gemma4Processor)")
 
     # ---- forward --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,6 +242,29 @@ def batch_forward(prefill, input_ids: Tensor, pixel_values: Tensor | None, image
     logits = prefill(list(input_ids), pixel_values, image_position_ids,
                      list(mm_token_type_ids) if mm_token_type_ids is not None else None, all_logits=True)
     return ModelOutput(logits=logits.view(b, t, -1))
+
+
+def check_pixels(pixel_values: object, image_position_ids: object, table: int) -> None:
+    """The processor's contract: float pixels in [0, 1] (not 0..255, not uint8, no NaN), integer positions inside
+    the position-embedding table or -1 (padding). Checked on the host, once per prefill, outside any graph."""
+    for name, t in (("pixel_values", pixel_values), ("image_position_ids", image_position_ids)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (from gemma4lab.Gemma4Processor), got {type(t).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point in [0, 1] (Gemma4Processor rescales), got "
+                        f"{pixel_values.dtype}")
+    if image_position_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"image_position_ids must be int64/int32, got {image_position_ids.dtype}")
+    if pixel_values.numel():
+        lo, hi = float(pixel_values.min()), float(pixel_values.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise ValueError(f"pixel_values must be finite and in [0, 1], got values in [{lo}, {hi}] (0..255 "
+                             "pixels or a NaN? use Gemma4Processor)")
+    if image_position_ids.numel():
+        lo, hi = int(image_position_ids.min()), int(image_position_ids.max())
+        if lo < -1 or hi >= table:
+            raise ValueError(f"image_position_ids must be -1 (padding) or in [0, {table}), the position table of "
+                             f"the vision config, got values in [{lo}, {hi}]")
 
 
 def _split_blocks_at(blocks: Tensor, starts: Tensor) -> Tensor:

@@ -75,7 +75,7 @@ def greedy_generate(
     a list of prompts of different lengths returns a list. ``step_fn``/``prefill_fn``/``cache`` swap in the
     graphed decode step, the piecewise-graph prefill and their static cache.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     cfg = model.config.text
     as_list = isinstance(input_ids, (list, tuple))
@@ -85,6 +85,9 @@ def greedy_generate(
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=model.device)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     lens = [int(p.numel()) for p in prompts]
+    if max(lens) + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
     if cache is None:
         cache = KVCache(cfg, len(prompts), max(lens) + max_new_tokens, model.dtype, model.device)
     logits = (prefill_fn or model.prefill)(prompts, pixel_values, image_position_ids, mm, cache=cache)

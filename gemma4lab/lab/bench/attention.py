@@ -19,6 +19,7 @@ import torch
 from gemma4lab.attention import PackedBatch, flex_attention, flex_block_mask, sdpa_attention
 from gemma4lab.kernels.attention import AttentionConfig, attention_config, gemma_prefill_attention
 from gemma4lab.lab import measure
+from gemma4lab.lab.bench.common import out_dir, positive_float, positive_int, positive_ints
 
 WINDOW = 1024
 LAYERS = {"sliding": (256, 8, WINDOW), "full": (512, 2, None)}  # head_dim, kv heads, window
@@ -118,14 +119,14 @@ def plot(doc: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-attention")
-    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    p.add_argument("--tokens", type=ints, default=(1453, 2893, 5773, 11533, 32768))
+    p.add_argument("--tokens", type=positive_ints, default=(1453, 2893, 5773, 11533, 32768))
     p.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=("full", "sliding"))
-    p.add_argument("--sdpa-max", type=int, default=8192, help="SDPA's explicit mask is O(T²): skip it above this")
+    p.add_argument("--sdpa-max", type=positive_int, default=8192,
+                   help="SDPA's explicit mask is O(T²): skip it above this")
     p.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes at --sweep-tokens")
-    p.add_argument("--sweep-tokens", type=int, default=11533)
-    p.add_argument("--rep-ms", type=float, default=200.0)
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--sweep-tokens", type=positive_int, default=11533)
+    p.add_argument("--rep-ms", type=positive_float, default=200.0)
+    p.add_argument("--out", type=out_dir, default=Path("results"))
     args = p.parse_args(argv)
     bad = set(args.layers) - set(LAYERS)
     if bad:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -105,6 +107,59 @@ def hf_experts_implementation(hf) -> str | None:
         if type(mod).__name__.endswith("TextExperts"):
             return mod.config._experts_implementation
     return None
+
+
+# ---- command-line argument types: a bad value is a one-line usage error before any work, never a traceback -------
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 1, e.g. ``93,189,1453``."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return tuple(positive_int(p.strip()) for p in parts)
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def device_arg(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as 'cuda', 'cuda:0' or 'cpu', got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected a cpu or cuda device, got {text!r}")
+    return text
+
+
+def out_dir(text: str) -> Path:
+    """A directory for results: it may not exist yet, but it may not be a file, and it must be creatable."""
+    import os
+
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"--out {text} is a file, not a directory")
+    ancestor = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(ancestor, os.W_OK):
+        raise argparse.ArgumentTypeError(f"--out {text}: {ancestor} is not writable")
+    return path
 
 
 def fmt_ms(x: float | None) -> str:

@@ -32,6 +32,7 @@ from gemma4lab.kernels import LaunchConfig, dual_rmsnorm, gelu_and_mul, post_att
 from gemma4lab.kernels import rmsnorm_residual_scalar as rms_mod
 from gemma4lab.kernels._common import SUPPORTED_DTYPES, RowConfig
 from gemma4lab.lab import measure
+from gemma4lab.lab.bench.common import device_arg, out_dir, positive_int, positive_ints
 
 DEFAULT_TOKENS = (93, 189, 1453, 2893, 5773, 11533, 32768)
 QUICK_TOKENS = (1, 5)
@@ -469,25 +470,21 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
             "merged_runs": [*old.get("merged_runs", []), old.get("environment", {}).get("date_utc")]}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gemma4lab.lab.bench.kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=_ints, default=None,
+    p.add_argument("--tokens", type=positive_ints, default=None,
                    help=f"comma-separated token counts (default {','.join(map(str, DEFAULT_TOKENS))}; --quick: "
                         f"{','.join(map(str, QUICK_TOKENS))})")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 2816; --quick: 96)")
+    p.add_argument("--hidden", type=positive_int, default=None, help="hidden size (default 2816; --quick: 96)")
     p.add_argument("--dtype", default="bfloat16", choices=[str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES])
-    p.add_argument("--out", type=Path, default=Path("results"), help="output directory (default results/)")
+    p.add_argument("--out", type=out_dir, default=Path("results"), help="output directory (default results/)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (works on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--kernels", type=lambda s: tuple(s.split(",")), default=KERNELS,
                    help=f"comma-separated subset of {','.join(KERNELS)}")
     p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile column (saves minutes)")
     p.add_argument("--sweep", action="store_true", help="also time a grid of launch configs (tuning)")
-    p.add_argument("--sweep-tokens", type=_ints, default=None, help="T values for --sweep (default: smallest, "
+    p.add_argument("--sweep-tokens", type=positive_ints, default=None, help="T values for --sweep (default: smallest, "
                    "largest and the one nearest 4096 of --tokens)")
     p.add_argument("--merge", action="store_true", help="keep the existing file's rows for kernels not run now")
     p.add_argument("--overwrite", action="store_true", help="replace an output file not written by gemma4lab")

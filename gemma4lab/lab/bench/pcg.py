@@ -14,9 +14,16 @@ from typing import Any
 import torch
 
 from gemma4lab.lab import measure
-from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.lab.bench.common import (
+    device_arg,
+    out_dir,
+    positive_float,
+    positive_int,
+    positive_ints,
+    random_prompt,
+)
 from gemma4lab.lab.profiling import profile_forward
-from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.fusion import Fusion
 from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
@@ -116,15 +123,15 @@ def plot(res: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-pcg")
-    p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=TOKENS)
-    p.add_argument("--profile-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=(93, 1453))
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--preset", default="26b-a4b")
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--rep-ms", type=float, default=200.0)
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--tokens", type=positive_ints, default=TOKENS)
+    p.add_argument("--profile-tokens", type=positive_ints, default=(93, 1453))
+    p.add_argument("--layers", type=positive_int, default=6)
+    p.add_argument("--preset", default="26b-a4b", choices=sorted(PRESETS))
+    p.add_argument("--max-tokens", type=positive_int, default=8192)
+    p.add_argument("--rep-ms", type=positive_float, default=200.0)
+    p.add_argument("--out", type=out_dir, default=Path("results"))
     p.add_argument("--traces", action="store_true", help="also write chrome traces next to the JSON")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", type=device_arg, default="cuda")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("bench-pcg needs a CUDA GPU")

@@ -33,13 +33,18 @@ import torch
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import (
     active_flops_per_token,
+    device_arg,
     fmt_ms,
     hf_experts_implementation,
     hf_twin,
+    out_dir,
+    positive_float,
+    positive_int,
+    positive_ints,
     random_prompt,
     text_weight_bytes,
 )
-from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.fusion import Fusion
 
@@ -334,19 +339,19 @@ def table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-prefill", description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=TOKENS)
+    p.add_argument("--tokens", type=positive_ints, default=TOKENS)
     p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=DEFAULT_PARTS,
                    help=f"comma-separated, from {','.join(PARTS)}")
-    p.add_argument("--preset", default="26b-a4b")
-    p.add_argument("--layers", type=int, default=0, help="reduce depth (0 = the preset's)")
+    p.add_argument("--preset", default="26b-a4b", choices=sorted(PRESETS))
+    p.add_argument("--layers", type=positive_int, default=None, help="reduce depth (default: the preset's)")
     p.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "flex"])
-    p.add_argument("--max-tokens", type=int, default=8192, help="largest PCG bucket")
-    p.add_argument("--layer-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=(93, 2893),
+    p.add_argument("--max-tokens", type=positive_int, default=8192, help="largest PCG bucket")
+    p.add_argument("--layer-tokens", type=positive_ints, default=(93, 2893),
                    help="token counts of the one-layer part")
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
-    p.add_argument("--rep-ms", type=float, default=300.0)
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--rep-ms", type=positive_float, default=300.0)
+    p.add_argument("--out", type=out_dir, default=Path("results"))
+    p.add_argument("--device", type=device_arg, default="cuda")
     args = p.parse_args(argv)
     bad = set(args.parts) - set(PARTS)
     if bad:
@@ -354,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("bench-prefill needs a CUDA GPU for the full-size model (~50 GB); a CPU smoke run: "
                 "--device cpu --preset tiny")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {args.out} is not a usable directory: {e}")
+    if args.skew < 0:
+        p.error(f"--skew must be >= 0, got {args.skew}")
+    args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     path = measure.write_json(args.out / f"prefill_{measure.card_slug()}.json", res)
     from gemma4lab.lab import viz

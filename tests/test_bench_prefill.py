@@ -43,6 +43,8 @@ def test_report_reads_the_result(result):
     out, _ = result
     text = report.readme_results(out)
     assert "Skewed routing" in text and "Teacher-forced" in text and "| 12 |" in text
+    assert (out / "prefill_cpu.png").exists() and (out / "prefill_cpu_layers.png").exists()
+    assert f"{out.name}/prefill_cpu_layers.png" in text
 
 
 def test_bad_arguments_are_clear_errors(capsys):

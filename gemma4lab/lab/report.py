@@ -186,7 +186,7 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def accuracy_section(doc: Mapping[str, Any]) -> str:
+def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
     shallow = (doc.get("accuracy_shallow") or {}).get("depths") or {}
     per = doc.get("accuracy_per_layer") or {}
     if not shallow and not per:
@@ -207,6 +207,8 @@ def accuracy_section(doc: Mapping[str, Any]) -> str:
                        f"{r.get('transformers_bf16_top1', float('nan')):.3f} |")
         out.append("")
     if per.get("ours_fused"):
+        if png:
+            out += [f"![per-layer accuracy]({png})", ""]
         ratios = per.get("ours_fused_over_transformers") or []
         out += [f"Teacher-forced, all {per['layers']} layers at full size ({per['tokens']} tokens): each layer gets "
                 "the fp32 truth's input and its bf16 output is compared with the fp32 layer's. Median (max) over "
@@ -316,7 +318,9 @@ def readme_results(results: Path) -> str:
     pre, pre_png = _first(results, "prefill")
     if pre:
         parts += [prefill_section(pre, pre_png), ""]
-        acc = accuracy_section(pre)
+        layers_png = pre_png.replace(".png", "_layers.png") if pre_png else None
+        acc = accuracy_section(pre, layers_png if layers_png and (results / Path(layers_png).name).exists()
+                               else None)
         if acc:
             parts += [acc, ""]
     pcg, pcg_png = _first(results, "pcg")

@@ -32,6 +32,7 @@ __all__ = [
     "plot_error_bars",
     "plot_error_histograms",
     "plot_launches",
+    "plot_layer_errors",
     "plot_mm_token_types",
     "plot_padding_waste",
     "plot_pcg_latency",
@@ -307,6 +308,23 @@ def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Ma
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_layer_errors(per_layer: Mapping[str, Any], title: str) -> Figure:
+    """Teacher-forced bf16 error of every decoder layer against its fp32 twin, ours beside transformers (``bench-
+    prefill --parts accuracy``): a per-layer view in which a defect in one layer's kernels cannot hide."""
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.subplots()
+    series = [("ours_fused", "ours, fused (bf16)", "C2"), ("ours_unfused", "ours, unfused (bf16)", "C3"),
+              ("transformers", "transformers (bf16)", "C7")]
+    for j, (key, label, color) in enumerate(series):
+        errs = per_layer.get(key) or []
+        if errs:
+            ax.bar(np.arange(len(errs)) + (j - 1) * 0.27, errs, 0.27, label=label, color=color)
+    ax.set(yscale="log", xlabel="decoder layer", ylabel="‖bf16 − fp32‖ / ‖fp32‖ (layer output)", title=title)
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -366,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     path = measure.write_json(args.out / f"prefill_{measure.card_slug()}.json", res)
     from gemma4lab.lab import viz
 
-    viz.save(viz.plot_prefill(PUBLISHED, list(res["rows"].values()), viz.env_label(measure.read_json(path))),
-             path.with_suffix(".png"))
+    label = viz.env_label(measure.read_json(path))
+    viz.save(viz.plot_prefill(PUBLISHED, list(res["rows"].values()), label), path.with_suffix(".png"))
+    if res.get("accuracy_per_layer"):
+        viz.save(viz.plot_layer_errors(res["accuracy_per_layer"], f"teacher-forced per-layer error — {label}"),
+                 path.with_name(path.stem + "_layers.png"))
     print(table(res))
     return 0
 

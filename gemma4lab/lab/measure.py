@@ -169,10 +169,13 @@ def _version(pkg: str) -> str | None:
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout the package runs from; on a machine without the ``.git`` folder (the GPU
-    machine gets a copy of the working tree) the commit comes from ``GEMMA4LAB_GIT_COMMIT``."""
+    """(commit, dirty) of the code that runs. ``GEMMA4LAB_GIT_COMMIT`` wins when set: a copy of the working tree on
+    another machine (the GPU machine) may carry no ``.git``, or a stale one that would name the wrong commit."""
     import subprocess
 
+    env = os.environ.get("GEMMA4LAB_GIT_COMMIT")
+    if env:
+        return env, False
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
@@ -181,8 +184,7 @@ def _git_commit() -> tuple[str | None, bool | None]:
                                     capture_output=True, text=True, timeout=10, check=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
-        env = os.environ.get("GEMMA4LAB_GIT_COMMIT")
-        return (env or None), None
+        return None, None
 
 
 _SMI_FIELDS = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.limit",

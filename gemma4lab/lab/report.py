@@ -67,7 +67,8 @@ def provenance(doc: Mapping[str, Any]) -> str:
     if _num(gpu.get("power_limit")):
         parts.append(f"power limit {gpu['power_limit']:.0f} W")
     parts.append(str(e.get("date_utc", "?"))[:10])
-    parts.append(f"commit {commit[:10]}" if commit else "commit not recorded")
+    dirty = " with uncommitted changes" if e.get("git_dirty") else ""
+    parts.append(f"commit {commit[:10]}{dirty}" if commit else "commit not recorded")
     return ", ".join(parts)
 
 
@@ -133,8 +134,9 @@ def prefill_section(doc: Mapping[str, Any], png: str | None) -> str:
     if skewed:
         rec = (doc.get("routing") or {}).get("skewed", {})
         out += ["", f"**Skewed routing** (Zipf exponent {rec.get('exponent', '?')} on the router logits, "
-                    "`gemma4lab.lab.routing`: what a trained router's uneven load looks like). Peers: transformers "
-                    "eager only (compiling the biased model again would cost another compile).", "",
+                    "`gemma4lab.lab.routing`): a strong skew — trained routers, which are trained to balance "
+                    "their load, lie between this table and the uniform one. Peers: transformers eager only "
+                    "(compiling the biased model again would cost another compile).", "",
                 prefill_table(doc, "rows_skewed")]
     out += ["", *prefill_findings(doc)]
     return "\n".join(out)
@@ -181,8 +183,9 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"* **Image prompt** (matplotlib's Grace Hopper photo, {img['soft_tokens']} soft tokens, "
                      f"{img['tokens']} tokens): fused eager {ms(img['eager_fused']['median_ms'])}, PCG "
                      f"{ms(img['pcg']['median_ms'])}, of which the vision tower (outside the graphs) "
-                     f"{ms(img['vision_tower']['median_ms'])}; PCG = eager within {img['pcg_vs_eager_max_abs']:.1g} "
-                     "(max abs logit).")
+                     f"{ms(img['vision_tower']['median_ms'])}; "
+                     + ("PCG's logits equal eager's bit for bit." if img["pcg_vs_eager_max_abs"] == 0 else
+                        f"PCG's logits differ from eager's by {img['pcg_vs_eager_max_abs']:.1g} (max abs)."))
     return lines
 
 

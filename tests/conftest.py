@@ -78,3 +78,28 @@ def hf_tiny(tiny_config, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_ckpt")
     ref.save_pretrained(path)
     return ref, path
+
+
+# ---- the kernel tests (tests/kernels) -------------------------------------------------------------------------
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def triton_path_only(request, monkeypatch):
+    """These tests check the Triton code: on CPU it must run under the interpreter (the op registration then routes
+    CPU tensors to it, never to the torch reference), on a GPU compiled."""
+    if request.node.get_closest_marker("gpu"):
+        if _kernels().INTERPRET or not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset)")
+    elif not _kernels().INTERPRET:
+        if torch.cuda.is_available():
+            pytest.skip("interpreter test: run with TRITON_INTERPRET=1 (the gpu-marked tests cover this machine)")
+        pytest.fail("TRITON_INTERPRET=1 must be set before gemma4lab.kernels is imported (tests/conftest.py does)")
+
+
+def _kernels():
+    import gemma4lab.kernels as K
+
+    return K

@@ -12,8 +12,9 @@ from gemma4lab.lab.bench import prefill
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts", "accuracy,eager,hf,skew,layer",
-            "--rep-ms", "5", "--layer-tokens", "12", "--out", str(out)]
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts",
+            "accuracy,eager,hf,skew,layer,compile_fused", "--rep-ms", "5", "--layer-tokens", "12",
+            "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
     assert prefill.main(argv) == 0
     return out, measure.read_json(out / "prefill_cpu.json")
 
@@ -30,6 +31,14 @@ def test_columns_floors_and_spread(result):
     assert doc["hf_experts_implementation"] == "grouped_mm"
     assert doc["routing"]["skewed"]["exponent"] == 1.0
     assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
+
+
+def test_compiled_fused_model_serves_every_length_with_one_graph(result):
+    _, doc = result
+    c = doc["compile"]["compile_fused"]
+    assert c["graphs_compiled"] == 1 and c["fullgraph"] and c["lengths"] == [12, 40, 7, 25]
+    assert all(r["compile_fused_ms"] > 0 for r in doc["rows"].values())
+    assert all(e["max_abs_vs_eager"] < 1e-4 for e in c["extra_lengths"].values())
 
 
 def test_accuracy_parts_are_recorded(result):

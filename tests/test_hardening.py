@@ -258,9 +258,9 @@ def test_moe_kernels_reject_bad_indices():
     w = torch.randn(3, 4, 8)
     for offs in ([2, 4, 9], [2, 1, 6], [-1, 3, 6], [2, 4, 5]):
         with pytest.raises(ValueError, match="offsets"):
-            K.moe_gemm(a, w, torch.tensor(offs, dtype=torch.int32))
+            K.gemma_moe_gemm(a, w, torch.tensor(offs, dtype=torch.int32))
     ys = torch.randn(6, 8)
     with pytest.raises(ValueError, match="positions"):
-        K.moe_combine(ys, torch.tensor([0, 1, 2, 6]), torch.rand(2, 2))
+        K.gemma_moe_combine(ys, torch.tensor([0, 1, 2, 6]), torch.rand(2, 2))
     with pytest.raises(ValueError, match="positions"):
-        K.moe_combine(ys, torch.tensor([0, -1, 2, 3]), torch.rand(2, 2))
+        K.gemma_moe_combine(ys, torch.tensor([0, -1, 2, 3]), torch.rand(2, 2))

@@ -151,8 +151,8 @@ def test_causal_sdpa_mode_equals_masked_reference(ours):
     batch = gemma4lab.attention.PackedBatch.from_lengths([len(p) for p in prompts])
     embeds = lm.embed(torch.cat(prompts))
     ref = lm.forward_embeds(embeds, lm.make_context(batch))
-    ctx = lm.make_context(batch)
-    ctx.modes = {True: "causal", False: "causal"}
+    ctx = lm.make_context(batch, backend="causal")
+    assert {b.name for b, _ in ctx.plans.values()} == {"causal"}
     assert rel_err(lm.forward_embeds(embeds, ctx), ref) <= 1e-6
 
 

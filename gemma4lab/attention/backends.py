@@ -2,89 +2,112 @@
 
 Gemma 4 needs three things most attention kernels lack at once: head dim 512 on full layers (no FlashAttention
 kernel exists for it), a sliding window of 1024 keys, and bidirectional attention inside each image on sliding
-layers only. Four backends compute the same mask:
+layers only. Every backend computes the visibility rule of ``gemma4lab.attention.rule`` in its own form and offers
+one interface: ``plan(batch, rule, n_rows)`` once per forward and layer type, then ``prefill(q, k, v, batch, plan)``
+per layer (and ``decode(...)`` for one new token against the KV cache, where the backend has one):
 
-* ``"triton"``: our FlashAttention-style kernel (``gemma4lab.kernels.attention``), one launch for the whole pack,
-  the GPU default. Its CPU twin runs under Triton's interpreter in the tests.
-
-* ``"sdpa"``: one ``scaled_dot_product_attention`` call per prompt with an explicit boolean mask. Simple and
-  exact; the reference on CPU.
-* ``"flex"``: one FlexAttention call for the whole pack, the mask expressed as a ``mask_mod`` over document ids,
-  positions and image-block ids, so masked-out tiles are skipped. The GPU default for long or image prompts.
-* ``"causal"``: per-prompt ``scaled_dot_product_attention(is_causal=True)`` with no mask tensor at all. Exact
-  whenever a prompt has no image and is no longer than the window (then the sliding mask *is* the causal mask).
-  At short prompts it beats FlexAttention, whose block-mask construction and call overhead cost milliseconds
-  per forward on an H200 (measured by ``gemma4lab bench-attention``).
+* ``"triton"`` (:class:`TritonBackend`): our FlashAttention-style kernels (``gemma4lab.kernels.prefill_attention``
+  and ``decode_attention``); the rule becomes ``cu_seqlens``, one key end per row and the window. The GPU default.
+* ``"sdpa"`` (:class:`SdpaBackend`): one ``scaled_dot_product_attention`` per prompt with the rule's dense mask.
+  Simple and exact; the reference on CPU.
+* ``"flex"`` (:class:`FlexBackend`): one FlexAttention call for the whole pack, the rule as a ``mask_mod`` over
+  positions, prompt ids and image-block ids, so masked-out tiles are skipped. For short text prompts, where the rule
+  *is* plain causal attention, it plans ``"causal"`` (:class:`CausalBackend`: per-prompt SDPA with
+  ``is_causal=True``), which beats FlexAttention's fixed costs there.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gemma4lab.attention.packed import PackedBatch
+from gemma4lab.attention.rule import Visibility
+
+# Below this many tokens per prompt, plain causal SDPA beats FlexAttention's fixed costs (gemma4lab bench-attention).
+CAUSAL_SDPA_MAX_TOKENS = 1024
 
 
 def mask_for_prompt(n: int, sliding: bool, window: int, block_ids: Tensor | None, device) -> Tensor:
-    """Boolean [n, n] mask, True = attend, exactly as the reference builds it.
-
-    full layers: causal. sliding layers: ``(causal OR same image block) AND key > query - window``.
-    """
-    q = torch.arange(n, device=device)[:, None]
-    k = torch.arange(n, device=device)[None, :]
-    allowed = k <= q
-    if sliding:
-        if block_ids is not None:
-            same = (block_ids[:, None] == block_ids[None, :]) & (block_ids[:, None] >= 0)
-            allowed = allowed | same
-        allowed = allowed & (k > q - window)
-    return allowed
+    """Boolean [n, n] mask of one prompt (True = attend): the rule's dense form for a full or sliding layer."""
+    return Visibility(window=window if sliding else None, image_blocks=sliding).dense(n, block_ids, device)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch) -> Tensor:
-    """Per-prompt causal SDPA without a mask tensor (FlashAttention for head 256 on Hopper).
-
-    K/V heads are repeated explicitly: with ``enable_gqa=True`` PyTorch 2.11 routes to the fp32 math kernel
-    (seen in the profile: ``triu_tril`` + fp32 GEMMs), while the repeat costs one small copy.
-    """
-    if q.is_cuda and q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if len(batch.seq_lens) == 1:
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                                           scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-        return o.transpose(0, 1)
-    out = torch.empty_like(q)
-    start = 0
-    for n in batch.seq_lens:
-        sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                           is_causal=True, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-        out[sl] = o.transpose(0, 1)
-        start += n
-    return out
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """[n, H, D] rows → SDPA over heads (scale 1.0: Gemma 4 normalises q and k instead)."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=1.0,
+                                       enable_gqa=q.shape[1] != k.shape[1], **kw)
+    return o.transpose(0, 1)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding: bool, window: int) -> Tensor:
-    """q: [N, Hq, D], k/v: [N, Hkv, D] → [N, Hq, D]. Scaling 1.0 (Gemma 4 norms q and k instead)."""
-    out = torch.empty_like(q)
-    start = 0
-    for n in batch.seq_lens:
-        sl = slice(start, start + n)
-        blocks = batch.block_ids[sl] if (sliding and batch.block_ids is not None) else None
-        mask = mask_for_prompt(n, sliding, window, blocks, q.device)
-        o = F.scaled_dot_product_attention(
-            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-            attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1],
-        )
-        out[sl] = o.transpose(0, 1)
-        start += n
-    return out
+class SdpaBackend:
+    """Per-prompt SDPA with the rule's dense mask: the exact reference."""
+
+    name = "sdpa"
+
+    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> list[Tensor]:
+        masks, start = [], 0
+        for n in batch.seq_lens:
+            blocks = batch.block_ids[start:start + n] if batch.block_ids is not None else None
+            masks.append(rule.dense(n, blocks, batch.positions.device))
+            start += n
+        return masks
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: list[Tensor]) -> Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for n, mask in zip(batch.seq_lens, plan):
+            sl = slice(start, start + n)
+            out[sl] = _sdpa(q[sl], k[sl], v[sl], attn_mask=mask)
+            start += n
+        return out
+
+    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, slot_pos: Tensor | None,
+               rule: Visibility) -> Tensor:
+        """q: [B, Hq, D]; the first B rows of the cache [B', Hkv, S, D] → [B, Hq, D]."""
+        b = q.shape[0]
+        sp = slot_pos[:b] if slot_pos is not None else torch.arange(k_cache.shape[2], device=q.device)[None, :]
+        mask = rule.slots(positions, sp)[:, None, None, :]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k_cache[:b], v_cache[:b], attn_mask=mask, scale=1.0,
+                                           enable_gqa=q.shape[1] != k_cache.shape[1])
+        return o[:, :, 0, :]
+
+
+class CausalBackend:
+    """Per-prompt ``is_causal`` SDPA, no mask tensor: exact whenever the rule is plain causal attention for the
+    batch (no image on a bidirectional layer, no prompt longer than the window)."""
+
+    name = "causal"
+
+    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> None:
+        if not self.covers(batch, rule):
+            raise ValueError("the causal backend only serves batches whose rule is plain causal attention")
+        return None
+
+    @staticmethod
+    def covers(batch: PackedBatch, rule: Visibility) -> bool:
+        images = rule.image_blocks and batch.block_ids is not None
+        return not images and (rule.window is None or max(batch.seq_lens) <= rule.window)
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: None) -> Tensor:
+        # K/V heads repeated explicitly on CUDA: with enable_gqa=True PyTorch 2.11 routes to the fp32 math kernel
+        # (seen in the profile: triu_tril + fp32 GEMMs), while the repeat costs one small copy.
+        if q.is_cuda and q.shape[1] != k.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = torch.empty_like(q)
+        start = 0
+        for n in batch.seq_lens:
+            sl = slice(start, start + n)
+            out[sl] = _sdpa(q[sl], k[sl], v[sl], is_causal=True)
+            start += n
+        return out
 
 
 # ---- FlexAttention (GPU) ------------------------------------------------------------------------------------------
-
 _flex_compiled = None
 
 
@@ -109,37 +132,96 @@ def _flex():
     return _flex_compiled
 
 
+class FlexBackend:
+    """One FlexAttention call per layer for the whole pack; the rule as a ``mask_mod`` (padding rows past the real
+    tokens see only themselves). Head 512 needs small tiles to fit shared memory."""
+
+    name = "flex"
+
+    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        n = batch.num_tokens
+        rows = -(-(n_rows or n) // 128) * 128  # FlexAttention works on 128-row tiles
+        dev = batch.positions.device
+        doc = torch.full((rows,), -1, dtype=torch.int32, device=dev)
+        doc[:n] = batch.doc_ids
+        pos = torch.zeros(rows, dtype=torch.int64, device=dev)
+        pos[:n] = batch.positions
+        blk = torch.full((rows,), -1, dtype=torch.int64, device=dev)
+        if batch.block_ids is not None:
+            blk[:n] = batch.block_ids
+
+        def mask_mod(b, h, qi, ki):
+            return rule.visible(pos[qi], pos[ki], doc[qi], doc[ki], blk[qi], blk[ki]) | (qi == ki)
+
+        _raise_recompile_limit()
+        return create_block_mask(mask_mod, None, None, rows, rows, device=dev, _compile=True)
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan) -> Tensor:
+        n = q.shape[0]
+        pad = -(-n // 128) * 128 - n
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        opts = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1} if q.shape[-1] > 256 else None
+        o = _flex()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=plan,
+                    scale=1.0, enable_gqa=q.shape[1] != k.shape[1], kernel_options=opts)
+        return o[0].transpose(0, 1)[:n]
+
+
+class TritonBackend:
+    """Our kernels: the rule as ``cu_seqlens`` (prompt bounds), one key end per row and the window (prefill), and
+    the positions a ring slot holds (decode)."""
+
+    name = "triton"
+
+    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> dict[str, Any]:
+        dev = batch.positions.device
+        cu = torch.tensor([0, *batch.seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        return {"cu_seqlens": cu, "key_end": rule.key_end(batch.block_ids), "window": rule.window,
+                "max_seqlen": max(batch.seq_lens)}
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: dict[str, Any]) -> Tensor:
+        from gemma4lab.kernels import gemma_prefill_attention
+
+        return gemma_prefill_attention(q, k, v, plan["cu_seqlens"], plan["max_seqlen"], window=plan["window"],
+                                       key_end=plan["key_end"])
+
+    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, slot_pos: Tensor | None,
+               rule: Visibility) -> Tensor:
+        from gemma4lab.kernels import gemma_decode_attention
+
+        return gemma_decode_attention(q, k_cache, v_cache, positions, slot_pos=slot_pos, window=rule.window)
+
+
+BACKENDS = {b.name: b for b in (TritonBackend(), SdpaBackend(), FlexBackend(), CausalBackend())}
+
+
+def choose(name: str, batch: PackedBatch, rule: Visibility):
+    """The backend that serves ``name`` for this batch and layer type: ``flex`` hands short plain-causal batches
+    to ``causal``."""
+    if name not in ("triton", "sdpa", "flex", "causal"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    if name == "flex" and CausalBackend.covers(batch, rule) and max(batch.seq_lens) <= CAUSAL_SDPA_MAX_TOKENS:
+        return BACKENDS["causal"]
+    return BACKENDS[name]
+
+
+# ---- functional forms (benchmarks and tests) ----------------------------------------------------------------------
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding: bool, window: int) -> Tensor:
+    """q: [N, Hq, D], k/v: [N, Hkv, D] → [N, Hq, D] with the rule's dense masks (the reference)."""
+    rule = Visibility(window=window if sliding else None, image_blocks=sliding)
+    return SdpaBackend().prefill(q, k, v, batch, SdpaBackend().plan(batch, rule))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch) -> Tensor:
+    return CausalBackend().prefill(q, k, v, batch, None)
+
+
 def flex_block_mask(batch: PackedBatch, sliding: bool, window: int, n_rows: int):
-    """One block mask for the whole pack; rows past the real tokens (padding) see only themselves."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    n = batch.num_tokens
-    dev = batch.positions.device
-    doc = torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
-    doc[:n] = batch.doc_ids
-    pos = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    pos[:n] = batch.positions
-    blk = torch.full((n_rows,), -1, dtype=torch.int64, device=dev)
-    if batch.block_ids is not None and sliding:
-        blk[:n] = batch.block_ids
-
-    def mask_mod(b, h, qi, ki):
-        same_doc = doc[qi] == doc[ki]
-        causal = ki <= qi
-        if sliding:
-            img = (blk[qi] == blk[ki]) & (blk[qi] >= 0)
-            return same_doc & (causal | img) & (pos[ki] > pos[qi] - window) | (qi == ki)
-        return same_doc & causal | (qi == ki)
-
-    _raise_recompile_limit()
-    return create_block_mask(mask_mod, None, None, n_rows, n_rows, device=dev, _compile=True)
+    return FlexBackend().plan(batch, Visibility(window=window if sliding else None, image_blocks=sliding), n_rows)
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, head_dim: int) -> Tensor:
-    """q: [N, Hq, D] → [N, Hq, D] with one FlexAttention call. Head 512 needs small tiles to fit shared memory."""
-    opts = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1} if head_dim > 256 else None
-    o = _flex()(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        block_mask=block_mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1], kernel_options=opts,
-    )
-    return o[0].transpose(0, 1)
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, head_dim: int | None = None) -> Tensor:
+    """q: [N, Hq, D] (N a multiple of 128, or padded here) → [N, Hq, D] with one FlexAttention call."""
+    return FlexBackend().prefill(q, k, v, None, block_mask)

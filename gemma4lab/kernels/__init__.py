@@ -1,11 +1,11 @@
-"""Fused Triton kernels for Gemma 4 (26B-A4B) prefill.
+"""Fused Triton kernels for Gemma 4 (26B-A4B), one file per op, each a PyTorch op in the ``gemma4lab`` namespace.
 
 Every kernel reads its inputs once, upcasts to fp32, does all its math in fp32 and rounds once when it stores
 (so in bf16 it differs from the unfused Hugging Face model, which rounds after each op, by rounding only). Each
-module holds the ``@triton.jit`` kernel, a checked Python wrapper and a plain-torch ``<name>_ref`` twin with the
-same fp32 math.
+module holds the ``@triton.jit`` kernel, its registration as ``torch.ops.gemma4lab.<op>``, a checked Python
+wrapper ``gemma_<op>`` and a plain-torch ``gemma_<op>_ref`` twin with the same fp32 math.
 
-Dispatch rule (``kernel_backend(t)`` tells which one a call takes):
+Dispatch lives in the registration (``_common.register``); ``kernel_backend(t)`` tells which one a call takes:
 
 * CUDA tensors -> the compiled Triton kernel (``"triton"``);
 * ``TRITON_INTERPRET=1`` set *before* ``gemma4lab.kernels`` is imported (Triton reads it when the kernels are
@@ -15,41 +15,75 @@ Dispatch rule (``kernel_backend(t)`` tells which one a call takes):
 Conventions: activations are 2-D ``[tokens, hidden]`` row views (any row stride, contiguous last dim) in float32,
 float16 or bfloat16, all of one dtype and device; weights are 1-D and may be float32 or the activation dtype;
 per-layer scalars are one-element *device* tensors read inside the kernel so captured CUDA graphs stay valid. The
-wrappers check shapes, dtypes, devices and strides from metadata only (no host sync, safe in graph capture), return
-empty results for zero tokens without a launch, and take ``out=`` buffers (static buffers for CUDA graphs) and
-``config=LaunchConfig(...)`` (to override the launch heuristic in tuning sweeps).
+wrappers check shapes, dtypes, devices and strides from metadata (no host sync, safe in graph capture and under
+torch.compile), return empty results for zero tokens without a launch, take ``out=`` buffers where a kernel has
+outputs of the activations' shape, and ``config=`` (each family's launch-setting type) to override the heuristic in
+tuning sweeps.
 """
 
-from ._common import INTERPRET, LaunchConfig, RowConfig, kernel_backend
-from .attention import AttentionConfig, gemma_prefill_attention, gemma_prefill_attention_ref, key_end_for_blocks
-from .decode_attention import gemma_decode_attention, gemma_decode_attention_ref
-from .dual_rmsnorm import gemma_dual_rmsnorm_residual_scalar, gemma_dual_rmsnorm_residual_scalar_ref
-from .dual_rmsnorm_next_norm import (
-                                     gemma_dual_rmsnorm_residual_scalar_next_norm,
-                                     gemma_dual_rmsnorm_residual_scalar_next_norm_ref,
+from ._common import INTERPRET, RowConfig, kernel_backend, row_config
+from .decode_attention import DecodeConfig, decode_config, gemma_decode_attention, gemma_decode_attention_ref
+from .dual_rmsnorm import (
+    gemma_dual_rmsnorm_residual_scalar,
+    gemma_dual_rmsnorm_residual_scalar_next_norm,
+    gemma_dual_rmsnorm_residual_scalar_next_norm_ref,
+    gemma_dual_rmsnorm_residual_scalar_ref,
 )
-from .gelu_and_mul import gelu_tanh_and_mul, gelu_tanh_and_mul_ref, gelu_tanh_mul, gelu_tanh_mul_ref
-from .moe_gemm import moe_combine, moe_combine_ref, moe_gemm, moe_gemm_ref
+from .gelu_tanh_mul import (
+    ElementwiseConfig,
+    elementwise_config,
+    gemma_gelu_tanh_and_mul,
+    gemma_gelu_tanh_and_mul_ref,
+    gemma_gelu_tanh_mul,
+    gemma_gelu_tanh_mul_ref,
+)
+from .moe_combine import CombineConfig, combine_config, gemma_moe_combine, gemma_moe_combine_ref
+from .moe_gemm import MoeConfig, gemma_moe_gemm, gemma_moe_gemm_ref, moe_config
 from .post_attention_block import gemma_post_attention_block, gemma_post_attention_block_ref
-from .qkv_norm_rope import gemma_qkv_norm_rope_, gemma_qkv_norm_rope_ref_
+from .prefill_attention import (
+    AttentionConfig,
+    attention_config,
+    gemma_prefill_attention,
+    gemma_prefill_attention_ref,
+)
+from .qkv_norm_rope import HeadConfig, gemma_qkv_norm_rope_, gemma_qkv_norm_rope_ref_, head_config
 from .rmsnorm_residual_scalar import gemma_rmsnorm_residual_scalar, gemma_rmsnorm_residual_scalar_ref
-from .router_topk import gemma_router_topk, gemma_router_topk_ref
+from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref, router_config
+
+#: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
+OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
+       "post_attention_block", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul", "moe_gemm", "moe_combine",
+       "prefill_attention", "decode_attention")
 
 __all__ = [
-    "AttentionConfig",
     "INTERPRET",
-    "LaunchConfig",
+    "OPS",
+    "AttentionConfig",
+    "CombineConfig",
+    "DecodeConfig",
+    "ElementwiseConfig",
+    "HeadConfig",
+    "MoeConfig",
+    "RouterConfig",
     "RowConfig",
-    "gelu_tanh_and_mul",
-    "gelu_tanh_and_mul_ref",
-    "gelu_tanh_mul",
-    "gelu_tanh_mul_ref",
+    "attention_config",
+    "combine_config",
+    "decode_config",
+    "elementwise_config",
     "gemma_decode_attention",
     "gemma_decode_attention_ref",
     "gemma_dual_rmsnorm_residual_scalar",
     "gemma_dual_rmsnorm_residual_scalar_next_norm",
     "gemma_dual_rmsnorm_residual_scalar_next_norm_ref",
     "gemma_dual_rmsnorm_residual_scalar_ref",
+    "gemma_gelu_tanh_and_mul",
+    "gemma_gelu_tanh_and_mul_ref",
+    "gemma_gelu_tanh_mul",
+    "gemma_gelu_tanh_mul_ref",
+    "gemma_moe_combine",
+    "gemma_moe_combine_ref",
+    "gemma_moe_gemm",
+    "gemma_moe_gemm_ref",
     "gemma_post_attention_block",
     "gemma_post_attention_block_ref",
     "gemma_prefill_attention",
@@ -60,39 +94,9 @@ __all__ = [
     "gemma_rmsnorm_residual_scalar_ref",
     "gemma_router_topk",
     "gemma_router_topk_ref",
+    "head_config",
     "kernel_backend",
-    "key_end_for_blocks",
-    "moe_combine",
-    "moe_combine_ref",
-    "moe_gemm",
-    "moe_gemm_ref",
+    "moe_config",
+    "router_config",
+    "row_config",
 ]
-
-
-def _count_as_one_launch(fn):
-    """On CPU, wrap a kernel call in a profiler range so ``gemma4lab.profiling`` counts it as one launch.
-
-    Under Triton's interpreter (or the torch reference) a fused kernel runs as many tensor ops; on a GPU it is one
-    launch, and the profiler counts real kernels there, so CUDA calls pass straight through.
-    """
-    import functools
-
-    import torch
-
-    name = f"gemma4lab::{fn.__name__}"
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        first = args[0] if args else None
-        if isinstance(first, torch.Tensor) and first.device.type != "cuda":
-            with torch.profiler.record_function(name):
-                return fn(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-for _name in [n for n in __all__ if not n.endswith("_ref") and not n.endswith("_ref_") and n not in
-              ("AttentionConfig", "INTERPRET", "LaunchConfig", "RowConfig", "kernel_backend", "key_end_for_blocks")]:
-    globals()[_name] = _count_as_one_launch(globals()[_name])
-del _name

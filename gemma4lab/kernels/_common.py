@@ -1,5 +1,12 @@
-"""Shared plumbing for the fused kernels: backend dispatch, cheap input checks, launch heuristics and the
-``@triton.jit`` helpers of the row-norm kernels.
+"""Shared plumbing for the fused kernels: op registration and backend dispatch, cheap input checks, the row-norm
+family's launch settings and the ``@triton.jit`` helpers of the row-norm kernels.
+
+Every kernel is a PyTorch op in the ``gemma4lab`` namespace (:func:`register`): ``torch.ops.gemma4lab.<name>``
+runs the compiled Triton kernel on CUDA tensors, and on CPU tensors the same Triton kernel under Triton's
+interpreter (when ``TRITON_INTERPRET=1`` was set before import) or the plain-torch reference. Outputs are
+preallocated arguments the op writes (declared mutations), so the ops trace under ``torch.compile(fullgraph=True)``
+(their fake implementation only has to say "no new tensors") and replay inside CUDA graphs; profilers name them
+``gemma4lab::<name>``.
 
 Row-norm layout (rms+residual+scalar, dual epilogue, dual + next norm, post-attention block): a *persistent* grid
 of ``min(row blocks, programs_per_sm * SMs)`` programs; each loads its weights (and the scalar) once, then loops
@@ -43,32 +50,47 @@ def kernel_backend(t: torch.Tensor) -> str:
     return "torch-reference"
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+def host_values(t: torch.Tensor) -> bool:
+    """True when ``t``'s values can be checked for free: on the host, and not while torch.compile traces (its
+    tensors are then fake)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+# ---- registration as PyTorch ops -----------------------------------------------------------------------------
+_LIB = torch.library.Library("gemma4lab", "DEF")
+
+
+def register(schema: str, triton_impl, torch_impl):
+    """Define ``gemma4lab::<schema>`` and return its overload: ``triton_impl`` for CUDA (and for the CPU under the
+    interpreter), ``torch_impl`` (the reference) for the CPU otherwise. Ops return nothing and write their
+    preallocated outputs (``Tensor(a!)`` in the schema), so their fake implementation is a no-op."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, triton_impl, "CUDA")
+    _LIB.impl(name, triton_impl if INTERPRET else torch_impl, "CPU")
+    torch.library.register_fake(f"gemma4lab::{name}", _no_new_tensors, lib=_LIB)
+    return getattr(torch.ops.gemma4lab, name).default
+
+
+def _no_new_tensors(*args, **kwargs) -> None:
+    return None
+
+
+def pow2(config: object, *names: str) -> None:
+    """Launch settings must be powers of two (block shapes, warps): a clear error instead of a Triton failure."""
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"{type(config).__name__}.{name} must be a power of two >= 1, got {v!r}")
 
 
 # ---- launch configuration -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LaunchConfig:
-    """How a kernel is launched: ``rows`` rows (tokens) per program (elements per program for the elementwise
-    gelu kernel) and ``num_warps`` warps per program. Pass one as ``config=`` to any wrapper to override its
-    heuristic (the benchmark's ``--sweep`` does)."""
-
-    rows: int
-    num_warps: int
-
-    def __post_init__(self) -> None:
-        for name in ("rows", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"LaunchConfig.{name} must be a power of two >= 1, got {v}")
-
-
-@dataclass(frozen=True)
 class RowConfig:
-    """Launch of the persistent row-norm kernels: a grid of ``min(row blocks, programs_per_sm * SMs)`` programs,
+    """Launch of the persistent row-norm kernels (the row family: rms + residual + scalar, the dual epilogue with and
+    without the next norm, the post-attention block): a grid of ``min(row blocks, programs_per_sm * SMs)`` programs,
     ``num_warps`` warps each, looping over blocks of ``rows`` rows (a power of two; 1 at H >= 2048) with a
-    ``num_stages``-deep software pipeline. Pass one as ``config=`` to override the heuristic (``--sweep`` does).
+    ``num_stages``-deep software pipeline. Pass one as ``config=`` to override :func:`row_config` (``--sweep`` does).
     Only the grid size depends on the number of rows, so a row's result never depends on it."""
 
     programs_per_sm: int = 2
@@ -77,10 +99,7 @@ class RowConfig:
     rows: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_warps", "rows"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"RowConfig.{name} must be a power of two >= 1, got {v}")
+        pow2(self, "num_warps", "rows")
         if self.programs_per_sm < 1 or self.num_stages < 1:
             raise ValueError(f"RowConfig.programs_per_sm and num_stages must be >= 1, got {self}")
 
@@ -133,10 +152,8 @@ _LAUNCH: dict = {}  # (hidden, dtype, streams, device) -> (rows per block, grid 
 
 
 def row_launch(n_rows: int, hidden: int, dtype: torch.dtype, device: torch.device, streams: int,
-               config: RowConfig | LaunchConfig | None = None) -> tuple[tuple[int], dict]:
-    """Grid and compile-time arguments of a persistent row kernel (one dict lookup on the heuristic path).
-    ``config`` may be a :class:`RowConfig`, or a legacy :class:`LaunchConfig` (its ``rows`` and ``num_warps`` are
-    used, the rest comes from the heuristic)."""
+               config: RowConfig | None = None) -> tuple[tuple[int], dict]:
+    """Grid and compile-time arguments of a persistent row kernel (one dict lookup on the heuristic path)."""
     if config is None:
         hit = _LAUNCH.get((hidden, dtype, streams, device))
         if hit is None:
@@ -145,15 +162,10 @@ def row_launch(n_rows: int, hidden: int, dtype: torch.dtype, device: torch.devic
             _LAUNCH[(hidden, dtype, streams, device)] = hit
         rows, cap, meta = hit
         return (min(-(-n_rows // rows), cap),), meta
-    if isinstance(config, RowConfig):
-        cfg = config
-    elif isinstance(config, LaunchConfig):
-        h = row_config(hidden, dtype, streams)
-        cfg = RowConfig(h.programs_per_sm, config.num_warps, h.num_stages, config.rows)
-    else:
-        raise TypeError(f"config must be a RowConfig or LaunchConfig, got {type(config).__name__}")
-    return (min(-(-n_rows // cfg.rows), cfg.programs_per_sm * num_sms(device)),), _row_meta(hidden, dtype, streams,
-                                                                                             cfg)
+    if not isinstance(config, RowConfig):
+        raise TypeError(f"config must be a RowConfig, got {type(config).__name__}")
+    return ((min(-(-n_rows // config.rows), config.programs_per_sm * num_sms(device)),),
+            _row_meta(hidden, dtype, streams, config))
 
 
 # ---- input checks (metadata only: no host sync, safe inside CUDA-graph capture) -----------------------------

@@ -13,11 +13,13 @@ a tensor-core dot, which would need 16 query rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, use_triton
+from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, pow2, register, to_dtype
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def _decode_attention_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
     out = acc / l_i
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, to_dtype(out, o_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _check(q, k_cache, v_cache, positions, slot_pos, window) -> None:
@@ -98,31 +100,68 @@ def _check(q, k_cache, v_cache, positions, slot_pos, window) -> None:
             raise ValueError(f"{name} must have a contiguous head_dim, got strides {t.stride()}")
 
 
-def gemma_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                           *, slot_pos: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-    """``q [B, Hq, D]`` (the new tokens) against the cache ``[B', Hkv, slots, D]`` (first ``B`` rows) → ``[B, Hq, D]``.
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch of the decode kernel: one program per (sequence, query head), streaming ``block_n`` slots at a time
+    with ``num_warps`` warps."""
 
-    Full layers: slots are positions, visible up to ``positions[b]``. Sliding layers: pass ``slot_pos`` (the ring's
-    positions, ``-1`` empty) and ``window``. Scale 1.0. No host synchronisation (CUDA-graph safe).
-    """
-    _check(q, k_cache, v_cache, positions, slot_pos, window)
-    if not use_triton(q):
-        return gemma_decode_attention_ref(q, k_cache, v_cache, positions, slot_pos=slot_pos, window=window)
+    block_n: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        pow2(self, "block_n", "num_warps")
+
+
+def decode_config(head_dim: int) -> DecodeConfig:
+    """Slot blocks of ~8192 elements (16 of head 512, 32 of head 256), at least 16 and at most 64 slots; 16 under
+    the interpreter (fast CPU tests)."""
+    return DecodeConfig(block_n=16 if INTERPRET else max(16, min(64, 8192 // triton.next_power_of_2(head_dim))))
+
+
+def _launch(q, k_cache, v_cache, positions, slot_pos, window: int | None, o, config: DecodeConfig | None) -> None:
     b, hq, d = q.shape
-    o = torch.empty_like(q)
-    if b == 0:
-        return o
-    block_d = triton.next_power_of_2(d)
-    block_n = 16 if INTERPRET else max(16, min(64, 8192 // block_d))
+    cfg = config or decode_config(d)
     sp = slot_pos if slot_pos is not None else positions
     _decode_attention_kernel[(b, hq)](
         q, k_cache, v_cache, o, positions, sp,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
         slot_pos.stride(0) if slot_pos is not None else 0, k_cache.shape[2], window or 0,
-        GROUP=hq // k_cache.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, SLIDING=slot_pos is not None,
-        num_warps=4,
+        GROUP=hq // k_cache.shape[1], HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=cfg.block_n,
+        SLIDING=slot_pos is not None, num_warps=cfg.num_warps,
     )
+
+
+def _triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+            slot_pos: torch.Tensor | None, window: int, out: torch.Tensor) -> None:
+    _launch(q, k_cache, v_cache, positions, slot_pos, window or None, out, None)
+
+
+def _torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+           slot_pos: torch.Tensor | None, window: int, out: torch.Tensor) -> None:
+    out.copy_(gemma_decode_attention_ref(q, k_cache, v_cache, positions, slot_pos=slot_pos, window=window or None))
+
+
+op = register("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, Tensor? slot_pos, "
+              "int window, Tensor(a!) out) -> ()", _triton, _torch)
+
+
+def gemma_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                           *, slot_pos: torch.Tensor | None = None, window: int | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
+    """``q [B, Hq, D]`` (the new tokens) against the cache ``[B', Hkv, slots, D]`` (first ``B`` rows) → ``[B, Hq, D]``.
+
+    Full layers: slots are positions, visible up to ``positions[b]``. Sliding layers: pass ``slot_pos`` (the ring's
+    positions, ``-1`` empty) and ``window``. Scale 1.0. No host synchronisation (CUDA-graph safe).
+    """
+    _check(q, k_cache, v_cache, positions, slot_pos, window)
+    o = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return o
+    if config is not None:
+        _launch(q, k_cache, v_cache, positions, slot_pos, window, o, config)
+    else:
+        op(q, k_cache, v_cache, positions, slot_pos, window or 0, o)
     return o
 
 

@@ -2,8 +2,10 @@
 (post_feedforward_layernorm_1 on the dense MLP, _2 on the experts, their sum, post_feedforward_layernorm, residual
 add and layer scalar) in one pass; the published sglang name and argument order. The middle sum stays in fp32.
 
-The same kernel, with ``HAS_NEXT``, also writes the next layer's ``input_layernorm`` output (see
-``dual_rmsnorm_next_norm.py``).
+Cross-layer fusion (``HAS_NEXT``, :func:`gemma_dual_rmsnorm_residual_scalar_next_norm`): the same pass also
+writes layer i+1's ``input_layernorm`` output ``next_in = rms(out) * next_weight``, computed from the *rounded*
+``out`` (exactly what layer i+1 reads), so the result equals running the two steps separately while the residual
+stream is read once across the layer boundary and one launch per layer disappears.
 
 Bytes per token, activations of ``b`` bytes and hidden ``H``: read x1, x2, residual (3*b*H), write out (b*H)
 [+ next_in (b*H)]. Weights (3-4 * H) are loaded once per (persistent) program.
@@ -15,20 +17,19 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LaunchConfig,
     RowConfig,
     check_row_call,
     compute_dtype,
     load_tile,
     load_weight,
+    out_tuple,
+    register,
     rms_inv,
     rms_inv_ref,
     round_trip,
-    row_config,
     row_launch,
     store_tile,
     tile_offsets,
-    use_triton,
 )
 
 
@@ -57,18 +58,12 @@ def _dual_rmsnorm_kernel(x1_ptr, w1_ptr, x2_ptr, w2_ptr, w3_ptr, r_ptr, s_ptr, w
             store_tile(n_ptr, rows, stride_n, cols, mask, h * rms_inv(h, eps, H) * wn, H, BLOCK, ROWS)
 
 
-def _launch_config(n_rows: int, hidden: int, device: torch.device | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> RowConfig:
-    """Heuristic launch (three activation streams in); independent of ``n_rows`` except through the grid size."""
-    return row_config(hidden, dtype, 3)
-
-
 _ACT_NAMES = ("x1", "x2", "residual")
 _W_NAMES = ("weight1", "weight2", "weight3")
 
 
-def launch_dual(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, out, next_out, eps: float,
-                config: RowConfig | LaunchConfig | None) -> None:
+def _launch(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, out, next_out, eps: float,
+            config: RowConfig | None) -> None:
     n, hidden = x1.shape
     grid, meta = row_launch(n, hidden, x1.dtype, x1.device, 3, config)
     has_next = next_out is not None
@@ -78,25 +73,79 @@ def launch_dual(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight
                                HAS_NEXT=has_next, **meta)
 
 
+def _triton(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,
+            residual: torch.Tensor, scalar: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    _launch(x1, weight1, x2, weight2, weight3, residual, scalar, None, out, None, eps, None)
+
+
+def _torch(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,
+           residual: torch.Tensor, scalar: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    out.copy_(gemma_dual_rmsnorm_residual_scalar_ref(x1, weight1, x2, weight2, weight3, residual, scalar, eps))
+
+
+def _triton_next(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor,
+                 weight3: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, next_weight: torch.Tensor,
+                 eps: float, out: torch.Tensor, next_out: torch.Tensor) -> None:
+    _launch(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, out, next_out, eps, None)
+
+
+def _torch_next(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor,
+                weight3: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, next_weight: torch.Tensor,
+                eps: float, out: torch.Tensor, next_out: torch.Tensor) -> None:
+    ref_out, ref_next = gemma_dual_rmsnorm_residual_scalar_next_norm_ref(x1, weight1, x2, weight2, weight3, residual,
+                                                                         scalar, next_weight, eps)
+    out.copy_(ref_out)
+    next_out.copy_(ref_next)
+
+
+op = register("dual_rmsnorm_residual_scalar(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, Tensor weight3, "
+              "Tensor residual, Tensor scalar, float eps, Tensor(a!) out) -> ()", _triton, _torch)
+op_next = register("dual_rmsnorm_residual_scalar_next_norm(Tensor x1, Tensor weight1, Tensor x2, Tensor weight2, "
+                   "Tensor weight3, Tensor residual, Tensor scalar, Tensor next_weight, float eps, Tensor(a!) out, "
+                   "Tensor(b!) next_out) -> ()", _triton_next, _torch_next)
+
+
 def gemma_dual_rmsnorm_residual_scalar(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor,
                                        weight2: torch.Tensor, weight3: torch.Tensor, residual: torch.Tensor,
                                        scalar: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
-                                       config: RowConfig | LaunchConfig | None = None) -> torch.Tensor:
+                                       config: RowConfig | None = None) -> torch.Tensor:
     """``(rms(rms(x1) * w1 + rms(x2) * w2) * w3 + residual) * scalar`` for 2-D ``[tokens, hidden]`` activations.
 
-    ``scalar`` is a one-element device tensor read in the kernel. ``out`` may be preallocated and may alias
-    ``residual`` (each row is read before it is written)."""
+    ``scalar`` is a one-element device tensor read in the kernel. ``out`` may be preallocated; ``config`` overrides
+    the launch heuristic (a tuning knob: it calls the kernel directly)."""
     check_row_call((x1, x2, residual), _ACT_NAMES, (weight1, weight2, weight3), _W_NAMES, scalar, (out,), ("out",))
     n, hidden = x1.shape
     if out is None:
         out = torch.empty((n, hidden), dtype=x1.dtype, device=x1.device)
     if n == 0:
         return out
-    if not use_triton(x1):
-        return out.copy_(gemma_dual_rmsnorm_residual_scalar_ref(x1, weight1, x2, weight2, weight3, residual, scalar,
-                                                                 eps))
-    launch_dual(x1, weight1, x2, weight2, weight3, residual, scalar, None, out, None, eps, config)
+    if config is not None:
+        _launch(x1, weight1, x2, weight2, weight3, residual, scalar, None, out, None, eps, config)
+    else:
+        op(x1, weight1, x2, weight2, weight3, residual, scalar, eps, out)
     return out
+
+
+def gemma_dual_rmsnorm_residual_scalar_next_norm(
+        x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,
+        residual: torch.Tensor, scalar: torch.Tensor, next_weight: torch.Tensor, eps: float = 1e-6, *,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        config: RowConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, next_in)``: ``out`` as in :func:`gemma_dual_rmsnorm_residual_scalar`, ``next_in`` =
+    ``rms(out) * next_weight``. ``out=(out_buf, next_buf)`` may pass preallocated buffers."""
+    o, nx = (None, None) if out is None else out_tuple("out", out, 2)
+    check_row_call((x1, x2, residual), _ACT_NAMES, (weight1, weight2, weight3, next_weight),
+                   (*_W_NAMES, "next_weight"), scalar, (o, nx), ("out[0]", "out[1]"))
+    n, hidden = x1.shape
+    o = torch.empty((n, hidden), dtype=x1.dtype, device=x1.device) if o is None else o
+    nx = torch.empty((n, hidden), dtype=x1.dtype, device=x1.device) if nx is None else nx
+    if n == 0:
+        return o, nx
+    if config is not None:
+        _launch(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, o, nx, eps, config)
+    else:
+        op_next(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, eps, o, nx)
+    return o, nx
 
 
 def gemma_dual_rmsnorm_residual_scalar_ref(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor,
@@ -108,3 +157,14 @@ def gemma_dual_rmsnorm_residual_scalar_ref(x1: torch.Tensor, weight1: torch.Tens
     m = a * rms_inv_ref(a, eps) * weight1.to(ct) + b * rms_inv_ref(b, eps) * weight2.to(ct)
     y = (m * rms_inv_ref(m, eps) * weight3.to(ct) + residual.to(ct)) * scalar.to(ct).reshape(())
     return y.to(x1.dtype)
+
+
+def gemma_dual_rmsnorm_residual_scalar_next_norm_ref(
+        x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,
+        residual: torch.Tensor, scalar: torch.Tensor, next_weight: torch.Tensor,
+        eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch twin: the dual epilogue (rounded), then ``rms(out) * next_weight`` from the rounded values."""
+    out = gemma_dual_rmsnorm_residual_scalar_ref(x1, weight1, x2, weight2, weight3, residual, scalar, eps)
+    ct = compute_dtype(out)
+    h = out.to(ct)
+    return out, (h * rms_inv_ref(h, eps) * next_weight.to(ct)).to(out.dtype)

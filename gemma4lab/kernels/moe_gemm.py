@@ -19,12 +19,14 @@ Bytes moved (gate/up, 93 tokens, bf16): weights 128·1408·2816·2 = 1.02 GB + r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import use_triton
+from ._common import host_values, pow2, register, to_dtype
 
 
 @triton.jit
@@ -72,7 +74,7 @@ def _moe_gemm_kernel(
             if GELU_GATE:
                 g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
                 u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                a = (_gelu_tanh(g) * u).to(w_ptr.dtype.element_ty)
+                a = to_dtype(_gelu_tanh(g) * u, w_ptr.dtype.element_ty)
             else:
                 a = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_base + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
@@ -81,10 +83,35 @@ def _moe_gemm_kernel(
             else:
                 acc = tl.dot(a, w, acc)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False) -> torch.Tensor:
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch of the expert GEMM: one program per (expert, ``block_n`` output columns), looping over the expert's rows
+    in ``block_m`` tiles and over K in ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages."""
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        pow2(self, "block_m", "block_n", "block_k", "num_warps")
+        if self.num_stages < 1:
+            raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def moe_config(dtype: torch.dtype) -> MoeConfig:
+    """One setting for every dtype: small row tiles (a short prompt gives each expert a handful of rows) and
+    128 x 128 weight tiles in a 3-stage pipeline, so that the weights stream once (experiments/moe_gemm_vs_grouped_mm
+    on an H200). Tuning per token count is future work (issue: prefill at the physical limit)."""
+    return MoeConfig()
+
+
+def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
+                       gelu_gate: bool = False) -> torch.Tensor:
     """Plain-torch twin: one matmul per expert (fp32 accumulate, one rounding)."""
     if gelu_gate:
         g, u = a.float().chunk(2, dim=-1)
@@ -118,7 +145,7 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
         raise ValueError("a, w and offsets must be on one device")
     if a.stride(-1) != 1 or w.stride(-1) != 1:
         raise ValueError("a and w need a contiguous last dimension")
-    if offsets.device.type == "cpu" and e:  # values on the host already: check them (no device sync)
+    if host_values(offsets) and e:  # values on the host already: check them (no device sync)
         ends = offsets.tolist()
         if ends[0] < 0 or ends[-1] != a.shape[0] or any(y < x for x, y in zip(ends, ends[1:])):
             raise ValueError(f"offsets must be non-decreasing cumulative row counts ending at the {a.shape[0]} rows "
@@ -126,83 +153,37 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     return e, n, k
 
 
-def moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_gate: bool = False,
-             block_m: int = 16, block_n: int = 128, block_k: int = 128, num_warps: int = 4,
-             num_stages: int = 3) -> torch.Tensor:
+def _launch(a, w, offsets, gelu_gate: bool, out, config: MoeConfig | None) -> None:
+    e, n, k = w.shape
+    cfg = config or moe_config(a.dtype)
+    extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _moe_gemm_kernel[(e, triton.cdiv(n, cfg.block_n))](
+        a, w, offsets, out, a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, **extra)
+
+
+def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, out: torch.Tensor) -> None:
+    _launch(a, w, offsets, gelu_gate, out, None)
+
+
+def _torch(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, out: torch.Tensor) -> None:
+    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate))
+
+
+op = register("moe_gemm(Tensor a, Tensor w, Tensor offsets, bool gelu_gate, Tensor(a!) out) -> ()", _triton,
+              _torch)
+
+
+def gemma_moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_gate: bool = False,
+                   config: MoeConfig | None = None) -> torch.Tensor:
     """``out[r] = act(a[r]) @ w[expert(r)]ᵀ`` for rows sorted by expert (see module docstring)."""
     e, n, k = _check(a, w, offsets, gelu_gate)
     out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
     if a.shape[0] == 0:
         return out
-    if not use_triton(a):
-        return moe_gemm_ref(a, w, offsets, gelu_gate)
-    grid = (e, triton.cdiv(n, block_n))
-    extra = {} if not a.is_cuda else {"num_warps": num_warps, "num_stages": num_stages}
-    _moe_gemm_kernel[grid](a, w, offsets, out, a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-                           GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k, **extra)
-    return out
-
-
-@triton.jit
-def _moe_combine_kernel(
-    ys_ptr,  # [M, H] expert outputs, rows sorted by expert
-    pos_ptr,  # [T * TOP_K] int: where routed slot (t, j) landed in the sorted rows
-    w_ptr,  # [T, TOP_K] fp32 routing weights
-    out_ptr,  # [T, H]
-    M,
-    H,
-    stride_y,
-    stride_o,
-    TOP_K: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < H
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        p = tl.load(pos_ptr + t * TOP_K + j).to(tl.int64)
-        w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
-        ok = (p >= 0) & (p < M)  # device-side guard: a bad position reads row 0 with weight 0, never out of bounds
-        p = tl.where(ok, p, 0)
-        w = tl.where(ok, w, 0.0)
-        acc += w * tl.load(ys_ptr + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def moe_combine_ref(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    t, k = weights.shape
-    y = ys[positions.long()].view(t, k, -1)
-    return (y.float() * weights[..., None].float()).sum(1).to(ys.dtype)
-
-
-def moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``out[t] = Σ_j weights[t, j] · ys[positions[t·k + j]]`` in fp32, one rounding: un-sorts and weights the
-    expert outputs in one pass, with no ``[T, k, H]`` fp32 intermediate (1.5 GB at 8192 tokens) and no atomics."""
-    if ys.dim() != 2 or weights.dim() != 2 or positions.dim() != 1 or positions.numel() != weights.numel():
-        raise ValueError(f"expected ys [M, H], positions [T*k], weights [T, k]; got {tuple(ys.shape)}, "
-                         f"{tuple(positions.shape)}, {tuple(weights.shape)}")
-    if ys.stride(-1) != 1 or not weights.is_contiguous() or not positions.is_contiguous():
-        raise ValueError("moe_combine needs contiguous rows, weights and positions")
-    if positions.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
-        raise TypeError(f"positions must be int32/int64 and weights floating point, got {positions.dtype}, "
-                        f"{weights.dtype}")
-    if not (ys.device == positions.device == weights.device):
-        raise ValueError("ys, positions and weights must be on one device")
-    if positions.device.type == "cpu" and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= ys.shape[0]:
-            raise ValueError(f"positions must index the {ys.shape[0]} rows of ys, got values in [{lo}, {hi}]")
-    t, k = weights.shape
-    out = torch.empty(t, ys.shape[1], dtype=ys.dtype, device=ys.device)
-    if t == 0:
-        return out
-    if not use_triton(ys):
-        return moe_combine_ref(ys, positions, weights)
-    h = ys.shape[1]
-    block = triton.next_power_of_2(h)
-    extra = {"num_warps": 4 if block <= 4096 else 8} if ys.is_cuda else {}
-    _moe_combine_kernel[(t,)](ys, positions, weights, out, ys.shape[0], h, ys.stride(0), out.stride(0), TOP_K=k,
-                              BLOCK=block, **extra)
+    if config is not None:
+        _launch(a, w, offsets, gelu_gate, out, config)
+    else:
+        op(a, w, offsets, gelu_gate, out)
     return out

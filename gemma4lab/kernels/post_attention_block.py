@@ -17,27 +17,25 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LaunchConfig,
     RowConfig,
     check_row_call,
     compute_dtype,
     load_tile,
     load_weight,
     out_tuple,
+    register,
     rms_inv,
     rms_inv_ref,
     round_trip,
-    row_config,
     row_launch,
     store_tile,
     tile_offsets,
-    use_triton,
 )
 
 
 @triton.jit
-def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr, m_ptr, e_ptr, q_ptr, n_rows,
-                           stride_a, stride_r, stride_h, stride_m, stride_e, stride_q, eps, root,
+def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr, m_ptr, e_ptr, router_ptr, n_rows,
+                           stride_a, stride_r, stride_h, stride_m, stride_e, stride_router, eps, root,
                            H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
     wpa = load_weight(wpa_ptr, H, BLOCK)
     w1 = load_weight(w1_ptr, H, BLOCK)
@@ -53,13 +51,7 @@ def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr,
         inv = rms_inv(h, eps, H)
         store_tile(m_ptr, rows, stride_m, cols, mask, h * inv * w1, H, BLOCK, ROWS)
         store_tile(e_ptr, rows, stride_e, cols, mask, h * inv * w2, H, BLOCK, ROWS)
-        store_tile(q_ptr, rows, stride_q, cols, mask, h * (inv * root) * ws, H, BLOCK, ROWS)
-
-
-def _launch_config(n_rows: int, hidden: int, device: torch.device | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> RowConfig:
-    """Heuristic launch (two activation streams in); independent of ``n_rows`` except through the grid size."""
-    return row_config(hidden, dtype, 2)
+        store_tile(router_ptr, rows, stride_router, cols, mask, h * (inv * root) * ws, H, BLOCK, ROWS)
 
 
 _ACT_NAMES = ("attn_out", "residual")
@@ -67,31 +59,56 @@ _W_NAMES = ("w_post_attn", "w_pre_ff", "w_pre_ff2", "router_scale")
 _OUT_NAMES = ("out[0]", "out[1]", "out[2]", "out[3]")
 
 
+def _launch(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps: float, h, mlp_in, experts_in,
+            router_in, config: RowConfig | None) -> None:
+    n, hidden = attn_out.shape
+    grid, meta = row_launch(n, hidden, attn_out.dtype, attn_out.device, 2, config)
+    _post_attention_kernel[grid](attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, h, mlp_in,
+                                 experts_in, router_in, n, attn_out.stride()[0], residual.stride()[0], h.stride()[0],
+                                 mlp_in.stride()[0], experts_in.stride()[0], router_in.stride()[0], eps,
+                                 hidden ** -0.5, **meta)
+
+
+def _triton(attn_out: torch.Tensor, residual: torch.Tensor, w_post_attn: torch.Tensor, w_pre_ff: torch.Tensor,
+            w_pre_ff2: torch.Tensor, router_scale: torch.Tensor, eps: float, h: torch.Tensor, mlp_in: torch.Tensor,
+            experts_in: torch.Tensor, router_in: torch.Tensor) -> None:
+    _launch(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps, h, mlp_in, experts_in,
+            router_in, None)
+
+
+def _torch(attn_out: torch.Tensor, residual: torch.Tensor, w_post_attn: torch.Tensor, w_pre_ff: torch.Tensor,
+           w_pre_ff2: torch.Tensor, router_scale: torch.Tensor, eps: float, h: torch.Tensor, mlp_in: torch.Tensor,
+           experts_in: torch.Tensor, router_in: torch.Tensor) -> None:
+    refs = gemma_post_attention_block_ref(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps)
+    for o, r in zip((h, mlp_in, experts_in, router_in), refs):
+        o.copy_(r)
+
+
+op = register("post_attention_block(Tensor attn_out, Tensor residual, Tensor w_post_attn, Tensor w_pre_ff, "
+              "Tensor w_pre_ff2, Tensor router_scale, float eps, Tensor(a!) h, Tensor(b!) mlp_in, "
+              "Tensor(c!) experts_in, Tensor(d!) router_in) -> ()", _triton, _torch)
+
+
 def gemma_post_attention_block(
         attn_out: torch.Tensor, residual: torch.Tensor, w_post_attn: torch.Tensor, w_pre_ff: torch.Tensor,
         w_pre_ff2: torch.Tensor, router_scale: torch.Tensor, eps: float = 1e-6, *,
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-        config: RowConfig | LaunchConfig | None = None,
+        config: RowConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(h, mlp_in, experts_in, router_in)`` (all ``[tokens, hidden]`` in the activation dtype).
-    ``out`` may pass four preallocated buffers; ``h`` may alias ``residual``."""
+    ``out`` may pass four preallocated buffers; ``config`` overrides the launch heuristic (tuning)."""
     outs = (None,) * 4 if out is None else out_tuple("out", out, 4)
     check_row_call((attn_out, residual), _ACT_NAMES, (w_post_attn, w_pre_ff, w_pre_ff2, router_scale), _W_NAMES,
                    None, outs, _OUT_NAMES)
     n, hidden = attn_out.shape
-    if out is None or any(o is None for o in outs):
-        outs = tuple(torch.empty((n, hidden), dtype=attn_out.dtype, device=attn_out.device) if o is None else o
-                     for o in outs)
+    outs = tuple(torch.empty((n, hidden), dtype=attn_out.dtype, device=attn_out.device) if o is None else o
+                 for o in outs)
     if n == 0:
         return outs
-    if not use_triton(attn_out):
-        refs = gemma_post_attention_block_ref(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps)
-        return tuple(o.copy_(r) for o, r in zip(outs, refs))
-    h, m, e, q = outs
-    grid, meta = row_launch(n, hidden, attn_out.dtype, attn_out.device, 2, config)
-    _post_attention_kernel[grid](attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, h, m, e, q, n,
-                                 attn_out.stride()[0], residual.stride()[0], h.stride()[0], m.stride()[0],
-                                 e.stride()[0], q.stride()[0], eps, hidden ** -0.5, **meta)
+    if config is not None:
+        _launch(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps, *outs, config)
+    else:
+        op(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, eps, *outs)
     return outs
 
 

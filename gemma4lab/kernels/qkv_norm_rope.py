@@ -14,11 +14,13 @@ cos/sin rows they share are read from DRAM once (then L2). Bytes per token, ``b`
 q, k, v ((Hq + 2 Hkv) * D * 2b) plus cos/sin (2 * D * 4). Sliding layer in bf16 (16/8/8 heads of 256): 34.8 KB.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_rows, check_same_tokens, check_vector, compute_dtype, to_dtype, use_triton
+from ._common import check_rows, check_same_tokens, check_vector, compute_dtype, pow2, register, to_dtype
 
 
 @triton.jit
@@ -77,12 +79,23 @@ def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, c_ptr, s_ptr, n_r
               HALF, False, False)
 
 
-def _launch_config(n_rows: int, head_dim: int, device: torch.device | None = None) -> LaunchConfig:
-    """Tile = ROWS tokens x one head: ~2048 elements (8 tokens of D = 256, 4 of D = 512) and 4 warps, i.e. 16
+@dataclass(frozen=True)
+class HeadConfig:
+    """Launch of the per-head kernel: ``rows`` tokens × one head per program, ``num_warps`` warps."""
+
+    rows: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        pow2(self, "rows", "num_warps")
+
+
+def head_config(n_rows: int, head_dim: int) -> HeadConfig:
+    """Tile = ``rows`` tokens x one head: ~2048 elements (8 tokens of D = 256, 4 of D = 512) and 4 warps, i.e. 16
     elements = two 16-byte bf16 vectors per thread per half; fewer tokens per program at small T (the head axis
-    already gives Hq + Hk + Hv programs per token block)."""
+    already gives Hq + Hk + Hv programs per token block). Every row is computed the same way whatever ``rows`` is."""
     rows = max(1, min(2048 // head_dim, triton.next_power_of_2(max(n_rows, 1))))
-    return LaunchConfig(rows=rows, num_warps=4 if rows * head_dim >= 1024 else 2)
+    return HeadConfig(rows=rows, num_warps=4 if rows * head_dim >= 1024 else 2)
 
 
 def _heads(name: str, t: torch.Tensor, head_dim: int) -> int:
@@ -91,9 +104,36 @@ def _heads(name: str, t: torch.Tensor, head_dim: int) -> int:
     return t.shape[1] // head_dim
 
 
+def _launch(q, k, v, q_weight, k_weight, cos, sin, eps: float, config: HeadConfig | None) -> None:
+    n, d = q.shape[0], q_weight.shape[0]
+    n_q = q.shape[1] // d
+    n_k = k.shape[1] // d if k is not None else 0
+    n_v = v.shape[1] // d if v is not None else 0
+    cfg = config or head_config(n, d)
+    k_, v_, kw = (k if k is not None else q), (v if v is not None else q), (k_weight if k is not None else q_weight)
+    grid = ((n_q + n_k + n_v) * triton.cdiv(n, cfg.rows),)
+    _qkv_norm_rope_kernel[grid](q, k_, v_, q_weight, kw, cos, sin, n, n_q, n_k, n_v, q.stride(0), k_.stride(0),
+                                v_.stride(0), cos.stride(0), sin.stride(0), eps, D=d,
+                                HALF=triton.next_power_of_2(d // 2), ROWS=cfg.rows, num_warps=cfg.num_warps)
+
+
+def _triton(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, q_weight: torch.Tensor,
+            k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
+    _launch(q, k, v, q_weight, k_weight, cos, sin, eps, None)
+
+
+def _torch(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, q_weight: torch.Tensor,
+           k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> None:
+    gemma_qkv_norm_rope_ref_(q, k, v, q_weight, k_weight, cos, sin, eps)
+
+
+op = register("qkv_norm_rope_(Tensor(a!) q, Tensor(b!)? k, Tensor(c!)? v, Tensor q_weight, Tensor? k_weight, "
+              "Tensor cos, Tensor sin, float eps) -> ()", _triton, _torch)
+
+
 def gemma_qkv_norm_rope_(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, q_weight: torch.Tensor,
                          k_weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6, *,
-                         config: LaunchConfig | None = None) -> None:
+                         config: HeadConfig | None = None) -> None:
     """In place on 2-D ``[T, heads * head_dim]`` row views (e.g. column slices of a fused qkv buffer: any row
     stride, contiguous last dim). ``head_dim`` is ``q_weight.numel()``; ``cos``/``sin`` are ``[T, head_dim]``
     (float32 or the activation dtype). ``k`` and/or ``v`` may be None (``k_weight`` is then ignored/optional)."""
@@ -108,19 +148,20 @@ def gemma_qkv_norm_rope_(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tenso
     if d < 2 or d % 2:
         raise ValueError(f"head_dim (q_weight.numel()) must be even and >= 2, got {d}")
     check_vector("q_weight", q_weight, d, dt, dev, what="head_dim")
-    n_q = _heads("q", q, d)
-    n_k = n_v = 0
+    _heads("q", q, d)
     if k is not None:
         check_rows("k", k, dtype=dt, device=dev)
         check_same_tokens("k", k, n)
-        n_k = _heads("k", k, d)
+        _heads("k", k, d)
         if k_weight is None:
             raise ValueError("k_weight is required when k is given")
         check_vector("k_weight", k_weight, d, dt, dev, what="head_dim")
+    else:
+        k_weight = None
     if v is not None:
         check_rows("v", v, dtype=dt, device=dev)
         check_same_tokens("v", v, n)
-        n_v = _heads("v", v, d)
+        _heads("v", v, d)
     for name, t in (("cos", cos), ("sin", sin)):
         check_rows(name, t, device=dev)
         if tuple(t.shape) != (n, d):
@@ -129,15 +170,10 @@ def gemma_qkv_norm_rope_(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tenso
             raise TypeError(f"{name} has dtype {t.dtype}; expected float32 or the activation dtype {dt}")
     if n == 0:
         return
-    if not use_triton(q):
-        gemma_qkv_norm_rope_ref_(q, k, v, q_weight, k_weight, cos, sin, eps)
-        return
-    cfg = config or _launch_config(n, d, dev)
-    k_, v_, kw = (k if k is not None else q), (v if v is not None else q), (k_weight if k is not None else q_weight)
-    grid = ((n_q + n_k + n_v) * triton.cdiv(n, cfg.rows),)
-    _qkv_norm_rope_kernel[grid](q, k_, v_, q_weight, kw, cos, sin, n, n_q, n_k, n_v, q.stride(0), k_.stride(0),
-                                v_.stride(0), cos.stride(0), sin.stride(0), eps, D=d,
-                                HALF=triton.next_power_of_2(d // 2), ROWS=cfg.rows, num_warps=cfg.num_warps)
+    if config is not None:
+        _launch(q, k, v, q_weight, k_weight, cos, sin, eps, config)
+    else:
+        op(q, k, v, q_weight, k_weight, cos, sin, eps)
 
 
 def _norm_rope_ref(x: torch.Tensor, w: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,

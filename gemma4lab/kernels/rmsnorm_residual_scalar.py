@@ -10,19 +10,17 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LaunchConfig,
     RowConfig,
     check_row_call,
     compute_dtype,
     load_tile,
     load_weight,
+    register,
     rms_inv,
     rms_inv_ref,
-    row_config,
     row_launch,
     store_tile,
     tile_offsets,
-    use_triton,
 )
 
 
@@ -39,30 +37,43 @@ def _rmsnorm_residual_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, o_ptr, n_rows, s
         store_tile(o_ptr, rows, stride_o, cols, mask, y, H, BLOCK, ROWS)
 
 
-def _launch_config(n_rows: int, hidden: int, device: torch.device | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> RowConfig:
-    """Heuristic launch (two activation streams in); independent of ``n_rows`` except through the grid size."""
-    return row_config(hidden, dtype, 2)
+def _launch(x, weight, residual, scalar, eps: float, out, config: RowConfig | None) -> None:
+    grid, meta = row_launch(x.shape[0], x.shape[1], x.dtype, x.device, 2, config)
+    _rmsnorm_residual_scalar_kernel[grid](x, weight, residual, scalar, out, x.shape[0], x.stride()[0],
+                                          residual.stride()[0], out.stride()[0], eps, **meta)
+
+
+def _triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, eps: float,
+            out: torch.Tensor) -> None:
+    _launch(x, weight, residual, scalar, eps, out, None)
+
+
+def _torch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, eps: float,
+           out: torch.Tensor) -> None:
+    out.copy_(gemma_rmsnorm_residual_scalar_ref(x, weight, residual, scalar, eps))
+
+
+op = register("rmsnorm_residual_scalar(Tensor x, Tensor weight, Tensor residual, Tensor scalar, float eps, "
+              "Tensor(a!) out) -> ()", _triton, _torch)
 
 
 def gemma_rmsnorm_residual_scalar(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                                   scalar: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
-                                  config: RowConfig | LaunchConfig | None = None) -> torch.Tensor:
+                                  config: RowConfig | None = None) -> torch.Tensor:
     """``(rms(x) * weight + residual) * scalar`` for 2-D ``[tokens, hidden]`` activations.
 
     ``scalar`` is a one-element device tensor read inside the kernel (CUDA-graph safe). ``out`` may be a
-    preallocated buffer (it may alias ``residual`` or ``x``: each row is read before it is written)."""
+    preallocated buffer. ``config`` overrides the launch heuristic (a tuning knob: it calls the kernel directly)."""
     check_row_call((x, residual), ("x", "residual"), (weight,), ("weight",), scalar, (out,), ("out",))
     n, hidden = x.shape
     if out is None:
         out = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    if not use_triton(x):
-        return out.copy_(gemma_rmsnorm_residual_scalar_ref(x, weight, residual, scalar, eps))
-    grid, meta = row_launch(n, hidden, x.dtype, x.device, 2, config)
-    _rmsnorm_residual_scalar_kernel[grid](x, weight, residual, scalar, out, n, x.stride()[0], residual.stride()[0],
-                                          out.stride()[0], eps, **meta)
+    if config is not None:
+        _launch(x, weight, residual, scalar, eps, out, config)
+    else:
+        op(x, weight, residual, scalar, eps, out)
     return out
 
 

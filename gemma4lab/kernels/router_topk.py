@@ -10,11 +10,13 @@ handles it: NaN ranks above every probability, so a row with a NaN or +inf logit
 Bytes per token (128 experts, top-8): read logits (128 * b), write weights and ids (8 * 4 + 8 * 8).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, check_rows, check_vector, out_tuple, use_triton
+from ._common import check_out, check_rows, check_vector, out_tuple, pow2, register
 
 
 @triton.jit
@@ -49,20 +51,57 @@ def _router_topk_kernel(l_ptr, scale_ptr, w_ptr, id_ptr, n_rows, stride_l, strid
     tl.store(id_ptr + rows[:, None] * stride_id + kcols, top_i.to(id_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _launch_config(n_rows: int, n_experts: int, device: torch.device | None = None) -> LaunchConfig:
-    """Tiny rows (128 logits): pack ~2048 logits per program (16 tokens at 128 experts), 4 warps."""
+@dataclass(frozen=True)
+class RouterConfig:
+    """Launch of the router kernel: ``rows`` tokens per program (all ``E`` logits of each), ``num_warps`` warps."""
+
+    rows: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        pow2(self, "rows", "num_warps")
+
+
+def router_config(n_rows: int, n_experts: int) -> RouterConfig:
+    """Tiny rows (128 logits): pack ~2048 logits per program (16 tokens at 128 experts), 4 warps; fewer rows when
+    there are fewer tokens. Each row's selection is computed the same way whatever ``rows`` is."""
     e_block = triton.next_power_of_2(n_experts)
     rows = max(1, min(2048 // e_block, triton.next_power_of_2(max(n_rows, 1))))
-    return LaunchConfig(rows=rows, num_warps=4 if rows * e_block >= 2048 else 1)
+    return RouterConfig(rows=rows, num_warps=4 if rows * e_block >= 2048 else 1)
+
+
+def _launch(logits, per_expert_scale, top_k: int, weights, ids, config: RouterConfig | None) -> None:
+    n, n_exp = logits.shape
+    cfg = config or router_config(n, n_exp)
+    _router_topk_kernel[(triton.cdiv(n, cfg.rows),)](
+        logits, per_expert_scale, weights, ids, n, logits.stride(0), weights.stride(0), ids.stride(0), E=n_exp,
+        E_BLOCK=triton.next_power_of_2(n_exp), K=top_k, K_BLOCK=triton.next_power_of_2(top_k), ROWS=cfg.rows,
+        num_warps=cfg.num_warps)
+
+
+def _triton(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int, weights: torch.Tensor,
+            ids: torch.Tensor) -> None:
+    _launch(logits, per_expert_scale, top_k, weights, ids, None)
+
+
+def _torch(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int, weights: torch.Tensor,
+           ids: torch.Tensor) -> None:
+    w_ref, id_ref = gemma_router_topk_ref(logits, per_expert_scale, top_k)
+    weights.copy_(w_ref)
+    ids.copy_(id_ref)
+
+
+op = register("router_topk(Tensor logits, Tensor per_expert_scale, int top_k, Tensor(a!) weights, Tensor(b!) ids) "
+              "-> ()", _triton, _torch)
 
 
 def gemma_router_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int, *,
                       ids_dtype: torch.dtype = torch.int64, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      config: LaunchConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: RouterConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [T, E]`` (any supported float dtype) -> ``(weights fp32 [T, top_k], ids [T, top_k])``.
     ``per_expert_scale`` is ``[E]`` in float32 or the logits' dtype; ids are ``ids_dtype``: int64 (like
-    torch.topk) or int32.
-    ``out=(weights, ids)`` may pass preallocated buffers (their dtypes must be float32 and ``ids_dtype``)."""
+    torch.topk) or int32. ``out=(weights, ids)`` may pass preallocated buffers (their dtypes must be float32 and
+    ``ids_dtype``); ``config`` overrides the launch heuristic (tuning)."""
     logits = check_rows("logits", logits)
     n, n_exp = logits.shape
     dev = logits.device
@@ -76,20 +115,14 @@ def gemma_router_topk(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_
     w_out, id_out = out_tuple("out", out, 2)
     w_out = (torch.empty((n, top_k), dtype=torch.float32, device=dev) if w_out is None
              else check_out("out[0]", w_out, (n, top_k), torch.float32, dev))
-    if id_out is None:
-        id_out = torch.empty((n, top_k), dtype=ids_dtype, device=dev)
-    else:
-        check_out("out[1]", id_out, (n, top_k), ids_dtype, dev)
+    id_out = (torch.empty((n, top_k), dtype=ids_dtype, device=dev) if id_out is None
+              else check_out("out[1]", id_out, (n, top_k), ids_dtype, dev))
     if n == 0:
         return w_out, id_out
-    if not use_triton(logits):
-        w_ref, id_ref = gemma_router_topk_ref(logits, per_expert_scale, top_k)
-        return w_out.copy_(w_ref), id_out.copy_(id_ref)
-    cfg = config or _launch_config(n, n_exp, dev)
-    _router_topk_kernel[(triton.cdiv(n, cfg.rows),)](
-        logits, per_expert_scale, w_out, id_out, n, logits.stride(0), w_out.stride(0), id_out.stride(0), E=n_exp,
-        E_BLOCK=triton.next_power_of_2(n_exp), K=top_k, K_BLOCK=triton.next_power_of_2(top_k), ROWS=cfg.rows,
-        num_warps=cfg.num_warps)
+    if config is not None:
+        _launch(logits, per_expert_scale, top_k, w_out, id_out, config)
+    else:
+        op(logits, per_expert_scale, top_k, w_out, id_out)
     return w_out, id_out
 
 

@@ -31,10 +31,12 @@ __all__ = [
     "plot_breakdown",
     "plot_error_bars",
     "plot_error_histograms",
+    "plot_kernels",
     "plot_launches",
     "plot_layer_errors",
     "plot_mm_token_types",
     "plot_padding_waste",
+    "plot_pcg_bench",
     "plot_pcg_latency",
     "plot_photo_tokens",
     "plot_prefill",
@@ -48,7 +50,8 @@ PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager,
 
 #: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
 PREFILL_SERIES = (("eager_ms", "C3o-", "ours, unfused eager"), ("fused_ms", "C0o-", "ours, fused eager"),
-                  ("pcg_ms", "C2o-", "ours, fused + PCG"), ("hf_ms", "C7o:", "transformers"),
+                  ("pcg_ms", "C2o-", "ours, fused + PCG"), ("compile_fused_ms", "C6o--", "torch.compile(ours, fused)"),
+                  ("hf_ms", "C7o:", "transformers"),
                   ("hf_compile_ms", "C1o--", "torch.compile(transformers)"),
                   ("hf_compile_ro_ms", "C4o--", "torch.compile(transformers, reduce-overhead)"),
                   ("floor_ms", "C5:", "floor (same run)"))  # fmt: skip
@@ -156,6 +159,64 @@ def kernel_rows(doc: Mapping[str, Any], kernel: str) -> list[dict[str, Any]]:
     """
     names = {kernel, kernel.removeprefix("gemma_")}
     return sorted((r for r in doc.get("results", []) if r.get("kernel") in names), key=lambda r: r["tokens"])
+
+
+def plot_kernels(doc: Mapping[str, Any]) -> Figure:
+    """``bench-kernels``: left, the fraction of copy bandwidth each kernel reaches vs T (solid ours, dashed
+    torch.compile, dotted eager); right, microseconds per call inside a CUDA graph at small T against the empty
+    kernel."""
+    fig = Figure(figsize=(15, 6))
+    ax1, ax2 = fig.subplots(1, 2)
+    small_t = 256
+    for i, name in enumerate(doc["config"]["kernels"]):
+        rows = [r for r in doc.get("results", []) if r["kernel"] == name]
+        c = f"C{i % 10}"
+        for col, style in (("eager", ":"), ("compile", "--"), ("triton", "-")):
+            pts = _points(rows, f"{col}_frac_copy")
+            if pts:
+                ax1.plot(*zip(*pts), style, color=c, marker="o", ms=3, label=name if col == "triton" else None)
+        pts = [(r["tokens"], r["graph_ms"] * 1e3) for r in rows if isinstance(r.get("graph_ms"), (int, float))
+               and r["tokens"] <= small_t]
+        if pts:
+            ax2.plot(*zip(*pts), "-o", color=c, label=name)
+    ax1.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth",
+            title="bandwidth (solid ours, dashed torch.compile, dotted eager)")
+    ax1.axhline(0.9, color="grey", lw=0.8)
+    ax1.legend(fontsize=7)
+    floor = (doc.get("roofs") or {}).get("empty_kernel_ms", {}).get("graph_ms")
+    if floor is not None:
+        ax2.axhline(floor * 1e3, color="k", lw=1, label="empty kernel (graph)")
+        ax2.set(xscale="log", xlabel="tokens T", ylabel="µs per call inside a CUDA graph",
+                title=f"small T (<= {small_t}) inside CUDA graphs")
+        ax2.legend(fontsize=7)
+    else:
+        ax2.text(0.5, 0.5, "no CUDA graphs on this device", ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_axis_off()
+    fig.suptitle(f"gemma4lab kernels — {env_label(doc)} ({doc['config']['dtype']}, hidden "
+                 f"{doc['config']['shapes']['hidden']})")
+    return fig
+
+
+def plot_pcg_bench(doc: Mapping[str, Any]) -> Figure:
+    """``bench-pcg``: latency per forward vs tokens (eager unfused, eager fused, fused + PCG) beside the CPU's launch
+    time and the GPU's busy time at 93 tokens."""
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
+    rows = _rows_by_tokens(doc)
+    for key, label in PCG_SERIES:
+        pts = _points(rows, key)
+        if pts:
+            a.plot(*zip(*pts), marker="o", label=label)
+    a.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward")
+    a.legend()
+    a.grid(True, which="both", alpha=0.3)
+    profs = [(k.rsplit("_", 1)[0], v) for k, v in (doc.get("profiles") or {}).items() if k.endswith("_93")]
+    b.bar([n for n, _ in profs], [v["cpu_dispatch_ms"] for _, v in profs], label="CPU in launch calls")
+    b.bar([n for n, _ in profs], [v["gpu_busy_ms"] for _, v in profs], alpha=0.6, label="GPU busy")
+    b.set_ylabel("ms at 93 tokens")
+    b.legend()
+    fig.suptitle(f"PCG, {doc.get('layers', '?')}-layer 26B-A4B-width model — {env_label(doc)}")
+    return fig
 
 
 def plot_roofline(rows: Sequence[Mapping[str, Any]], kernel: str, label: str) -> Figure:

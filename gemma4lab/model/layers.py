@@ -88,10 +88,18 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if fused_act:
-            from gemma4lab.kernels import gelu_tanh_and_mul
+            from gemma4lab.kernels import gemma_gelu_tanh_and_mul
 
-            return self.down_proj(gelu_tanh_and_mul(gate, up))
+            return self.down_proj(gemma_gelu_tanh_and_mul(gate, up))
         return self.down_proj(gelu_tanh(gate) * up)
+
+
+def router_tail(logits: Tensor, per_expert_scale: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """softmax (fp32) → top-k → renormalise → × per_expert_scale. Returns fp32 weights and int64 ids."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w * per_expert_scale[idx], idx
 
 
 class Router(nn.Module):
@@ -117,11 +125,7 @@ class Router(nn.Module):
         return rms_norm(h, None, self.eps) * self.scale * self.scalar_root_size
 
     def tail(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """softmax (fp32) → top-k → renormalise → × per_expert_scale. Returns fp32 weights and int64 ids."""
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale[idx], idx
+        return router_tail(logits, self.per_expert_scale, self.top_k)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return self.tail(self.logits(self.router_input(h)))
@@ -168,12 +172,12 @@ class Experts(nn.Module):
         if use_kernel or grouped_mm_available(x.device, x.dtype):
             ys, order = self._grouped(x, idx, fused_act, use_kernel)
             if fused_gemm and self._kernel_ok(x):
-                from gemma4lab.kernels import moe_combine
+                from gemma4lab.kernels import gemma_moe_combine
 
                 # where each routed slot landed in the sorted rows: the inverse permutation of ``order``
                 positions = torch.empty_like(order)
                 positions[order] = torch.arange(order.numel(), device=order.device)
-                return moe_combine(ys, positions, weights.float().contiguous())
+                return gemma_moe_combine(ys, positions, weights.float().contiguous())
             y = torch.empty_like(ys)
             y[order] = ys  # undo the sort: a permutation, so no accumulation order issues
             y = y.view(*idx.shape, -1)
@@ -184,9 +188,9 @@ class Experts(nn.Module):
 
     def _act(self, gate_up: Tensor, fused_act: bool) -> Tensor:
         if fused_act:
-            from gemma4lab.kernels import gelu_tanh_mul
+            from gemma4lab.kernels import gemma_gelu_tanh_mul
 
-            return gelu_tanh_mul(gate_up)
+            return gemma_gelu_tanh_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return gelu_tanh(gate) * up
 
@@ -208,9 +212,9 @@ class Experts(nn.Module):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         xs = x[order // k]
         if use_kernel:
-            from gemma4lab.kernels import moe_gemm
+            from gemma4lab.kernels import gemma_moe_gemm
 
-            ys = moe_gemm(moe_gemm(xs, self.gate_up_proj, offs), self.down_proj, offs, gelu_gate=True)
+            ys = gemma_moe_gemm(gemma_moe_gemm(xs, self.gate_up_proj, offs), self.down_proj, offs, gelu_gate=True)
         else:
             h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
             ys = _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)

@@ -95,6 +95,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
             raise TypeError(f"input_ids must be int64 or int32, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty: a prompt needs at least one token")
+        if torch.compiler.is_compiling():  # the values are data: checked on every eager call, trusted in a graph
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         vocab = self.config.text.vocab_size
         if lo < 0 or hi >= vocab:
@@ -120,6 +122,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
         """Token embeddings with the image placeholders replaced by the vision tower's soft tokens. ids: [N]."""
         cfg = self.config
         embeds = self.language_model.embed(input_ids)  # placeholders embed as padding
+        if pixel_values is None and torch.compiler.is_compiling():
+            return embeds  # a text prompt under torch.compile: the placeholder count is data, checked eagerly
         n_slots = int((input_ids == cfg.image_token_id).sum())
         if pixel_values is None:
             if n_slots:

@@ -11,27 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemma4lab.attention import PackedBatch, causal_attention, flex_attention, flex_block_mask, sdpa_attention
+from gemma4lab.attention import PackedBatch, Visibility
+from gemma4lab.attention.backends import choose
 from gemma4lab.model.config import TextConfig
 from gemma4lab.model.decoder import DecoderLayer, Stream, run_decoder
 from gemma4lab.model.layers import RMSNorm, rope_cos_sin, rope_inv_freq
 from gemma4lab.runtime.fusion import Fusion
 
-# Below this many tokens per prompt, plain causal SDPA beats FlexAttention's fixed costs (gemma4lab bench-attention).
-CAUSAL_SDPA_MAX_TOKENS = 1024
-
 
 @dataclass
 class ForwardContext:
-    """Per-forward state the attention calls need (built once, shared by all layers)."""
+    """Per-forward state the attention calls need (built once, shared by all layers): the packed batch, the RoPE
+    tables per layer type, the KV cache to fill, and per layer type the backend and its plan of the mask rule."""
 
     batch: PackedBatch
     cos_sin: dict[bool, tuple[Tensor, Tensor]]  # keyed by ``sliding``
-    block_masks: dict[bool, Any] = field(default_factory=dict)
-    cache: Any = None  # a generation.KVCache to fill during prefill
-    modes: dict[bool, str] = field(default_factory=dict)  # attention backend per layer type (keyed by ``sliding``)
-    cu_seqlens: Tensor | None = None  # int32 [B + 1] on the device, for the Triton kernel
-    key_end: dict[bool, Tensor | None] = field(default_factory=dict)  # per layer type: image-block key ends
+    cache: Any = None  # a KVCache to fill during prefill
+    plans: dict[bool, tuple[Any, Any]] = field(default_factory=dict)  # sliding -> (backend, plan)
 
 
 class TextModel(nn.Module):
@@ -63,6 +59,10 @@ class TextModel(nn.Module):
         ).to(dev)
         if placeholder_ids is not None:
             self.placeholder_ids = torch.tensor(placeholder_ids, dtype=torch.long, device=dev)
+        # √hidden rounded to each weight dtype, as the reference rounds it (53.0 in bf16, not 53.07): Python floats,
+        # so the multiply needs no host→device copy (graph capture) and nothing data-dependent (torch.compile).
+        self._embed_scales = {dt: torch.tensor(cfg.embed_scale, dtype=dt, device="cpu").item()
+                              for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
     # ---- the pieces between attention calls ---------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -70,9 +70,7 @@ class TextModel(nn.Module):
         if self.placeholder_ids.numel():
             is_placeholder = torch.isin(input_ids, self.placeholder_ids)
             input_ids = torch.where(is_placeholder, torch.full_like(input_ids, self.config.pad_token_id), input_ids)
-        # A Python float holding the dtype-rounded scale: no host→device copy (CUDA-graph capture forbids one).
-        scale = torch.tensor(self.config.embed_scale, dtype=self.embed_tokens.weight.dtype).item()
-        return self.embed_tokens(input_ids) * scale
+        return self.embed_tokens(input_ids) * self._embed_scales[self.embed_tokens.weight.dtype]
 
     def rope(self, positions: Tensor) -> dict[bool, tuple[Tensor, Tensor]]:
         return {True: rope_cos_sin(self.inv_freq_sliding, positions),
@@ -98,59 +96,30 @@ class TextModel(nn.Module):
             return self.attn_backend
         return "triton" if device.type == "cuda" else "sdpa"
 
+    def rule(self, sliding: bool) -> Visibility:
+        return Visibility.for_layer(self.config, sliding)
+
     def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None,
                      backend: str | None = None) -> ForwardContext:
-        """Per-forward attention plan: for each layer type, our ``triton`` kernel (the GPU default), ``causal``
-        SDPA, ``flex`` (with its block mask), or ``sdpa`` with explicit masks (the CPU reference)."""
+        """Per-forward attention plan: for each layer type, the backend (``triton``: our kernel, the GPU default;
+        ``flex``, which plans plain ``causal`` SDPA for short text prompts; ``sdpa`` with dense masks, the CPU
+        reference) and its form of the mask rule for this batch. ``n_rows``: rows including padding (Flex tiles)."""
         ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
-        backend = backend or self.backend_for(batch.positions.device)
-        longest = max(batch.seq_lens)
-        if backend == "triton":
-            from gemma4lab.kernels.attention import key_end_for_blocks
-
-            dev = batch.positions.device
-            ctx.cu_seqlens = torch.tensor([0, *batch.seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-            ctx.key_end = {True: key_end_for_blocks(batch.block_ids) if batch.block_ids is not None else None,
-                           False: None}
-            ctx.modes = {True: "triton", False: "triton"}
-            return ctx
+        name = backend or self.backend_for(batch.positions.device)
         for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
-            mask_is_causal = batch.block_ids is None or not sliding
-            if sliding:
-                mask_is_causal = mask_is_causal and longest <= self.config.sliding_window
-            if backend == "flex" and mask_is_causal and longest <= CAUSAL_SDPA_MAX_TOKENS:
-                ctx.modes[sliding] = "causal"
-            elif backend == "flex":
-                rows = -(-(n_rows or batch.num_tokens) // 128) * 128  # FlexAttention works on 128-row tiles
-                ctx.block_masks[sliding] = flex_block_mask(batch, sliding, self.config.sliding_window, rows)
-                ctx.modes[sliding] = "flex"
-            else:
-                ctx.modes[sliding] = backend
+            rule = self.rule(sliding)
+            chosen = choose(name, batch, rule)
+            ctx.plans[sliding] = (chosen, chosen.plan(batch, rule, n_rows))
         return ctx
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Attention of layer ``i`` over the real tokens only (rows past ``batch.num_tokens`` are padding)."""
-        attn = self.layers[i].self_attn
         n = ctx.batch.num_tokens
         q, k, v = q[:n], k[:n], v[:n]
         if ctx.cache is not None:
             ctx.cache.fill(i, k, v, ctx.batch)
-        mode = ctx.modes.get(attn.sliding, "sdpa")
-        if mode == "triton":
-            from gemma4lab.kernels.attention import gemma_prefill_attention
-
-            window = self.config.sliding_window if attn.sliding else None
-            return gemma_prefill_attention(q, k, v, ctx.cu_seqlens, max(ctx.batch.seq_lens), window=window,
-                                           key_end=ctx.key_end[attn.sliding])
-        if mode == "causal":
-            return causal_attention(q, k, v, ctx.batch)
-        if mode == "flex":
-            rows = -(-n // 128) * 128
-            pad = rows - n
-            if pad:
-                q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-            return flex_attention(q, k, v, ctx.block_masks[attn.sliding], attn.head_dim)[:n]
-        return sdpa_attention(q, k, v, ctx.batch, attn.sliding, self.config.sliding_window)
+        backend, plan = ctx.plans[self.layers[i].self_attn.sliding]
+        return backend.prefill(q, k, v, ctx.batch, plan)
 
     # ---- forward --------------------------------------------------------------------------------------------------
     def forward_embeds(self, embeds: Tensor, ctx: ForwardContext) -> Tensor:

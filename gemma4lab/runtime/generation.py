@@ -4,19 +4,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gemma4lab.model.decoder import Stream, run_decoder
 from gemma4lab.runtime.kv_cache import KVCache
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q: [B, Hq, D]; k/v: [B, Hkv, S, D] → [B, Hq, D]."""
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return o[:, :, 0, :]
 
 
 @torch.no_grad()
@@ -24,23 +15,19 @@ def decode_step(lm, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor
     """One new token per sequence: tokens/positions [B] → logits [B, vocab]. No host synchronisation.
 
     The layers run through the decoder program (``gemma4lab.model.decoder.run_decoder``); only the attention differs
-    from prefill: each layer writes its new K/V into the cache and attends to the cached keys."""
-    b = tokens.shape[0]
+    from prefill: each layer writes its new K/V into the cache and its backend attends to the cached keys that the
+    layer's mask rule makes visible (``Visibility.slots``)."""
+    from gemma4lab.attention import BACKENDS
+
     cache.advance(positions)
-    triton_attn = lm.backend_for(tokens.device) == "triton"
-    if triton_attn:
-        from gemma4lab.kernels.decode_attention import gemma_decode_attention
-    else:
-        masks = {s: cache.mask(s, positions) for s in (True, False)}
-    window = lm.config.sliding_window
+    backend = BACKENDS[lm.backend_for(tokens.device) if lm.backend_for(tokens.device) == "triton" else "sdpa"]
+    rules = {s: lm.rule(s) for s in (True, False)}
 
     def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         cache.write(i, k, v, positions)
         sliding = lm.layers[i].self_attn.sliding
-        if triton_attn:
-            return gemma_decode_attention(q, cache.k[i], cache.v[i], positions, slot_pos=cache.slot_pos if sliding
-                                          else None, window=window if sliding else None)
-        return decode_attention(q, cache.k[i][:b], cache.v[i][:b], masks[sliding])
+        return backend.decode(q, cache.k[i], cache.v[i], positions, cache.slot_pos if sliding else None,
+                              rules[sliding])
 
     hidden = run_decoder(lm, Stream(lm.embed(tokens)), lm.rope(positions), attend, lm.fusion)
     return lm.logits(hidden)

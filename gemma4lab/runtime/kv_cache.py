@@ -101,12 +101,10 @@ class KVCache:
         self.v[layer][rows, :, slot] = v
 
     def mask(self, sliding: bool, positions: Tensor) -> Tensor:
-        """[B, 1, 1, slots] True where a cached key is visible to the new token."""
+        """[B, 1, 1, slots] True where a cached key is visible to the new token (the mask rule's decode form)."""
+        from gemma4lab.attention.rule import Visibility
+
         b = positions.shape[0]
-        p = positions[:, None]
-        if sliding:
-            sp = self.slot_pos[:b]
-            m = (sp >= 0) & (sp <= p) & (sp > p - self.cfg.sliding_window)
-        else:
-            m = torch.arange(self.max_len, device=positions.device)[None, :] <= p
-        return m[:, None, None, :]
+        sp = self.slot_pos[:b] if sliding else torch.arange(self.max_len, device=positions.device)[None, :]
+        rule = Visibility(window=self.cfg.sliding_window if sliding else None)
+        return rule.slots(positions, sp)[:, None, None, :]

@@ -1,7 +1,7 @@
 """Prefill attention for Gemma 4: ``python -m gemma4lab bench-attention``.
 
 Full layers (16 q heads × 512, 2 KV heads, causal) and sliding layers (16 × 256, 8 KV heads, window 1024), batch 1,
-bf16, scale 1.0. Our Triton kernel (``gemma4lab.kernels.attention``) against one FlexAttention call and the best
+bf16, scale 1.0. Our Triton kernel (``gemma4lab.kernels.prefill_attention``) against one FlexAttention call and the best
 SDPA backend that runs (a per-prompt boolean mask: cuDNN / efficient on sliding layers, math on head 512), all in
 one process on one card, with the dense bf16 matmul rate measured beside them as the roof. TFLOP/s counts visible
 query–key pairs only (4·heads·dim each). ``--sweep`` also times a grid of tile shapes at one length. Writes
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gemma4lab.attention import PackedBatch, flex_attention, flex_block_mask, sdpa_attention
-from gemma4lab.kernels.attention import AttentionConfig, attention_config, gemma_prefill_attention
+from gemma4lab.kernels import AttentionConfig, attention_config, gemma_prefill_attention
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import out_dir, positive_float, positive_int, positive_ints
 
@@ -109,14 +109,6 @@ def run(args) -> dict:
     return out
 
 
-def plot(doc: dict, path: Path) -> Path:
-    from gemma4lab.lab import viz
-
-    fig = viz.plot_attention(doc["rows"], viz.env_label(doc), doc.get("matmul_tflops"))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-attention")
     p.add_argument("--tokens", type=positive_ints, default=(1453, 2893, 5773, 11533, 32768))
@@ -135,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("bench-attention needs a CUDA GPU")
     args.path = args.out / f"attention_{measure.card_slug()}.json"
     path = measure.write_json(args.path, run(args))
-    plot(measure.read_json(path), path.with_suffix(".png"))
+    from gemma4lab.lab import viz
+
+    doc = measure.read_json(path)
+    viz.save(viz.plot_attention(doc["rows"], viz.env_label(doc), doc.get("matmul_tflops")), path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 

@@ -88,39 +88,6 @@ def run(args) -> dict[str, Any]:
     return res
 
 
-def plot(res: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(res["rows"].values(), key=lambda r: r["tokens"])
-    ts = [r["tokens"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, lab in (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
-                   ("pcg_fused_ms", "fused + PCG")):
-        a.plot(ts, [r.get(k) for r in rows], marker="o", label=lab)
-    a.set_xscale("log")
-    a.set_yscale("log")
-    a.set_xlabel("tokens")
-    a.set_ylabel("ms per forward")
-    a.legend()
-    a.grid(True, which="both", alpha=0.3)
-    profs = [(k, v) for k, v in res["profiles"].items() if k.endswith("_93")]
-    names = [k.rsplit("_", 1)[0] for k, _ in profs]
-    b.bar(names, [v["cpu_dispatch_ms"] for _, v in profs], label="CPU dispatch (launch calls)")
-    b.bar(names, [v["gpu_busy_ms"] for _, v in profs], alpha=0.6, label="GPU busy")
-    b.set_ylabel("ms at 93 tokens")
-    b.legend()
-    env = res.get("environment", {})
-    when = env.get("date_utc", "")[:10]
-    fig.suptitle(f"PCG, {res['layers']}-layer 26B-A4B-width model — {env.get('card', '?')} {when}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-pcg")
     p.add_argument("--tokens", type=positive_ints, default=TOKENS)
@@ -138,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     path = measure.write_json(args.out / f"pcg_{measure.card_slug()}.json", res)
-    plot(measure.read_json(path), path.with_suffix(".png"))
-    print({k: res[k] for k in ("capture", "pcg_vs_eager_max_abs") if k in res})
-    for r in sorted(res["rows"].values(), key=lambda r: r["tokens"]):
-        print(r)
+    from gemma4lab.lab import report, viz
+
+    viz.save(viz.plot_pcg_bench(measure.read_json(path)), path.with_suffix(".png"))
+    print(report.pcg_section(measure.read_json(path), None))
     return 0
 
 

@@ -61,10 +61,14 @@ COLUMNS = {
     "hf": "transformers (grouped_mm, sdpa)",
     "hf_compile": "torch.compile of transformers (default, dynamic)",
     "hf_compile_ro": "torch.compile of transformers (reduce-overhead)",
+    "compile_fused": "torch.compile of ours, fused (fullgraph, dynamic)",
 }
+#: prompt lengths beyond the table's that the compiled fused model must serve without recompiling for each
+EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
-PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "skew", "image", "layer")
-DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "skew", "image", "layer")
+PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "skew", "image",
+         "layer")
+DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "compile_fused", "skew", "image", "layer")
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
 
@@ -198,6 +202,70 @@ def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: 
         _free()
 
 
+def _compile_fused(model, rows: dict, prompts: dict, args, res: dict) -> None:
+    """torch.compile(fullgraph=True, dynamic=True) of our fused model's prefill: the registered kernels are opaque
+    ops, prompt lengths stay symbolic. Timed at the table's lengths; then four more lengths count recompiles."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from gemma4lab.attention.backends import _raise_recompile_limit
+
+    _raise_recompile_limit(64)
+    torch._dynamo.reset()
+    model.set_fusion(Fusion.all())
+    compiled = torch.compile(lambda ids: model.prefill([ids]), fullgraph=True, dynamic=True)
+    graphs0 = dynamo_utils.counters["stats"]["unique_graphs"]
+    for t in args.tokens:
+        _timed(rows[str(t)], "compile_fused", lambda t=t: lambda: compiled(prompts[t][0]), args.rep_ms)
+    extra = {}
+    for t in args.compile_extra_tokens:
+        ids = random_prompt(t, model.config.text.vocab_size, seed=t, device=model.device)
+        t0 = time.perf_counter()
+        got = compiled(ids)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        extra[str(t)] = {"first_call_s": time.perf_counter() - t0,
+                         "max_abs_vs_eager": (got.float() - model.prefill([ids]).float()).abs().max().item()}
+    res.setdefault("compile", {})["compile_fused"] = {
+        "mode": "default", "dynamic": True, "fullgraph": True, "lengths": [*args.tokens, *args.compile_extra_tokens],
+        "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"] - graphs0,
+        "first_call_s": {str(t): rows[str(t)].get("compile_fused_stats", {}).get("first_call_s") for t in args.tokens},
+        "extra_lengths": extra}
+
+
+def _dispatch_cost(device: torch.device, calls: int = 2000) -> dict[str, float]:
+    """Host time per call of a registered kernel (``torch.ops.gemma4lab``, through the dispatcher) and of the same
+    kernel launched directly: what the registration costs an eager call. Tiny inputs, so the host is the bound."""
+    from gemma4lab import kernels as K
+    from gemma4lab.kernels import rmsnorm_residual_scalar as rms
+    from gemma4lab.kernels import router_topk as rt
+
+    x = torch.randn(1, 2816, device=device, dtype=torch.bfloat16)
+    w = torch.ones(2816, device=device, dtype=torch.bfloat16)
+    s = torch.ones(1, device=device)
+    out = torch.empty_like(x)
+    logits, scale = torch.randn(1, 128, device=device), torch.ones(128, device=device)
+    wts, ids = torch.empty(1, 8, device=device), torch.empty(1, 8, device=device, dtype=torch.int64)
+    cases = {"rmsnorm_residual_scalar": (lambda: K.gemma_rmsnorm_residual_scalar(x, w, x, s, out=out),
+                                         lambda: rms._launch(x, w, x, s, 1e-6, out, None)),
+             "router_topk": (lambda: K.gemma_router_topk(logits, scale, 8, out=(wts, ids)),
+                             lambda: rt._launch(logits, scale, 8, wts, ids, None))}
+    res = {}
+    for name, (via_op, direct) in cases.items():
+        per = {}
+        for label, fn in (("op", via_op), ("direct", direct)):
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            per[label] = (time.perf_counter() - t0) / calls * 1e6
+        res[name] = {"wrapper_via_op_us": per["op"], "direct_launch_us": per["direct"],
+                     "op_overhead_us": per["op"] - per["direct"]}
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from gemma4lab.lab import accuracy, routing
 
@@ -207,13 +275,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = cfg.replace_text(num_hidden_layers=args.layers)
     parts = tuple(args.parts)
     res: dict[str, Any] = {"benchmark": "prefill", "preset": args.preset, "layers": cfg.text.num_hidden_layers,
+                           "dtype": args.dtype,
                            "attention_backend": args.attention, "columns": COLUMNS, "parts": list(parts),
                            "published_ms": {str(k): v for k, v in PUBLISHED.items()}, "rows": {}}
     if "accuracy" in parts:  # fp32 / fp64 models of a few layers: before the bf16 model takes the memory
         _try(res, "accuracy_shallow", lambda: accuracy.shallow_parity(cfg, dev, depths=(1, 2, 6)))
         print("shallow parity:", res.get("accuracy_shallow"), flush=True)
     t0 = time.perf_counter()
-    model = random_init(cfg, dtype=torch.bfloat16, device=dev, seed=0)
+    model = random_init(cfg, dtype=getattr(torch, args.dtype), device=dev, seed=0)
     res["build_s"] = time.perf_counter() - t0
     model.set_attention_backend(args.attention)
     copy_bw, mm_rate = measure.copy_bandwidth(dev), measure.matmul_rate(dev)
@@ -233,8 +302,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    "routing": stats}
         if "layer" in parts:
             _try(res, "layer", lambda: _layer_alone(model, args))
+            if dev.type == "cuda":
+                _try(res, "dispatch", lambda: _dispatch_cost(dev))
         _time_columns(model, res["rows"], prompts, parts, args, res, tag="")
         _compile_columns(model, res["rows"], prompts, parts, args, res)
+        if "compile_fused" in parts:
+            try:
+                _compile_fused(model, res["rows"], prompts, args, res)
+            except Exception as e:  # recorded, not fatal: the rest of the table still stands
+                res.setdefault("errors", {})["compile_fused"] = f"{type(e).__name__}: {e}"[:500]
+                traceback.print_exc()
         _derived(res["rows"])
 
         if "skew" in parts:
@@ -348,10 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=positive_int, default=8192, help="largest PCG bucket")
     p.add_argument("--layer-tokens", type=positive_ints, default=(93, 2893),
                    help="token counts of the one-layer part")
+    p.add_argument("--compile-extra-tokens", type=positive_ints, default=EXTRA_COMPILE_TOKENS,
+                   help="more prompt lengths the compiled fused model must serve (recompile count)")
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
     p.add_argument("--rep-ms", type=positive_float, default=300.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
     p.add_argument("--device", type=device_arg, default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="weights and activations (the table is bf16; fp32 for CPU smoke runs of the fused compile)")
     args = p.parse_args(argv)
     bad = set(args.parts) - set(PARTS)
     if bad:

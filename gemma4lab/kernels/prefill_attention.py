@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, use_triton
+from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, host_values, pow2, register, to_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -48,10 +48,7 @@ class AttentionConfig:
     dv_splits: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "num_warps", "dv_splits"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"AttentionConfig.{name} must be a power of two >= 1, got {v}")
+        pow2(self, "block_m", "block_n", "num_warps", "dv_splits")
         if self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages must be >= 1, got {self.num_stages}")
 
@@ -187,7 +184,7 @@ def _prefill_attention_kernel(
     out = acc / l_i[:, None]
     offs_dv = dv0 + tl.arange(0, BLOCK_DV)
     o_ptrs = o_ptr + h * stride_oh + rows64[:, None] * stride_on + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM)[None, :])
+    tl.store(o_ptrs, to_dtype(out, o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DIM)[None, :])
 
 
 # ---- wrapper ---------------------------------------------------------------------------------------------------
@@ -217,7 +214,7 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [num_prompts + 1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int (the longest prompt), got {max_seqlen!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None (full layer) or a positive int, got {window!r}")
@@ -227,7 +224,7 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
                              f"{getattr(key_end, 'dtype', type(key_end))} {tuple(getattr(key_end, 'shape', ()))}")
         if key_end.device != q.device or key_end.stride(0) != 1:
             raise ValueError("key_end must be contiguous and on q's device")
-    if cu_seqlens.device.type == "cpu":  # the values are on the host already: check them (no device sync)
+    if host_values(cu_seqlens):  # the values are on the host already: check them (no device sync)
         cu = cu_seqlens.tolist()
         if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must rise from 0 to the token count {n} without decreasing, got {cu}")
@@ -244,6 +241,38 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
                              "head_dim")
 
 
+def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o, config: AttentionConfig | None):
+    n, hq, d = q.shape
+    cfg = config or attention_config(d, q.dtype, window is not None)
+    block_d = triton.next_power_of_2(d)
+    if cfg.dv_splits > block_d:
+        raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")
+    n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
+    _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, cu_seqlens.numel() - 1)](
+        q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        window or 0, n_tiles, n,
+        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
+        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+            window: int, key_end: torch.Tensor | None, out: torch.Tensor) -> None:
+    _launch(q, k, v, cu_seqlens, max_seqlen, window or None, key_end, out, None)
+
+
+def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+           window: int, key_end: torch.Tensor | None, out: torch.Tensor) -> None:
+    gemma_prefill_attention_ref(q, k, v, cu_seqlens, window=window or None, key_end=key_end, out=out)
+
+
+# window 0 = a full layer (no window); max_seqlen is a SymInt so that torch.compile keeps prompt lengths dynamic
+op = register("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, int window, "
+              "Tensor? key_end, Tensor(a!) out) -> ()", _triton, _torch)
+
+
 def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             max_seqlen: int, *, window: int | None = None, key_end: torch.Tensor | None = None,
                             out: torch.Tensor | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
@@ -252,42 +281,18 @@ def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     ``cu_seqlens`` int32 ``[B + 1]`` (prompt b is rows ``cu[b]:cu[b+1]``), ``max_seqlen`` the longest prompt (a host
     int: it sizes the grid), ``window`` the sliding window (keys ``> row - window``; None on full layers),
     ``key_end`` int32 ``[N]`` the exclusive end of each row's visible keys (default ``row + 1``: causal; see
-    :func:`key_end_for_blocks` for image blocks). The rows of ``cu_seqlens`` are trusted, not read on the host.
+    ``gemma4lab.attention.Visibility.key_end`` for image blocks). ``cu_seqlens`` and ``key_end`` are checked by
+    value when they are on the host; on a GPU the kernel clamps them to the rows that exist.
     """
     _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out)
-    if not use_triton(q):
-        return gemma_prefill_attention_ref(q, k, v, cu_seqlens, window=window, key_end=key_end, out=out)
-    n, hq, d = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    if n == 0:
+    if q.shape[0] == 0:
         return o
-    cfg = config or attention_config(d, q.dtype, window is not None)
-    n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
-    batch = cu_seqlens.numel() - 1
-    block_d = triton.next_power_of_2(d)
-    if cfg.dv_splits > block_d:
-        raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")
-    _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, batch)](
-        q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        window or 0, n_tiles, n,
-        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
-        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if config is not None:
+        _launch(q, k, v, cu_seqlens, max_seqlen, window, key_end, o, config)
+    else:
+        op(q, k, v, cu_seqlens, max_seqlen, window or 0, key_end, o)
     return o
-
-
-def key_end_for_blocks(block_ids: torch.Tensor) -> torch.Tensor:
-    """``key_end`` for rows with image block ids (``-1`` = text): text rows end at ``row + 1`` (causal), image rows
-    at the end of their block (bidirectional inside the image). Device ops only: no host sync."""
-    n = block_ids.numel()
-    rows = torch.arange(n, device=block_ids.device)
-    is_img = block_ids >= 0
-    bid = block_ids.clamp(min=0).long()
-    last = torch.full((n,), -1, dtype=torch.long, device=block_ids.device)
-    last = last.scatter_reduce(0, bid[is_img], rows[is_img], reduce="amax")
-    return torch.where(is_img, last[bid] + 1, rows + 1).to(torch.int32)
 
 
 def gemma_prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,

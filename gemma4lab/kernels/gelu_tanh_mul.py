@@ -11,12 +11,13 @@ Bytes per output element: read gate and up (2b), write out (b).
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LaunchConfig, check_out, check_rows, check_same_tokens, num_sms, to_dtype, use_triton
+from ._common import check_out, check_rows, check_same_tokens, num_sms, pow2, register, to_dtype
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -47,17 +48,48 @@ def _gelu_tanh_mul_kernel(g_ptr, u_ptr, o_ptr, n_elem, stride_g, stride_u, strid
         tl.store(o_ptr + row * stride_o + col, y, mask=mask)
 
 
-def _launch_config(n_elem: int, device: torch.device | None = None) -> LaunchConfig:
-    """Elementwise: 4096 outputs per program and 8 warps (16 per thread = two 16-byte bf16 vectors per input);
-    ``rows`` here counts *elements* per program. Smaller blocks when there is little work (fills the SMs)."""
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    """Launch of the flat elementwise kernel: ``block`` outputs per program, ``num_warps`` warps."""
+
+    block: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        pow2(self, "block", "num_warps")
+
+
+def elementwise_config(n_elem: int, device: torch.device | None = None) -> ElementwiseConfig:
+    """4096 outputs per program and 8 warps (16 per thread = two 16-byte bf16 vectors per input); smaller blocks
+    when there is little work, so that every SM gets at least two programs."""
     block = 4096
     while block > 256 and triton.cdiv(n_elem, block) < 2 * num_sms(device):
         block //= 2
-    return LaunchConfig(rows=block, num_warps=max(1, min(8, block // 512)))
+    return ElementwiseConfig(block=block, num_warps=max(1, min(8, block // 512)))
 
 
-def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
-                      config: LaunchConfig | None = None) -> torch.Tensor:
+def _launch(gate, up, out, config: ElementwiseConfig | None) -> None:
+    n, inter = gate.shape
+    n_elem = n * inter
+    cfg = config or elementwise_config(n_elem, gate.device)
+    _gelu_tanh_mul_kernel[(triton.cdiv(n_elem, cfg.block),)](
+        gate, up, out, n_elem, gate.stride(0), up.stride(0), out.stride(0), INTER=inter, BLOCK=cfg.block,
+        EVEN=n_elem % cfg.block == 0, BIG=n_elem + cfg.block >= 2**31, num_warps=cfg.num_warps)
+
+
+def _triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+    _launch(gate, up, out, None)
+
+
+def _torch(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(gemma_gelu_tanh_and_mul_ref(gate, up))
+
+
+op = register("gelu_tanh_and_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()", _triton, _torch)
+
+
+def gemma_gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None,
+                            config: ElementwiseConfig | None = None) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` for two ``[T, I]`` tensors (any row strides, contiguous last dim)."""
     gate = check_rows("gate", gate)
     n, inter = gate.shape
@@ -67,27 +99,24 @@ def gelu_tanh_and_mul(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor
            else check_out("out", out, (n, inter), gate.dtype, gate.device))
     if n == 0 or inter == 0:
         return out
-    if not use_triton(gate):
-        return out.copy_(gelu_tanh_and_mul_ref(gate, up))
-    n_elem = n * inter
-    cfg = config or _launch_config(n_elem, gate.device)
-    _gelu_tanh_mul_kernel[(triton.cdiv(n_elem, cfg.rows),)](
-        gate, up, out, n_elem, gate.stride(0), up.stride(0), out.stride(0), INTER=inter, BLOCK=cfg.rows,
-        EVEN=n_elem % cfg.rows == 0, BIG=n_elem + cfg.rows >= 2**31, num_warps=cfg.num_warps)
+    if config is not None:
+        _launch(gate, up, out, config)
+    else:
+        op(gate, up, out)
     return out
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
-                  config: LaunchConfig | None = None) -> torch.Tensor:
+def gemma_gelu_tanh_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None,
+                        config: ElementwiseConfig | None = None) -> torch.Tensor:
     """``gate_up [T, 2I]`` (gate = first half, up = second half) -> ``gelu_tanh(gate) * up [T, I]``."""
     gate_up = check_rows("gate_up", gate_up)
     if gate_up.shape[1] % 2:
         raise ValueError(f"gate_up width must be even (gate and up halves), got {gate_up.shape[1]}")
     inter = gate_up.shape[1] // 2
-    return gelu_tanh_and_mul(gate_up[:, :inter], gate_up[:, inter:], out=out, config=config)
+    return gemma_gelu_tanh_and_mul(gate_up[:, :inter], gate_up[:, inter:], out=out, config=config)
 
 
-def gelu_tanh_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gemma_gelu_tanh_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Plain-torch twin: fp32 math (fp64 if fed fp64), one rounding."""
     ct = torch.float64 if gate.dtype == torch.float64 else torch.float32
     g = gate.to(ct)
@@ -95,6 +124,6 @@ def gelu_tanh_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y.to(gate.dtype)
 
 
-def gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+def gemma_gelu_tanh_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[1] // 2
-    return gelu_tanh_and_mul_ref(gate_up[:, :inter], gate_up[:, inter:])
+    return gemma_gelu_tanh_and_mul_ref(gate_up[:, :inter], gate_up[:, inter:])

@@ -1,0 +1,55 @@
+"""``gemma_post_attention_block``: residual + post-attention norm and the three FFN inputs from one read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import (
+    BF16,
+    ROW_CASES,
+    act,
+    assert_rounded,
+    d,
+    nan_like,
+    oracle_post_attention,
+    wt,
+)
+
+import gemma4lab.kernels as K
+
+pytestmark = pytest.mark.usefixtures("triton_path_only")
+
+
+def _args(gen, n, h, dtype):
+    return [act(gen, n, h, dtype=dtype, scale=4.0), act(gen, n, h, dtype=dtype)] + [wt(gen, h, dtype) for _ in range(4)]
+
+
+@pytest.mark.parametrize("dtype,n,h", ROW_CASES + [(BF16, 6, 2816)], ids=str)
+def test_matches_float64(gen, dtype, n, h):
+    args = _args(gen, n, h, dtype)
+    bufs = tuple(nan_like(args[0]) for _ in range(4))
+    outs = K.gemma_post_attention_block(*args, out=bufs)
+    assert all(o is b for o, b in zip(outs, bufs))
+    for got, ref in zip(outs, oracle_post_attention(*d(*args), dtype)):
+        assert_rounded(got, ref, dtype)
+
+
+def test_zero_tokens(gen):
+    x, w = torch.empty(0, 96), wt(gen, 96)
+    assert [o.shape for o in K.gemma_post_attention_block(x, x, w, w, w, w)] == [(0, 96)] * 4
+
+
+def test_rejects():
+    h, x, w = 96, torch.randn(3, 96), torch.ones(96)
+    with pytest.raises(ValueError, match="router_scale has 48 elements"):
+        K.gemma_post_attention_block(x, x, w, w, w, torch.ones(48))
+    with pytest.raises(ValueError, match=r"out\[2\] must have shape"):
+        K.gemma_post_attention_block(x, x, w, w, w, w, out=(x.clone(), x.clone(), torch.empty(2, h), x.clone()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 1055, 4099])
+def test_gpu_matches_float64(gen, n):
+    args = [t.cuda() for t in _args(gen, n, 2816, BF16)]
+    for got, ref in zip(K.gemma_post_attention_block(*args), oracle_post_attention(*d(*args), BF16)):
+        assert_rounded(got, ref, BF16)

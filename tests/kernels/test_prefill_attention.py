@@ -1,0 +1,149 @@
+"""``gemma_prefill_attention``: FlashAttention-style prefill over packed prompts (under the interpreter on CPU,
+compiled on a GPU) against float64, at scaled-down and at the real shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import BF16, FP32, assert_rounded
+
+from gemma4lab.attention import PackedBatch, Visibility, sdpa_attention
+from gemma4lab.kernels import AttentionConfig, gemma_prefill_attention, gemma_prefill_attention_ref
+
+pytestmark = pytest.mark.usefixtures("triton_path_only")
+
+
+def _qkv(n, hq, hkv, d, dtype=FP32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    # q/k have unit-RMS rows after Gemma's q/k norms, so scores are O(√d) with scale 1.0: keep that regime.
+    return tuple(torch.randn(n, h, d, generator=g, device=device, dtype=torch.float32).to(dtype)
+                 for h in (hq, hkv, hkv))
+
+
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+
+
+def _oracle(q, k, v, cu, **kw):
+    return gemma_prefill_attention_ref(q.double(), k.double(), v.double(), cu, **kw)
+
+
+def _run(q, k, v, lengths, **kw):
+    cu = _cu(lengths, q.device)
+    out = torch.full_like(q, float("nan"))  # poisoned: every real element must be written
+    got = gemma_prefill_attention(q, k, v, cu, max(lengths), out=out, **kw)
+    assert got is out
+    return got, _oracle(q, k, v, cu, **kw)
+
+
+def _assert(got, ref):
+    """fp32: IEEE dots, parity-grade (a sum of up to T products in fp32). bf16: P is rounded to bf16 before PV, so
+    each output is an average of V with weights off by one bf16 rounding: two roundings of the output."""
+    if got.dtype == FP32:
+        assert_rounded(got, ref, FP32, math_err=1e-5)
+    else:
+        assert_rounded(got, ref, got.dtype, roundings=2, math_err=2**-8)
+
+
+@pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [65], [5, 40, 1, 23]])
+def test_full_layer_causal_gqa(lengths):
+    _assert(*_run(*_qkv(sum(lengths), 4, 1, 64, seed=len(lengths)), lengths))
+
+
+@pytest.mark.parametrize("lengths", [[1], [15], [16], [17], [65], [3, 33, 18]])
+def test_sliding_layer_window_edges(lengths):
+    """Window 16 with lengths 15/16/17/65: the 1023/1024/1025/4097 cases of the real window, scaled down."""
+    _assert(*_run(*_qkv(sum(lengths), 4, 2, 32, seed=sum(lengths)), lengths, window=16))
+
+
+def test_odd_head_dim_and_strided_views():
+    """Head dim 24 (masked lanes) and q/k/v as column views of one fused projection (row stride > heads·dim)."""
+    n, hq, hkv, d = 29, 2, 1, 24
+    fused = torch.randn(n, (hq + 2 * hkv) * d + 8)
+    q = fused[:, : hq * d].view(n, hq, d)
+    k = fused[:, hq * d: (hq + hkv) * d].view(n, hkv, d)
+    v = fused[:, (hq + hkv) * d: (hq + 2 * hkv) * d].view(n, hkv, d)
+    _assert(*_run(q, k, v, [11, 18], window=8))
+    cfg = AttentionConfig(16, 16, 4, 1, dv_splits=2)  # the second program's lanes 24..31 are masked
+    _assert(gemma_prefill_attention(q, k, v, _cu([11, 18]), 18, config=cfg), _oracle(q, k, v, _cu([11, 18])))
+
+
+@pytest.mark.parametrize("start", [0, 9, 14, 30])
+def test_image_blocks_on_sliding_layers(start):
+    """An image of 9 soft tokens, bidirectional inside, placed around the window edge (window 16)."""
+    lengths = [12, 48]
+    n = sum(lengths)
+    blocks = torch.full((n,), -1)
+    blocks[12 + start: 12 + start + 9] = 0
+    blocks[2:5] = 1  # a second image in the first prompt
+    q, k, v = _qkv(n, 4, 2, 32, seed=start)
+    rule = Visibility(window=16, image_blocks=True)
+    got, ref = _run(q, k, v, lengths, window=16, key_end=rule.key_end(blocks))
+    _assert(got, ref)
+    model_ref = sdpa_attention(q.double(), k.double(), v.double(), PackedBatch.from_lengths(lengths, block_ids=blocks),
+                               True, 16)
+    torch.testing.assert_close(ref, model_ref, rtol=1e-12, atol=1e-12)  # the kernel's form = the rule's dense form
+
+
+@pytest.mark.parametrize("config", [AttentionConfig(16, 16, 4, 1), AttentionConfig(32, 16, 4, 1),
+                                    AttentionConfig(16, 32, 4, 2), AttentionConfig(32, 16, 4, 1, dv_splits=2),
+                                    AttentionConfig(16, 16, 4, 1, dv_splits=4)], ids=str)
+def test_tile_shapes_agree(config):
+    q, k, v = _qkv(70, 4, 2, 32, seed=3)
+    _assert(gemma_prefill_attention(q, k, v, _cu([70]), 70, window=16, config=config),
+            _oracle(q, k, v, _cu([70]), window=16))
+
+
+def test_zero_tokens():
+    q, k, v = _qkv(0, 4, 2, 32)
+    assert gemma_prefill_attention(q, k, v, torch.zeros(2, dtype=torch.int32), 1).shape == (0, 4, 32)
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (lambda a: a.update(q=a["q"][:, :, None]), ValueError, "3-D"),
+    (lambda a: a.update(k=a["k"].double(), v=a["v"].double()), TypeError, "one dtype"),
+    (lambda a: a.update(q=a["q"].long()), TypeError, "unsupported dtype"),
+    (lambda a: a.update(k=a["k"][:5], v=a["v"][:5]), ValueError, "tokens and head_dim"),
+    (lambda a: a.update(q=torch.randn(10, 3, 32)), ValueError, "multiple of KV heads"),
+    (lambda a: a.update(q=torch.randn(10, 32, 4).transpose(1, 2)), ValueError, "contiguous head_dim"),
+    (lambda a: a.update(cu_seqlens=a["cu_seqlens"].long()), ValueError, "int32"),
+    (lambda a: a.update(max_seqlen=0), ValueError, "max_seqlen"),
+    (lambda a: a.update(window=0), ValueError, "window"),
+    (lambda a: a.update(key_end=torch.arange(10)), ValueError, "key_end"),
+    (lambda a: a.update(out=torch.empty(10, 4, 16)), ValueError, "out must be"),
+    (lambda a: a.update(v=[1, 2]), TypeError, "torch.Tensor"),
+])
+def test_bad_input_is_a_clear_error(change, exc, match):
+    q, k, v = _qkv(10, 4, 2, 32)
+    args = dict(q=q, k=k, v=v, cu_seqlens=_cu([10]), max_seqlen=10)
+    change(args)
+    with pytest.raises(exc, match=match):
+        gemma_prefill_attention(**args)
+
+
+# ---- on a GPU: bf16 and the real shapes -------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_bf16_small():
+    """bf16 only on a GPU: the interpreter's bf16 dot is unreliable (the CPU tests use fp32)."""
+    _assert(*_run(*_qkv(40, 4, 2, 32, dtype=BF16, device="cuda", seed=7), [40], window=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 4097])
+@pytest.mark.parametrize("sliding", [True, False])
+def test_gpu_real_shapes_against_float64(n, sliding):
+    hq, hkv, d = (16, 8, 256) if sliding else (16, 2, 512)
+    _assert(*_run(*_qkv(n, hq, hkv, d, dtype=BF16, device="cuda", seed=n), [n], window=1024 if sliding else None))
+
+
+@pytest.mark.gpu
+def test_gpu_packed_prompts_and_image_block_at_the_window_edge():
+    lengths = [700, 1500, 1]
+    n = sum(lengths)
+    blocks = torch.full((n,), -1, device="cuda")
+    blocks[700 + 1000: 700 + 1280] = 0  # 280 soft tokens straddling key 1024 of the second prompt
+    key_end = Visibility(window=1024, image_blocks=True).key_end(blocks)
+    _assert(*_run(*_qkv(n, 16, 8, 256, dtype=BF16, device="cuda", seed=1), lengths, window=1024, key_end=key_end))
+    q, k, v = _qkv(n, 16, 2, 512, dtype=BF16, device="cuda", seed=2)
+    _assert(*_run(q, k, v, lengths))
+    _assert(*_run(q.float(), k.float(), v.float(), lengths))  # fp32 takes IEEE dots: parity-grade

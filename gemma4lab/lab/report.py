@@ -210,6 +210,22 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def fused_compile_section(doc: Mapping[str, Any]) -> str:
+    """A run of the fused model under torch.compile(fullgraph=True) beside our eager and PCG runs of it."""
+    out = ["### torch.compile of our fused model, full size (`bench-prefill --name fusedcompile`)", "",
+           f"Same card and weights as above but its own process — {provenance(doc)}. The kernels are registered "
+           "ops (`torch.ops.gemma4lab.*`), opaque to the compiler; prompt lengths stay dynamic. Cells: median ms · "
+           "its ratio to the floor (min–max ms).", "", prefill_table(doc)]
+    out += ["", *[line for line in prefill_findings(doc) if "torch.compile of our fused" in line
+                  or "op registration" in line or "Errors" in line]]
+    first = [((doc.get("compile") or {}).get("compile_fused") or {}).get("first_call_s", {}).get(str(r["tokens"]))
+             for r in _rows(doc)]
+    if any(_num(v) for v in first):
+        out.append(f"* **First call** of the compiled fused model: {first[0]:.0f} s at its first length, "
+                   f"{span(first[1:], lambda v: f'{v:.1f} s')} at each later one." if _num(first[0]) else "")
+    return "\n".join(line for line in out if line is not None)
+
+
 def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
     shallow = (doc.get("accuracy_shallow") or {}).get("depths") or {}
     per = doc.get("accuracy_per_layer") or {}
@@ -347,6 +363,9 @@ def readme_results(results: Path) -> str:
                                else None)
         if acc:
             parts += [acc, ""]
+    fc, _ = _first(results, "fusedcompile")
+    if fc:
+        parts += [fused_compile_section(fc), ""]
     pcg, pcg_png = _first(results, "pcg")
     if pcg:
         parts += [pcg_section(pcg, pcg_png), ""]

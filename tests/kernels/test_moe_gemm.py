@@ -22,11 +22,13 @@ def _case(counts, h=96, i=40, seed=0, dtype=FP32, device="cpu"):
 
 
 def oracle(a, w, offs, gelu=False):
-    """float64, one expert at a time (the routed rows are sorted by expert)."""
+    """float64, one expert at a time (the routed rows are sorted by expert). With ``gelu``, the activation is
+    rounded to the weights' dtype before the product, as the kernel (and the unfused model) feed the tensor cores."""
+    dt = a.dtype
     a = a.double()
     if gelu:
         gt, up = a.chunk(2, dim=-1)
-        a = torch.nn.functional.gelu(gt, approximate="tanh") * up
+        a = (torch.nn.functional.gelu(gt, approximate="tanh") * up).to(dt).double()
     out, start = [], 0
     for e, end in enumerate(offs.tolist()):
         out.append(a[start:end] @ w[e].double().T)

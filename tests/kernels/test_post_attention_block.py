@@ -52,4 +52,4 @@ def test_rejects():
 def test_gpu_matches_float64(gen, n):
     args = [t.cuda() for t in _args(gen, n, 2816, BF16)]
     for got, ref in zip(K.gemma_post_attention_block(*args), oracle_post_attention(*d(*args), BF16)):
-        assert_rounded(got, ref, BF16)
+        assert_rounded(got, ref, BF16, roundings=3)  # see test_dual_rmsnorm.GPU_ROUNDINGS

@@ -37,10 +37,11 @@ def _run(q, k, v, lengths, **kw):
 
 
 def _assert(got, ref):
-    """fp32: IEEE dots, parity-grade (a sum of up to T products in fp32). bf16: P is rounded to bf16 before PV, so
-    each output is an average of V with weights off by one bf16 rounding: two roundings of the output."""
+    """fp32: IEEE dots, parity-grade: a sum over up to T keys of fp32 products and hardware exp2 (~2 ulp) gives
+    ~√T·2⁻²² of the largest output (3e-5 at 1500 keys, measured 1.3e-5 on an H200). bf16: P is rounded to bf16
+    before PV, so each output is an average of V with weights off by one bf16 rounding: two roundings."""
     if got.dtype == FP32:
-        assert_rounded(got, ref, FP32, math_err=1e-5)
+        assert_rounded(got, ref, FP32, math_err=3e-5)
     else:
         assert_rounded(got, ref, got.dtype, roundings=2, math_err=2**-8)
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gemma4lab.kernels import LaunchConfig, gemma_dual_rmsnorm_residual_scalar
+from gemma4lab.kernels import RowConfig, gemma_dual_rmsnorm_residual_scalar
 from gemma4lab.lab import measure
 
 
@@ -60,7 +60,7 @@ def main():
         nbytes = 4 * t * h * 2 + 3 * h * 2
         res = {"pkg": measure.bench(lambda: gemma_dual_rmsnorm_residual_scalar(x1, w1, x2, w2, w3, r, s))}
         for rows, warps in ((1, 4), (1, 8), (1, 16), (2, 8), (4, 8)):
-            cfg = LaunchConfig(rows, warps)
+            cfg = RowConfig(rows=rows, num_warps=warps)
             res[f"pkg r{rows}w{warps}"] = measure.bench(
                 lambda cfg=cfg: gemma_dual_rmsnorm_residual_scalar(x1, w1, x2, w2, w3, r, s, config=cfg))
         out = torch.empty_like(x1)

@@ -7,7 +7,7 @@ fraction for both, per token count and tile choice. ``python experiments/moe_gem
 import torch
 import torch.nn.functional as F
 
-from gemma4lab.kernels import moe_gemm
+from gemma4lab.kernels import MoeConfig, gemma_moe_gemm
 from gemma4lab.lab import measure
 
 
@@ -35,8 +35,8 @@ def main():
         res = {"grouped_mm": measure.bench(lib)}
         for bm, bn, bk, nw, ns in ((16, 128, 128, 4, 3), (16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 256, 64, 8, 3),
                                    (16, 128, 64, 4, 6), (16, 64, 128, 4, 3), (16, 256, 128, 8, 2), (32, 128, 64, 4, 4)):
-            kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-            f = lambda kw=kw: moe_gemm(moe_gemm(x, w, offs, **kw), wd, offs, gelu_gate=True, **kw)
+            kw = dict(config=MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+            f = lambda kw=kw: gemma_moe_gemm(gemma_moe_gemm(x, w, offs, **kw), wd, offs, gelu_gate=True, **kw)
             try:
                 y = f()
                 err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -1,14 +1,7 @@
-# ruff: noqa: E402
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # before gemma4lab is imported: CPU-only machines run kernels in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import json
 
 import pytest
+import torch
 
 from gemma4lab.kernels import INTERPRET
 from gemma4lab.lab import measure

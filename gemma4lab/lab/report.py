@@ -184,6 +184,9 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
                      f"registered ops, `torch.ops.gemma4lab.*`): {cf['graphs_compiled']} graph(s) compiled for "
                      f"{len(cf['lengths'])} prompt lengths ({', '.join(map(str, cf['lengths']))})"
                      + (f"; its logits differ from eager's by at most {worst:.2g} (max abs) at the extra lengths"
+                        + (" — in bf16 through 30 random layers that is the chaos any two correct implementations show "
+                           "(see the accuracy section), not a parity measure; parity is checked in fp32 on CPU"
+                           if worst > 1e-3 and doc.get("dtype", "bfloat16") == "bfloat16" else "")
                         if _num(worst) else "") + ".")
     disp = doc.get("dispatch")
     if isinstance(disp, Mapping) and disp:
@@ -213,7 +216,8 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
 def fused_compile_section(doc: Mapping[str, Any]) -> str:
     """A run of the fused model under torch.compile(fullgraph=True) beside our eager and PCG runs of it."""
     out = ["### torch.compile of our fused model, full size (`bench-prefill --name fusedcompile`)", "",
-           f"Same card and weights as above but its own process — {provenance(doc)}. The kernels are registered "
+           f"A run of its own (same shapes and random-weight seed as the table above, another process) — "
+           f"{provenance(doc)}. The kernels are registered "
            "ops (`torch.ops.gemma4lab.*`), opaque to the compiler; prompt lengths stay dynamic. Cells: median ms · "
            "its ratio to the floor (min–max ms).", "", prefill_table(doc)]
     out += ["", *[line for line in prefill_findings(doc) if "torch.compile of our fused" in line

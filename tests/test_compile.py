@@ -26,3 +26,26 @@ def test_fullgraph_compile_of_the_fused_model_equals_eager():
         # six layers, of the order of the model's fp32 parity bound with transformers (1e-5 relative)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=3e-5 * float(want.abs().max()))
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+@pytest.mark.skipif(not gemma4lab.kernels.INTERPRET, reason="the fused kernels run under the Triton interpreter here")
+def test_compiled_pieces_equal_eager_and_follow_settings():
+    """The compiler's piecewise layout (pieces compiled, attention between them) gives eager's logits for packed
+    prompts of several lengths, and recompiles when the fusion setting changes."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from gemma4lab.runtime.compiled_pieces import CompiledPieces
+
+    model = gemma4lab.random_init("tiny", dtype=torch.float32, seed=5).set_fusion("all")
+    runner = CompiledPieces(model)
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for lens in ((20,), (7, 13)):
+        prompts = [torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
+        want = model.prefill(prompts, all_logits=True)
+        torch.testing.assert_close(runner.prefill(prompts, all_logits=True), want, rtol=1e-5,
+                                   atol=3e-5 * float(want.abs().max()))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == len(model.language_model.layers) + 1
+    model.set_fusion("none")
+    prompts = [torch.randint(3, 400, (11,), generator=torch.Generator().manual_seed(3))]
+    want = model.prefill(prompts)
+    torch.testing.assert_close(runner.prefill(prompts), want, rtol=1e-5, atol=3e-5 * float(want.abs().max()))

@@ -51,6 +51,7 @@ PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager,
 #: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
 PREFILL_SERIES = (("eager_ms", "C3o-", "ours, unfused eager"), ("fused_ms", "C0o-", "ours, fused eager"),
                   ("pcg_ms", "C2o-", "ours, fused + PCG"), ("compile_fused_ms", "C6o--", "torch.compile(ours, fused)"),
+                  ("compile_pieces_ms", "C8o--", "torch.compile(ours, fused) per piece"),
                   ("hf_ms", "C7o:", "transformers"),
                   ("hf_compile_ms", "C1o--", "torch.compile(transformers)"),
                   ("hf_compile_ro_ms", "C4o--", "torch.compile(transformers, reduce-overhead)"),

@@ -62,13 +62,15 @@ COLUMNS = {
     "hf_compile": "torch.compile of transformers (default, dynamic)",
     "hf_compile_ro": "torch.compile of transformers (reduce-overhead)",
     "compile_fused": "torch.compile of ours, fused (fullgraph, dynamic)",
+    "compile_pieces": "torch.compile of ours, fused, per piece between attention calls (reduce-overhead)",
 }
 #: prompt lengths beyond the table's that the compiled fused model must serve without recompiling for each
 EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
-PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "skew", "image",
-         "layer")
-DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "compile_fused", "skew", "image", "layer")
+PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "compile_pieces",
+         "skew", "image", "layer")
+DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused",
+                 "compile_pieces", "skew", "image", "layer")
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
 
@@ -306,6 +308,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _try(res, "dispatch", lambda: _dispatch_cost(dev))
         _time_columns(model, res["rows"], prompts, parts, args, res, tag="")
         _compile_columns(model, res["rows"], prompts, parts, args, res)
+        if "compile_pieces" in parts:
+            from gemma4lab.runtime.compiled_pieces import CompiledPieces
+
+            model.set_fusion(Fusion.all())
+            mode = "reduce-overhead" if dev.type == "cuda" else "default"
+            pieces = CompiledPieces(model, mode=mode)
+            for t in args.tokens:
+                _timed(res["rows"][str(t)], "compile_pieces", lambda t=t: lambda: pieces.prefill(prompts[t]),
+                       args.rep_ms)
+            res.setdefault("compile", {})["compile_pieces"] = {"mode": mode, "dynamic": True}
         if "compile_fused" in parts:
             try:
                 _compile_fused(model, res["rows"], prompts, args, res)

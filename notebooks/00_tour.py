@@ -55,10 +55,10 @@ print("repo root:", ROOT)
 #
 # | piece | module | CPU | GPU |
 # |---|---|---|---|
-# | model (text decoder, vision tower) | `gemma4lab.model`, `text_model`, `vision` | eager PyTorch | eager PyTorch |
+# | model (text decoder, vision tower) | `gemma4lab.model` (`decoder`, `text`, `vision`) | eager PyTorch | eager PyTorch |
 # | fused kernels | `gemma4lab.kernels` | Triton **interpreter** (`TRITON_INTERPRET=1`) or torch reference | compiled Triton |
-# | piecewise CUDA graphs | `gemma4lab.pcg` | same split and padding, run eagerly | captured graphs |
-# | measurements | `gemma4lab.measure`, `profiling` | op counts, `perf_counter` | CUDA events, kernel traces |
+# | piecewise CUDA graphs | `gemma4lab.runtime.pcg` | same split, padding and caching, run eagerly | captured graphs |
+# | measurements | `gemma4lab.lab.measure`, `lab.profiling` | op counts, `perf_counter` | CUDA events, kernel traces |
 #
 # Numbers measured on a GPU live in `results/*.json`; the notebooks show them, labelled with the card and date.
 #

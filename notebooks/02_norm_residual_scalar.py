@@ -22,7 +22,7 @@
 #
 # **What you will learn**
 #
-# - what the unfused chain dispatches (counted with `gemma4lab.profiling.profile_forward`);
+# - what the unfused chain dispatches (counted with `gemma4lab.lab.profiling.profile_forward`);
 # - how many bytes it moves compared with one fused pass;
 # - that `gemma_rmsnorm_residual_scalar` matches the reference;
 # - how close the fused kernel gets to copy bandwidth on a real GPU (recorded results).

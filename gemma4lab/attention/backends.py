@@ -69,8 +69,7 @@ class SdpaBackend:
                rule: Visibility) -> Tensor:
         """q: [B, Hq, D]; the first B rows of the cache [B', Hkv, S, D] → [B, Hq, D]."""
         b = q.shape[0]
-        sp = slot_pos[:b] if slot_pos is not None else torch.arange(k_cache.shape[2], device=q.device)[None, :]
-        mask = rule.slots(positions, sp)[:, None, None, :]
+        mask = rule.cache_slots(positions, slot_pos, k_cache.shape[2])[:, None, None, :]
         o = F.scaled_dot_product_attention(q[:, :, None, :], k_cache[:b], v_cache[:b], attn_mask=mask, scale=1.0,
                                            enable_gqa=q.shape[1] != k_cache.shape[1])
         return o[:, :, 0, :]
@@ -211,7 +210,8 @@ def choose(name: str, batch: PackedBatch, rule: Visibility):
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, sliding: bool, window: int) -> Tensor:
     """q: [N, Hq, D], k/v: [N, Hkv, D] → [N, Hq, D] with the rule's dense masks (the reference)."""
     rule = Visibility(window=window if sliding else None, image_blocks=sliding)
-    return SdpaBackend().prefill(q, k, v, batch, SdpaBackend().plan(batch, rule))
+    sdpa = BACKENDS["sdpa"]
+    return sdpa.prefill(q, k, v, batch, sdpa.plan(batch, rule))
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch) -> Tensor:

@@ -95,3 +95,10 @@ class Visibility:
         ``positions`` sees, ``[B, slots]``. Decode never sees an image block ahead of it, so causality holds."""
         p = positions[:, None]
         return (slot_pos >= 0) & self.visible(p, slot_pos)
+
+    def cache_slots(self, positions: Tensor, slot_pos: Tensor | None, n_slots: int) -> Tensor:
+        """``slots`` over a KV cache's first B rows: a sliding layer's ring (``slot_pos`` [B', window]) or, when
+        ``slot_pos`` is None, a full layer's cache whose slot i holds position i."""
+        b = positions.shape[0]
+        sp = slot_pos[:b] if slot_pos is not None else torch.arange(n_slots, device=positions.device)[None, :]
+        return self.slots(positions, sp)

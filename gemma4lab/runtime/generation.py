@@ -20,7 +20,7 @@ def decode_step(lm, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor
     from gemma4lab.attention import BACKENDS
 
     cache.advance(positions)
-    backend = BACKENDS[lm.backend_for(tokens.device) if lm.backend_for(tokens.device) == "triton" else "sdpa"]
+    backend = BACKENDS["triton" if lm.backend_for(tokens.device) == "triton" else "sdpa"]
     rules = {s: lm.rule(s) for s in (True, False)}
 
     def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

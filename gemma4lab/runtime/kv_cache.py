@@ -104,7 +104,5 @@ class KVCache:
         """[B, 1, 1, slots] True where a cached key is visible to the new token (the mask rule's decode form)."""
         from gemma4lab.attention.rule import Visibility
 
-        b = positions.shape[0]
-        sp = self.slot_pos[:b] if sliding else torch.arange(self.max_len, device=positions.device)[None, :]
         rule = Visibility(window=self.cfg.sliding_window if sliding else None)
-        return rule.slots(positions, sp)[:, None, None, :]
+        return rule.cache_slots(positions, self.slot_pos if sliding else None, self.max_len)[:, None, None, :]

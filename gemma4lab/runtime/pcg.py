@@ -204,20 +204,8 @@ class PiecewiseCudaGraphRunner:
                                     pieces_per_bucket=len(self.lm.layers) + 1)
 
     # ---- buffers -------------------------------------------------------------------------------------------------
-    def _buffer_elements(self) -> int:
-        """Elements of the static buffers ``_allocate`` will create (checked against free memory first)."""
-        cfg, n = self.lm.config, self.max_tokens
-        per_row = 3 * cfg.hidden_size  # h, x, hidden
-        for sliding in (True, False):
-            i = next((j for j in range(cfg.num_hidden_layers) if cfg.is_sliding(j) == sliding), None)
-            if i is None:
-                continue
-            d = cfg.layer_head_dim(i)
-            per_row += (2 * cfg.num_attention_heads + 2 * cfg.layer_kv_heads(i)) * d + 2 * d
-        return n * per_row + n * cfg.hidden_size
-
     def _check_memory(self) -> None:
-        est = self._buffer_elements() * torch.finfo(self.model.dtype).bits // 8
+        est = self._allocate("meta").nbytes()  # the buffers' exact shapes and dtypes, no memory taken
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
         else:
@@ -230,8 +218,9 @@ class PiecewiseCudaGraphRunner:
                 f"{free / 2**30:.1f} GiB are free on {self.device}: lower max_tokens"
             )
 
-    def _allocate(self) -> _Buffers:
-        cfg, n, dev, dt = self.lm.config, self.max_tokens, self.device, self.model.dtype
+    def _allocate(self, device: torch.device | str | None = None) -> _Buffers:
+        """The static buffers on ``device`` (the model's by default; ``"meta"`` sizes them without memory)."""
+        cfg, n, dev, dt = self.lm.config, self.max_tokens, device or self.device, self.model.dtype
         types = {cfg.is_sliding(i): i for i in range(cfg.num_hidden_layers)}
         q, k, v, o = {}, {}, {}, {}
         for sliding, i in types.items():

@@ -17,7 +17,6 @@ looks the same with or without a defect. Two measurements stay sharp:
 from __future__ import annotations
 
 import copy
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from gemma4lab.attention import PackedBatch
-from gemma4lab.lab.measure import rel_err
+from gemma4lab.lab.measure import rel_err, release_memory
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.decoder import Stream, run_layer
 from gemma4lab.runtime.fusion import Fusion
@@ -34,12 +33,6 @@ from gemma4lab.runtime.fusion import Fusion
 def top1_agreement(logits: Tensor, truth: Tensor) -> float:
     """Share of rows whose arg-max token equals the truth's."""
     return float((logits.argmax(-1) == truth.argmax(-1)).float().mean())
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -64,7 +57,7 @@ def shallow_parity(config: Gemma4Config, device: torch.device | str, depths: Seq
         hf64 = hf_twin(m64, experts="eager")
         truth = hf64(input_ids=ids[None], use_cache=False).logits[0].double()
         del hf64, m64
-        _free(device)
+        release_memory()
         row: dict[str, Any] = {}
         for name, fusion in (("ours_unfused", Fusion.none()), ("ours_fused", Fusion.all())):
             m.set_fusion(fusion)
@@ -88,7 +81,7 @@ def shallow_parity(config: Gemma4Config, device: torch.device | str, depths: Seq
                    transformers_bf16_top1=top1_agreement(theirs16, truth))
         out["depths"][str(depth)] = row
         del m, truth
-        _free(device)
+        release_memory()
     return out
 
 

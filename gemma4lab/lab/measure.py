@@ -9,6 +9,7 @@ nothing else is ever overwritten by accident.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import importlib.metadata
 import json
 import math
@@ -124,6 +125,14 @@ def copy_bandwidth(device: str | torch.device, nbytes: int = 2**30, *, warmup_ms
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev)
     return 2 * nbytes / (ms * 1e-3)
+
+
+def release_memory() -> None:
+    """Collect dropped models and hand the CUDA cache back, so that the next configuration in a long run starts
+    from the same free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from gemma4lab.lab import measure
+from gemma4lab.lab.report import PREFILL_COLUMNS
 
 __all__ = [
     "breakdown_data",
@@ -48,14 +49,12 @@ __all__ = [
 PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager, fused"),
               ("pcg_fused_ms", "fused + PCG"))  # fmt: skip
 
+#: matplotlib format of each ``bench-prefill`` column (the labels and legend order are the report's)
+_PREFILL_STYLE = {"eager": "C3o-", "fused": "C0o-", "pcg": "C2o-", "compile_fused": "C6o--", "compile_pieces": "C8o--",
+                  "hf": "C7o:", "hf_compile": "C1o--", "hf_compile_ro": "C4o--"}
 #: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
-PREFILL_SERIES = (("eager_ms", "C3o-", "ours, unfused eager"), ("fused_ms", "C0o-", "ours, fused eager"),
-                  ("pcg_ms", "C2o-", "ours, fused + PCG"), ("compile_fused_ms", "C6o--", "torch.compile(ours, fused)"),
-                  ("compile_pieces_ms", "C8o--", "torch.compile(ours, fused) per piece"),
-                  ("hf_ms", "C7o:", "transformers"),
-                  ("hf_compile_ms", "C1o--", "torch.compile(transformers)"),
-                  ("hf_compile_ro_ms", "C4o--", "torch.compile(transformers, reduce-overhead)"),
-                  ("floor_ms", "C5:", "floor (same run)"))  # fmt: skip
+PREFILL_SERIES = (*((f"{c}_ms", _PREFILL_STYLE[c], label) for c, label in PREFILL_COLUMNS),
+                  ("floor_ms", "C5:", "floor (same run)"))
 
 
 # --------------------------------------------------------------------------------------------------- setup, loading

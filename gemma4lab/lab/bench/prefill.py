@@ -21,7 +21,6 @@ first-call time (compile, capture or Triton JIT). Everything lands in ``results/
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 import traceback
 from collections.abc import Callable
@@ -53,7 +52,8 @@ PUBLISHED = {  # sglang PR #24048 (GPU not stated): baseline, fused + PCG in ms
     93: (35.6, 16.5), 189: (35.4, 17.1), 1453: (36.3, 25.1), 2893: (40.6, 30.6), 5773: (49.0, 41.6),
     11533: (70.0, 66.4),
 }
-#: column key -> what it is (the report and the plot use these labels)
+#: column key -> exactly what it ran, recorded in the results file (the report's and the plot's short labels:
+#: ``gemma4lab.lab.report.PREFILL_COLUMNS``)
 COLUMNS = {
     "eager": "ours, unfused eager",
     "fused": "ours, fused eager",
@@ -69,8 +69,7 @@ EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
 PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "compile_pieces",
          "skew", "image", "layer")
-DEFAULT_PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused",
-                 "compile_pieces", "skew", "image", "layer")
+DEFAULT_PARTS = PARTS  # a full run measures everything; --parts picks a subset
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
 
@@ -160,7 +159,7 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
         if "image" in parts:
             _try(res, f"image{tag}", lambda: _image_prompt(model, runner, args))
         del runner
-        _free()
+        measure.release_memory()
     if "hf" in parts:
         hf = hf_twin(model)
         res[f"hf_experts_implementation{tag}"] = hf_experts_implementation(hf)
@@ -170,13 +169,7 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
         if "layer" in parts and "layer" in res and not tag:
             _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
         del hf
-        _free()
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        measure.release_memory()
 
 
 def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict) -> None:
@@ -201,7 +194,7 @@ def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: 
             "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"] - graphs0,
             "first_call_s": {str(t): rows[str(t)].get(f"{col}_stats", {}).get("first_call_s") for t in args.tokens}}
         compiled = hf = None  # free the twin and its compiled graphs before the next mode
-        _free()
+        measure.release_memory()
 
 
 def _compile_fused(model, rows: dict, prompts: dict, args, res: dict) -> None:

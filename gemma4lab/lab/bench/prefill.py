@@ -43,6 +43,7 @@ from gemma4lab.lab.bench.common import (
     random_prompt,
     text_weight_bytes,
 )
+from gemma4lab.lab.report import prefill_table
 from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.fusion import Fusion
@@ -410,15 +411,6 @@ def _hf_layer(hf, model, args) -> dict:
     return out
 
 
-def table(res: dict) -> str:
-    lines = ["tokens | floor | eager | fused | fused+PCG | transformers | compile | best peer / PCG"]
-    for r in res["rows"].values():
-        lines.append(f"{r['tokens']:>6} | {fmt_ms(r['floor_ms'])} | {fmt_ms(r.get('eager_ms'))} | "
-                     f"{fmt_ms(r.get('fused_ms'))} | {fmt_ms(r.get('pcg_ms'))} | {fmt_ms(r.get('hf_ms'))} | "
-                     f"{fmt_ms(r.get('hf_compile_ms'))} | {fmt_ms(r.get('speedup_vs_best_peer'))}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-prefill", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=positive_ints, default=TOKENS)
@@ -453,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
     path = measure.write_json(args.out / f"{args.name}_{measure.card_slug()}.json", res)
-    print(table(res))
+    print(prefill_table(res))
     if args.name != "prefill":
         return 0
     from gemma4lab.lab import viz

@@ -49,20 +49,14 @@ class SdpaBackend:
     name = "sdpa"
 
     def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> list[Tensor]:
-        masks, start = [], 0
-        for n in batch.seq_lens:
-            blocks = batch.block_ids[start:start + n] if batch.block_ids is not None else None
-            masks.append(rule.dense(n, blocks, batch.positions.device))
-            start += n
-        return masks
+        dev = batch.positions.device
+        return [rule.dense(sl.stop - sl.start, batch.block_ids[sl] if batch.block_ids is not None else None, dev)
+                for sl in batch.prompt_slices()]
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: list[Tensor]) -> Tensor:
         out = torch.empty_like(q)
-        start = 0
-        for n, mask in zip(batch.seq_lens, plan):
-            sl = slice(start, start + n)
+        for sl, mask in zip(batch.prompt_slices(), plan):
             out[sl] = _sdpa(q[sl], k[sl], v[sl], attn_mask=mask)
-            start += n
         return out
 
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, slot_pos: Tensor | None,
@@ -98,11 +92,8 @@ class CausalBackend:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = torch.empty_like(q)
-        start = 0
-        for n in batch.seq_lens:
-            sl = slice(start, start + n)
+        for sl in batch.prompt_slices():
             out[sl] = _sdpa(q[sl], k[sl], v[sl], is_causal=True)
-            start += n
         return out
 
 

@@ -31,6 +31,14 @@ class PackedBatch:
         ends = torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
         return ends
 
+    def prompt_slices(self) -> list[slice]:
+        """The rows of each prompt, in order (host-side: for per-prompt loops)."""
+        out, start = [], 0
+        for n in self.seq_lens:
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
     @classmethod
     def from_lengths(
         cls, seq_lens: list[int], device: torch.device | str = "cpu", block_ids: Tensor | None = None

@@ -43,11 +43,10 @@ class KVCache:
         if len(batch.seq_lens) > self.batch_size:
             raise ValueError(f"{len(batch.seq_lens)} prompts do not fit a KV cache of batch size {self.batch_size}")
         sliding = self.cfg.is_sliding(layer)
-        start = 0
-        for b, n in enumerate(batch.seq_lens):
+        for b, (n, rows) in enumerate(zip(batch.seq_lens, batch.prompt_slices())):
             if n > self.max_len:
                 raise ValueError(f"prompt {b} has {n} tokens but the KV cache holds {self.max_len}")
-            kb, vb = k[start:start + n].transpose(0, 1), v[start:start + n].transpose(0, 1)
+            kb, vb = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             if sliding:
                 keep = min(n, self.window)
                 slots = torch.arange(n - keep, n, device=k.device) % self.window
@@ -59,7 +58,6 @@ class KVCache:
             else:
                 self.k[layer][b, :, :n] = kb
                 self.v[layer][b, :, :n] = vb
-            start += n
 
     @property
     def first_sliding(self) -> int:

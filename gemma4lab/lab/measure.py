@@ -200,14 +200,23 @@ _SMI_FIELDS = ("driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "cl
                "power.draw", "temperature.gpu", "persistence_mode")
 
 
+def _smi_id() -> str:
+    """nvidia-smi's name for torch's current device: its UUID (``GPU-…``), or index 0 where torch can't say."""
+    try:
+        return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+    except (RuntimeError, AttributeError, AssertionError):
+        return "0"
+
+
 def gpu_state() -> dict[str, Any] | None:
-    """Driver, current and maximum clocks (MHz), power limit and draw (W) and temperature of GPU 0, read with
-    ``nvidia-smi`` at the time of the measurement: a timing is only reproducible on a card in the same state."""
+    """Driver, current and maximum clocks (MHz), power limit and draw (W) and temperature of the GPU this process
+    uses, read with ``nvidia-smi`` at the time of the measurement: a timing is only reproducible on a card in the same
+    state. The card is named by UUID, since nvidia-smi ignores ``CUDA_VISIBLE_DEVICES``."""
     import subprocess
 
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader,nounits",
-                              "-i", "0"], capture_output=True, text=True, timeout=20, check=True).stdout
+                              "-i", _smi_id()], capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []

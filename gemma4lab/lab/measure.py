@@ -214,11 +214,14 @@ def gpu_state() -> dict[str, Any] | None:
     state. The card is named by UUID, since nvidia-smi ignores ``CUDA_VISIBLE_DEVICES``."""
     import subprocess
 
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader,nounits",
-                              "-i", _smi_id()], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+    out = ""
+    for card in dict.fromkeys((_smi_id(), "0")):  # the UUID first; index 0 if this nvidia-smi won't take it
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(_SMI_FIELDS)}", "--format=csv,noheader,nounits",
+                                  "-i", card], capture_output=True, text=True, timeout=20, check=True).stdout
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
     values = [v.strip() for v in out.strip().splitlines()[0].split(",")] if out.strip() else []
     if len(values) != len(_SMI_FIELDS):
         return None

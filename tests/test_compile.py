@@ -1,6 +1,6 @@
 """``torch.compile(model, fullgraph=True)`` of the *fused* model: the kernels are registered ops, so the whole forward
 traces with no graph break, one graph serves several prompt lengths, and the result is eager's within fp32
-rounding (CPU, tiny config; the full-size GPU figures are in results/fusedcompile_<card>.json)."""
+rounding (CPU, tiny config; the full-size GPU figures are the compile_fused column of results/prefill_<card>.json)."""
 
 from __future__ import annotations
 

@@ -189,6 +189,26 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
                            "(see the accuracy section), not a parity measure; parity is checked in fp32 on CPU"
                            if worst > 1e-3 and doc.get("dtype", "bfloat16") == "bfloat16" else "")
                         if _num(worst) else "") + ".")
+    vs_compile = [(r["tokens"], r["compile_fused_ms"] / r["pcg_ms"]) for r in rows
+                  if _num(r.get("compile_fused_ms")) and _num(r.get("pcg_ms"))]
+    if vs_compile:
+        ahead = [t for t, x in vs_compile if x > 1]
+        behind = [(t, 1 / x) for t, x in vs_compile if x <= 1]
+        lines.append("* **PCG against torch.compile of our own fused model**: "
+                     + (f"PCG faster at {', '.join(map(str, ahead))} tokens "
+                        f"({span(x for t, x in vs_compile if x > 1)})" if ahead else "PCG faster nowhere")
+                     + ("; the compiled model faster at " + ", ".join(f"{t} ({x:.2f}×)" for t, x in behind)
+                        + " tokens, where it also fuses the torch glue between our kernels (routing, sums) that the "
+                          "hand-written pieces run op by op" if behind else "") + ".")
+    failed: dict[str, tuple[list[int], str]] = {}
+    for r in rows:
+        for key, msg in (r.get("errors") or {}).items():
+            col = key.removesuffix("_stats")
+            failed.setdefault(col, ([], msg))[0].append(r["tokens"])
+    for col, (ts, msg) in failed.items():
+        label = dict(PREFILL_COLUMNS).get(col, col)
+        lines.append(f"* **{label} failed** at {', '.join(map(str, ts))} tokens (recorded, not timed): "
+                     f"{msg.splitlines()[0].split('. Stack trace')[0][:160]}.")
     disp = doc.get("dispatch")
     if isinstance(disp, Mapping) and disp:
         over = [v["op_overhead_us"] for v in disp.values()]
@@ -212,23 +232,6 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
                      + ("PCG's logits equal eager's bit for bit." if img["pcg_vs_eager_max_abs"] == 0 else
                         f"PCG's logits differ from eager's by {img['pcg_vs_eager_max_abs']:.1g} (max abs)."))
     return lines
-
-
-def fused_compile_section(doc: Mapping[str, Any]) -> str:
-    """A run of the fused model under torch.compile(fullgraph=True) beside our eager and PCG runs of it."""
-    out = ["### torch.compile of our fused model, full size (`bench-prefill --name fusedcompile`)", "",
-           f"A run of its own (same shapes and random-weight seed as the table above, another process) — "
-           f"{provenance(doc)}. The kernels are registered "
-           "ops (`torch.ops.gemma4lab.*`), opaque to the compiler; prompt lengths stay dynamic. Cells: median ms · "
-           "its ratio to the floor (min–max ms).", "", prefill_table(doc)]
-    out += ["", *[line for line in prefill_findings(doc) if "torch.compile of our fused" in line
-                  or "op registration" in line or "Errors" in line]]
-    first = [((doc.get("compile") or {}).get("compile_fused") or {}).get("first_call_s", {}).get(str(r["tokens"]))
-             for r in _rows(doc)]
-    if any(_num(v) for v in first):
-        out.append(f"* **First call** of the compiled fused model: {first[0]:.0f} s at its first length, "
-                   f"{span(first[1:], lambda v: f'{v:.1f} s')} at each later one." if _num(first[0]) else "")
-    return "\n".join(line for line in out if line is not None)
 
 
 def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
@@ -368,9 +371,6 @@ def readme_results(results: Path) -> str:
                                else None)
         if acc:
             parts += [acc, ""]
-    fc, _ = _first(results, "fusedcompile")
-    if fc:
-        parts += [fused_compile_section(fc), ""]
     pcg, pcg_png = _first(results, "pcg")
     if pcg:
         parts += [pcg_section(pcg, pcg_png), ""]

@@ -48,6 +48,10 @@ class CompiledPieces:
         ctx = lm.make_context(batch)
         s = Stream(embeds)
         compiled = self._compiled()
+        if self.mode == "reduce-overhead":
+            # each prefill is one step of the compiler's CUDA-graph trees: without this mark the trees took the
+            # second prefill's pieces for a continuation of the first and failed (H200, torch 2.11)
+            torch.compiler.cudagraph_mark_step_begin()
         pieces = [functools.partial(compiled, lm, j, s, ctx.cos_sin, lm.fusion) for j in range(len(lm.layers) + 1)]
         attend = lambda i, q, k, v: lm.attend(i, q, k, v, ctx)  # noqa: E731
         hidden = run_decoder(lm, s, ctx.cos_sin, attend, lm.fusion, pieces=pieces)

@@ -427,9 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
     p.add_argument("--rep-ms", type=positive_float, default=300.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
-    p.add_argument("--name", default="prefill", choices=["prefill", "fusedcompile"],
-                   help="result file <name>_<card>.json: 'fusedcompile' for a run of only the compiled fused model "
-                        "beside PCG (no figure; the report gives it its own section)")
     p.add_argument("--device", type=device_arg, default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights and activations (the table is bf16; fp32 for CPU smoke runs of the fused compile)")
@@ -444,10 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--skew must be >= 0, got {args.skew}")
     args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
-    path = measure.write_json(args.out / f"{args.name}_{measure.card_slug()}.json", res)
+    path = measure.write_json(args.out / f"prefill_{measure.card_slug()}.json", res)
     print(prefill_table(res))
-    if args.name != "prefill":
-        return 0
     from gemma4lab.lab import viz
 
     label = viz.env_label(measure.read_json(path))

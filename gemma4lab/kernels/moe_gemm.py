@@ -145,26 +145,39 @@ class MoeConfig:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
+#: Weight tiling per row tile: (block_n, block_k, num_warps, num_stages). From ptxas for sm_90 (Triton 3.9,
+#: experiments/moe_gemm_resources.py): the GELU-fused down GEMM holds gate, up and the accumulator in registers, and
+#: with 128 × 128 weight tiles it spills from 32-row tiles on (255 registers + stack); 64-deep K steps (704 = 11 · 64,
+#: no half-masked last step) keep every tile spill-free, 8 warps from 64 rows. 16 rows: the setting measured on an
+#: H200 (454–491 µs for both GEMMs at 93 tokens, experiments/moe_gemm_vs_grouped_mm.py).
+_TILING = {16: (128, 128, 4, 3), 32: (128, 64, 4, 4), 64: (128, 64, 8, 4), 128: (128, 64, 8, 4)}
+
+
 @lru_cache(maxsize=512)
 def moe_config(n_rows: int, n_experts: int) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts. ``block_m`` = the
     smallest power of two in [16, 128] covering ``mean + 4·sqrt(mean)`` rows per expert (``mean = n_rows / E``,
     Poisson spread): the busiest expert of a uniformly routed layer fits one row tile, so weights stream once (see
-    the module docstring). 128 × 128 weight tiles in a 3-stage pipeline, 4 warps (8 for 128-row tiles, to keep the
-    fp32 accumulator at 64 registers a thread); on an H200 the 16-row setting measured 454–491 µs at 93 tokens
-    (experiments/moe_gemm_vs_grouped_mm.py). The H200 sweep over :data:`MOE_SWEEP` decides the final table."""
+    the module docstring); the weight tiling per row tile is :data:`_TILING`'s. The H200 sweep over
+    :data:`MOE_SWEEP` decides the final table."""
     mean = n_rows / max(n_experts, 1)
     block_m = min(128, max(16, triton.next_power_of_2(math.ceil(mean + 4 * math.sqrt(mean)))))
-    return MoeConfig(block_m=block_m, num_warps=8 if block_m >= 128 else 4)
+    bn, bk, nw, ns = _TILING[block_m]
+    return MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
 
 
 #: Candidate settings for the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): every row tile with the
-#: weight tilings worth timing (128 × 128 × 3 stages is the heuristic's; the others trade tile size against stages).
+#: weight tilings worth timing, the heuristic's among them. Those that spill registers in the GELU-fused down GEMM
+#: on sm_90 (experiments/moe_gemm_resources.py) are left out.
 MOE_SWEEP: tuple[MoeConfig, ...] = tuple(
-    MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw if bm < 128 else max(nw, 8), num_stages=ns)
-    for bm in (16, 32, 64, 128)
-    for bn, bk, nw, ns in ((128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 4, 6), (64, 64, 4, 4),
-                           (256, 64, 8, 3), (256, 128, 8, 2)))
+    MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+    for bm, tilings in (
+        (16, ((128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 4, 6), (64, 64, 4, 4), (256, 64, 8, 3),
+              (128, 64, 8, 4))),
+        (32, ((128, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3))),
+        (64, ((128, 64, 8, 4), (128, 64, 8, 6), (64, 64, 4, 4))),
+        (128, ((128, 64, 8, 4), (64, 64, 8, 4))))
+    for bn, bk, nw, ns in tilings)
 
 
 def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,

@@ -98,8 +98,9 @@ def test_config_follows_rows_per_expert():
     """The busiest expert of a uniformly routed layer (mean + 4·sqrt(mean) rows) fits one row tile."""
     assert [K.moe_config(t * 8, 128).block_m for t in (1, 16, 93, 128, 189, 256, 512, 1024, 8192)] == \
         [16, 16, 16, 32, 32, 32, 64, 128, 128]
-    assert K.moe_config(1024 * 8, 128).num_warps == 8 and K.moe_config(93 * 8, 128).num_warps == 4
-    assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP) and K.moe_config(93 * 8, 128) in K.MOE_SWEEP
+    assert K.moe_config(93 * 8, 128) == K.MoeConfig()  # 16-row tiles: the setting measured before, unchanged
+    assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP)
+    assert all(K.moe_config(t * 8, 128) in K.MOE_SWEEP for t in (16, 189, 512, 1024))  # the sweep times them too
 
 
 def test_zero_rows_and_bad_input():

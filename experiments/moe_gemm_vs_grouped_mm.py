@@ -1,52 +1,127 @@
-"""Experiment: the streaming moe_gemm kernel vs torch's grouped_mm for 26B-A4B experts (bf16, H=2816, I=704).
+"""Experiment: the MoE expert path of prefill at 26B-A4B shapes (bf16, H=2816, I=704, 128 experts, top-8), one GPU.
 
-Routed rows per layer = tokens × 8 over 128 experts (uniform random routing). Prints time and weight-bandwidth
-fraction for both, per token count and tile choice. ``python experiments/moe_gemm_vs_grouped_mm.py``
+Per token count and routing skew it times, each inside a CUDA graph (launch overhead removed, as under PCG):
+
+* ``block``: the whole expert block, fused (``moe_route`` → ``moe_gemm`` gathering tokens → ``moe_gemm`` with the
+  GELU → ``moe_combine``: what ``Experts`` runs with ``fused_gemm``) against the unfused one (argsort, count,
+  cumsum, gather, ``grouped_mm``, GELU, ``grouped_mm``, inverse scatter, fp32 weighted sum);
+* ``routing``: ``moe_route`` alone against the unfused bookkeeping it replaces;
+* ``gemm``: both expert GEMMs under every candidate of ``MOE_SWEEP`` (``--sweep``; otherwise the heuristic's and
+  the old fixed 16-row setting), against ``grouped_mm`` on gathered rows; weight bandwidth as a fraction of copy
+  bandwidth, and the error of each against ``grouped_mm``.
+
+Routing: ``--skew 1`` is uniform (rows per expert ~ Binomial(T, 8/128)); ``--skew 3`` gives hot experts several
+row tiles. ``python experiments/moe_gemm_vs_grouped_mm.py --sweep --json results/.../moe_sweep.json``
 """
+
+import argparse
+import json
 
 import torch
 import torch.nn.functional as F
 
-from gemma4lab.kernels import MoeConfig, gemma_moe_gemm
+from gemma4lab.kernels import (
+    MOE_SWEEP,
+    MoeConfig,
+    gemma_moe_combine,
+    gemma_moe_gemm,
+    gemma_moe_route,
+    moe_config,
+)
 from gemma4lab.lab import measure
 
+E, H, INTER, TOP_K = 128, 2816, 704, 8
 
-def main():
+
+def routed_ids(t: int, skew: float, gen: torch.Generator) -> torch.Tensor:
+    """k distinct experts per token; skew > 1 favours low expert numbers (the same recipe as the GPU tests)."""
+    pref = torch.rand(t, E, generator=gen) ** skew * torch.arange(E, 0, -1) ** (skew - 1)
+    return pref.topk(TOP_K, dim=-1).indices
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[16, 93, 189, 512, 1024])
+    p.add_argument("--skew", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--sweep", action="store_true", help="time every MoeConfig of MOE_SWEEP (tuning)")
+    p.add_argument("--json", default=None, help="write every timing here")
+    args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
-    E, H, inter = 128, 2816, 704
+    gen = torch.Generator().manual_seed(0)
     bw = measure.copy_bandwidth(dev)
-    w = (0.02 * torch.randn(E, 2 * inter, H, device=dev)).to(dt)
-    wd = (0.02 * torch.randn(E, H, inter, device=dev)).to(dt)
-    gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    w = (0.02 * torch.randn(E, 2 * INTER, H, generator=gen)).to(dev, dt)
+    wd = (0.02 * torch.randn(E, H, INTER, generator=gen)).to(dev, dt)
     wbytes = (w.numel() + wd.numel()) * 2
-    for t in (16, 93, 189, 512):
-        m = t * 8
-        idx = torch.randint(0, E, (m,), device=dev)
-        counts = torch.bincount(idx, minlength=E)
-        offs = counts.cumsum(0).to(torch.int32)
-        x = torch.randn(m, H, device=dev, dtype=dt)
+    gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    graph = measure.bench_cuda_graph
+    rows = []
+    for skew in args.skew:
+        for t in args.tokens:
+            ids = routed_ids(t, skew, gen).to(dev)
+            x = torch.randn(t, H, generator=gen).to(dev, dt)
+            weights = torch.rand(t, TOP_K, generator=gen).to(dev)
+            flat = ids.reshape(-1)
+            busiest = int(torch.bincount(flat, minlength=E).max())
 
-        def lib():
-            h = gmm(x, w.transpose(-2, -1), offs=offs)
-            g, u = h.chunk(2, -1)
-            return gmm(F.gelu(g, approximate="tanh") * u, wd.transpose(-2, -1), offs=offs)
+            def unfused_routing():
+                order = torch.argsort(flat, stable=True)
+                counts = torch.zeros(E, dtype=torch.int32, device=dev)
+                counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+                positions = torch.empty_like(order)
+                positions[order] = torch.arange(order.numel(), device=dev)
+                return order, torch.cumsum(counts, 0, dtype=torch.int32), positions
 
-        ref = lib()
-        res = {"grouped_mm": measure.bench(lib)}
-        for bm, bn, bk, nw, ns in ((16, 128, 128, 4, 3), (16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 256, 64, 8, 3),
-                                   (16, 128, 64, 4, 6), (16, 64, 128, 4, 3), (16, 256, 128, 8, 2), (32, 128, 64, 4, 4)):
-            kw = dict(config=MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
-            f = lambda kw=kw: gemma_moe_gemm(gemma_moe_gemm(x, w, offs, **kw), wd, offs, gelu_gate=True, **kw)
-            try:
-                y = f()
-                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-                res[f"moe {bm}x{bn}x{bk} w{nw} s{ns}" + (" WRONG" if err > 2e-2 else "")] = measure.bench(f)
-            except Exception as e:  # noqa: BLE001
-                print("failed", kw, type(e).__name__, str(e)[:100])
-        best = sorted((v, k) for k, v in res.items())[:4]
-        print(f"T={t:>5} rows={m:>6}: grouped_mm {res['grouped_mm'] * 1e3:.0f} us "
-              f"({wbytes / (res['grouped_mm'] * 1e-3) / bw:.0%}); best: "
-              + ", ".join(f"{k} {v * 1e3:.0f} us ({wbytes / (v * 1e-3) / bw:.0%})" for v, k in best), flush=True)
+            def unfused_block():
+                order, offs, _ = unfused_routing()
+                g, u = gmm(x[order // TOP_K], w.transpose(-2, -1), offs=offs).chunk(2, -1)
+                ys = gmm(F.gelu(g, approximate="tanh") * u, wd.transpose(-2, -1), offs=offs)
+                y = torch.empty_like(ys)
+                y[order] = ys
+                return (y.view(t, TOP_K, H).float() * weights[..., None]).sum(1).to(dt)
+
+            def fused_block(cfg=None):
+                offs, slots, pos = gemma_moe_route(ids, E)
+                h = gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K, config=cfg)
+                return gemma_moe_combine(gemma_moe_gemm(h, wd, offs, gelu_gate=True, config=cfg), pos, weights)
+
+            offs, slots, _ = gemma_moe_route(ids, E)
+            xs = x[slots.long() // TOP_K]
+
+            def lib_gemms():
+                g, u = gmm(xs, w.transpose(-2, -1), offs=offs).chunk(2, -1)
+                return gmm(F.gelu(g, approximate="tanh") * u, wd.transpose(-2, -1), offs=offs)
+
+            ref = lib_gemms().float()
+            heur = moe_config(t * TOP_K, E)
+            res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "heuristic": repr(heur),
+                   "block_fused_ms": graph(fused_block), "block_unfused_ms": graph(unfused_block),
+                   "routing_fused_ms": graph(lambda: gemma_moe_route(ids, E)),
+                   "routing_unfused_ms": graph(unfused_routing), "gemm_grouped_mm_ms": measure.bench(lib_gemms),
+                   "gemm": []}
+            for cfg in (MOE_SWEEP if args.sweep else dict.fromkeys((heur, MoeConfig()))):
+                f = lambda cfg=cfg: gemma_moe_gemm(gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K,
+                                                                  config=cfg), wd, offs, gelu_gate=True, config=cfg)
+                try:
+                    err = ((f().float() - ref).norm() / ref.norm()).item()
+                    ms = measure.bench(f)
+                except Exception as e:  # noqa: BLE001  (a config that does not compile: shared memory, registers)
+                    print(f"  {cfg}: failed {type(e).__name__} {str(e)[:100]}")
+                    continue
+                res["gemm"].append({"config": repr(cfg), "ms": ms, "weight_bw": wbytes / (ms * 1e-3) / bw,
+                                    "rel_err_vs_grouped_mm": err})
+            res["gemm"].sort(key=lambda r: r["ms"])
+            rows.append(res)
+            best = res["gemm"][0]
+            heur_ms = next((r["ms"] for r in res["gemm"] if r["config"] == repr(heur)), float("nan"))
+            print(f"skew {skew} T={t:>5} (busiest expert {busiest} rows): block fused {res['block_fused_ms']:.3f} ms "
+                  f"vs unfused {res['block_unfused_ms']:.3f}; routing {res['routing_fused_ms'] * 1e3:.1f} vs "
+                  f"{res['routing_unfused_ms'] * 1e3:.1f} us; gemms grouped_mm {res['gemm_grouped_mm_ms']:.3f} ms "
+                  f"({wbytes / (res['gemm_grouped_mm_ms'] * 1e-3) / bw:.0%}), best {best['config']} "
+                  f"{best['ms']:.3f} ms ({best['weight_bw']:.0%}, err {best['rel_err_vs_grouped_mm']:.1e}); "
+                  f"heuristic {heur.block_m}-row tile {heur_ms:.3f} ms", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": measure.environment(), "copy_bandwidth": bw, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from .gelu_tanh_mul import (
     gemma_gelu_tanh_mul_ref,
 )
 from .moe_combine import CombineConfig, combine_config, gemma_moe_combine, gemma_moe_combine_ref
-from .moe_gemm import MoeConfig, gemma_moe_gemm, gemma_moe_gemm_ref, moe_config
+from .moe_gemm import MOE_SWEEP, MoeConfig, gemma_moe_gemm, gemma_moe_gemm_ref, moe_config
+from .moe_route import gemma_moe_route, gemma_moe_route_ref
 from .post_attention_block import gemma_post_attention_block, gemma_post_attention_block_ref
 from .prefill_attention import (
     AttentionConfig,
@@ -52,11 +53,12 @@ from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref,
 
 #: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
 OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
-       "post_attention_block", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul", "moe_gemm", "moe_combine",
-       "prefill_attention", "decode_attention")
+       "post_attention_block", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul", "moe_route", "moe_gemm",
+       "moe_combine", "prefill_attention", "decode_attention")
 
 __all__ = [
     "INTERPRET",
+    "MOE_SWEEP",
     "OPS",
     "AttentionConfig",
     "CombineConfig",
@@ -84,6 +86,8 @@ __all__ = [
     "gemma_moe_combine_ref",
     "gemma_moe_gemm",
     "gemma_moe_gemm_ref",
+    "gemma_moe_route",
+    "gemma_moe_route_ref",
     "gemma_post_attention_block",
     "gemma_post_attention_block_ref",
     "gemma_prefill_attention",

@@ -1,25 +1,53 @@
-"""Grouped expert GEMMs for small prompts: every expert's weights streamed once, its few routed rows alongside.
+"""Grouped expert GEMMs for prompts up to a few hundred tokens: every expert's weights streamed once, its routed
+rows alongside.
 
 At prefill of a short prompt each of the 128 experts sees only a handful of the ``tokens × top_k`` routed rows
 (744 rows at 93 tokens: ~6 per expert), so the expert matmuls are really a stream over 1.5 GB of weights per
 layer. A generic grouped GEMM tiles for large M and reaches ~50–70 % of copy bandwidth there; this kernel gives
-each program one expert and one ``BLOCK_N`` slice of its output columns and loops over that expert's rows, so
-weights are read once and the rows ride along (``tl.dot`` with fp32 accumulation, one rounding at the store).
+each program one expert and one ``BLOCK_N`` slice of its output columns, holds all of that expert's rows in one
+``BLOCK_M`` row tile and loops over K once, so each weight element is read once (``tl.dot`` with fp32
+accumulation, one rounding at the store).
 
 Two uses per MoE layer:
 
-* ``moe_gemm(x_sorted, gate_up_proj, offsets)``: ``[M, H] → [M, 2I]``;
+* ``moe_gemm(x, gate_up_proj, offsets, row_index=sorted_slot, top_k=k)``: ``[T, H] → [T·k, 2I]``; sorted row
+  ``r`` reads token row ``sorted_slot[r] // k`` of ``x`` while loading the A operand, so the gathered copy
+  ``x[order // k]`` is never written (``sorted_slot`` and ``offsets`` come from ``gemma_moe_route``);
 * ``moe_gemm(gate_up, down_proj, offsets, gelu_gate=True)``: the activation ``gelu_tanh(gate) · up`` is computed
   while loading the A operand, so the separate GELU kernel and its round trip disappear.
 
-Rows must be sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the
-layout ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
+Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
+``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
+
+**Why ``block_m`` follows the rows per expert.** A program loops over its expert's row tiles *outside* its loop
+over K, so an expert with more rows than ``block_m`` streams its weights once per row tile. With routed rows per
+expert ``X ~ Binomial(T, k/E)`` (uniform routing) the weight bytes read, relative to one pass over every expert's
+weights, are ``E[ceil(X / block_m)]``:
+
+=======  ===========  ==========  =======  ============
+tokens   rows/expert  old (16)    block_m  weight reads
+=======  ===========  ==========  =======  ============
+93       5.8          1.00        16       1.00
+189      11.8         1.09        32       1.00
+512      32           2.45        64       1.00
+1024     64           4.47        128      1.00
+=======  ===========  ==========  =======  ============
+
+(the old fixed 16-row tile explains "no better at 189 tokens, worse from 512 on"). Holding several row tiles'
+accumulators across one K loop would need a dynamic number of them; one tile covering the expert's rows is the
+same thing with a compile-time shape. Its cost is tensor-core work on padding rows: ``E · block_m · N · K · 2``
+FLOP per GEMM, e.g. 65 GFLOP at ``block_m`` 64 for gate/up (~0.1 ms at ~650 TFLOP/s), below the 0.21 ms weight
+stream and overlapped with it by the pipeline; so :func:`moe_config` takes the smallest tile that covers the
+busiest expert (``mean + 4·sqrt(mean)`` rows), not a large one everywhere. Skewed (trained) routing gives hot
+experts several mean loads: those still read their weights ``ceil(rows / block_m)`` times, the rest once.
 Bytes moved (gate/up, 93 tokens, bf16): weights 128·1408·2816·2 = 1.02 GB + rows 744·(2816+1408)·2 = 6 MB.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +66,21 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr,  # [M, K] rows sorted by expert (or [M, 2K] gate|up when GELU_GATE)
+    a_ptr,  # [A_ROWS, K] activations (or [A_ROWS, 2K] gate|up when GELU_GATE)
     w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
     offs_ptr,  # [E] int32 inclusive cumulative row counts
-    out_ptr,  # [M, N]
+    idx_ptr,  # [M] int32 routed slot of each sorted row (GATHER), else unused
+    out_ptr,  # [M, N] rows sorted by expert
     M,
+    A_ROWS,
     N,
     K,
     stride_am,
     stride_we,
     stride_wn,
     stride_om,
+    GATHER: tl.constexpr,  # sorted row r reads a[idx[r] // TOP_K]; else a[r]
+    TOP_K: tl.constexpr,
     GELU_GATE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     BLOCK_M: tl.constexpr,
@@ -63,11 +95,16 @@ def _moe_gemm_kernel(
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n[None, :].to(tl.int64) * stride_wn
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
         rows = m0 + tl.arange(0, BLOCK_M)
         mask_m = rows < end
+        if GATHER:  # the token gather rides on the operand load; a bad index reads row 0, never out of bounds
+            src = tl.load(idx_ptr + rows, mask=mask_m, other=0) // TOP_K
+            src = tl.where((src >= 0) & (src < A_ROWS), src, 0)
+        else:
+            src = rows
+        a_row = a_ptr + src[:, None].to(tl.int64) * stride_am
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        a_row = a_ptr + rows[:, None].to(tl.int64) * stride_am
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask_k = ks < K
@@ -88,31 +125,67 @@ def _moe_gemm_kernel(
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """Launch of the expert GEMM: one program per (expert, ``block_n`` output columns), looping over the expert's rows
-    in ``block_m`` tiles and over K in ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages."""
+    """Launch settings of the MoE kernels. Expert GEMM: one program per (expert, ``block_n`` output columns),
+    holding ``block_m`` of the expert's rows (looping over row tiles only if it has more) and looping over K in
+    ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages. Routing (``moe_route``): one program per
+    expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the settings
+    before :func:`moe_config` followed the token count (a fixed 16-row tile), kept for A/B timing."""
 
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    route_block: int = 1024
+    route_warps: int = 4
 
     def __post_init__(self) -> None:
-        pow2(self, "block_m", "block_n", "block_k", "num_warps")
+        pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps")
         if self.num_stages < 1:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-def moe_config(dtype: torch.dtype) -> MoeConfig:
-    """One setting for every dtype: small row tiles (a short prompt gives each expert a handful of rows) and
-    128 x 128 weight tiles in a 3-stage pipeline, so that the weights stream once (experiments/moe_gemm_vs_grouped_mm
-    on an H200). Tuning per token count is future work (issue: prefill at the physical limit)."""
-    return MoeConfig()
+#: Weight tiling per row tile: (block_n, block_k, num_warps, num_stages). From ptxas for sm_90 (Triton 3.9,
+#: experiments/moe_gemm_resources.py): the GELU-fused down GEMM holds gate, up and the accumulator in registers, and
+#: with 128 × 128 weight tiles it spills from 32-row tiles on (255 registers + stack); 64-deep K steps (704 = 11 · 64,
+#: no half-masked last step) keep every tile spill-free, 8 warps from 64 rows. 16 rows: the setting measured on an
+#: H200 (454–491 µs for both GEMMs at 93 tokens, experiments/moe_gemm_vs_grouped_mm.py).
+_TILING = {16: (128, 128, 4, 3), 32: (128, 64, 4, 4), 64: (128, 64, 8, 4), 128: (128, 64, 8, 4)}
 
 
-def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-                       gelu_gate: bool = False) -> torch.Tensor:
-    """Plain-torch twin: one matmul per expert (fp32 accumulate, one rounding)."""
+@lru_cache(maxsize=512)
+def moe_config(n_rows: int, n_experts: int) -> MoeConfig:
+    """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts. ``block_m`` = the
+    smallest power of two in [16, 128] covering ``mean + 4·sqrt(mean)`` rows per expert (``mean = n_rows / E``,
+    Poisson spread): the busiest expert of a uniformly routed layer fits one row tile, so weights stream once (see
+    the module docstring); the weight tiling per row tile is :data:`_TILING`'s. The H200 sweep over
+    :data:`MOE_SWEEP` decides the final table."""
+    mean = n_rows / max(n_experts, 1)
+    block_m = min(128, max(16, triton.next_power_of_2(math.ceil(mean + 4 * math.sqrt(mean)))))
+    bn, bk, nw, ns = _TILING[block_m]
+    return MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+
+
+#: Candidate settings for the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): every row tile with the
+#: weight tilings worth timing, the heuristic's among them. Those that spill registers in the GELU-fused down GEMM
+#: on sm_90 (experiments/moe_gemm_resources.py) are left out.
+MOE_SWEEP: tuple[MoeConfig, ...] = tuple(
+    MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+    for bm, tilings in (
+        (16, ((128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 4, 6), (64, 64, 4, 4), (256, 64, 8, 3),
+              (128, 64, 8, 4))),
+        (32, ((128, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3))),
+        (64, ((128, 64, 8, 4), (128, 64, 8, 6), (64, 64, 4, 4))),
+        (128, ((128, 64, 8, 4), (64, 64, 8, 4))))
+    for bn, bk, nw, ns in tilings)
+
+
+def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,
+                       row_index: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
+    """Plain-torch twin: the gathered rows (``row_index``), then one matmul per expert (fp32 accumulate, one
+    rounding)."""
+    if row_index is not None:
+        a = a[row_index.long() // top_k]
     if gelu_gate:
         g, u = a.float().chunk(2, dim=-1)
         a = (F.gelu(g, approximate="tanh") * u).to(a.dtype)
@@ -126,7 +199,9 @@ def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     return out
 
 
-def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool) -> tuple[int, int, int]:
+def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, row_index: torch.Tensor | None,
+           top_k: int) -> int:
+    """Validate a call (metadata only, values when they are on the host); returns the rows of the product."""
     if not all(isinstance(t, torch.Tensor) for t in (a, w, offsets)):
         raise TypeError("moe_gemm takes tensors a, w, offsets")
     if a.dim() != 2 or w.dim() != 3 or offsets.dim() != 1:
@@ -145,45 +220,64 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
         raise ValueError("a, w and offsets must be on one device")
     if a.stride(-1) != 1 or w.stride(-1) != 1:
         raise ValueError("a and w need a contiguous last dimension")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    m = a.shape[0]
+    if row_index is not None:
+        if not isinstance(row_index, torch.Tensor) or row_index.dim() != 1 or row_index.dtype != torch.int32 \
+                or not row_index.is_contiguous() or row_index.device != a.device:
+            raise ValueError("row_index must be a contiguous 1-D int32 tensor on a's device (moe_route's sorted_slot)")
+        m = row_index.numel()
+        if host_values(row_index) and m:
+            lo, hi = int(row_index.min()), int(row_index.max())
+            if lo < 0 or hi // top_k >= a.shape[0]:
+                raise ValueError(f"row_index // top_k must index the {a.shape[0]} rows of a, got row_index in "
+                                 f"[{lo}, {hi}] with top_k={top_k}")
     if host_values(offsets) and e:  # values on the host already: check them (no device sync)
         ends = offsets.tolist()
-        if ends[0] < 0 or ends[-1] != a.shape[0] or any(y < x for x, y in zip(ends, ends[1:])):
-            raise ValueError(f"offsets must be non-decreasing cumulative row counts ending at the {a.shape[0]} rows "
-                             f"of a, got {ends}")
-    return e, n, k
+        if ends[0] < 0 or ends[-1] != m or any(y < x for x, y in zip(ends, ends[1:])):
+            raise ValueError(f"offsets must be non-decreasing cumulative row counts ending at the {m} rows of the "
+                             f"product, got {ends}")
+    return m
 
 
-def _launch(a, w, offsets, gelu_gate: bool, out, config: MoeConfig | None) -> None:
+def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, out, config: MoeConfig | None) -> None:
     e, n, k = w.shape
-    cfg = config or moe_config(a.dtype)
+    m = out.shape[0]
+    cfg = config or moe_config(m, e)
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    gather = row_index is not None
     _moe_gemm_kernel[(e, triton.cdiv(n, cfg.block_n))](
-        a, w, offsets, out, a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, **extra)
+        a, w, offsets, row_index if gather else offsets, out, m, a.shape[0], n, k, a.stride(0), w.stride(0),
+        w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k, GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
 
 
-def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, out: torch.Tensor) -> None:
-    _launch(a, w, offsets, gelu_gate, out, None)
+def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
+            gelu_gate: bool, out: torch.Tensor) -> None:
+    _launch(a, w, offsets, row_index, top_k, gelu_gate, out, None)
 
 
-def _torch(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, out: torch.Tensor) -> None:
-    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate))
+def _torch(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
+           gelu_gate: bool, out: torch.Tensor) -> None:
+    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate, row_index, top_k))
 
 
-op = register("moe_gemm(Tensor a, Tensor w, Tensor offsets, bool gelu_gate, Tensor(a!) out) -> ()", _triton,
-              _torch)
+op = register("moe_gemm(Tensor a, Tensor w, Tensor offsets, Tensor? row_index, int top_k, bool gelu_gate, "
+              "Tensor(a!) out) -> ()", _triton, _torch)
 
 
 def gemma_moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_gate: bool = False,
+                   row_index: torch.Tensor | None = None, top_k: int = 1,
                    config: MoeConfig | None = None) -> torch.Tensor:
-    """``out[r] = act(a[r]) @ w[expert(r)]ᵀ`` for rows sorted by expert (see module docstring)."""
-    e, n, k = _check(a, w, offsets, gelu_gate)
-    out = torch.empty(a.shape[0], n, dtype=a.dtype, device=a.device)
-    if a.shape[0] == 0:
+    """``out[r] = act(a[src(r)]) @ w[expert(r)]ᵀ`` for rows sorted by expert, ``src(r) = row_index[r] // top_k``
+    (the token of routed slot ``row_index[r]``) or ``r`` without ``row_index`` (see module docstring)."""
+    m = _check(a, w, offsets, gelu_gate, row_index, top_k)
+    out = torch.empty(m, w.shape[1], dtype=a.dtype, device=a.device)
+    if m == 0:
         return out
     if config is not None:
-        _launch(a, w, offsets, gelu_gate, out, config)
+        _launch(a, w, offsets, row_index, top_k, gelu_gate, out, config)
     else:
-        op(a, w, offsets, gelu_gate, out)
+        op(a, w, offsets, row_index, top_k, gelu_gate, out)
     return out

@@ -150,6 +150,11 @@ class Experts(nn.Module):
     The CUDA path is CUDA-graph safe: it sorts routed rows by expert and runs two grouped matmuls whose group
     offsets live on the device, so there is no host synchronisation and no data-dependent shape. Per-token
     contributions are summed in fp32 over the top-k slots (no atomics), so replay is bit-identical.
+
+    Fused (``fused_gemm``): ``moe_route`` (one launch: offsets, sorted slots, their inverse) → ``moe_gemm`` gate/up
+    gathering the token rows in its operand load → ``moe_gemm`` down with the GELU in its operand load →
+    ``moe_combine`` (un-sort, weight, sum in fp32): four launches. Unfused: argsort, count, cumsum, gather, two
+    grouped matmuls, the activation, the inverse scatter and the weighted sum.
     """
 
     def __init__(self, cfg: TextConfig) -> None:
@@ -158,26 +163,26 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
 
-    #: At or below this many tokens the streaming ``moe_gemm`` kernel beats the library grouped GEMM
-    #: (experiments/moe_gemm_vs_grouped_mm.py on an H200: 491 vs 557 µs at 93 tokens, even at 189, slower above).
-    MOE_GEMM_MAX_TOKENS = 128
+    #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM. It was 128
+    #: while its row tile was fixed at 16 rows (H200: 491 vs 557 µs at 93 tokens, no better at 189, slower from 512
+    #: on, where it streamed the weights ~2.5 times); with ``moe_config`` sizing the row tile to the rows per expert
+    #: it streams them once up to 1024 tokens (uniform routing), so the bound is raised to 512 on that argument.
+    #: The H200 sweep (experiments/moe_gemm_vs_grouped_mm.py) decides the final value.
+    MOE_GEMM_MAX_TOKENS = 512
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:
-        use_kernel = fused_gemm and x.shape[0] <= self.MOE_GEMM_MAX_TOKENS and self._kernel_ok(x)
+        kernels = self._kernel_ok(x)
+        use_kernel = fused_gemm and x.shape[0] <= self.MOE_GEMM_MAX_TOKENS and kernels
         if x.is_cuda and not grouped_mm_available(x.device, x.dtype):
             # e.g. fp32 on a GPU: torch's grouped_mm is bf16-only there, and the looped path syncs the host
             # (fatal inside CUDA-graph capture), so the Triton kernel serves every size.
             use_kernel = True
-        if use_kernel or grouped_mm_available(x.device, x.dtype):
+        grouped = use_kernel or grouped_mm_available(x.device, x.dtype)
+        if fused_gemm and kernels and grouped:
+            return self._routed(x, idx, weights, fused_act, use_kernel)
+        if grouped:
             ys, order = self._grouped(x, idx, fused_act, use_kernel)
-            if fused_gemm and self._kernel_ok(x):
-                from gemma4lab.kernels import gemma_moe_combine
-
-                # where each routed slot landed in the sorted rows: the inverse permutation of ``order``
-                positions = torch.empty_like(order)
-                positions[order] = torch.arange(order.numel(), device=order.device)
-                return gemma_moe_combine(ys, positions, weights.float().contiguous())
             y = torch.empty_like(ys)
             y[order] = ys  # undo the sort: a permutation, so no accumulation order issues
             y = y.view(*idx.shape, -1)
@@ -185,6 +190,15 @@ class Experts(nn.Module):
             y = self._looped(x, idx, fused_act)
         # y: [T, k, H] per-slot outputs in the activation dtype; weight and sum in fp32, cast once.
         return (y.float() * weights[..., None].float()).sum(dim=1).to(x.dtype)
+
+    def _routed(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool, use_kernel: bool) -> Tensor:
+        """The fused path: routing kernel, expert GEMMs (``moe_gemm`` with the gather and the GELU in its operand
+        loads, or above ``MOE_GEMM_MAX_TOKENS`` the library grouped GEMM on gathered rows), fp32 combine."""
+        from gemma4lab.kernels import gemma_moe_combine, gemma_moe_route
+
+        offs, slots, positions = gemma_moe_route(idx, self.num_experts)
+        ys = self._expert_mlps(x, offs, fused_act, use_kernel, slots, idx.shape[1])
+        return gemma_moe_combine(ys, positions, weights.float().contiguous())
 
     def _act(self, gate_up: Tensor, fused_act: bool) -> Tensor:
         if fused_act:
@@ -210,15 +224,21 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        xs = x[order // k]
+        return self._expert_mlps(x[order // k], offs, fused_act, use_kernel), order
+
+    def _expert_mlps(self, x: Tensor, offs: Tensor, fused_act: bool, use_kernel: bool, slots: Tensor | None = None,
+                     k: int = 1) -> Tensor:
+        """Both expert matmuls on rows sorted by expert, ``[rows, H]`` in sorted order. ``slots`` (the routed slot of
+        each sorted row): ``x`` holds the tokens and sorted row ``r`` is token ``slots[r] // k``; ``moe_gemm`` gathers
+        it in its operand load, the library GEMM needs the gathered copy."""
         if use_kernel:
             from gemma4lab.kernels import gemma_moe_gemm
 
-            ys = gemma_moe_gemm(gemma_moe_gemm(xs, self.gate_up_proj, offs), self.down_proj, offs, gelu_gate=True)
-        else:
-            h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
-            ys = _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)
-        return ys, order
+            h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k)
+            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True)
+        xs = x if slots is None else x[slots // k]
+        h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
+        return _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)
 
     def _looped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
         """Reference path (CPU): one matmul per expert that was hit. Syncs the host; never used under graphs."""

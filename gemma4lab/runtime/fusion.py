@@ -16,8 +16,9 @@ class Fusion:
     * ``gelu``: ``gelu_tanh(gate) * up`` for the dense MLP and the experts.
     * ``epilogue``: the MoE epilogue ``(rms(rms(d)·w1 + rms(m)·w2)·w3 + residual)·scalar`` (dual-norm kernel; the
       single-norm kernel on dense layers).
-    * ``experts``: the expert GEMMs by the streaming ``moe_gemm`` kernel (weights read once, GELU fused into the
-      down projection's operand load) for prompts up to ``Experts.MOE_GEMM_MAX_TOKENS`` tokens.
+    * ``experts``: the MoE block in four kernels: ``moe_route`` (offsets and sorted slots in one launch), the
+      streaming ``moe_gemm`` twice (weights read once; the token gather and the GELU in its operand loads) for
+      prompts up to ``Experts.MOE_GEMM_MAX_TOKENS`` tokens (the library grouped GEMM above), ``moe_combine``.
     * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
       norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
     """

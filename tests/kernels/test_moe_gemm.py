@@ -1,4 +1,4 @@
-"""``gemma_moe_gemm``: the streaming grouped expert GEMM (GELU fused into the down projection's operand load).
+"""``gemma_moe_gemm``: the streaming grouped expert GEMM (token gather and GELU fused into its operand loads).
 Under the CPU interpreter in fp32 (its bf16 ``tl.dot`` is wrong); against float64 on a GPU in bf16 and fp32."""
 
 from __future__ import annotations
@@ -63,6 +63,46 @@ def test_matches_float64(counts):
     _assert_gelu_gemm(y2, y, wd, offs, FP32)
 
 
+def _routed_case(t, k, n_experts, h=96, i=40, seed=0, dtype=FP32, device="cpu", skew=1.0):
+    """Token rows and router-like ids (k distinct experts per token; ``skew`` > 1 favours low expert numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    pref = torch.rand(t, n_experts, generator=g) ** skew * torch.arange(n_experts, 0, -1) ** (skew - 1)
+    ids = pref.topk(k, dim=-1).indices
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w = (0.1 * torch.randn(n_experts, 2 * i, h, generator=g)).to(dtype)
+    wd = (0.1 * torch.randn(n_experts, h, i, generator=g)).to(dtype)
+    return [v.to(device) for v in (x, ids, w, wd)]
+
+
+@pytest.mark.parametrize("t,k,n_experts,skew", [(37, 2, 8, 1.0), (1, 2, 8, 1.0), (93, 8, 16, 1.0), (60, 3, 8, 3.0)])
+def test_gather_matches_float64_on_gathered_rows(t, k, n_experts, skew):
+    """``row_index`` (moe_route's sorted slots) gathers token ``slot // k`` in the operand load: the product equals
+    the float64 product of the gathered rows, ``x[argsort(ids) // k]``, which the kernel never materialises."""
+    x, ids, w, wd = _routed_case(t, k, n_experts, skew=skew)
+    offs, slots, _ = K.gemma_moe_route(ids, n_experts)
+    y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=k)
+    gathered = x[torch.argsort(ids.reshape(-1), stable=True) // k]
+    _assert_gemm(y, oracle(gathered, w, offs), FP32, x.shape[1])
+    _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True), y, wd, offs, FP32)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_experts_with_several_row_tiles(block_m):
+    """An expert with more rows than the row tile loops over tiles (each reading the weights again): still exact."""
+    a, w, wd, offs = _case([70, 3, 0, 17])
+    y = K.gemma_moe_gemm(a, w, offs, config=K.MoeConfig(block_m=block_m))
+    _assert_gemm(y, oracle(a, w, offs), FP32, a.shape[1])
+
+
+def test_config_follows_rows_per_expert():
+    """The busiest expert of a uniformly routed layer (mean + 4·sqrt(mean) rows) fits one row tile."""
+    assert [K.moe_config(t * 8, 128).block_m for t in (1, 16, 93, 128, 189, 256, 512, 1024, 8192)] == \
+        [16, 16, 16, 32, 32, 32, 64, 128, 128]
+    assert K.moe_config(93 * 8, 128) == K.MoeConfig()  # 16-row tiles: the setting measured before, unchanged
+    assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP)
+    assert all(K.moe_config(t * 8, 128) in K.MOE_SWEEP for t in (16, 189, 512, 1024))  # the sweep times them too
+
+
 def test_zero_rows_and_bad_input():
     a, w, wd, offs = _case([0, 0])
     assert K.gemma_moe_gemm(a, w, offs).shape == (0, w.shape[1])
@@ -75,6 +115,15 @@ def test_zero_rows_and_bad_input():
         K.gemma_moe_gemm(a.double(), w, offs)
     with pytest.raises(ValueError, match=r"a \[M, K\]"):
         K.gemma_moe_gemm(a[None], w, offs)
+    slots = torch.arange(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="row_index // top_k must index the 5 rows"):
+        K.gemma_moe_gemm(a, w, offs, row_index=slots + 1)
+    with pytest.raises(ValueError, match="row_index must be a contiguous 1-D int32"):
+        K.gemma_moe_gemm(a, w, offs, row_index=slots.long())
+    with pytest.raises(ValueError, match="ending at the 4 rows"):
+        K.gemma_moe_gemm(a, w, offs, row_index=slots[:4])
+    with pytest.raises(ValueError, match="top_k"):
+        K.gemma_moe_gemm(a, w, offs, row_index=slots, top_k=0)
 
 
 @pytest.mark.gpu
@@ -85,4 +134,17 @@ def test_gpu_real_shapes_against_float64(dtype, counts):
     a, w, wd, offs = _case(counts, h=2816, i=704, dtype=dtype, device="cuda")
     y = K.gemma_moe_gemm(a, w, offs)
     _assert_gemm(y, oracle(a, w, offs), dtype, 2816)
+    _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True), y, wd, offs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+@pytest.mark.parametrize("t,skew", [(93, 1.0), (189, 1.0), (512, 1.0), (189, 3.0)])
+def test_gpu_gather_real_shapes_against_float64(dtype, t, skew):
+    """The model's path at real shapes: moe_route, then the gate/up GEMM gathering token rows (heuristic row tile:
+    16, 32, 64 rows), then the down GEMM; skew 3 gives hot experts several row tiles."""
+    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=skew)
+    offs, slots, _ = K.gemma_moe_route(ids, 128)
+    y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8)
+    _assert_gemm(y, oracle(x[slots.long() // 8], w, offs), dtype, 2816)
     _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True), y, wd, offs, dtype)

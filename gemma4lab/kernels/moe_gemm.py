@@ -145,12 +145,15 @@ class MoeConfig:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-#: Weight tiling per row tile: (block_n, block_k, num_warps, num_stages). From ptxas for sm_90 (Triton 3.9,
+#: Weight tiling per row tile: (block_n, block_k, num_warps, num_stages). ``block_k`` is 64 for every row tile, so
+#: a row's K accumulation order is the same whichever tile the heuristic picks: PCG pads a prompt to its bucket,
+#: which can move the row count across a tile boundary, and the bucket's rows must equal the eager rows bit for bit
+#: (a GPU test checks every tile this table can give). From ptxas for sm_90 (Triton 3.9,
 #: experiments/moe_gemm_resources.py): the GELU-fused down GEMM holds gate, up and the accumulator in registers, and
-#: with 128 × 128 weight tiles it spills from 32-row tiles on (255 registers + stack); 64-deep K steps (704 = 11 · 64,
-#: no half-masked last step) keep every tile spill-free, 8 warps from 64 rows. 16 rows: the setting measured on an
-#: H200 (454–491 µs for both GEMMs at 93 tokens, experiments/moe_gemm_vs_grouped_mm.py).
-_TILING = {16: (128, 128, 4, 3), 32: (128, 64, 4, 4), 64: (128, 64, 8, 4), 128: (128, 64, 8, 4)}
+#: with 128-deep K steps it spills from 32-row tiles on; 64-deep steps (704 = 11 · 64) keep every tile spill-free,
+#: 8 warps from 64 rows. 16 rows: the fastest setting of the H200 sweep at 93 tokens (128 × 64, 4 warps, 4 stages:
+#: 477 µs for both GEMMs, 75 % of copy bandwidth; 128 × 128, 3 stages: 486 µs; 2026-11-30).
+_TILING = {16: (128, 64, 4, 4), 32: (128, 64, 4, 4), 64: (128, 64, 8, 4), 128: (128, 64, 8, 4)}
 
 
 @lru_cache(maxsize=512)

@@ -148,3 +148,21 @@ def test_gpu_gather_real_shapes_against_float64(dtype, t, skew):
     y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8)
     _assert_gemm(y, oracle(x[slots.long() // 8], w, offs), dtype, 2816)
     _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True), y, wd, offs, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_gpu_rows_do_not_depend_on_the_row_tile(dtype):
+    """Every row tile ``moe_config`` can pick gives the same bits for the same rows. PCG pads a prompt to its bucket,
+    which can move the routed row count across a tile boundary; its rows must still equal the eager run's (the
+    1025-token PCG bug came from a row result that depended on the launch shape)."""
+    x, ids, w, wd = _routed_case(189, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=3.0)
+    offs, slots, _ = K.gemma_moe_route(ids, 128)
+    configs = {K.moe_config(n, 128) for n in (8, 744, 1512, 4096, 8192, 65536)}
+    assert {c.block_m for c in configs} == {16, 32, 64, 128}
+    up = {c: K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8, config=c) for c in configs}
+    down = {c: K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=c) for c, y in up.items()}
+    first = next(iter(configs))
+    for c in configs:
+        assert torch.equal(up[c], up[first]), f"gate/up rows differ between {c} and {first}"
+        assert torch.equal(down[c], down[first]), f"down rows differ between {c} and {first}"

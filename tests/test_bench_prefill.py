@@ -7,6 +7,7 @@ import pytest
 
 from gemma4lab.lab import measure, report
 from gemma4lab.lab.bench import prefill
+from gemma4lab.lab.floors import FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,16 @@ def test_columns_floors_and_spread(result):
     assert doc["hf_experts_implementation"] == "grouped_mm"
     assert doc["routing"]["skewed"]["exponent"] == 1.0
     assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
+
+
+def test_op_level_floor_beside_the_single_one(result):
+    _, doc = result
+    for r in (*doc["rows"].values(), *doc["rows_skewed"].values()):
+        assert r["op_floor_ms"] > r["floor_ms"]  # op by op can never beat one roof for the whole forward
+        assert list(r["op_floor_by_family_ms"]) == list(FAMILIES)
+        assert sum(r["op_floor_by_family_ms"].values()) == pytest.approx(r["op_floor_ms"])
+    for r in doc["rows"].values():
+        assert r["eager_x_op_floor"] == r["eager_ms"] / r["op_floor_ms"]
 
 
 def test_compiled_fused_model_serves_every_length_with_one_graph(result):

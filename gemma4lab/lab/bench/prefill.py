@@ -8,6 +8,7 @@ One process, one card, one set of random bf16 weights at the real shapes (genera
   ``torch.compile`` of that model (``mode="default", dynamic=True``; ``reduce-overhead`` too with ``--parts``);
 * **floors** measured in the same run: the weight bytes a prefill must read (non-expert weights plus the experts the
   routing actually hit) over the device-to-device copy bandwidth, and the matmul FLOPs over the bf16 matmul rate;
+  beside it the op-level floor, op by op, per family (``gemma4lab.lab.floors``);
 * **routing**: uniform (what random router weights give) and Zipf-skewed (what trained routers look like;
   ``gemma4lab.lab.routing``), with the experts each one actually hit;
 * **accuracy that can fail**: fp32 parity with transformers at full width and 1/2/6 layers against a float64 truth,
@@ -31,7 +32,6 @@ import torch
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import (
-    active_flops_per_token,
     device_arg,
     fmt_ms,
     hf_experts_implementation,
@@ -41,8 +41,8 @@ from gemma4lab.lab.bench.common import (
     positive_int,
     positive_ints,
     random_prompt,
-    text_weight_bytes,
 )
+from gemma4lab.lab.floors import floors, text_weight_bytes
 from gemma4lab.lab.report import prefill_table
 from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
@@ -99,23 +99,8 @@ def _timed(row: dict, col: str, make: Callable[[], Callable[[], Any]], rep_ms: f
     if stats is not None:
         row[f"{col}_ms"] = stats["median_ms"]
         row[f"{col}_x_floor"] = stats["median_ms"] / row["floor_ms"]
+        row[f"{col}_x_op_floor"] = stats["median_ms"] / row["op_floor_ms"]
     print(f"{col:>14} T={row['tokens']:>6}: {fmt_ms(row.get(f'{col}_ms'))} ms", flush=True)
-
-
-def floors(cfg: Gemma4Config, model, t: int, experts_hit: float, copy_bw: float, mm_rate: float) -> dict:
-    """The two roofs of one prefill: weight bytes it must read (experts: only the ``experts_hit`` per layer the
-    routing used) over copy bandwidth, and its matmul FLOPs over the matmul rate."""
-    lm = model.language_model
-    expert_bytes = sum(p.numel() * p.element_size() for layer in lm.layers if layer.moe
-                       for p in layer.experts.parameters())
-    n_moe = sum(1 for layer in lm.layers if layer.moe)
-    per_expert = expert_bytes / max(1, n_moe * cfg.text.num_experts)
-    nbytes = text_weight_bytes(model) - expert_bytes + n_moe * experts_hit * per_expert
-    flops = active_flops_per_token(cfg, t)
-    out = {"tokens": t, "experts_hit": experts_hit, "weight_bytes": nbytes, "flops": flops,
-           "weight_floor_ms": nbytes / copy_bw * 1e3, "compute_floor_ms": flops / mm_rate * 1e3}
-    out["floor_ms"] = max(out["weight_floor_ms"], out["compute_floor_ms"])
-    return out
 
 
 def _derived(rows: dict[str, dict]) -> None:
@@ -294,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["routing"] = {"uniform": {"exponent": 0.0}}
         for t in args.tokens:
             stats = routing.routing_stats(model, prompts[t])
-            res["rows"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+            res["rows"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
                                    "routing": stats}
         if "layer" in parts:
             _try(res, "layer", lambda: _layer_alone(model, args))
@@ -326,7 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["rows_skewed"] = {}
             for t in args.tokens:
                 stats = routing.routing_stats(model, prompts[t])
-                res["rows_skewed"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+                res["rows_skewed"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate,
+                                                       model.dtype.itemsize),
                                               "routing": stats}
             _time_columns(model, res["rows_skewed"], prompts, tuple(p for p in SKEW_PARTS if p in parts), args,
                           res, tag="_skewed")

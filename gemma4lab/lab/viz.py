@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from gemma4lab.lab import measure
+from gemma4lab.lab.profiling import idle_ms
 from gemma4lab.lab.report import PREFILL_COLUMNS
 
 __all__ = [
@@ -302,7 +303,7 @@ def breakdown_entry(prof: Mapping[str, Any], latency_ms: float | None) -> dict[s
     for ``latency − busy``, whatever the CPU's launch time is (dispatch < busy can still leave the GPU idle)."""
     busy = prof["gpu_busy_ms"]
     return {"cpu_dispatch_ms": prof["cpu_dispatch_ms"], "gpu_busy_ms": busy, "latency_ms": latency_ms,
-            "idle_ms": None if latency_ms is None else max(0.0, latency_ms - busy), "kernels": prof["kernels"],
+            "idle_ms": None if latency_ms is None else idle_ms(latency_ms, busy), "kernels": prof["kernels"],
             "launch_calls": prof.get("launch_calls", prof["kernels"]), "graph_launches": prof.get("graph_launches", 0)}
 
 

@@ -14,8 +14,8 @@ from gemma4lab.lab.floors import FAMILIES
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts",
-            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces", "--rep-ms", "5", "--layer-tokens", "12",
-            "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
+            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families", "--rep-ms", "5",
+            "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
     assert prefill.main(argv) == 0
     return out, measure.read_json(out / "prefill_cpu.json")
 
@@ -44,6 +44,23 @@ def test_op_level_floor_beside_the_single_one(result):
         assert r["eager_x_op_floor"] == r["eager_ms"] / r["op_floor_ms"]
 
 
+def test_gpu_time_by_family_stands_beside_each_familys_floor(result):
+    """On CPU the PCG runner runs its pieces eagerly and the profile times dispatched ops: the structure is the
+    GPU's, the times a proxy that says so."""
+    _, doc = result
+    for r in doc["rows"].values():
+        for key in ("families", "families_fused"):
+            fam = r[key]
+            for f in FAMILIES:
+                assert fam[f]["floor_ms"] == r["op_floor_by_family_ms"][f]
+            assert fam["busy_ms"] <= sum(fam[f]["gpu_ms"] for f in FAMILIES) + 1e-9
+            assert fam["dense_gemm"]["gpu_ms"] > 0 and fam["attention"]["gpu_ms"] > 0
+            assert fam["idle_ms"] == pytest.approx(fam["wall_ms"] - fam["busy_ms"])
+            assert fam["op_floor_ms"] == r["op_floor_ms"] and "dispatched ops" in fam["source"]
+        assert r["families"]["wall_source"] == "the profiled call"  # no PCG column timed in this run
+    assert "families" not in next(iter(doc["rows_skewed"].values()))
+
+
 def test_compiled_fused_model_serves_every_length_with_one_graph(result):
     _, doc = result
     c = doc["compile"]["compile_fused"]
@@ -65,6 +82,8 @@ def test_report_reads_the_result(result):
     assert "Skewed routing" in text and "Teacher-forced" in text and "| 12 |" in text
     assert (out / "prefill_cpu.png").exists() and (out / "prefill_cpu_layers.png").exists()
     assert f"{out.name}/prefill_cpu_layers.png" in text
+    assert (out / "prefill_cpu_families.png").exists() and f"{out.name}/prefill_cpu_families.png" in text
+    assert "GPU time by family" in text and "| 12 | fused + PCG |" in text and "| 40 | fused eager |" in text
 
 
 def test_bad_arguments_are_clear_errors(capsys):

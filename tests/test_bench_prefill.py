@@ -7,14 +7,15 @@ import pytest
 
 from gemma4lab.lab import measure, report
 from gemma4lab.lab.bench import prefill
+from gemma4lab.lab.floors import FAMILIES
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts",
-            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces", "--rep-ms", "5", "--layer-tokens", "12",
-            "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
+            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families", "--rep-ms", "5",
+            "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
     assert prefill.main(argv) == 0
     return out, measure.read_json(out / "prefill_cpu.json")
 
@@ -31,6 +32,33 @@ def test_columns_floors_and_spread(result):
     assert doc["hf_experts_implementation"] == "grouped_mm"
     assert doc["routing"]["skewed"]["exponent"] == 1.0
     assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
+
+
+def test_op_level_floor_beside_the_single_one(result):
+    _, doc = result
+    for r in (*doc["rows"].values(), *doc["rows_skewed"].values()):
+        assert r["op_floor_ms"] > r["floor_ms"]  # op by op can never beat one roof for the whole forward
+        assert list(r["op_floor_by_family_ms"]) == list(FAMILIES)
+        assert sum(r["op_floor_by_family_ms"].values()) == pytest.approx(r["op_floor_ms"])
+    for r in doc["rows"].values():
+        assert r["eager_x_op_floor"] == r["eager_ms"] / r["op_floor_ms"]
+
+
+def test_gpu_time_by_family_stands_beside_each_familys_floor(result):
+    """On CPU the PCG runner runs its pieces eagerly and the profile times dispatched ops: the structure is the
+    GPU's, the times a proxy that says so."""
+    _, doc = result
+    for r in doc["rows"].values():
+        for key in ("families", "families_fused"):
+            fam = r[key]
+            for f in FAMILIES:
+                assert fam[f]["floor_ms"] == r["op_floor_by_family_ms"][f]
+            assert fam["busy_ms"] <= sum(fam[f]["gpu_ms"] for f in FAMILIES) + 1e-9
+            assert fam["dense_gemm"]["gpu_ms"] > 0 and fam["attention"]["gpu_ms"] > 0
+            assert fam["idle_ms"] == pytest.approx(fam["wall_ms"] - fam["busy_ms"])
+            assert fam["op_floor_ms"] == r["op_floor_ms"] and "dispatched ops" in fam["source"]
+        assert r["families"]["wall_source"] == "the profiled call"  # no PCG column timed in this run
+    assert "families" not in next(iter(doc["rows_skewed"].values()))
 
 
 def test_compiled_fused_model_serves_every_length_with_one_graph(result):
@@ -54,6 +82,8 @@ def test_report_reads_the_result(result):
     assert "Skewed routing" in text and "Teacher-forced" in text and "| 12 |" in text
     assert (out / "prefill_cpu.png").exists() and (out / "prefill_cpu_layers.png").exists()
     assert f"{out.name}/prefill_cpu_layers.png" in text
+    assert (out / "prefill_cpu_families.png").exists() and f"{out.name}/prefill_cpu_families.png" in text
+    assert "GPU time by family" in text and "| 12 | fused + PCG |" in text and "| 40 | fused eager |" in text
 
 
 def test_bad_arguments_are_clear_errors(capsys):

@@ -56,3 +56,20 @@ def test_report_tolerates_partial_and_nan_results(tmp_path):
         {"kernel": "k", "tokens": 93, "triton_ms": None}]})
     out = report.readme_results(tmp_path)
     assert "| 93 |" in out and "20.0" in out
+
+
+def test_families_table_puts_ours_beside_each_familys_floor():
+    floors = {"expert_gemm": 11.5, "dense_gemm": 1.25, "attention": 0.02, "routing": 0.04, "row_kernels": 0.1,
+              "other": 0.0}  # fmt: skip
+    prof = {**{f: {"gpu_ms": 2 * v + 0.5, "floor_ms": v} for f, v in floors.items()}, "idle_ms": 3.25,
+            "wall_ms": 33.0, "busy_ms": 29.75, "op_floor_ms": 12.91}
+    doc = {"rows": {"93": {"tokens": 93, "floor_ms": 12.6, "op_floor_ms": 12.91, "op_floor_by_family_ms": floors,
+                           "families": prof},
+                    "189": {"tokens": 189, "floor_ms": 12.7, "op_floor_ms": 13.0, "op_floor_by_family_ms": floors},
+                    "7": {"tokens": 7, "floor_ms": 1.0}}}  # fmt: skip  (an older file: no op-level floor)
+    lines = report.families_table(doc).splitlines()
+    assert len(lines) == 2 + 2 and "expert GEMM (ours / floor)" in lines[0]
+    assert lines[2] == ("| 93 | fused + PCG | 12.91 | 23.50 / 11.50 | 3.00 / 1.25 | 0.54 / 0.02 | 0.58 / 0.04 | "
+                        "0.70 / 0.10 | 0.50 / 0.00 | 3.25 | 33.00 |")
+    assert lines[3].startswith("| 189 | — | 13.00 | — / 11.50 |") and lines[3].endswith("| — | — |")
+    assert "GPU time by family" not in report.prefill_section({"rows": {"7": doc["rows"]["7"]}}, None)

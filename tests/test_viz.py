@@ -270,3 +270,37 @@ def test_figures_do_not_touch_pyplot():
     before = plt.get_fignums()
     viz.plot_pcg_latency(_pcg_doc(), LABEL)
     assert plt.get_fignums() == before
+
+
+def _family_rows():
+    from gemma4lab.lab.floors import FAMILIES
+
+    def prof(scale):
+        fams = {f: {"gpu_ms": scale * (i + 1), "floor_ms": scale * (i + 1) / 2} for i, f in enumerate(FAMILIES)}
+        busy = sum(v["gpu_ms"] for v in fams.values())
+        return {**fams, "busy_ms": busy, "idle_ms": 4.0, "wall_ms": busy + 4.0, "op_floor_ms": busy / 2}
+
+    return [{"tokens": 1453, "families": prof(2.0)}, {"tokens": 93, "families": prof(1.0)},
+            {"tokens": 189, "families": None}]  # fmt: skip  (not profiled: left out)
+
+
+def test_plot_families_synthetic():
+    from gemma4lab.lab.report import FAMILY_LABELS
+
+    fig = viz.plot_families(_family_rows(), LABEL)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["93 tokens", "1453 tokens"]
+    ours, floor = [], []
+    for ax in axes:
+        assert len(ax.patches) == 2 * len(FAMILY_LABELS) + 1  # every family twice, and the idle time
+        ours.append(max(p.get_y() + p.get_height() for p in ax.patches if p.get_x() < 0.5))
+        floor.append(max(p.get_y() + p.get_height() for p in ax.patches if p.get_x() > 0.5))
+    assert ours == [21.0 + 4.0, 42.0 + 4.0]  # GPU time of every family, then idle: the latency
+    assert floor == [10.5, 21.0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [*FAMILY_LABELS.values(), "GPU idle"] and LABEL in fig.texts[0].get_text()
+
+
+def test_plot_families_without_profiles():
+    (ax,) = viz.plot_families([{"tokens": 93}], LABEL).axes
+    assert not ax.patches and "no profile" in ax.texts[0].get_text()

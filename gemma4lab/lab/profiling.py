@@ -4,17 +4,24 @@ On a GPU, ``torch.profiler`` records every kernel launch (runtime API calls on t
 side); from one trace we read the launch count, the CPU time spent dispatching, and the GPU busy time. On a CPU
 there are no kernels, so we count dispatched ATen ops (a proxy for launches: each would be at least one kernel),
 and each fused-kernel call as one launch however many ops its CPU emulation runs.
+
+:func:`time_by_family` sorts the same trace's GPU time into the op families of ``gemma4lab.lab.floors`` (expert GEMM,
+dense GEMM, attention, routing, row kernels, other), by kernel name (:data:`KERNEL_FAMILIES`), so that a profile
+stands beside its op-level floor family by family.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from gemma4lab.lab.floors import FAMILIES
 
 _LAUNCH_APIS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
@@ -34,12 +41,9 @@ def _merge(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: str | Path | None = None) -> dict:
-    """Profile one call of ``fn`` (after ``warmup`` calls). Returns a JSON-ready summary.
-
-    Keys: ``kernels`` (GPU kernel launches, or dispatched ops on CPU), ``graph_launches``, ``top_kernels``,
-    ``wall_ms``, ``cpu_dispatch_ms`` (CPU time inside launch calls), ``gpu_busy_ms`` (union of kernel intervals).
-    """
+def _record(fn: Callable[[], object], warmup: int, trace_path: str | Path | None = None) -> tuple[list, float, bool]:
+    """The profiler's events of one call of ``fn`` (after ``warmup`` calls), its wall time in ms, and whether the GPU
+    was traced."""
     for _ in range(warmup):
         fn()
     cuda = torch.cuda.is_available()
@@ -52,9 +56,18 @@ def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: st
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
-    events = prof.events()
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
+    return list(prof.events()), wall_ms, cuda
+
+
+def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: str | Path | None = None) -> dict:
+    """Profile one call of ``fn`` (after ``warmup`` calls). Returns a JSON-ready summary.
+
+    Keys: ``kernels`` (GPU kernel launches, or dispatched ops on CPU), ``graph_launches``, ``top_kernels``,
+    ``wall_ms``, ``cpu_dispatch_ms`` (CPU time inside launch calls), ``gpu_busy_ms`` (union of kernel intervals).
+    """
+    events, wall_ms, cuda = _record(fn, warmup, trace_path)
     if cuda:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and _is_kernel(e.name)]
         launches = [e for e in events if e.name in _LAUNCH_APIS]
@@ -94,8 +107,13 @@ def _is_kernel(name: str) -> bool:
     return not name.startswith(("Memcpy", "Memset", "cuda", "cu"))
 
 
+def _base(name: str) -> str:
+    """A kernel's name without its template and call arguments (an anonymous namespace is dropped, not cut at)."""
+    return re.split(r"[(<]", name.replace("(anonymous namespace)::", ""), maxsplit=1)[0]
+
+
 def _short(name: str) -> str:
-    return name.split("(")[0].split("<")[0][:80]
+    return _base(name)[:80]
 
 
 # Ops that launch nothing on their own (views, metadata) are not counted in the CPU proxy.
@@ -109,14 +127,98 @@ _NO_KERNEL = {
 }
 
 
-def _inside_marker(e) -> bool:
+def _under(e, prefixes: tuple[str, ...]) -> bool:
+    """Whether a CPU event runs inside an op whose name starts with one of ``prefixes``."""
     p = e.cpu_parent
     while p is not None:
-        if p.name.startswith("gemma4lab::"):
+        if p.name.startswith(prefixes):
             return True
         p = p.cpu_parent
     return False
 
 
+def _inside_marker(e) -> bool:
+    return _under(e, ("gemma4lab::",))
+
+
 def _is_leaf_op(e) -> bool:
     return e.name not in _NO_KERNEL and not any(c.name.startswith("aten::") for c in e.cpu_children)
+
+
+# ---- GPU time by family ------------------------------------------------------------------------------------------
+#: (pattern, family): a kernel (or, on CPU, a dispatched op) belongs to the family of the first pattern its name
+#: matches (``re.search``, case-insensitive); no match: ``"other"``. Order matters: our Triton kernels first (the
+#: post-attention block is not attention), grouped GEMMs before dense ones, routing's index kernels before the
+#: elementwise ones.
+KERNEL_FAMILIES: tuple[tuple[str, str], ...] = (
+    (r"_moe_gemm_kernel|gemma4lab::moe_gemm", "expert_gemm"),
+    (r"_(prefill|decode)_attention_kernel|gemma4lab::(prefill|decode)_attention", "attention"),
+    (r"_router_topk_kernel|_moe_combine_kernel|gemma4lab::(router_topk|moe_combine)", "routing"),
+    (r"_qkv_norm_rope_kernel|_post_attention_kernel|_gelu_tanh_mul_kernel|rmsnorm|gemma4lab::", "row_kernels"),
+    (r"enable_3x_kernel_for_sm9x|prepare_grouped_gemm_data|grouped_?mm|grouped_?gemm", "expert_gemm"),
+    (r"flash|fmha|attention", "attention"),
+    (r"embedding|indexSelect", "other"),
+    (r"radix_?sort|DeviceScan|DeviceSegmented|index_elementwise|aten::index(_put_?)?$|gather|scatter|histc|"
+     r"bincount|topk|sort|softmax|cumsum|unique|nonzero", "routing"),
+    (r"nvjet|cutlass|gemm|gemv|xmma|cublas|Kernel2|aten::(mm|addmm|bmm|matmul|linear)$", "dense_gemm"),
+    (r"elementwise|reduce|Memcpy DtoD|Memset|CatArray|aten::", "row_kernels"),
+)
+_PATTERNS = [(re.compile(p, re.IGNORECASE), fam) for p, fam in KERNEL_FAMILIES]
+
+
+def kernel_family(name: str) -> str:
+    """The family (one of ``gemma4lab.lab.floors.FAMILIES``) of a kernel or dispatched op, from its name."""
+    if not isinstance(name, str):
+        raise TypeError(f"a kernel name must be a str, got {type(name).__name__}")
+    base = _base(name)
+    return next((fam for pat, fam in _PATTERNS if pat.search(base)), "other")
+
+
+def idle_ms(wall_ms: float, busy_ms: float) -> float:
+    """How long the GPU waited during a call of ``wall_ms``, ``busy_ms`` of it busy (never below 0: a busy time
+    from a profiled call may exceed a latency timed apart)."""
+    return max(0.0, wall_ms - busy_ms)
+
+
+def family_times(spans: Iterable[tuple[str, float, float]], wall_ms: float) -> dict:
+    """Busy ms per family from ``(family, start_us, end_us)`` spans (the union of each family's intervals, so
+    overlapping streams count once), the busy ms of all of them together, and idle = wall − busy."""
+    by: dict[str, list[tuple[float, float]]] = {fam: [] for fam in FAMILIES}
+    for fam, start, end in spans:
+        if fam not in by:
+            raise ValueError(f"unknown family {fam!r}; expected one of {FAMILIES}")
+        if end < start:
+            raise ValueError(f"a span ends before it starts: {start} > {end}")
+        by[fam].append((start, end))
+    busy = _merge([iv for ivs in by.values() for iv in ivs]) / 1e3
+    return {"families_ms": {fam: _merge(ivs) / 1e3 for fam, ivs in by.items()}, "busy_ms": busy,
+            "wall_ms": wall_ms, "idle_ms": idle_ms(wall_ms, busy)}
+
+
+_OPS = ("aten::", "gemma4lab::")
+
+
+def time_by_family(fn: Callable[[], object], *, warmup: int = 2, wall_ms: float | None = None) -> dict:
+    """GPU time of one call of ``fn`` (after ``warmup`` calls) by family, plus busy, wall and idle ms.
+
+    ``wall_ms``: the call's latency timed apart (the profiler slows the host, so the profiled call's own wall time,
+    the default, overstates idle time). GPU: every kernel, copy and memset of the trace, classified by name
+    (:func:`kernel_family`). CPU, where there are no kernels: the CPU time of the ops the model dispatched (a proxy;
+    e.g. the looped experts' matmuls count as dense GEMM there), each op classified by its own name.
+    """
+    if wall_ms is not None:
+        if isinstance(wall_ms, bool) or not isinstance(wall_ms, (int, float)):
+            raise TypeError(f"wall_ms must be a number or None, got {type(wall_ms).__name__}")
+        if not wall_ms > 0 or wall_ms == float("inf"):
+            raise ValueError(f"wall_ms must be a finite number > 0, got {wall_ms}")
+    events, profiled_ms, cuda = _record(fn, warmup)
+    if cuda:
+        spans = [(kernel_family(e.name), e.time_range.start, e.time_range.end) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        spans = [(kernel_family(e.name), e.time_range.start, e.time_range.end) for e in events
+                 if e.name.startswith(_OPS) and not _under(e, _OPS)]  # the ops the model's code called itself
+    out = family_times(spans, profiled_ms if wall_ms is None else float(wall_ms))
+    return {**out, "device": "cuda" if cuda else "cpu", "events": len(spans),
+            "source": "GPU kernels, copies and memsets" if cuda else "CPU time of dispatched ops (no GPU: a proxy)",
+            "wall_source": "the profiled call" if wall_ms is None else "timed apart"}

@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from gemma4lab.lab import measure
-from gemma4lab.lab.report import PREFILL_COLUMNS
+from gemma4lab.lab.profiling import idle_ms
+from gemma4lab.lab.report import FAMILY_LABELS, PREFILL_COLUMNS
 
 __all__ = [
     "breakdown_data",
@@ -32,6 +33,7 @@ __all__ = [
     "plot_breakdown",
     "plot_error_bars",
     "plot_error_histograms",
+    "plot_families",
     "plot_kernels",
     "plot_launches",
     "plot_layer_errors",
@@ -302,7 +304,7 @@ def breakdown_entry(prof: Mapping[str, Any], latency_ms: float | None) -> dict[s
     for ``latency − busy``, whatever the CPU's launch time is (dispatch < busy can still leave the GPU idle)."""
     busy = prof["gpu_busy_ms"]
     return {"cpu_dispatch_ms": prof["cpu_dispatch_ms"], "gpu_busy_ms": busy, "latency_ms": latency_ms,
-            "idle_ms": None if latency_ms is None else max(0.0, latency_ms - busy), "kernels": prof["kernels"],
+            "idle_ms": None if latency_ms is None else idle_ms(latency_ms, busy), "kernels": prof["kernels"],
             "launch_calls": prof.get("launch_calls", prof["kernels"]), "graph_launches": prof.get("graph_launches", 0)}
 
 
@@ -369,6 +371,35 @@ def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Ma
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_families(rows: Sequence[Mapping[str, Any]], title: str, key: str = "families") -> Figure:
+    """``bench-prefill --parts families``: one panel per token count, ours (GPU time by op family, then idle time up
+    to the latency) stacked beside the op-level floor by family (hatched). Each panel has its own scale, so the
+    shares read at every length; rows without a profile under ``key`` are left out."""
+    rows = sorted((r for r in rows if isinstance(r.get(key), Mapping)), key=lambda r: r["tokens"])
+    fig = Figure(figsize=(2.2 * max(1, len(rows)) + 2.4, 4.2))
+    axes = fig.subplots(1, max(1, len(rows)), squeeze=False)[0]
+    for ax, r in zip(axes, rows):
+        prof = r[key]
+        for x, field, hatch in ((0, "gpu_ms", None), (1, "floor_ms", "//")):
+            bottom = 0.0
+            for i, (fam, label) in enumerate(FAMILY_LABELS.items()):
+                v = prof[fam][field]
+                ax.bar(x, v, 0.7, bottom=bottom, color=f"C{i}", hatch=hatch, label=label if x == 0 else None)
+                bottom += v
+        ax.bar(0, prof["idle_ms"], 0.7, bottom=sum(prof[f]["gpu_ms"] for f in FAMILY_LABELS), color="lightgrey",
+               label="GPU idle")
+        ax.set_xticks([0, 1], ["ours", "floor"])
+        ax.set_title(f"{r['tokens']} tokens", fontsize=9)
+    axes[0].set_ylabel("ms per prefill")
+    if rows:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "no profile by family recorded", ha="center", va="center", transform=axes[0].transAxes)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(right=0.98 - 1.3 / fig.get_figwidth(), wspace=0.35)
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the model-level benchmarks: floors, a prompt builder, and the transformers twin."""
+"""Shared pieces of the model-level benchmarks: a prompt builder, the transformers twin and argument types (the
+floors live in ``gemma4lab.lab.floors``)."""
 
 from __future__ import annotations
 
@@ -7,41 +8,6 @@ import math
 from pathlib import Path
 
 import torch
-
-from gemma4lab.model.config import Gemma4Config
-
-
-def active_flops_per_token(cfg: Gemma4Config, n_tokens: int) -> float:
-    """Matmul FLOPs of one prefill of ``n_tokens`` tokens (2·params touched per token, plus attention scores).
-
-    Per token: attention projections, the dense MLP, the router and ``top_k`` experts of every layer. Attention:
-    4·heads·head_dim per visible query–key pair (QKᵀ and PV), causal, window-limited on sliding layers.
-    The head runs on one token per prompt.
-    """
-    t = cfg.text
-    per_token = 0.0
-    attn = 0.0
-    for i in range(t.num_hidden_layers):
-        d, hq, hkv = t.layer_head_dim(i), t.num_attention_heads, t.layer_kv_heads(i)
-        proj = t.hidden_size * d * (hq + hkv * (1 if t.layer_k_eq_v(i) else 2) + hq)
-        mlp = 3 * t.hidden_size * t.intermediate_size
-        moe = (t.hidden_size * t.num_experts + t.top_k_experts * 3 * t.hidden_size * t.moe_intermediate_size
-               if t.enable_moe_block else 0)
-        per_token += 2 * (proj + mlp + moe)
-        if t.is_sliding(i):
-            w = t.sliding_window
-            pairs = sum(min(q + 1, w) for q in range(n_tokens)) if n_tokens < 4 * w else (
-                n_tokens * w - w * (w - 1) / 2)
-        else:
-            pairs = n_tokens * (n_tokens + 1) / 2
-        attn += 4 * hq * d * pairs
-    head = 2 * t.hidden_size * t.vocab_size
-    return per_token * n_tokens + attn + head
-
-
-def text_weight_bytes(model) -> int:
-    """Bytes of every text-decoder weight a prefill must read at least once (all experts are hit at T ≳ 100)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "language_model" in n)
 
 
 def random_prompt(n: int, vocab: int, seed: int = 0, device="cuda") -> torch.Tensor:

@@ -8,6 +8,10 @@ One process, one card, one set of random bf16 weights at the real shapes (genera
   ``torch.compile`` of that model (``mode="default", dynamic=True``; ``reduce-overhead`` too with ``--parts``);
 * **floors** measured in the same run: the weight bytes a prefill must read (non-expert weights plus the experts the
   routing actually hit) over the device-to-device copy bandwidth, and the matmul FLOPs over the bf16 matmul rate;
+  beside it the op-level floor, op by op, per family (``gemma4lab.lab.floors``);
+* **GPU time by family** (``--parts families``): one profiled PCG and one fused eager prefill per token count, their
+  kernels' time per family (expert GEMM, dense GEMM, attention, routing, row kernels, other) and idle time, each
+  family beside its op-level floor;
 * **routing**: uniform (what random router weights give) and Zipf-skewed (what trained routers look like;
   ``gemma4lab.lab.routing``), with the experts each one actually hit;
 * **accuracy that can fail**: fp32 parity with transformers at full width and 1/2/6 layers against a float64 truth,
@@ -31,7 +35,6 @@ import torch
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import (
-    active_flops_per_token,
     device_arg,
     fmt_ms,
     hf_experts_implementation,
@@ -41,8 +44,8 @@ from gemma4lab.lab.bench.common import (
     positive_int,
     positive_ints,
     random_prompt,
-    text_weight_bytes,
 )
+from gemma4lab.lab.floors import FAMILIES, floors, text_weight_bytes
 from gemma4lab.lab.report import prefill_table
 from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
@@ -69,7 +72,7 @@ COLUMNS = {
 EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
 PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "compile_pieces",
-         "skew", "image", "layer")
+         "skew", "image", "layer", "families")
 DEFAULT_PARTS = PARTS  # a full run measures everything; --parts picks a subset
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
@@ -99,23 +102,20 @@ def _timed(row: dict, col: str, make: Callable[[], Callable[[], Any]], rep_ms: f
     if stats is not None:
         row[f"{col}_ms"] = stats["median_ms"]
         row[f"{col}_x_floor"] = stats["median_ms"] / row["floor_ms"]
+        row[f"{col}_x_op_floor"] = stats["median_ms"] / row["op_floor_ms"]
     print(f"{col:>14} T={row['tokens']:>6}: {fmt_ms(row.get(f'{col}_ms'))} ms", flush=True)
 
 
-def floors(cfg: Gemma4Config, model, t: int, experts_hit: float, copy_bw: float, mm_rate: float) -> dict:
-    """The two roofs of one prefill: weight bytes it must read (experts: only the ``experts_hit`` per layer the
-    routing used) over copy bandwidth, and its matmul FLOPs over the matmul rate."""
-    lm = model.language_model
-    expert_bytes = sum(p.numel() * p.element_size() for layer in lm.layers if layer.moe
-                       for p in layer.experts.parameters())
-    n_moe = sum(1 for layer in lm.layers if layer.moe)
-    per_expert = expert_bytes / max(1, n_moe * cfg.text.num_experts)
-    nbytes = text_weight_bytes(model) - expert_bytes + n_moe * experts_hit * per_expert
-    flops = active_flops_per_token(cfg, t)
-    out = {"tokens": t, "experts_hit": experts_hit, "weight_bytes": nbytes, "flops": flops,
-           "weight_floor_ms": nbytes / copy_bw * 1e3, "compute_floor_ms": flops / mm_rate * 1e3}
-    out["floor_ms"] = max(out["weight_floor_ms"], out["compute_floor_ms"])
-    return out
+def _families(row: dict, fn: Callable[[], Any], latency_ms: float | None) -> dict:
+    """GPU time by family of one profiled call of ``fn`` beside the row's op-level floor of each family; idle time
+    against ``latency_ms`` (the column's timed median) when it was timed, else against the profiled call."""
+    from gemma4lab.lab.profiling import time_by_family
+
+    prof = time_by_family(fn, wall_ms=latency_ms)
+    floor = row["op_floor_by_family_ms"]
+    return {**{f: {"gpu_ms": prof["families_ms"][f], "floor_ms": floor[f]} for f in FAMILIES},
+            **{k: prof[k] for k in ("idle_ms", "wall_ms", "busy_ms", "source", "wall_source")},
+            "op_floor_ms": row["op_floor_ms"]}
 
 
 def _derived(rows: dict[str, dict]) -> None:
@@ -140,7 +140,7 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
             model.set_fusion(fusion)
             for t in args.tokens:
                 _timed(rows[str(t)], col, lambda t=t: lambda: model.prefill(prompts[t]), args.rep_ms)
-    if "pcg" in parts:
+    if "pcg" in parts or "families" in parts:
         model.set_fusion(Fusion.all())
         runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
         report = runner.capture()
@@ -149,15 +149,20 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
                                     "buckets": len(report.buckets), "max_tokens": runner.max_tokens,
                                     "pieces_per_bucket": report.pieces_per_bucket}
         print(report, flush=True)
-        for t in args.tokens:
+        for t in args.tokens if "pcg" in parts else ():
             r = rows[str(t)]
             _timed(r, "pcg", lambda t=t: lambda: runner.prefill(prompts[t]), args.rep_ms)
             r["pcg_bucket"] = runner.bucket_for(t)  # None: above the largest bucket, the eager fallback ran
             if t <= args.max_tokens:
                 _try(r, "pcg_vs_eager_max_abs", lambda t=t: (runner.prefill(prompts[t]).float()
                                                               - model.prefill(prompts[t]).float()).abs().max().item())
+        for t in args.tokens if "families" in parts else ():
+            r = rows[str(t)]
+            _try(r, "families", lambda t=t, r=r: _families(r, lambda: runner.prefill(prompts[t]), r.get("pcg_ms")))
+            _try(r, "families_fused", lambda t=t, r=r: _families(r, lambda: model.prefill(prompts[t]),
+                                                                 r.get("fused_ms")))
         res[f"pcg_stats{tag}"] = dict(runner.stats)
-        if "image" in parts:
+        if "image" in parts and "pcg" in parts:
             _try(res, f"image{tag}", lambda: _image_prompt(model, runner, args))
         del runner
         measure.release_memory()
@@ -294,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["routing"] = {"uniform": {"exponent": 0.0}}
         for t in args.tokens:
             stats = routing.routing_stats(model, prompts[t])
-            res["rows"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+            res["rows"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
                                    "routing": stats}
         if "layer" in parts:
             _try(res, "layer", lambda: _layer_alone(model, args))
@@ -326,7 +331,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["rows_skewed"] = {}
             for t in args.tokens:
                 stats = routing.routing_stats(model, prompts[t])
-                res["rows_skewed"][str(t)] = {**floors(cfg, model, t, stats["experts_hit"], copy_bw, mm_rate),
+                res["rows_skewed"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate,
+                                                       model.dtype.itemsize),
                                               "routing": stats}
             _time_columns(model, res["rows_skewed"], prompts, tuple(p for p in SKEW_PARTS if p in parts), args,
                           res, tag="_skewed")
@@ -447,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
 
     label = viz.env_label(measure.read_json(path))
     viz.save(viz.plot_prefill(PUBLISHED, list(res["rows"].values()), label), path.with_suffix(".png"))
+    if any(r.get("families") for r in res["rows"].values()):
+        viz.save(viz.plot_families(list(res["rows"].values()), f"GPU time by family — {label}"),
+                 path.with_name(path.stem + "_families.png"))
     if res.get("accuracy_per_layer"):
         viz.save(viz.plot_layer_errors(res["accuracy_per_layer"], f"teacher-forced per-layer error — {label}"),
                  path.with_name(path.stem + "_layers.png"))

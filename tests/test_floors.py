@@ -1,0 +1,145 @@
+"""gemma4lab.lab.floors: the op list of a prefill, counted again here another way — attention pairs from the mask
+rule, matmul FLOPs from torch's own FLOP counter on a real forward, weight bytes from a built model's parameters —
+and one layer's matmuls by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gemma4lab.attention import Visibility
+from gemma4lab.lab import floors as F
+from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.loading import random_init
+from gemma4lab.model.multimodal import Gemma4ForConditionalGeneration
+
+T = 40  # longer than the tiny sliding window (16): sliding and full layers see different pairs
+
+
+def _by(ops: list[F.Op], name: str, layer: int | None) -> F.Op:
+    (op,) = [o for o in ops if o.name == name and o.layer == layer]
+    return op
+
+
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("tokens", [1, 5, 15, 16, 17, 40])
+def test_visible_pairs_match_the_mask_rule(tokens, window):
+    assert F.visible_pairs(tokens, window) == int(Visibility(window=window).dense(tokens).sum())
+
+
+def test_attention_flops_count_the_visible_pairs_of_each_layer_type(tiny_config):
+    t = tiny_config.text
+    ops = F.prefill_ops(tiny_config, T, 4)
+    for i in range(t.num_hidden_layers):
+        pairs = int(Visibility.for_layer(t, t.is_sliding(i)).dense(T).sum())
+        assert _by(ops, "attention", i).flops == 4 * t.layer_head_dim(i) * t.num_attention_heads * pairs
+    assert _by(ops, "attention", 0).flops != _by(ops, "attention", 5).flops  # sliding (head 32) vs full (head 64)
+
+
+def test_matmul_flops_equal_torchs_count_of_a_real_prefill(tiny_config):
+    """Every mm the model runs (projections, MLP, router, the experts each token was routed to, the head)."""
+    model = random_init(tiny_config, dtype=torch.float32, device="cpu")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.prefill([random_prompt(T, tiny_config.text.vocab_size, device="cpu")])
+    mm = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    ops = F.prefill_ops(tiny_config, T, 4)
+    assert sum(o.flops for o in ops if o.family in ("dense_gemm", "expert_gemm")) == mm
+
+
+def _variants(cfg: Gemma4Config) -> dict[str, Gemma4Config]:
+    return {"tiny": cfg, "no MoE": cfg.replace_text(enable_moe_block=False),
+            "full layers project V": cfg.replace_text(attention_k_eq_v=False)}
+
+
+@pytest.mark.parametrize("variant", ["tiny", "no MoE", "full layers project V"])
+def test_weight_bytes_are_the_models_parameters(tiny_config, variant):
+    cfg = _variants(tiny_config)[variant]
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(cfg).to(torch.bfloat16)
+    t = cfg.text
+    every = t.num_experts if t.enable_moe_block else 0
+    assert sum(o.weight_bytes for o in F.prefill_ops(cfg, T, every)) == F.text_weight_bytes(model)
+    if t.enable_moe_block:  # three experts hit per layer: the other five experts' bytes are not read
+        per_expert = sum(p.numel() * 2 for p in model.language_model.layers[0].experts.parameters()) / t.num_experts
+        skipped = t.num_hidden_layers * (t.num_experts - 3) * per_expert
+        assert sum(o.weight_bytes for o in F.prefill_ops(cfg, T, 3)) == F.text_weight_bytes(model) - skipped
+
+
+def test_full_size_weight_bytes_match_the_meta_model():
+    cfg = Gemma4Config.preset("26b-a4b")
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(cfg).to(torch.bfloat16)
+    out = F.floors(cfg, 93, 128, copy_bw=4e12, mm_rate=7e14)
+    assert out["weight_bytes"] == F.text_weight_bytes(model)
+
+
+def test_one_layers_matmuls_by_hand(tiny_config):
+    """tiny: hidden 96, 4 query heads; sliding layers 2 KV heads × 32, full layers 1 × 64 with K as V; 8 experts of
+    48, top 2; bf16 (2 bytes)."""
+    ops = F.prefill_ops(tiny_config, T, 3)
+    q = _by(ops, "qkv_proj", 0)  # q 4·32 + k 2·32 + v 2·32 = 256 outputs
+    assert (q.flops, q.bytes, q.weight_bytes) == (2 * 40 * 96 * 256, 2 * (40 * 96 + 96 * 256 + 40 * 256), 2 * 96 * 256)
+    q = _by(ops, "qkv_proj", 5)  # q 4·64 + k 1·64, no v = 320 outputs
+    assert (q.flops, q.bytes) == (2 * 40 * 96 * 320, 2 * (40 * 96 + 96 * 320 + 40 * 320))
+    o = _by(ops, "o_proj", 5)
+    assert (o.flops, o.bytes) == (2 * 40 * 256 * 96, 2 * (40 * 256 + 256 * 96 + 40 * 96))
+    # 80 routed rows; gate+up of 3 experts hit (3 · 96 · 96 weights), the 80 expert ids as int32
+    g = _by(ops, "expert_gate_up", 2)
+    assert (g.flops, g.bytes) == (2 * 80 * 96 * 96, 2 * (40 * 96 + 3 * 96 * 96 + 80 * 96) + 80 * 4)
+    a = _by(ops, "attention", 0)  # q, k, v in, o out; K-as-V layers still read a separate (normed) v
+    assert a.bytes == 2 * 40 * (4 * 32 + 2 * 32 + 2 * 32 + 4 * 32) and a.weight_bytes == 0
+    assert _by(ops, "attention", 5).bytes == 2 * 40 * (4 * 64 + 64 + 64 + 4 * 64)
+    head = _by(ops, "lm_head", None)  # the last token only, against the tied 512 × 96 table
+    assert (head.flops, head.bytes) == (2 * 96 * 512, 2 * (96 + 96 * 512 + 512))
+
+
+def test_floors_bound_by_bandwidth_or_by_math(tiny_config):
+    """With an unbounded matmul rate every op is a copy: the floor is all bytes over bandwidth; with unbounded
+    bandwidth it is all FLOPs over the rate (the single compute floor)."""
+    ops = F.prefill_ops(tiny_config, T, 4)
+    total_bytes = sum(o.bytes for o in ops)
+    copy_only = F.floors(tiny_config, T, 4, copy_bw=1e9, mm_rate=1e30)
+    assert copy_only["op_floor_ms"] == pytest.approx(total_bytes / 1e9 * 1e3)
+    assert copy_only["op_floor_ms"] > copy_only["weight_floor_ms"] == copy_only["floor_ms"]
+    math_only = F.floors(tiny_config, T, 4, copy_bw=1e30, mm_rate=1e9)
+    assert math_only["op_floor_ms"] == pytest.approx(math_only["compute_floor_ms"]) == pytest.approx(
+        math_only["floor_ms"])
+    by = copy_only["op_floor_by_family_ms"]
+    assert list(by) == list(F.FAMILIES) and sum(by.values()) == pytest.approx(copy_only["op_floor_ms"])
+    assert by["expert_gemm"] == pytest.approx(sum(o.bytes for o in ops if o.family == "expert_gemm") / 1e9 * 1e3)
+
+
+@pytest.mark.parametrize("tokens", [93, 1453, 11533])
+def test_op_floor_is_never_below_the_single_floor(tokens):
+    out = F.floors(Gemma4Config.preset("26b-a4b"), tokens, 128, copy_bw=4e12, mm_rate=7e14)
+    assert out["op_floor_ms"] > out["floor_ms"]
+    assert out["op_floor_by_family_ms"]["attention"] > 0 and out["op_floor_by_family_ms"]["routing"] > 0
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"tokens": 0}, ValueError, "tokens"), ({"tokens": 2.5}, TypeError, "tokens"),
+    ({"tokens": True}, TypeError, "tokens"), ({"experts_hit": 1}, ValueError, "experts_hit"),
+    ({"experts_hit": 9}, ValueError, "experts_hit"), ({"experts_hit": "8"}, TypeError, "experts_hit"),
+    ({"tokens": 1, "experts_hit": 3}, ValueError, "experts_hit"), ({"copy_bw": 0.0}, ValueError, "copy_bw"),
+    ({"mm_rate": float("nan")}, ValueError, "mm_rate"), ({"elem_bytes": 0}, ValueError, "elem_bytes"),
+    ({"cfg": "tiny"}, TypeError, "Gemma4Config"),
+])  # fmt: skip
+def test_bad_input_is_a_clear_error(tiny_config, kwargs, error, match):
+    args = {"cfg": tiny_config, "tokens": T, "experts_hit": 4, "copy_bw": 1e12, "mm_rate": 1e14, "elem_bytes": 2,
+            **kwargs}
+    with pytest.raises(error, match=match):
+        F.floors(**args)
+
+
+def test_a_model_without_moe_hits_no_experts(tiny_config):
+    cfg = tiny_config.replace_text(enable_moe_block=False)
+    with pytest.raises(ValueError, match="without MoE"):
+        F.prefill_ops(cfg, T, 4)
+    assert not [o for o in F.prefill_ops(cfg, T, 0) if o.family in ("expert_gemm", "routing")]
+
+
+def test_an_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="family"):
+        F.op_floor([F.Op("x", "magic", None, 1.0, 0.0, 0.0)], 1e12, 1e14)

@@ -15,7 +15,6 @@ row tiles. ``python experiments/moe_gemm_vs_grouped_mm.py --sweep --json results
 """
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -119,9 +118,8 @@ def main() -> None:
                   f"({wbytes / (res['gemm_grouped_mm_ms'] * 1e-3) / bw:.0%}), best {best['config']} "
                   f"{best['ms']:.3f} ms ({best['weight_bw']:.0%}, err {best['rel_err_vs_grouped_mm']:.1e}); "
                   f"heuristic {heur.block_m}-row tile {heur_ms:.3f} ms", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": measure.environment(), "copy_bandwidth": bw, "rows": rows}, fh, indent=1)
+    if args.json:  # atomic, with card, versions, commit and date
+        measure.write_json(args.json, {"benchmark": "moe_sweep", "copy_bandwidth_Bps": bw, "rows": rows})
 
 
 if __name__ == "__main__":

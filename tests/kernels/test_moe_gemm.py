@@ -95,12 +95,17 @@ def test_experts_with_several_row_tiles(block_m):
 
 
 def test_config_follows_rows_per_expert():
-    """The busiest expert of a uniformly routed layer (mean + 4·sqrt(mean) rows) fits one row tile."""
-    assert [K.moe_config(t * 8, 128).block_m for t in (1, 16, 93, 128, 189, 256, 512, 1024, 8192)] == \
-        [16, 16, 16, 32, 32, 32, 64, 128, 128]
-    assert K.moe_config(93 * 8, 128) == K.MoeConfig()  # 16-row tiles: the setting measured before, unchanged
+    """A property, not a pinned table: up to the largest tile, the busiest expert of a uniformly routed layer
+    (mean + 4·sqrt(mean) rows) fits one row tile, so the weights stream once; every K step is the same (row
+    results must not depend on the tile); the sweep times every setting the heuristic can pick."""
+    for t in (1, 16, 93, 128, 189, 256, 512, 1024, 8192):
+        mean = t * 8 / 128
+        cfg = K.moe_config(t * 8, 128)
+        assert cfg.block_m >= min(128, mean + 4 * mean**0.5), (t, cfg)
+        assert cfg.block_m < 2 * max(16, mean + 4 * mean**0.5), (t, cfg)  # the smallest such tile, not a huge one
+        assert cfg in K.MOE_SWEEP, cfg
+    assert len({K.moe_config(n, 128).block_k for n in range(1, 70000, 997)}) == 1
     assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP)
-    assert all(K.moe_config(t * 8, 128) in K.MOE_SWEEP for t in (16, 189, 512, 1024))  # the sweep times them too
 
 
 def test_zero_rows_and_bad_input():

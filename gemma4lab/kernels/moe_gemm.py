@@ -19,33 +19,21 @@ Two uses per MoE layer:
 Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
 ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
 
-**Why ``block_m`` follows the rows per expert.** A program loops over its expert's row tiles *outside* its loop
-over K, so an expert with more rows than ``block_m`` streams its weights once per row tile. With routed rows per
-expert ``X ~ Binomial(T, k/E)`` (uniform routing) the weight bytes read, relative to one pass over every expert's
-weights, are ``E[ceil(X / block_m)]``:
-
-=======  ===========  ==========  =======  ============
-tokens   rows/expert  old (16)    block_m  weight reads
-=======  ===========  ==========  =======  ============
-93       5.8          1.00        16       1.00
-189      11.8         1.09        32       1.00
-512      32           2.45        64       1.00
-1024     64           4.47        128      1.00
-=======  ===========  ==========  =======  ============
-
-(the old fixed 16-row tile explains "no better at 189 tokens, worse from 512 on"). Holding several row tiles'
-accumulators across one K loop would need a dynamic number of them; one tile covering the expert's rows is the
-same thing with a compile-time shape. Its cost is tensor-core work on padding rows: ``E · block_m · N · K · 2``
-FLOP per GEMM, e.g. 65 GFLOP at ``block_m`` 64 for gate/up (~0.1 ms at ~650 TFLOP/s), below the 0.21 ms weight
-stream and overlapped with it by the pipeline; so :func:`moe_config` takes the smallest tile that covers the
-busiest expert (``mean + 4·sqrt(mean)`` rows), not a large one everywhere. Skewed (trained) routing gives hot
-experts several mean loads: those still read their weights ``ceil(rows / block_m)`` times, the rest once.
+**Why the row tile stays at 16 rows (a prediction the H200 refuted).** A program loops over its expert's row tiles
+*outside* its loop over K, so an expert with more rows than ``block_m`` streams its weights again for each extra
+tile: with rows per expert ``X ~ Binomial(T, k/E)`` (uniform routing) a 16-row tile reads ``E[ceil(X / 16)]`` =
+1.00 / 1.09 / 2.45 / 4.47 times the weights at 93 / 189 / 512 / 1024 tokens. The prediction was that a tile
+covering the busiest expert (32 / 64 / 128 rows) would stream them once and win from 189 tokens on. Measured
+(``results/moe_sweep_h200.json``, both GEMMs of one layer, every candidate of :data:`MOE_SWEEP`): the larger tiles
+are slower wherever the kernel is worth running — 189 tokens: 16 rows 0.53 ms, 32 rows 0.71 ms, grouped_mm 0.56 ms
+— and from 512 tokens on the library grouped GEMM beats every tile (0.56 ms against 0.72 ms at best). The re-read
+weights mostly come from L2, while a larger tile multiplies the tensor-core work on padding rows and the registers
+per program. So one setting serves every size, and above ``Experts.MOE_GEMM_MAX_TOKENS`` the grouped GEMM runs.
 Bytes moved (gate/up, 93 tokens, bf16): weights 128·1408·2816·2 = 1.02 GB + rows 744·(2816+1408)·2 = 6 MB.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -145,28 +133,21 @@ class MoeConfig:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-#: Weight tiling per row tile: (block_n, block_k, num_warps, num_stages). ``block_k`` is 64 for every row tile, so
-#: a row's K accumulation order is the same whichever tile the heuristic picks: PCG pads a prompt to its bucket,
-#: which can move the row count across a tile boundary, and the bucket's rows must equal the eager rows bit for bit
-#: (a GPU test checks every tile this table can give). From ptxas for sm_90 (Triton 3.9,
-#: experiments/moe_gemm_resources.py): the GELU-fused down GEMM holds gate, up and the accumulator in registers, and
-#: with 128-deep K steps it spills from 32-row tiles on; 64-deep steps (704 = 11 · 64) keep every tile spill-free,
-#: 8 warps from 64 rows. 16 rows: the fastest setting of the H200 sweep at 93 tokens (128 × 64, 4 warps, 4 stages:
-#: 477 µs for both GEMMs, 75 % of copy bandwidth; 128 × 128, 3 stages: 486 µs; 2026-11-30).
-_TILING = {16: (128, 64, 4, 4), 32: (128, 64, 4, 4), 64: (128, 64, 8, 4), 128: (128, 64, 8, 4)}
+#: The setting of every size (see the module docstring): 16-row tiles, 128 × 64 weight tiles, 4 warps, 4 stages
+#: (H200 sweep at 93 tokens: 0.47 ms for both GEMMs, 78 % of copy bandwidth, within 2 % of the sweep's best there;
+#: 64-deep K steps keep the GELU-fused down GEMM spill-free, experiments/moe_gemm_resources.py). One K step for
+#: every setting keeps a row's bits independent of the launch, which PCG's padded buckets rely on.
+_SETTING = MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4)
 
 
 @lru_cache(maxsize=512)
 def moe_config(n_rows: int, n_experts: int) -> MoeConfig:
-    """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts. ``block_m`` = the
-    smallest power of two in [16, 128] covering ``mean + 4·sqrt(mean)`` rows per expert (``mean = n_rows / E``,
-    Poisson spread): the busiest expert of a uniformly routed layer fits one row tile, so weights stream once (see
-    the module docstring); the weight tiling per row tile is :data:`_TILING`'s. The H200 sweep over
-    :data:`MOE_SWEEP` decides the final table."""
-    mean = n_rows / max(n_experts, 1)
-    block_m = min(128, max(16, triton.next_power_of_2(math.ceil(mean + 4 * math.sqrt(mean)))))
-    bn, bk, nw, ns = _TILING[block_m]
-    return MoeConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+    """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts: today one setting for
+    every size (the H200 sweep over :data:`MOE_SWEEP` found no better one where the kernel runs; see the module
+    docstring). The arguments stay so that a measured per-size table can replace it without touching the callers."""
+    if n_rows < 0 or n_experts < 1:
+        raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
+    return _SETTING
 
 
 #: Candidate settings for the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): every row tile with the

@@ -163,12 +163,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
 
-    #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM. It was 128
-    #: while its row tile was fixed at 16 rows (H200: 491 vs 557 µs at 93 tokens, no better at 189, slower from 512
-    #: on, where it streamed the weights ~2.5 times); with ``moe_config`` sizing the row tile to the rows per expert
-    #: it streams them once up to 1024 tokens (uniform routing), so the bound is raised to 512 on that argument.
-    #: The H200 sweep (experiments/moe_gemm_vs_grouped_mm.py) decides the final value.
-    MOE_GEMM_MAX_TOKENS = 512
+    #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM (H200,
+    #: results/moe_sweep_h200.json, both GEMMs of a layer at uniform routing: 0.46 vs 0.56 ms at 93 tokens, 0.53 vs
+    #: 0.56 at 189, slower from 512 on; at a strong skew (Zipf 3) grouped_mm, which skips the experts nobody picked
+    #: just as this kernel does, wins from 93 tokens: 0.27 vs 0.32 ms). 128 keeps the clear wins only.
+    MOE_GEMM_MAX_TOKENS = 128
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:

@@ -139,3 +139,22 @@ def test_time_by_family_on_cpu_counts_the_dispatched_ops():
 def test_time_by_family_refuses_a_bad_wall_time(wall, error):
     with pytest.raises(error, match="wall_ms"):
         time_by_family(_mixed, warmup=0, wall_ms=wall)
+
+
+def test_profiling_prints_no_native_profiler_lines(capfd):
+    """The profiler's C++ side prints ``USDT: … profiler_start`` at every start and stop; under a notebook cell that
+    reads like an error, so profile_forward silences it (and only it: Python's own stderr still shows)."""
+    import sys
+
+    import torch
+
+    from gemma4lab.lab.profiling import profile_forward
+
+    def fn():
+        print("still here", file=sys.stderr)
+        return torch.ones(3) + 1
+
+    profile_forward(fn, warmup=0)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler_st" not in err, err
+    assert "still here" in err

@@ -12,7 +12,10 @@ stands beside its op-level floor family by family.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,6 +44,26 @@ def _merge(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to file descriptor 2 meanwhile: the profiler's C++ side prints a
+    ``USDT: … profiler_start`` / ``profiler_stop`` line at every start and stop, which Jupyter shows in red under the
+    cell like an error. Only the profiler's start and stop are wrapped, never the profiled call."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _record(fn: Callable[[], object], warmup: int, trace_path: str | Path | None = None) -> tuple[list, float, bool]:
     """The profiler's events of one call of ``fn`` (after ``warmup`` calls), its wall time in ms, and whether the GPU
     was traced."""
@@ -50,11 +73,17 @@ def _record(fn: Callable[[], object], warmup: int, trace_path: str | Path | None
     if cuda:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    prof = profile(activities=activities)
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with _quiet_native_stderr():
+        prof.__enter__()
+    try:
         fn()
         if cuda:
             torch.cuda.synchronize()
+    finally:
+        with _quiet_native_stderr():
+            prof.__exit__(None, None, None)
     wall_ms = (time.perf_counter() - t0) * 1e3
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))

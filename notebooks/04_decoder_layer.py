@@ -97,6 +97,7 @@ try:
 
     tmp = tempfile.mkdtemp(prefix="gemma4lab_")
     gemma4lab.save_pretrained(model, tmp)
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" widget left in the saved notebook
     hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(DEVICE).eval()
     with torch.no_grad():
         hf_summary = profile_forward(lambda: hf(input_ids=ids, use_cache=False), warmup=0)
@@ -121,4 +122,4 @@ viz.plot_launches(per_layer, DEVICE, T)
 diff = (logits["all"] - logits["unfused"]).abs().max().item()
 print(f"max |fused - unfused| logits = {diff:.2e} (scale {logits['unfused'].abs().max().item():.1f})")
 print("same greedy tokens:", torch.equal(logits["all"].argmax(-1), logits["unfused"].argmax(-1)))
-model.set_fusion("none")
+_ = model.set_fusion("none")  # assigned, so the cell does not print the whole model

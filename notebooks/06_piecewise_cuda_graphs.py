@@ -77,11 +77,11 @@ print(f"  attention {L - 1} (eager)  ·  piece {L}: layer {L - 1} post-attention
 # %%
 buckets = pcg.default_buckets()
 print(len(buckets), "buckets:", buckets[:12], "...", buckets[-4:])
-sizer = pcg.PiecewiseCudaGraphRunner(model, buckets=buckets[:40], progress=False)  # small buffers on CPU
+sizer = pcg.PiecewiseCudaGraphRunner(model, buckets=buckets, progress=False)  # sizes only: nothing is captured
 ns = list(range(1, sizer.max_tokens + 1))
 waste = sizer.padding_waste(ns)
 del sizer
-viz.plot_padding_waste(ns, waste)
+viz.plot_padding_waste(ns, waste, title=f"padding waste, all {len(buckets)} default buckets (up to {buckets[-1]} tokens)")
 
 # %% [markdown]
 # ## Capture and replay

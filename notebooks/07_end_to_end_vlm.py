@@ -117,6 +117,7 @@ except ImportError:
 if transformers is not None:
     tmp = tempfile.mkdtemp(prefix="gemma4lab_")
     gemma4lab.save_pretrained(model, tmp)
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" widget left in the saved notebook
     hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp, dtype=dtype).to(DEVICE).eval()
     with torch.no_grad():
         ref = hf.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[1], pad_token_id=0)

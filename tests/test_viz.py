@@ -186,7 +186,9 @@ def test_plot_error_bars():
 def test_plot_launches(device, ylabel):
     per_layer = {"transformers": 50.0, "unfused": 40.0, "epilogue": 35.0, "all": 30.0}
     (ax,) = viz.plot_launches(per_layer, device, 8).axes
-    assert len(ax.patches) == 4 and ax.get_ylabel() == ylabel
+    assert len(ax.patches) == 4 and ax.get_xlabel() == ylabel  # horizontal bars: the count is on x
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(per_layer)
+    assert [p.get_width() for p in ax.patches] == list(per_layer.values())
     assert ax.get_title() == f"tiny model, 8 tokens, {device}"
 
 
@@ -249,17 +251,21 @@ def test_plot_prefill_published_only():
 def test_plot_prefill_synthetic():
     rows = [{"tokens": 1453, "eager_ms": 90.0, "pcg_ms": 40.0, "hf_ms": float("nan")},
             {"tokens": 93, "eager_ms": 80.0, "pcg_ms": 20.0, "hf_ms": "oom"}]  # fmt: skip
-    (ax,) = viz.plot_prefill(PUBLISHED, rows, LABEL).axes
+    ax, speedup = viz.plot_prefill(PUBLISHED, rows, LABEL).axes
     labels = [line.get_label() for line in ax.get_lines()]
     assert labels == ["published baseline", "published fused + PCG", "ours, unfused eager", "ours, fused + PCG",
                       "transformers"]
     assert list(ax.get_lines()[2].get_xdata()) == [93, 1453]
     assert LABEL in ax.get_title()
+    vs_published = speedup.get_lines()[0]  # published fused + PCG / ours at the token counts both have
+    assert list(vs_published.get_xdata()) == [93, 1453]
+    assert list(vs_published.get_ydata()) == pytest.approx([16.5 / 20.0, 25.1 / 40.0])
+    assert ax.get_legend() is None  # the legend sits below the axes, over no point
 
 
 def test_plot_prefill_real_results():
     doc, label = _recorded("prefill")
-    (ax,) = viz.plot_prefill(PUBLISHED, list(doc["rows"].values()), label).axes
+    ax, _ = viz.plot_prefill(PUBLISHED, list(doc["rows"].values()), label).axes
     assert len(ax.get_lines()) > 2 and doc["environment"]["card"] in ax.get_title()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.profiling import idle_ms
@@ -61,6 +61,15 @@ PREFILL_SERIES = (*((f"{c}_ms", _PREFILL_STYLE[c], label) for c, label in PREFIL
 
 # --------------------------------------------------------------------------------------------------- setup, loading
 
+
+
+def plain_log_ticks(ax, axis: str = "both") -> None:
+    """Plain numbers (``100``, ``1000``, ``0.5``) on a log axis instead of ``10²`` / ``10³``: token counts and
+    milliseconds read at a glance; the minor ticks keep their grid lines but lose their labels."""
+    for a in ((ax.xaxis, ax.yaxis) if axis == "both" else (ax.xaxis,) if axis == "x" else (ax.yaxis,)):
+        if a.get_scale() == "log":
+            a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            a.set_minor_formatter(NullFormatter())
 
 def save(fig: Figure, path: str | Path) -> Path:
     """Write a figure next to its results file (benchmarks call this; they draw nothing themselves)."""
@@ -183,6 +192,7 @@ def plot_kernels(doc: Mapping[str, Any]) -> Figure:
             ax2.plot(*zip(*pts), "-o", color=c, label=name)
     ax1.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth",
             title="bandwidth (solid ours, dashed torch.compile, dotted eager)")
+    plain_log_ticks(ax1)
     ax1.axhline(0.9, color="grey", lw=0.8)
     ax1.legend(fontsize=7)
     floor = (doc.get("roofs") or {}).get("empty_kernel_ms", {}).get("graph_ms")
@@ -190,6 +200,7 @@ def plot_kernels(doc: Mapping[str, Any]) -> Figure:
         ax2.axhline(floor * 1e3, color="k", lw=1, label="empty kernel (graph)")
         ax2.set(xscale="log", xlabel="tokens T", ylabel="µs per call inside a CUDA graph",
                 title=f"small T (<= {small_t}) inside CUDA graphs")
+        plain_log_ticks(ax2)
         ax2.legend(fontsize=7)
     else:
         ax2.text(0.5, 0.5, "no CUDA graphs on this device", ha="center", va="center", transform=ax2.transAxes)
@@ -210,6 +221,7 @@ def plot_pcg_bench(doc: Mapping[str, Any]) -> Figure:
         if pts:
             a.plot(*zip(*pts), marker="o", label=label)
     a.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward")
+    plain_log_ticks(a)
     a.legend()
     a.grid(True, which="both", alpha=0.3)
     profs = [(k.rsplit("_", 1)[0], v) for k, v in (doc.get("profiles") or {}).items() if k.endswith("_93")]
@@ -232,6 +244,7 @@ def plot_roofline(rows: Sequence[Mapping[str, Any]], kernel: str, label: str) ->
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="tokens T", ylabel="fraction of copy bandwidth", ylim=(0, 1.1),
            title=f"{kernel}\nrecorded: {label}")  # fmt: skip
+    plain_log_ticks(ax)
     ax.legend()
     return fig
 
@@ -251,16 +264,21 @@ def plot_error_bars(errors: Mapping[str, tuple[float, float]], title: str) -> Fi
 
 
 def plot_launches(per_layer: Mapping[str, float], device: str, tokens: int) -> Figure:
-    """Kernels (GPU) or dispatched ATen ops (CPU proxy) per layer for each fusion configuration (04)."""
-    fig = Figure(figsize=(8, 3.8))
-    ax = fig.subplots()
+    """Kernels (GPU) or dispatched ATen ops (CPU proxy) per layer for each fusion configuration (04). Horizontal
+    bars, so the configuration names never overlap, each labelled with its count."""
     names = list(per_layer)
+    fig = Figure(figsize=(8, 0.9 + 0.38 * len(names)))
+    ax = fig.subplots()
     colors = ["C7" if n == "transformers" else "C3" if n == "unfused" else "C2" if n == "all" else "C0"
               for n in names]  # fmt: skip
-    ax.bar(names, [per_layer[n] for n in names], color=colors)
-    ax.set_ylabel("kernels per layer" if device.startswith("cuda") else "ATen ops per layer (launch proxy)")
+    values = [per_layer[n] for n in names]
+    bars = ax.barh(names, values, color=colors)
+    ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], padding=3, fontsize=8)
+    ax.invert_yaxis()  # first configuration on top, as in the legend of the other figures
+    ax.set_xlabel("kernels per layer" if device.startswith("cuda") else "ATen ops per layer (launch proxy)")
+    ax.set_xlim(0, max(values, default=1) * 1.12)
     ax.set_title(f"tiny model, {tokens} tokens, {device}")
-    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
     return fig
 
 
@@ -277,6 +295,7 @@ def plot_pcg_latency(doc: Mapping[str, Any], title: str) -> Figure:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per forward", title=title)
+    plain_log_ticks(ax)
     ax.title.set_fontsize(8)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
@@ -336,12 +355,13 @@ def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: 
     return fig
 
 
-def plot_padding_waste(tokens: Sequence[int], waste: Sequence[float]) -> Figure:
+def plot_padding_waste(tokens: Sequence[int], waste: Sequence[float], title: str = "padding waste") -> Figure:
     """Fraction of each padded bucket that is padding, vs prompt length (06): what the bucket choice costs."""
     fig = Figure(figsize=(7, 3.2))
     ax = fig.subplots()
     ax.plot(tokens, waste)
-    ax.set(xscale="log", xlabel="prompt tokens", ylabel="padding fraction", title="padding waste, default buckets")
+    ax.set(xscale="log", xlabel="prompt tokens", ylabel="padding fraction", title=title)
+    plain_log_ticks(ax)
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
@@ -351,26 +371,47 @@ def plot_padding_waste(tokens: Sequence[int], waste: Sequence[float]) -> Figure:
 
 def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Mapping[str, Any]],
                  label: str | None) -> Figure:  # fmt: skip
-    """Published baseline / fused+PCG ms per prefill beside our recorded rows (08), on log-log axes.
+    """Published baseline / fused+PCG ms per prefill beside our recorded rows (08), on log-log axes; with rows, a
+    second panel of speed-ups: our fused + PCG against the published fused + PCG (where the token counts match)
+    and against the best peer of the same run. The legend sits outside the axes so it hides no point.
 
     ``published`` maps tokens to (baseline, fused + PCG) ms; ``rows`` are a ``prefill_*.json``'s rows (may be empty,
     then only the published lines are drawn); ``label`` names the card and date ours were measured on.
     """
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
+    rows = sorted(rows, key=lambda r: r["tokens"])
+    fig = Figure(figsize=(11, 4.6) if rows else (8, 4.5))
+    ax, *rest = fig.subplots(1, 2, width_ratios=(3, 2)) if rows else (fig.subplots(),)
     ts = list(published)
     ax.plot(ts, [v[0] for v in published.values()], "k--", marker="s", alpha=0.5, label="published baseline")
     ax.plot(ts, [v[1] for v in published.values()], "k-", marker="s", alpha=0.5, label="published fused + PCG")
-    rows = sorted(rows, key=lambda r: r["tokens"])
     for key, style, name in PREFILL_SERIES:
         pts = _points(rows, key)
         if pts:
             ax.plot(*zip(*pts), style, label=name)
     ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms per prefill",
            title="Gemma 4 26B-A4B prefill" + (f"\nours recorded on {label}" if label else "\n(published only)"))
+    plain_log_ticks(ax)
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    if not rows:
+        ax.legend(fontsize=8)
+        return fig
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=4, frameon=False)
+    (sp,) = rest
+    vs_pub = [(t, published[t][1] / ms) for t, ms in _points(rows, "pcg_ms") if t in published and ms > 0]
+    vs_peer = _points(rows, "speedup_vs_best_peer")
+    if vs_pub:
+        sp.plot(*zip(*vs_pub), "C2o-", label="vs published fused + PCG")
+    if vs_peer:
+        sp.plot(*zip(*vs_peer), "C0s--", label="vs best peer, same run")
+    sp.axhline(1.0, color="k", lw=0.8)
+    sp.set(xscale="log", xlabel="prompt tokens", ylabel="speed-up of our fused + PCG (×)",
+           title="speed-up (> 1: ours faster)")
+    plain_log_ticks(sp)
+    sp.title.set_fontsize(9)
+    sp.grid(True, which="both", alpha=0.3)
+    sp.legend(fontsize=7)
+    fig.subplots_adjust(bottom=0.27, wspace=0.3)
     return fig
 
 
@@ -439,6 +480,7 @@ def plot_attention(rows: Sequence[Mapping[str, Any]], title: str, matmul_tflops:
             ax.axhline(matmul_tflops, color="gray", ls="--", lw=1, label="bf16 matmul (same run)")
         head = mine[0]["head_dim"] if mine else "?"
         ax.set(xscale="log", xlabel="tokens", ylabel="TFLOP/s (visible pairs)", title=f"{layer} layers (head {head})")
+        plain_log_ticks(ax)
         ts = [r["tokens"] for r in mine]
         ax.set_xticks(ts, [str(t) for t in ts])
         ax.xaxis.set_minor_locator(NullLocator())

@@ -68,7 +68,7 @@ ids = batch["input_ids"]
 n_img = int((ids == cfg.image_token_id).sum())
 print(f"prompt: {ids.shape[1]} tokens, of which {n_img} image soft tokens")
 
-viz.plot_mm_token_types(photo, batch["mm_token_type_ids"].cpu())
+viz.plot_prompt_tokens(photo, ids.cpu(), cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id)
 
 # %% [markdown]
 # ## Vision tower → merged embeddings

@@ -134,9 +134,13 @@ def test_plot_photo_tokens():
     assert fig.axes[0].get_title() == "40×30 px → 12 soft tokens"
 
 
-def test_plot_mm_token_types():
-    fig = viz.plot_mm_token_types(Image.new("RGB", (8, 8)), np.array([[0, 1, 1, 0]]))
-    assert len(fig.axes) == 2 and len(fig.axes[1].get_images()) == 1
+def test_plot_prompt_tokens_labels_each_run():
+    ids = np.array([[2, 10, 7, 9, 9, 9, 8, 11]])  # text ×2, boi, image ×3, eoi, text
+    fig = viz.plot_prompt_tokens(Image.new("RGB", (8, 8)), ids, image_token_id=9, boi_token_id=7, eoi_token_id=8)
+    strip = fig.axes[1]
+    assert [round(p.get_width()) for p in strip.patches] == [2, 1, 3, 1, 1]
+    assert sorted(t.get_text() for t in strip.texts) == sorted(["text ×2", "boi", "image ×3", "eoi", "text"])
+    assert "3 image soft tokens" in strip.get_title()
 
 
 def test_plot_error_histograms_uses_the_first_rows():

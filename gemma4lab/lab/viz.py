@@ -37,12 +37,12 @@ __all__ = [
     "plot_kernels",
     "plot_launches",
     "plot_layer_errors",
-    "plot_mm_token_types",
     "plot_padding_waste",
     "plot_pcg_bench",
     "plot_pcg_latency",
     "plot_photo_tokens",
     "plot_prefill",
+    "plot_prompt_tokens",
     "plot_roofline",
     "plot_traffic",
 ]
@@ -120,14 +120,37 @@ def plot_photo_tokens(photo: Any, soft_tokens: int) -> Figure:
     return fig
 
 
-def plot_mm_token_types(photo: Any, mm_token_type_ids: Any) -> Figure:
-    """The photo beside its prompt's token-type row (07): shows where the soft tokens sit in the prompt."""
-    fig = Figure(figsize=(9, 3))
-    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 3]})
+def plot_prompt_tokens(photo: Any, input_ids: Any, image_token_id: int, boi_token_id: int,
+                       eoi_token_id: int) -> Figure:  # fmt: skip
+    """The photo beside its prompt as a strip of labelled runs — text, ``[boi]``, the image soft tokens, ``[eoi]``
+    (07): where the image sits in the prompt and how much of it the image is."""
+    ids = np.asarray(input_ids).reshape(-1)
+    kinds = ("text", "boi", "image", "eoi")
+    kind = np.select([ids == boi_token_id, ids == image_token_id, ids == eoi_token_id], [1, 2, 3], 0)
+    colors = ("0.75", "C1", "C0", "C3")
+    fig = Figure(figsize=(10, 3))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 4]})
     a.imshow(photo)
     a.axis("off")
-    b.imshow(np.asarray(mm_token_type_ids), aspect="auto", cmap="Blues", interpolation="nearest")
-    b.set(yticks=[], xlabel="prompt position", title="mm_token_type_ids (dark = image soft token)")
+    starts = [0, *(np.flatnonzero(np.diff(kind)) + 1).tolist()]
+    narrow = 0  # labels of runs too narrow to hold them alternate above and below the strip, with a pointer
+    for s0, s1 in zip(starts, [*starts[1:], len(kind)]):
+        k = int(kind[s0])
+        b.barh(0, s1 - s0, left=s0, height=0.6, color=colors[k], edgecolor="white", linewidth=0.5)
+        text = kinds[k] if s1 - s0 == 1 else f"{kinds[k]} ×{s1 - s0}"
+        if (s1 - s0) > 0.08 * len(kind):
+            b.text((s0 + s1) / 2, 0, text, ha="center", va="center", fontsize=8, color="white" if k == 2 else "black")
+        else:
+            y = 0.75 if narrow % 2 == 0 else -0.75
+            x = (s0 + s1) / 2
+            b.annotate(text, (x, 0.3 if y > 0 else -0.3), (x, y), ha="center", va="bottom" if y > 0 else "top",
+                       fontsize=8, arrowprops={"arrowstyle": "-", "lw": 0.6, "color": "0.4"})
+            narrow += 1
+    b.set(xlim=(0, len(kind)), ylim=(-1.2, 1.2), yticks=[], xlabel="prompt position",
+          title=f"{len(kind)} prompt tokens: text, [boi], {int((kind == 2).sum())} image soft tokens, [eoi]")
+    b.title.set_fontsize(9)
+    for side in ("top", "right", "left"):
+        b.spines[side].set_visible(False)
     return fig
 
 

@@ -105,11 +105,11 @@ if not DATA:
 COUNTS = sorted(DATA)
 
 
-def plot_breakdown(i):
-    return viz.plot_breakdown(DATA[COUNTS[i]], COUNTS[i], DATA_SOURCE)
+def plot_breakdown(tokens):
+    return viz.plot_breakdown(DATA[tokens], tokens, DATA_SOURCE)
 
 
-plot_breakdown(0)
+plot_breakdown(COUNTS[0])
 
 # %% [markdown]
 # Drag the slider through the token counts: at small T the idle part dominates eager latency — the GPU waits on the
@@ -126,9 +126,6 @@ if doc is not None and DEVICE != "cuda":
 
 # %%
 if INTERACTIVE:
-    from ipywidgets import IntSlider, interact
+    from ipywidgets import SelectionSlider, interact
 
-    slider = IntSlider(value=0, min=0, max=len(COUNTS) - 1, description="count #", readout=True)
-    slider.description = "token idx"
-    interact(plot_breakdown, i=slider)
-    print("token counts by index:", dict(enumerate(COUNTS)))
+    interact(plot_breakdown, tokens=SelectionSlider(options=COUNTS, value=COUNTS[0], description="tokens"))

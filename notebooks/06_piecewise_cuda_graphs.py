@@ -135,7 +135,7 @@ else:
         print(f"capture: {cap.get('buckets')} buckets × {cap.get('pieces_per_bucket')} pieces in "
               f"{cap.get('capture_s', 0):.1f} s; graph pool {cap.get('graph_pool_bytes', 0) / 2**30:.2f} GiB; "
               f"static buffers {cap.get('static_buffer_bytes', 0) / 2**30:.2f} GiB")
-    display(viz.plot_pcg_latency(doc, label))
+    display(viz.plot_pcg_speedup(doc, label))  # 05 drew these runs as latencies; here, what the graphs buy
 if DEVICE == "cuda":
     for n in (TOKENS, BUCKETS[-1]):
         x = ids[:, :n] if n <= TOKENS else big[:, :n]

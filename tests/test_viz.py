@@ -314,3 +314,13 @@ def test_plot_families_synthetic():
 def test_plot_families_without_profiles():
     (ax,) = viz.plot_families([{"tokens": 93}], LABEL).axes
     assert not ax.patches and "no profile" in ax.texts[0].get_text()
+
+
+def test_plot_pcg_speedup_divides_by_the_pcg_row_of_the_same_count():
+    doc = {"rows": {"16": {"tokens": 16, "eager_fused_ms": 8.0, "eager_unfused_ms": 12.0, "pcg_fused_ms": 2.0},
+                    "93": {"tokens": 93, "eager_fused_ms": 9.0, "pcg_fused_ms": 3.0},
+                    "512": {"tokens": 512, "eager_fused_ms": 10.0}}}  # no PCG row: left out
+    (ax,) = viz.plot_pcg_speedup(doc, LABEL).axes
+    fused, unfused = ax.get_lines()[:2]
+    assert list(fused.get_xdata()) == [16, 93] and list(fused.get_ydata()) == [4.0, 3.0]
+    assert list(unfused.get_xdata()) == [16] and list(unfused.get_ydata()) == [6.0]

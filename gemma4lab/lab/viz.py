@@ -30,6 +30,7 @@ __all__ = [
     "env_label",
     "kernel_rows",
     "load_recorded",
+    "plain_log_ticks",
     "plot_breakdown",
     "plot_error_bars",
     "plot_error_histograms",
@@ -40,6 +41,7 @@ __all__ = [
     "plot_padding_waste",
     "plot_pcg_bench",
     "plot_pcg_latency",
+    "plot_pcg_speedup",
     "plot_photo_tokens",
     "plot_prefill",
     "plot_prompt_tokens",
@@ -348,6 +350,28 @@ def breakdown_entry(prof: Mapping[str, Any], latency_ms: float | None) -> dict[s
     return {"cpu_dispatch_ms": prof["cpu_dispatch_ms"], "gpu_busy_ms": busy, "latency_ms": latency_ms,
             "idle_ms": None if latency_ms is None else idle_ms(latency_ms, busy), "kernels": prof["kernels"],
             "launch_calls": prof.get("launch_calls", prof["kernels"]), "graph_launches": prof.get("graph_launches", 0)}
+
+
+def plot_pcg_speedup(doc: Mapping[str, Any], title: str) -> Figure:
+    """What the graphs buy per token count (06): eager latency over PCG latency, fused and unfused, from the same
+    ``pcg_*.json`` that 05 draws as latencies: the gain is large where launches dominate and fades to ~1 where
+    the kernels' own time does."""
+    rows = _rows_by_tokens(doc)
+    pcg = dict(_points(rows, "pcg_fused_ms"))
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    for key, style, label in (("eager_fused_ms", "C0o-", "eager fused / PCG"),
+                              ("eager_unfused_ms", "C3s--", "eager unfused / PCG")):
+        pts = [(t, v / pcg[t]) for t, v in _points(rows, key) if pcg.get(t, 0) > 0]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="tokens", ylabel="speed-up of fused + PCG (×)", title=title)
+    plain_log_ticks(ax)
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
 
 
 def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: str) -> Figure:

@@ -103,3 +103,14 @@ def _kernels():
     import gemma4lab.kernels as K
 
     return K
+
+
+#: Where a notebook's jupytext twin lives (``formats: ipynb,py//py:percent``): a ``py/`` folder beside the
+#: notebooks, so JupyterLab's file browser lists only the notebooks a reader should open.
+TWIN_FORMAT = "ipynb,py//py:percent"
+
+
+def notebook_twin(notebook):
+    """The percent-format ``.py`` twin of ``notebook`` (a Path)."""
+    return notebook.parent / "py" / notebook.with_suffix(".py").name
+

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import notebook_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFERRED = "05_launch_overhead.ipynb"
@@ -81,7 +82,7 @@ def _like_a_fresh_clone(folder: Path) -> None:
     whenever the pair differs at all (tests/test_project.py checks the pair itself).
     """
     for nb in folder.glob("*.ipynb"):
-        if (twin := nb.with_suffix(".py")).exists():
+        if (twin := notebook_twin(nb)).exists():
             st = nb.stat()
             os.utime(twin, ns=(st.st_atime_ns, st.st_mtime_ns))
 

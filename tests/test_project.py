@@ -15,6 +15,7 @@ import jupytext
 import nbformat
 import pytest
 import yaml
+from conftest import TWIN_FORMAT, notebook_twin
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -114,9 +115,11 @@ def _cells(nb) -> list[tuple[str, str, tuple[str, ...]]]:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_paired_with_percent_script(path: Path):
-    """The .py twin is what reviewers diff; it must say the same thing as the .ipynb (jupytext --sync)."""
-    script = path.with_suffix(".py")
-    assert script.exists(), f"missing {script.name}: run `jupytext --set-formats ipynb,py:percent {path.name}`"
+    """The .py twin (in notebooks/py/) is what reviewers diff; it must say the same thing as the .ipynb
+    (jupytext --sync)."""
+    script = notebook_twin(path)
+    assert script.exists(), f"missing py/{script.name}: run `jupytext --set-formats {TWIN_FORMAT} {path.name}`"
+    assert jupytext.read(path).metadata.get("jupytext", {}).get("formats") == TWIN_FORMAT
     text = script.read_text()
     assert jupytext.formats.guess_format(text, ".py")[0] == "percent", f"{script.name} is not in percent format"
     ipynb, py = _cells(jupytext.read(path)), _cells(jupytext.reads(text, fmt="py:percent"))

@@ -12,12 +12,14 @@ has chosen the Triton interpreter.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch, Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from gemma4lab.lab import measure
@@ -25,6 +27,7 @@ from gemma4lab.lab.profiling import idle_ms
 from gemma4lab.lab.report import FAMILY_LABELS, PREFILL_COLUMNS
 
 __all__ = [
+    "DECODER_LAYER_STAGES",
     "breakdown_data",
     "breakdown_entry",
     "env_label",
@@ -32,6 +35,7 @@ __all__ = [
     "load_recorded",
     "plain_log_ticks",
     "plot_breakdown",
+    "plot_decoder_layer",
     "plot_error_bars",
     "plot_error_histograms",
     "plot_families",
@@ -110,6 +114,70 @@ def _rows_by_tokens(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------------ 00 and 07
+
+
+#: One MoE decoder layer as the fused prefill runs it (``Fusion.all()``): (column, lane, label, registered kernel or
+#: None for a library GEMM). Lane 0 is the main path; lanes 1 and 2 are the dense MLP and the MoE block, which read
+#: the same normed input. Columns 1-11 are one PCG piece; the attention calls sit outside the pieces.
+DECODER_LAYER_STAGES: tuple[tuple[int, int, str, str | None], ...] = (
+    (0, 0, "attention\nlayer i−1", "prefill_attention"),
+    (1, 0, "o_proj", None),
+    (2, 0, "post-attn norm\n+ residual\n+ 3 input norms", "post_attention_block"),
+    (3, 1, "MLP gate|up", None), (4, 1, "GELU(gate)·up", "gelu_tanh_and_mul"), (5, 1, "MLP down", None),
+    (3, 2, "router logits", None), (4, 2, "softmax,\ntop-8, scale", "router_topk"),
+    (5, 2, "offsets,\nsorted slots", "moe_route"), (6, 2, "experts gate|up\n+ token gather", "moe_gemm"),
+    (7, 2, "experts down\n+ GELU on load", "moe_gemm"), (8, 2, "un-sort,\nweight, sum", "moe_combine"),
+    (9, 0, "MoE epilogue\n+ next layer's\ninput norm", "dual_rmsnorm_residual_scalar_next_norm"),
+    (10, 0, "q|k|v\nprojections", None), (11, 0, "q/k norms\n+ RoPE", "qkv_norm_rope_"),
+    (12, 0, "attention\nlayer i", "prefill_attention"),
+)
+
+
+def _wrap_name(name: str, width: int) -> str:
+    """An op name broken after its underscores into lines of at most ``width`` characters (never inside a word)."""
+    lines: list[str] = []
+    for part in re.split(r"(?<=_)", name):
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def plot_decoder_layer() -> Figure:
+    """One MoE decoder layer of the fused prefill (00): every box a kernel launch, coloured by what runs it (a
+    library GEMM or one of our fused kernels, named as its ``torch.ops.gemma4lab`` op), and the stretch one PCG
+    piece captures — everything between two attention calls, which run outside the graphs on the real tokens."""
+    fig = Figure(figsize=(15, 4.6))
+    ax = fig.subplots()
+    lane_y = {0: 1.0, 1: 2.1, 2: -0.1}
+    ax.axvspan(0.55, 11.45, ymin=0.02, ymax=0.98, color="C2", alpha=0.07)
+    ax.text(6.0, 2.95, "one PCG piece: layer i's second half + layer i+1's first half, replayed as one CUDA graph",
+            ha="center", fontsize=9, color="C2")
+    for col, lane, label, op in DECODER_LAYER_STAGES:
+        color = "0.85" if op is None else "C1" if op == "prefill_attention" else "C0"
+        y = lane_y[lane]
+        ax.add_patch(FancyBboxPatch((col - 0.45, y - 0.45), 0.9, 0.9, boxstyle="round,pad=0.02", fc=color,
+                                    ec="0.3", lw=0.6, alpha=0.9))
+        ax.text(col, y + 0.1, label, ha="center", va="center", fontsize=6.5,
+                color="white" if op is not None else "black")
+        name = _wrap_name(op or "GEMM", 15)
+        ax.text(col, y - 0.3, name, ha="center", va="center", fontsize=5, style="italic",
+                color="white" if op is not None else "0.3")
+    for (c0, l0), (c1, l1) in (((2, 0), (3, 1)), ((2, 0), (3, 2)), ((5, 1), (9, 0)), ((8, 2), (9, 0))):
+        ax.annotate("", (c1 - 0.47, lane_y[l1]), (c0 + 0.47, lane_y[l0]),
+                    arrowprops={"arrowstyle": "->", "lw": 0.7, "color": "0.4"})
+    for c in (0, 1, 9, 10, 11):
+        ax.annotate("", (c + 1 - 0.47, 1.0), (c + 0.47, 1.0),
+                    arrowprops={"arrowstyle": "->", "lw": 0.7, "color": "0.4"})
+    ax.set(xlim=(-0.6, 12.6), ylim=(-0.65, 3.15))
+    ax.axis("off")
+    handles = [Patch(fc="0.85", ec="0.3", label="library GEMM (cuBLAS / grouped_mm)"),
+               Patch(fc="C0", ec="0.3", label="fused Triton kernel (torch.ops.gemma4lab)"),
+               Patch(fc="C1", ec="0.3", label="attention kernel, between the pieces")]
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+    ax.set_title("one MoE decoder layer of the fused prefill, in launch order", fontsize=10)
+    return fig
 
 
 def plot_photo_tokens(photo: Any, soft_tokens: int) -> Figure:

@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -49,6 +49,29 @@ from gemma4lab.lab import viz
 
 dtype = getattr(torch, DTYPE)
 print("repo root:", ROOT)
+
+# %% [markdown]
+# ## The course
+#
+# | notebook | what it derives or measures | kernels (`torch.ops.gemma4lab`) |
+# |---|---|---|
+# | 00 · tour (this one) | the package, a model saved and loaded, one text and one image forward, generation | — |
+# | 01 · RMSNorm | Gemma 4's norm, its rounding, a first Triton kernel written in the notebook | — (the lesson's own) |
+# | 02 · norm + residual + scalar | one pass instead of four, bytes and bandwidth | `rmsnorm_residual_scalar` |
+# | 03 · the MoE epilogue | three norms and a sum in one kernel, then the next layer's norm too | `dual_rmsnorm_residual_scalar(_next_norm)` |
+# | 04 · a decoder layer | every fusion switch, launches per layer, parity | `post_attention_block`, `qkv_norm_rope_`, `router_topk`, `gelu_tanh_and_mul`, `moe_route`, `moe_gemm`, `moe_combine` |
+# | 05 · launch overhead | is the CPU or the GPU the bottleneck: busy, idle, dispatch | — |
+# | 06 · piecewise CUDA graphs | buckets, padding, capture, replay; the attention kernel between the pieces | `prefill_attention` |
+# | 07 · end to end | a photo in, tokens out: processor, vision tower, PCG prefill, graph decode | `decode_attention` |
+# | 08 · the prefill table | the full-size model against its floor and its peers | — |
+#
+# The figure below is the map the course fills in: one decoder layer as the fused prefill runs it. Grey boxes are
+# library matrix products, blue ones the fused kernels the notebooks derive, orange the attention kernel; the
+# green band is one *piece* — everything between two attention calls — which the piecewise CUDA graph runner
+# captures once and replays.
+
+# %%
+viz.plot_decoder_layer()
 
 # %% [markdown]
 # ## What runs where

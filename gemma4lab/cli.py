@@ -5,6 +5,8 @@ Commands:
   bench-pcg       piecewise CUDA graphs on a reduced-depth model                         → results/pcg_<card>.json
   bench-prefill   full-size 26B-A4B prefill table against floors and peers                → results/prefill_<card>.json
   bench-attention attention options for head 256/512, window and images  → results/attention_<card>.json
+  bench-decode    decode ms per token and tokens/s, eager and CUDA graph, against the bytes-read floor
+                  (batch 1-16, contexts 512-16384)                                       → results/decode_<card>.json
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ COMMANDS = {
     "bench-pcg": "gemma4lab.lab.bench.pcg",
     "bench-prefill": "gemma4lab.lab.bench.prefill",
     "bench-attention": "gemma4lab.lab.bench.attention",
+    "bench-decode": "gemma4lab.lab.bench.decode",
 }
 
 

@@ -23,7 +23,7 @@ def test_unknown_command_is_an_error(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-@pytest.mark.parametrize("command", ["bench-prefill", "bench-pcg", "bench-attention"])
+@pytest.mark.parametrize("command", ["bench-prefill", "bench-pcg", "bench-attention", "bench-decode"])
 def test_gpu_benchmarks_refuse_without_cuda(command):
     r = subprocess.run([sys.executable, "-m", "gemma4lab", command], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -45,7 +45,7 @@ def test_bad_arguments_are_usage_errors_before_any_work(command, args, says, cap
     assert "usage:" in err and says in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["bench-prefill", "bench-pcg", "bench-attention", "bench-kernels"])
+@pytest.mark.parametrize("command", ["bench-prefill", "bench-pcg", "bench-attention", "bench-kernels", "bench-decode"])
 def test_out_pointing_at_a_file_fails_at_once(command, tmp_path, capsys):
     f = tmp_path / "a_file"
     f.write_text("mine")

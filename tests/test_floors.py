@@ -143,3 +143,90 @@ def test_a_model_without_moe_hits_no_experts(tiny_config):
 def test_an_unknown_family_is_refused():
     with pytest.raises(ValueError, match="family"):
         F.op_floor([F.Op("x", "magic", None, 1.0, 0.0, 0.0)], 1e12, 1e14)
+
+
+# ---- decode --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("experts", "top_k", "tokens"), [(8, 2, 1), (8, 2, 3), (8, 2, 40), (128, 8, 4),
+                                                          (128, 8, 16)])
+def test_expected_experts_match_a_monte_carlo_count(experts, top_k, tokens):
+    """Each token's top-k of i.i.d. random logits is a uniformly random k-subset: count the distinct experts of
+    20000 such batches (fixed seed) and compare with the formula within four standard errors."""
+    gen = torch.Generator().manual_seed(0)
+    trials = 20000
+    picks = torch.rand(trials, tokens, experts, generator=gen).topk(top_k, dim=-1).indices
+    hit = torch.zeros(trials, experts).scatter_(1, picks.reshape(trials, -1), 1.0).sum(1)
+    want = F.expected_experts(experts, top_k, tokens)
+    assert abs(hit.mean().item() - want) <= 4 * hit.std().item() / trials**0.5 + 1e-9
+    assert top_k <= want <= min(experts, tokens * top_k)
+
+
+def test_expected_experts_edges():
+    assert F.expected_experts(128, 8, 1) == 8  # one token: exactly its k experts
+    assert F.expected_experts(128, 8, 10**6) == 128  # enough tokens: every expert
+    assert F.expected_experts(128, 8, 16) == pytest.approx(128 * (1 - (120 / 128) ** 16))  # 82.4 for batch 16
+    with pytest.raises(ValueError, match="top_k"):
+        F.expected_experts(4, 8, 2)
+    with pytest.raises(ValueError, match="tokens"):
+        F.expected_experts(128, 8, 0)
+
+
+def test_kv_bytes_by_hand(tiny_config):
+    """tiny, bf16: sliding layers 0-4 store K and V of 2 heads × 32 (256 B a token) in a window of 16, so a new token
+    reads at most 15 earlier ones; full layer 5 has 1 head × 64 with K as V: 128 B a token for the floor, 256 as
+    cached."""
+    assert F.kv_read_bytes(tiny_config, 3, 40) == 3 * (5 * 15 * 256 + 40 * 128)
+    assert F.kv_read_bytes(tiny_config, 3, 40, as_cached=True) == 3 * (5 * 15 * 256 + 40 * 256)
+    assert F.kv_read_bytes(tiny_config, 3, 5) == 3 * (5 * 5 * 256 + 5 * 128)  # inside the window: every token
+    assert F.kv_read_bytes(tiny_config, 2, 0) == 0
+    projected_v = tiny_config.replace_text(attention_k_eq_v=False)  # full layers keep 2 KV heads and store V
+    assert F.kv_read_bytes(projected_v, 1, 40) == 5 * 15 * 256 + 40 * 2 * 2 * 64 * 2
+
+
+@pytest.mark.parametrize("context", [3, 15, 16, 40])
+def test_kv_bytes_as_cached_follow_the_caches_own_layout(tiny_config, context):
+    """Counted again from the tensors ``KVCache`` allocates: per layer, bytes of one slot of K and V times the
+    earlier tokens the new one sees (the mask rule's window on sliding layers)."""
+    from gemma4lab.runtime.kv_cache import KVCache
+
+    t = tiny_config.text
+    cache = KVCache(t, 2, context + 1, torch.bfloat16, "meta")
+    want = 0
+    for i in range(t.num_hidden_layers):
+        slot = sum(x[0, :, 0].numel() * x.element_size() for x in (cache.k[i], cache.v[i]))
+        seen = int(Visibility(window=t.sliding_window if t.is_sliding(i) else None).dense(context + 1)[-1].sum()) - 1
+        want += 2 * slot * seen
+    assert F.kv_read_bytes(tiny_config, 2, context, as_cached=True) == want
+
+
+def test_decode_floor_by_hand(tiny_config):
+    """tiny, bf16, 3 sequences at 40 tokens with 5 experts touched: the non-expert weights counted parameter by
+    parameter, 5 of 8 experts of 3 · 48 · 96 in each of the 6 layers, the KV of the test above."""
+    h, inter, v = 96, 80, 512
+    common = 3 * h * inter + 8 * h + h * 8 + 8  # dense MLP, 7 norms + router scale, router, per-expert scale
+    sliding = h * 128 + 2 * h * 64 + 128 * h + 2 * 32 + common  # q, k, v, o, q/k norms
+    full = h * 256 + h * 64 + 256 * h + 2 * 64 + common  # q, k (K as V: no v_proj), o, q/k norms
+    non_expert = 2 * (5 * sliding + full + v * h + h)  # + the tied embedding table (the head) and the final norm
+    out = F.decode_floor(tiny_config, 3, 40, 5.0, copy_bw=1e9)
+    assert out["non_expert_bytes"] == non_expert
+    assert out["expert_bytes"] == 2 * 6 * 5 * 3 * 48 * h
+    assert out["kv_bytes"] == 3 * (5 * 15 * 256 + 40 * 128)
+    assert out["bytes"] == non_expert + out["expert_bytes"] + out["kv_bytes"]
+    assert out["floor_ms"] == pytest.approx(out["bytes"] / 1e9 * 1e3)
+
+
+def test_decode_floor_counts_every_parameter_when_every_expert_is_touched(tiny_config):
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(tiny_config).to(torch.bfloat16)
+    out = F.decode_floor(tiny_config, 4, 0, 8.0, copy_bw=1e12)
+    assert out["non_expert_bytes"] + out["expert_bytes"] == F.text_weight_bytes(model) and out["kv_bytes"] == 0
+
+
+def test_decode_floor_averages_the_kv_over_the_steps(tiny_config):
+    out = F.decode_floor(tiny_config, 2, 14, 3.0, copy_bw=1e12, steps=4)
+    assert out["kv_bytes"] == sum(F.kv_read_bytes(tiny_config, 2, 14 + j) for j in range(4)) / 4
+    with pytest.raises(ValueError, match="steps"):
+        F.decode_floor(tiny_config, 2, 14, 3.0, copy_bw=1e12, steps=0)
+    with pytest.raises(ValueError, match="experts_hit"):
+        F.decode_floor(tiny_config, 1, 14, 3.0, copy_bw=1e12)  # one sequence touches exactly top_k = 2
+    with pytest.raises(ValueError, match="context"):
+        F.kv_read_bytes(tiny_config, 1, -1)

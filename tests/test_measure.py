@@ -66,3 +66,12 @@ def test_write_json_guards_foreign_files(tmp_path):
     assert json.loads(foreign.read_text()) == {"someone": "else"}
     measure.write_json(foreign, {"value": 3}, overwrite=True)
     assert measure.read_json(foreign)["value"] == 3
+
+
+def test_call_timer_times_each_call_in_order():
+    import time
+
+    timer = measure.CallTimer(lambda s: time.sleep(s) or s, "cpu")
+    assert [timer(s) for s in (0.002, 0.02, 0.002)] == [0.002, 0.02, 0.002]
+    ms = timer.ms()
+    assert len(ms) == 3 and ms[1] > ms[0] and ms[1] > ms[2] and ms[1] >= 20

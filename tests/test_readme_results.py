@@ -73,3 +73,49 @@ def test_families_table_puts_ours_beside_each_familys_floor():
                         "0.70 / 0.10 | 0.50 / 0.00 | 3.25 | 33.00 |")
     assert lines[3].startswith("| 189 | — | 13.00 | — / 11.50 |") and lines[3].endswith("| — | — |")
     assert "GPU time by family" not in report.prefill_section({"rows": {"7": doc["rows"]["7"]}}, None)
+
+
+def _decode_doc() -> dict:
+    """Two points of a decode run on a GPU: one measured, one the runner refused."""
+    stats = {"median_ms": 4.0, "min_ms": 3.9, "max_ms": 4.4, "q20_ms": 3.9, "q80_ms": 4.1, "runs": 5}
+    mode = lambda step, loop: {"step_ms": step, "loop_ms": loop, "host_ms": loop - step,  # noqa: E731
+                               "tokens_per_s": 8 / loop * 1e3, "step_tokens_per_s": 8 / step * 1e3,
+                               "x_floor": step / 2.0, "loop_x_floor": loop / 2.0, "step_stats": stats,
+                               "loop_stats": stats}
+    floor = lambda ms, kv: {"floor_ms": ms, "kv_bytes": kv, "kv_bytes_as_cached": 2 * kv, "bytes": 8e9}  # noqa
+    return {"benchmark": "decode", "preset": "26b-a4b", "layers": 30, "dtype": "bfloat16", "fusion": "all",
+            "steps": 32, "runs": 5, "graphs": True, "copy_bandwidth_Bps": 4.0e12, "routing": {"exponent": 0.0},
+            "contexts_run": {"4096": {"capture_s": 2.5}},
+            "rows": {"8x4096": {"batch": 8, "context": 4096, "experts_expected": 50.25, "experts_observed": 49.5,
+                                "floor_expected": floor(2.02, 1e9), "floor_observed": floor(2.0, 1e9),
+                                "floor_basis": "observed", "floor_ms": 2.0, "eager": mode(40.0, 41.0),
+                                "graph": mode(4.0, 4.5), "tokens_equal": True, "first_mismatch": None,
+                                "graph_speedup_step": 10.0, "graph_speedup_loop": 41.0 / 4.5},
+                     "16x4096": {"batch": 16, "context": 4096, "experts_expected": 82.4,
+                                 "floor_expected": floor(3.5, 2e9), "floor_basis": "expected", "floor_ms": 3.5,
+                                 "unsupported": {"eager": "ValueError: too long", "graph": "ValueError: too long"}}}}
+
+
+def test_decode_table_and_findings_from_a_synthetic_run():
+    doc = _decode_doc()
+    lines = report.decode_table(doc).splitlines()
+    assert len(lines) == 4 and "CUDA graph ms: step / loop" in lines[0]
+    assert lines[2] == ("| 4096 | 8 | 49.5 · 50.2 | 2.00 · 2.02 | 40.00 / 41.00 | 4.00 / 4.50 | 2000 / 1778 | 2.00× "
+                        "| yes |")
+    assert lines[3] == "| 4096 | 16 | — · 82.4 | — · 3.50 | unsupported | unsupported | — / — | — | — |"
+    text = "\n".join(report.decode_findings(doc))
+    assert "(eager ÷ graph): 10.00× in device time per step, 9.11× in loop time" in text
+    assert "500 µs per step, 11 % of the loop" in text and "at 1 of 1 points." in text
+    assert "eager and graph not supported** at batch × context 16×4096 (recorded, not timed): ValueError: too long" \
+        in text
+    assert "No CUDA graphs" not in text and "Capture**: 2.5 s" in text
+
+
+def test_readme_shows_decode_only_when_a_decode_run_exists(tmp_path):
+    from gemma4lab.lab import measure
+
+    measure.write_json(tmp_path / "prefill_x.json", {"benchmark": "prefill", "rows": {}})
+    assert "### Decode" not in report.readme_results(tmp_path)
+    measure.write_json(tmp_path / "decode_x.json", _decode_doc())
+    text = report.readme_results(tmp_path)
+    assert "### Decode" in text and "| 4096 | 8 |" in text and "![decode]" not in text  # no figure drawn yet

@@ -339,3 +339,31 @@ def test_decoder_layer_diagram_names_real_kernels():
     fig = viz.plot_decoder_layer()
     texts = {t.get_text().replace("\n", "") for t in fig.axes[0].texts}
     assert named <= texts and "GEMM" in texts
+
+
+def _decode_doc(graphs: bool = True):
+    mode = lambda ms: {"step_ms": ms, "loop_ms": ms * 1.1}  # noqa: E731
+    rows = {f"{b}x{c}": {"batch": b, "context": c, "eager": mode(40.0), "graph": mode(3.0 + b / 8),
+                         "floor_observed": {"floor_ms": 1.5 + b / 10}, "floor_expected": {"floor_ms": 1.5 + b / 9}}
+            for b in (1, 4, 16) for c in (512, 16384)}
+    del rows["16x16384"]["graph"]  # a point the runner refused: absent from its lines, not drawn as 0
+    return _doc(rows=rows, preset="26b-a4b", layers=30, graphs=graphs)
+
+
+def test_plot_decode_synthetic():
+    fig = viz.plot_decode(_decode_doc(), LABEL)
+    assert len(fig.axes) == 4 and "context 512" in _title(fig) and "context 16384" in _title(fig)
+    top = fig.axes[1]  # ms per step at 16384 (axes are row-major: the top row first)
+    lines = {ln.get_label(): ln for ln in top.get_lines()}
+    assert set(lines) == {"eager step", "eager loop", "CUDA graph step", "CUDA graph loop", "floor (experts seen)",
+                          "floor (random routing)"}
+    assert list(lines["CUDA graph step"].get_xdata()) == [1, 4] and list(lines["eager step"].get_xdata()) == [1, 4, 16]
+    rates = {ln.get_label(): ln for ln in fig.axes[3].get_lines()}
+    assert list(rates["eager step"].get_ydata()) == pytest.approx([1 / 40 * 1e3, 4 / 40 * 1e3, 16 / 40 * 1e3])
+    assert top.get_yscale() == "log"
+
+
+def test_plot_decode_says_when_there_were_no_graphs():
+    labels = [ln.get_label() for ln in viz.plot_decode(_decode_doc(graphs=False), LABEL).axes[0].get_lines()]
+    assert "CUDA graph (no CUDA: eager fallback) step" in labels
+    assert len(viz.plot_decode(_doc(rows={}), LABEL).axes) == 2

@@ -1,4 +1,4 @@
-"""What a prefill must cost at least on a card: the floors the benchmarks divide their timings by.
+"""What a prefill or a decode step must cost at least on a card: the floors the benchmarks divide their timings by.
 
 Two floors, both from rates measured in the same run (copy bandwidth, bf16 matmul rate):
 
@@ -15,6 +15,10 @@ one op each, as the fullest fusion would run them; expert matmuls read only the 
 does 4·head_dim FLOPs per visible query–key pair per head, causal on full layers, window-limited on sliding ones. Every
 op carries a family (:data:`FAMILIES`), the same families ``gemma4lab.lab.profiling`` sorts GPU kernels into, so a
 profile and its floor compare family by family.
+
+A decode step has its own floor (:func:`decode_floor`): the bytes it must read (the non-expert weights, the distinct
+experts its batch touches, the KV cache its attention sees) over the copy bandwidth, with the expected number of
+distinct experts under random routing (:func:`expected_experts`) beside the count a run saw.
 """
 
 from __future__ import annotations
@@ -188,3 +192,63 @@ def floors(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float, copy
 def text_weight_bytes(model) -> int:
     """Bytes of every text-decoder parameter of a built ``model`` (its real tensors, whatever their dtypes)."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "language_model" in n)
+
+
+# ---- decode -----------------------------------------------------------------------------------------------------
+def expected_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts ``tokens`` tokens touch in one MoE layer when each picks ``top_k`` of ``num_experts``
+    uniformly at random (what random router weights and distinct prompts give): ``E·(1 − (1 − k/E)^tokens)``.
+
+    Why: a token leaves a given expert out with probability ``1 − k/E``, independent tokens leave it out together
+    with probability ``(1 − k/E)^tokens``, and the expected count is the sum of that over the ``E`` experts. Clamped
+    to ``[k, min(E, tokens·k)]``, where it lies, so float rounding cannot push it out of the range the floor takes."""
+    e, k, n = (_check_count(name, v) for name, v in (("num_experts", num_experts), ("top_k", top_k),
+                                                      ("tokens", tokens)))
+    if k > e:
+        raise ValueError(f"top_k={k} exceeds num_experts={e}")
+    return min(max(e * (1.0 - (1.0 - k / e) ** n), float(k)), float(min(e, n * k)))
+
+
+def kv_read_bytes(cfg: Gemma4Config | TextConfig, batch: int, context: int, elem_bytes: int = 2, *,
+                  as_cached: bool = False) -> int:
+    """Bytes of cached keys and values one decode step's attention must read: ``batch`` sequences, each with
+    ``context`` earlier tokens, the new one at position ``context``.
+
+    Per layer a new token reads the K/V of the earlier tokens it sees (its own it has just computed): all
+    ``context`` of them on full layers, at most ``sliding_window − 1`` on sliding ones. On K-as-V layers
+    (``attention_k_eq_v``) V is the raw K projection, so both derive from one stored tensor: the floor counts one;
+    ``as_cached=True`` counts what ``gemma4lab.runtime.kv_cache.KVCache`` stores instead (normed K and V, two on
+    every layer)."""
+    t, b = _text(cfg), _check_count("batch", batch)
+    s = _check_count("elem_bytes", elem_bytes)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ValueError(f"context must be an int >= 0, got {context!r}")
+    total = 0
+    for i in range(t.num_hidden_layers):
+        seen = min(context, t.sliding_window - 1) if t.is_sliding(i) else context
+        tensors = 2 if as_cached or not t.layer_k_eq_v(i) else 1
+        total += seen * tensors * t.layer_kv_heads(i) * t.layer_head_dim(i)
+    return b * total * s
+
+
+def decode_floor(cfg: Gemma4Config | TextConfig, batch: int, context: int, experts: float, copy_bw: float,
+                 elem_bytes: int = 2, steps: int = 1) -> dict:
+    """The bandwidth floor of a decode step (one new token for each of ``batch`` sequences with ``context`` earlier
+    tokens): the bytes it must read over the copy bandwidth, averaged over ``steps`` consecutive steps from there
+    (a timed run's cache grows by one token a step). Bytes: every non-expert weight (the tied head reads the whole
+    table), ``experts`` distinct experts per MoE layer (:func:`expected_experts`, or the count a run saw) and the KV
+    cache (:func:`kv_read_bytes`). Activations are left out: at a few dozen tokens they are kilobytes.
+
+    Why bytes alone: a step multiplies each weight by at most ``batch`` rows, 2·batch FLOPs per weight element, far
+    below a GPU's FLOP-per-byte ridge at these batch sizes. Weight bytes come from :func:`prefill_ops` (the weights
+    a forward of ``batch`` tokens reads), so prefill and decode count the model the same way."""
+    ops = prefill_ops(cfg, batch, experts, elem_bytes)
+    n = _check_count("steps", steps)
+    expert = sum(o.weight_bytes for o in ops if o.family == "expert_gemm")
+    other = sum(o.weight_bytes for o in ops) - expert
+    kv = sum(kv_read_bytes(cfg, batch, context + j, elem_bytes) for j in range(n)) / n
+    cached = sum(kv_read_bytes(cfg, batch, context + j, elem_bytes, as_cached=True) for j in range(n)) / n
+    total = other + expert + kv
+    return {"batch": batch, "context": context, "steps": n, "experts": float(experts), "non_expert_bytes": other,
+            "expert_bytes": expert, "kv_bytes": kv, "kv_bytes_as_cached": cached, "bytes": total,
+            "floor_ms": total / _check_rate("copy_bw", copy_bw) * 1e3}

@@ -76,6 +76,38 @@ def _cuda_call_ms(fn: Callable[[], object]) -> float:
     return float(start.elapsed_time(end))
 
 
+class CallTimer:
+    """``fn`` timed at every call inside a loop that must not be synchronised (a generation loop, whose own host
+    work is what the caller measures around it). On a GPU: CUDA events around each call, read after the loop, so an
+    interval is the device time from the call's first queued work to its last (any wait for the host to queue it
+    included); on CPU, where every call is synchronous, ``perf_counter``. :meth:`ms` returns them in call order."""
+
+    def __init__(self, fn: Callable[..., Any], device: str | torch.device | None = None) -> None:
+        self.fn = fn
+        self.cuda = _device(device).type == "cuda"
+        self._marks: list[Any] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            out = self.fn(*args, **kwargs)
+            self._marks.append((time.perf_counter() - t0) * 1e3)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.fn(*args, **kwargs)
+        end.record()
+        self._marks.append((start, end))
+        return out
+
+    def ms(self) -> list[float]:
+        """Milliseconds of each call so far (synchronises the device once)."""
+        if not self.cuda:
+            return list(self._marks)
+        torch.cuda.synchronize()
+        return [float(a.elapsed_time(b)) for a, b in self._marks]
+
+
 def spread(times_ms: list[float]) -> dict[str, float]:
     """Median, min, max, 20 / 80 % quantiles and count of a list of timings in ms (see :func:`time_stats`)."""
     if not times_ms:

@@ -80,6 +80,11 @@ def provenance(doc: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _head(title: str, alt: str, png: str | None) -> list[str]:
+    """A section's heading, then its figure when one was drawn."""
+    return [f"### {title}", "", *([f"![{alt}]({png})", ""] if png else [])]
+
+
 def _rows(doc: Mapping[str, Any], key: str = "rows") -> list[dict[str, Any]]:
     return sorted((doc.get(key) or {}).values(), key=lambda r: r["tokens"])
 
@@ -143,9 +148,8 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
     rows = _rows(doc)
     skewed = _rows(doc, "rows_skewed")
     bw, mm = doc.get("copy_bandwidth_Bps"), doc.get("matmul_flops")
-    out = ["### Prefill: ours against transformers and torch.compile (`python -m gemma4lab bench-prefill`)", ""]
-    if png:
-        out += [f"![prefill]({png})", ""]
+    out = _head("Prefill: ours against transformers and torch.compile (`python -m gemma4lab bench-prefill`)",
+                "prefill", png)
     out += [f"Gemma 4 26B-A4B, batch 1, bf16, random weights of the real shapes, one process — {provenance(doc)}. "
             f"Floors from the same run: weight bytes read (non-expert weights + the experts the routing hit) over "
             f"the copy bandwidth ({bw / 1e12:.2f} TB/s), or matmul FLOPs over the bf16 matmul rate "
@@ -310,9 +314,7 @@ def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
 def kernels_section(doc: Mapping[str, Any], png: str | None) -> str:
     rows = [r for r in doc.get("results") or [] if r.get("tokens") in (93, 2893, 11533, 32768)]
     roofs = doc.get("roofs") or {}
-    out = ["### Fused kernels (`python -m gemma4lab bench-kernels`)", ""]
-    if png:
-        out += [f"![kernels]({png})", ""]
+    out = _head("Fused kernels (`python -m gemma4lab bench-kernels`)", "kernels", png)
     out += [f"Recorded on {provenance(doc)}; copy bandwidth {roofs.get('copy_bandwidth_Bps', 0) / 1e12:.2f} TB/s in "
             "the same run. Eager = the unfused PyTorch chain, compile = `torch.compile` of that chain.", "",
             "| kernel | T | eager µs | torch.compile µs | ours µs | ours in a CUDA graph µs | % of copy bandwidth | "
@@ -341,9 +343,7 @@ def kernels_section(doc: Mapping[str, Any], png: str | None) -> str:
 
 
 def attention_section(doc: Mapping[str, Any], png: str | None) -> str:
-    out = ["### Prefill attention (`python -m gemma4lab bench-attention`)", ""]
-    if png:
-        out += [f"![attention]({png})", ""]
+    out = _head("Prefill attention (`python -m gemma4lab bench-attention`)", "attention", png)
     out += [f"Batch 1, bf16, 16 query heads — {provenance(doc)}; bf16 matmul in the same run: "
             f"{doc.get('matmul_tflops', float('nan')):.0f} TFLOP/s. TFLOP/s count visible query–key pairs only.", "",
             "| layer | tokens | ours ms | ours TFLOP/s | FlexAttention TFLOP/s | best SDPA TFLOP/s | ours vs Flex |",
@@ -389,6 +389,147 @@ def pcg_section(doc: Mapping[str, Any], png: str | None) -> str:
     return "\n".join(out)
 
 
+# ---- decode ----------------------------------------------------------------------------------------------------
+#: (mode key, label) of ``bench-decode``'s two modes, in table and legend order
+DECODE_MODES = (("eager", "eager"), ("graph", "CUDA graph"))
+
+
+def _decode_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return sorted((doc.get("rows") or {}).values(), key=lambda r: (r["context"], r["batch"]))
+
+
+def _two(x: Any) -> str:
+    return f"{x:.2f}" if _num(x) else "—"
+
+
+def _decode_cell(r: Mapping[str, Any], mode: str) -> str:
+    """``step / loop`` ms per step (medians), or why the point has no number."""
+    e = r.get(mode)
+    if isinstance(e, Mapping):
+        return f"{_two(e.get('step_ms'))} / {_two(e.get('loop_ms'))}"
+    if mode in (r.get("unsupported") or {}):
+        return "unsupported"
+    return "failed" if mode in (r.get("errors") or {}) else "—"
+
+
+def decode_table(doc: Mapping[str, Any]) -> str:
+    """One row per (context, batch): experts touched, the floor, each mode's step and loop time, the graph's
+    throughput and its ratio to the floor, and whether its greedy tokens equal eager's."""
+    head = ["context", "batch", "experts / MoE layer (seen · random)", "floor ms (seen · random)",
+            *(f"{label} ms: step / loop" for _, label in DECODE_MODES), "graph tokens/s: step / loop",
+            "graph step / floor", "graph tokens = eager"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
+    for r in _decode_rows(doc):
+        g = r.get("graph") if isinstance(r.get("graph"), Mapping) else {}
+        expected = (r.get("floor_expected") or {}).get("floor_ms")
+        observed = (r.get("floor_observed") or {}).get("floor_ms")
+        one = lambda x: f"{x:.1f}" if _num(x) else "—"  # noqa: E731
+        same = {True: "yes", False: "**no**"}.get(r.get("tokens_equal"), "—")
+        rate = lambda k, g=g: f"{g[k]:.0f}" if _num(g.get(k)) else "—"  # noqa: E731
+        cells = [str(r["context"]), str(r["batch"]),
+                 f"{one(r.get('experts_observed'))} · {one(r.get('experts_expected'))}",
+                 f"{_two(observed)} · {_two(expected)}", *(_decode_cell(r, m) for m, _ in DECODE_MODES),
+                 f"{rate('step_tokens_per_s')} / {rate('tokens_per_s')}", times(g.get("x_floor")), same]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decode_findings(doc: Mapping[str, Any]) -> list[str]:
+    """The sentences under the decode table, every figure read from ``doc``."""
+    rows = _decode_rows(doc)
+    both = [r for r in rows if isinstance(r.get("eager"), Mapping) and isinstance(r.get("graph"), Mapping)]
+    graph = [r["graph"] for r in rows if isinstance(r.get("graph"), Mapping)]
+    lines: list[str] = []
+    if not doc.get("graphs", True):
+        lines.append("* **No CUDA graphs in this run**: the runner ran its eager fallback in the graph column, so the "
+                     "two columns measure the same thing twice.")
+    if both:
+        lines.append(f"* **Graph against eager** (eager ÷ graph): {span(r['graph_speedup_step'] for r in both)} in "
+                     f"device time per step, {span(r['graph_speedup_loop'] for r in both)} in loop time per step.")
+    if graph:
+        lines.append(f"* **Against the floor**: a graph step takes {span(g.get('x_floor') for g in graph)} the "
+                     f"floor of its own run, the whole loop {span(g.get('loop_x_floor') for g in graph)}.")
+        share = [g["host_ms"] / g["loop_ms"] for g in graph if _num(g.get("host_ms")) and _num(g.get("loop_ms"))]
+        lines.append(f"* **Host work of the loop** (argmax, the stop check and its host sync, the loop's Python; "
+                     f"the runner's input and logits copies count as step), loop − step with the graph: "
+                     f"{span((g.get('host_ms') for g in graph), _us)} per step, {span(share, _pct)} of the loop.")
+    checked = [r for r in rows if r.get("tokens_equal") is not None]
+    if checked:
+        bad = [r for r in checked if not r["tokens_equal"]]
+        runs = doc.get("runs")
+        lines.append(f"* **Greedy tokens**: the graph's equal eager's, token for token over {doc.get('steps')} steps "
+                     f"and {runs + 1 if isinstance(runs, int) else '?'} runs of each mode, at "
+                     f"{len(checked) - len(bad)} of {len(checked)} points"
+                     + ("." if not bad else "; they differ at " + ", ".join(
+                         f"batch {r['batch']} × {r['context']} (first at {r['first_mismatch']})" for r in bad) + "."))
+    seen = [(r["batch"], r["experts_observed"], r["experts_expected"]) for r in rows
+            if _num(r.get("experts_observed")) and _num(r.get("experts_expected"))]
+    if seen:
+        b, s, e = max(seen)
+        lines.append(f"* **Experts touched**: at batch {b} the run saw {s:.1f} distinct experts per MoE layer and "
+                     f"step, against {e:.1f} expected under uniform random routing (distinct prompts; routing "
+                     f"exponent {(doc.get('routing') or {}).get('exponent', 0)}).")
+    kv = [r for r in rows if _num((r.get("floor_observed") or r.get("floor_expected") or {}).get("kv_bytes"))]
+    if kv:
+        r = max(kv, key=lambda r: (r["context"], r["batch"]))
+        f = r.get("floor_observed") or r["floor_expected"]
+        lines.append(f"* **KV cache**: at batch {r['batch']} × {r['context']} tokens the attention must read "
+                     f"{_bytes(f['kv_bytes'])} a step, {_pct(f['kv_bytes'] / f['bytes'])} of the floor's bytes (one "
+                     "tensor on K-as-V layers, whose V is the raw K); the cache as stored, normed K and V on every "
+                     f"layer, makes it read {_bytes(f['kv_bytes_as_cached'])}.")
+    cap = {c: v.get("capture_s") for c, v in (doc.get("contexts_run") or {}).items()}
+    if any(_num(v) and v > 0 for v in cap.values()):
+        lines.append(f"* **Capture**: {span((v for v in cap.values()), lambda v: f'{v:.1f} s')} per context for "
+                     "the graphs of every batch size up to the largest.")
+    for key, what in (("unsupported", "not supported"), ("errors", "failed")):
+        msgs: dict[str, tuple[dict, dict]] = {}  # message -> (modes, points), in order of appearance
+        for r in rows:
+            for mode, msg in (r.get(key) or {}).items():
+                modes, points = msgs.setdefault(msg.splitlines()[0][:200], ({}, {}))
+                modes[mode] = points[f"{r['batch']}×{r['context']}"] = None
+        for msg, (modes, points) in msgs.items():
+            lines.append(f"* **{' and '.join(modes)} {what}** at batch × context {', '.join(points)} (recorded, not "
+                         f"timed): {msg}.")
+    lines.append("* **Like with like**: a serving engine's time per output token is measured at its client, with "
+                 "scheduling, detokenisation and streaming in it; the nearest number here is the loop time (in "
+                 "process, none of that work), and a step time is below both. Compare an engine's figure with the "
+                 "loop column and say that they are measured differently.")
+    return lines
+
+
+def _us(x: Any) -> str:
+    return f"{x * 1e3:.0f} µs" if _num(x) else "—"
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.0f} %" if _num(x) else "—"
+
+
+def _bytes(x: Any) -> str:
+    if not _num(x):
+        return "—"
+    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if x >= s), ("B", 1))
+    return f"{x / scale:.2f} {unit}"
+
+
+def decode_section(doc: Mapping[str, Any], png: str | None) -> str:
+    bw = doc.get("copy_bandwidth_Bps")
+    out = _head("Decode: eager and CUDA graph against the bytes a step must read (`python -m gemma4lab bench-decode`)",
+                "decode", png)
+    out += [f"{doc.get('preset', '?')}, {doc.get('layers', '?')} layers, {doc.get('dtype', '?')}, fused kernels: "
+            f"{doc.get('fusion', '?')}, random weights, "
+            f"greedy, distinct random prompts per sequence, {doc.get('steps', '?')} steps per run — "
+            f"{provenance(doc)}. Step: device time of the decode step alone (CUDA events around it); loop: wall time "
+            "per step of the generation loop, host work included. Every sequence gets one token a step, so ms per "
+            "step is each one's time per output token; tokens/s = batch / ms per step. Floor: the bytes a step must "
+            "read (non-expert weights, the distinct experts the batch touches — as seen in this run, and as expected "
+            "under random routing — and the KV cache its attention sees) over the copy bandwidth of the same run"
+            + (f" ({bw / 1e12:.2f} TB/s)" if _num(bw) else "") + " (`gemma4lab.lab.floors.decode_floor`). Cells: "
+            "medians over ≥ 3 runs (the results file has the spread).", "", decode_table(doc), "",
+            *decode_findings(doc)]
+    return "\n".join(out)
+
+
 # ---- the README section ----------------------------------------------------------------------------------------
 def _first(results: Path, kind: str) -> tuple[dict | None, str | None]:
     for path in sorted(results.glob(f"{kind}_*.json")):
@@ -422,6 +563,9 @@ def readme_results(results: Path) -> str:
     ker, ker_png = _first(results, "kernels")
     if ker:
         parts += [kernels_section(ker, ker_png), ""]
+    dec, dec_png = _first(results, "decode")
+    if dec:
+        parts += [decode_section(dec, dec_png), ""]
     att, att_png = _first(results, "attention")
     if att:
         parts += [attention_section(att, att_png), ""]

@@ -16,8 +16,9 @@ token is drawn roughly with probability ∝ ``r^-s``: ``s = 0`` is uniform, ``s 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -71,11 +72,11 @@ def skew_routing(model, exponent: float, calibration: Sequence[Tensor], *, seed:
             "logit_std_mean": sum(stds.values()) / len(stds)}
 
 
-@torch.no_grad()
-def routing_stats(model, prompts: Sequence[Tensor]) -> dict[str, float]:
-    """How the experts were loaded in one prefill of ``prompts``, averaged over MoE layers: ``experts_hit``
-    (distinct experts that received a token), ``max_over_mean_load`` (the busiest expert's routed rows over the
-    mean), and ``top8_share`` (share of routed rows that went to the 8 busiest experts)."""
+@contextlib.contextmanager
+def expert_loads(model) -> Iterator[list[Tensor]]:
+    """While the block runs, every MoE layer call of ``model`` appends its load: the rows routed to each expert
+    (``[num_experts]`` counts, on the host). A prefill gives one entry per MoE layer, a decode step another per
+    layer, so a caller can average over layers, steps or both. The hooks sync the host: never inside a timed run."""
     loads: list[Tensor] = []
     hooks = []
     for _, layer in _moe_layers(model):
@@ -85,13 +86,29 @@ def routing_stats(model, prompts: Sequence[Tensor]) -> dict[str, float]:
             loads.append(torch.bincount(args[1].reshape(-1).long(), minlength=n_exp).float().cpu())
         hooks.append(layer.experts.register_forward_pre_hook(hook))
     try:
-        model.prefill(list(prompts))
+        yield loads
     finally:
         for h in hooks:
             h.remove()
+
+
+def experts_hit(loads: Sequence[Tensor]) -> float:
+    """Distinct experts that received a row, averaged over the MoE layer calls of :func:`expert_loads`."""
+    if not loads:
+        raise ValueError("no MoE layer ran (the model has no MoE layers, or nothing was run)")
+    return sum(float((c > 0).sum()) for c in loads) / len(loads)
+
+
+@torch.no_grad()
+def routing_stats(model, prompts: Sequence[Tensor]) -> dict[str, float]:
+    """How the experts were loaded in one prefill of ``prompts``, averaged over MoE layers: ``experts_hit``
+    (distinct experts that received a token), ``max_over_mean_load`` (the busiest expert's routed rows over the
+    mean), and ``top8_share`` (share of routed rows that went to the 8 busiest experts)."""
+    with expert_loads(model) as loads:
+        model.prefill(list(prompts))
     if not loads:
         raise ValueError("the model has no MoE layers")
-    hit = sum(float((c > 0).sum()) for c in loads) / len(loads)
+    hit = experts_hit(loads)
     peak = sum(float(c.max() / c.mean()) for c in loads) / len(loads)
     top8 = sum(float(c.sort(descending=True).values[:8].sum() / c.sum()) for c in loads) / len(loads)
     return {"experts_hit": hit, "max_over_mean_load": peak, "top8_share": top8, "layers": len(loads)}

@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.profiling import idle_ms
-from gemma4lab.lab.report import FAMILY_LABELS, PREFILL_COLUMNS
+from gemma4lab.lab.report import DECODE_MODES, FAMILY_LABELS, PREFILL_COLUMNS
 
 __all__ = [
     "DECODER_LAYER_STAGES",
@@ -36,6 +36,7 @@ __all__ = [
     "plain_log_ticks",
     "plot_breakdown",
     "plot_decoder_layer",
+    "plot_decode",
     "plot_error_bars",
     "plot_error_histograms",
     "plot_families",
@@ -603,4 +604,53 @@ def plot_attention(rows: Sequence[Mapping[str, Any]], title: str, matmul_tflops:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=8)
+    return fig
+
+
+#: matplotlib colour of each ``bench-decode`` mode (labels: ``gemma4lab.lab.report.DECODE_MODES``)
+_DECODE_COLOR = {"eager": "C3", "graph": "C2"}
+
+
+def plot_decode(doc: Mapping[str, Any], label: str) -> Figure:
+    """``bench-decode``: one column per context, ms per step (top, log) and tokens/s (bottom) against batch, each mode's
+    step (solid) and loop (dashed) beside the floor with the experts seen (black) and expected (grey). Points the
+    runner could not run are simply absent; the report says why."""
+    rows = sorted((doc.get("rows") or {}).values(), key=lambda r: (r["context"], r["batch"]))
+    contexts = sorted({r["context"] for r in rows})
+    names = {m: name + ("" if m == "eager" or doc.get("graphs", True) else " (no CUDA: eager fallback)")
+             for m, name in DECODE_MODES}
+    fig = Figure(figsize=(4.2 * max(1, len(contexts)), 6.4))
+    axes = fig.subplots(2, max(1, len(contexts)), squeeze=False, sharex=True)
+    for j, ctx in enumerate(contexts):
+        mine = [r for r in rows if r["context"] == ctx]
+        top, bottom = axes[0][j], axes[1][j]
+        series = [(f"{name} {part}", [(r["batch"], r[mode][f"{part}_ms"]) for r in mine
+                                      if isinstance(r.get(mode), Mapping) and r[mode].get(f"{part}_ms")],
+                   f"{_DECODE_COLOR[mode]}o{'-' if part == 'step' else '--'}")
+                  for mode, name in names.items() for part in ("step", "loop")]
+        series += [(f"floor ({what})", [(r["batch"], r[f"floor_{key}"]["floor_ms"]) for r in mine
+                                        if isinstance(r.get(f"floor_{key}"), Mapping)], style)
+                   for key, what, style in (("observed", "experts seen", "k:"), ("expected", "random routing", "C7:"))]
+        for name, pts, style in series:
+            if pts:
+                top.plot(*zip(*pts), style, label=name)
+                bottom.plot([b for b, _ in pts], [b / v * 1e3 for b, v in pts], style, label=name)
+        top.set_title(f"context {ctx}", fontsize=9)
+        batches = [r["batch"] for r in mine]
+        top.set_yscale("log")  # eager, graph and floor differ by orders of magnitude at small batches
+        plain_log_ticks(top, "y")
+        bottom.set_ylim(bottom=0)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.grid(True, which="both", alpha=0.3)
+        bottom.set_xlabel("batch (sequences)")
+    axes[0][0].set_ylabel("ms per step (= per output token)")
+    axes[1][0].set_ylabel("tokens/s")
+    if rows:
+        axes[0][0].legend(fontsize=7)
+    else:
+        axes[0][0].text(0.5, 0.5, "no decode point recorded", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"Gemma 4 decode ({doc.get('preset', '?')}, {doc.get('layers', '?')} layers) — {label}", fontsize=9)
     return fig

@@ -156,3 +156,37 @@ def test_chunk_keys_from_the_cache_are_the_rules_prefix(tiny_text_config, window
             lo = Visibility.for_layer(cfg, cfg.is_sliding(layer)).key_start(s)
             want = torch.arange(lo, batch.positions[-1] + 1).float()
             assert torch.equal(keys[:, 0, 0], want) and torch.equal(values[:, 0, 0], -want), (s, layer)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("sliding", [True, False])
+def test_a_pack_of_chunks_keeps_prompts_apart(seed, sliding):
+    """The backends also take chunks of several prompts in one pack (each after its own cached keys): every form is
+    block-diagonal, prompt b's block being its unchunked rule's rows for the chunk (a key row of another prompt
+    must stay invisible, even where it sits on a query's own row index)."""
+    from gemma4lab.attention.backends import BACKENDS
+
+    window = 8
+    g = torch.Generator().manual_seed(seed)
+    cached = [int(x) for x in torch.randint(0, 3 * window, (3,), generator=g)]
+    lens = [int(x) for x in torch.randint(1, 2 * window, (3,), generator=g)]
+    rule = Visibility(window=window if sliding else None)
+    batch = PackedBatch.from_lengths(lens, cached=cached)
+    keys = batch.key_slices(rule.prefix_lens(cached))
+    n, n_keys = batch.num_tokens, keys[-1].stop
+    want = torch.zeros(n, n_keys, dtype=torch.bool)
+    for sl, ks, c, m in zip(batch.prompt_slices(), keys, cached, lens):
+        whole = rule.dense(c + m)
+        want[sl, ks] = whole[c:, rule.key_start(c):]
+    dense = torch.zeros_like(want)
+    for sl, (ks, mask) in zip(batch.prompt_slices(), BACKENDS["sdpa"].plan(batch, rule)):
+        dense[sl, ks] = mask
+    assert torch.equal(dense, want)
+    plan = BACKENDS["triton"].plan(batch, rule)
+    eye = torch.eye(n_keys, dtype=torch.float64)
+    q, k = torch.zeros(n, 1, n_keys, dtype=torch.float64), torch.zeros(n_keys, 1, n_keys, dtype=torch.float64)
+    probs = gemma_prefill_attention_ref(q, k, eye[:, None, :], plan["cu_seqlens"], window=plan["window"],
+                                        cu_seqlens_k=plan["cu_seqlens_k"])[:, 0]
+    assert torch.equal(probs > 0, want)
+    mod = BACKENDS["flex"].mask_mod(batch, rule, 128, 128 * (1 + n_keys // 128))
+    assert torch.equal(mod(0, 0, torch.arange(n)[:, None], torch.arange(n_keys)[None, :]), want)

@@ -181,7 +181,7 @@ class FlexBackend:
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan) -> Tensor:
         n = q.shape[0]
         pad = -(-n // 128) * 128 - n
-        pad_k = plan.seq_lengths[1] - k.shape[0] if plan is not None else pad
+        pad_k = plan.seq_lengths[1] - k.shape[0]  # the key rows the block mask covers
         if pad:
             q = F.pad(q, (0, 0, 0, 0, 0, pad))
         if pad_k:

@@ -32,6 +32,7 @@ class ImageSplitError(ValueError):
 
 
 def check_chunk_tokens(chunk_tokens: object) -> int:
+    """A clear error for a chunk size that would loop forever (0), split nothing sensibly (< 0) or is not a count."""
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int (tokens per chunk), got {chunk_tokens!r}")
     return chunk_tokens

@@ -90,14 +90,16 @@ def test_padding_garbage_never_reaches_real_tokens(model):
 
 
 def test_fallback_above_max_tokens_is_announced_once(model):
+    """A single prompt above the largest bucket is chunked (tests/test_chunked_prefill.py); several prompts above it
+    run eager, said once and counted every time."""
     runner = PiecewiseCudaGraphRunner(model, buckets=[8, 16], progress=False)
-    prompts = _prompts([20])
+    prompts = _prompts([11, 9])
     with pytest.warns(UserWarning, match="exceed the largest bucket"):
         out = runner.prefill(prompts)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         runner.prefill(prompts)  # second time: silent, but counted
-    assert runner.stats["eager_fallbacks"] == 2
+    assert runner.stats["eager_fallbacks"] == 2 and runner.stats["chunked_prefills"] == 0
     assert torch.equal(out, model.prefill(prompts))
 
 
@@ -197,9 +199,9 @@ def test_gpu_graphs_equal_eager_at_every_boundary(cuda_model):
         assert torch.equal(got, eager), n
     packed = [p.cuda() for p in _prompts([3, 17, 9], seed=1)]
     assert torch.equal(runner.prefill(packed), cuda_model.prefill(packed))
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="ran as chunks"):  # above the largest bucket: chunks of 64 tokens
         big = [p.cuda() for p in _prompts([70])]
-        assert torch.equal(runner.prefill(big), cuda_model.prefill(big))
+        assert torch.equal(runner.prefill(big), cuda_model.prefill(big, chunk_tokens=64))
 
 
 @pytest.mark.gpu

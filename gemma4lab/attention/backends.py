@@ -4,7 +4,9 @@ Gemma 4 needs three things most attention kernels lack at once: head dim 512 on 
 kernel exists for it), a sliding window of 1024 keys, and bidirectional attention inside each image on sliding
 layers only. Every backend computes the visibility rule of ``gemma4lab.attention.rule`` in its own form and offers
 one interface: ``plan(batch, rule, n_rows)`` once per forward and layer type, then ``prefill(q, k, v, batch, plan)``
-per layer (and ``decode(...)`` for one new token against the KV cache, where the backend has one):
+per layer (and ``decode(...)`` for one new token against the KV cache, where the backend has one). For a chunk of a
+longer prompt (``batch.cached``: chunked prefill) ``k``/``v`` hold, per prompt, the cached keys the rule still lets
+it see and then its own (``PackedBatch.key_slices``), so ``prefill`` gets more keys than queries:
 
 * ``"triton"`` (:class:`TritonBackend`): our FlashAttention-style kernels (``gemma4lab.kernels.prefill_attention``
   and ``decode_attention``); the rule becomes ``cu_seqlens``, one key end per row and the window. The GPU default.
@@ -48,15 +50,18 @@ class SdpaBackend:
 
     name = "sdpa"
 
-    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> list[Tensor]:
+    def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> list[tuple[slice, Tensor]]:
+        """Per prompt: its rows in the keys and the rule's dense mask over them."""
         dev = batch.positions.device
-        return [rule.dense(sl.stop - sl.start, batch.block_ids[sl] if batch.block_ids is not None else None, dev)
-                for sl in batch.prompt_slices()]
+        prefix = rule.prefix_lens(batch.cached)
+        return [(keys, rule.dense(sl.stop - sl.start, batch.block_ids[sl] if batch.block_ids is not None else None,
+                                  dev, prefix=p))
+                for sl, keys, p in zip(batch.prompt_slices(), batch.key_slices(prefix), prefix)]
 
-    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: list[Tensor]) -> Tensor:
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: list[tuple[slice, Tensor]]) -> Tensor:
         out = torch.empty_like(q)
-        for sl, mask in zip(batch.prompt_slices(), plan):
-            out[sl] = _sdpa(q[sl], k[sl], v[sl], attn_mask=mask)
+        for sl, (keys, mask) in zip(batch.prompt_slices(), plan):
+            out[sl] = _sdpa(q[sl], k[keys], v[keys], attn_mask=mask)
         return out
 
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, slot_pos: Tensor | None,
@@ -82,8 +87,10 @@ class CausalBackend:
 
     @staticmethod
     def covers(batch: PackedBatch, rule: Visibility) -> bool:
+        """No image on a bidirectional layer, no prompt past the window, no cached keys (``is_causal`` aligns the
+        mask top-left, a chunk's queries are its keys' last rows)."""
         images = rule.image_blocks and batch.block_ids is not None
-        return not images and (rule.window is None or max(batch.seq_lens) <= rule.window)
+        return not images and not batch.chunked and (rule.window is None or max(batch.seq_lens) <= rule.window)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: None) -> Tensor:
         # K/V heads repeated explicitly on CUDA: with enable_gqa=True PyTorch 2.11 routes to the fp32 math kernel
@@ -123,36 +130,62 @@ def _flex():
 
 
 class FlexBackend:
-    """One FlexAttention call per layer for the whole pack; the rule as a ``mask_mod`` (padding rows past the real
-    tokens see only themselves). Head 512 needs small tiles to fit shared memory."""
+    """One FlexAttention call per layer for the whole pack; the rule as a ``mask_mod`` over the query rows and the
+    key rows (the same rows, unless chunks bring cached keys); padding query rows see only their own key row. Head
+    512 needs small tiles to fit shared memory."""
 
     name = "flex"
 
     def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        n = batch.num_tokens
-        rows = -(-(n_rows or n) // 128) * 128  # FlexAttention works on 128-row tiles
-        dev = batch.positions.device
-        doc = torch.full((rows,), -1, dtype=torch.int32, device=dev)
-        doc[:n] = batch.doc_ids
-        pos = torch.zeros(rows, dtype=torch.int64, device=dev)
-        pos[:n] = batch.positions
-        blk = torch.full((rows,), -1, dtype=torch.int64, device=dev)
-        if batch.block_ids is not None:
-            blk[:n] = batch.block_ids
+        n_keys = batch.num_tokens + sum(rule.prefix_lens(batch.cached))
+        rows = -(-(n_rows or batch.num_tokens) // 128) * 128  # FlexAttention works on 128-row tiles
+        cols = max(rows, -(-n_keys // 128) * 128)
+        _raise_recompile_limit()
+        return create_block_mask(self.mask_mod(batch, rule, rows, cols), None, None, rows, cols,
+                                 device=batch.positions.device, _compile=True)
+
+    @staticmethod
+    def mask_mod(batch: PackedBatch, rule: Visibility, rows: int, cols: int):
+        """The rule as a ``mask_mod`` over ``rows`` query rows and ``cols`` key rows (both padded): per prompt its
+        cached keys (text, at the positions before it), then its own rows. A padding query row sees its own key row,
+        so its softmax stays finite."""
+        n, dev = batch.num_tokens, batch.positions.device
+
+        def padded(t: Tensor, size: int, fill: int) -> Tensor:
+            out = torch.full((size,), fill, dtype=t.dtype, device=dev)
+            out[: t.numel()] = t
+            return out
+
+        blocks = (batch.block_ids if batch.block_ids is not None else torch.full((n,), -1, device=dev)).long()
+        doc, pos, blk = padded(batch.doc_ids, rows, -1), padded(batch.positions, rows, 0), padded(blocks, rows, -1)
+        k_doc, k_pos, k_blk = doc, pos, blk
+        chunked = batch.chunked
+        if chunked:
+            k_doc, k_pos, k_blk = [], [], []
+            prefix = rule.prefix_lens(batch.cached)
+            for b, (sl, p, c) in enumerate(zip(batch.prompt_slices(), prefix, batch.cached)):
+                k_doc.append(torch.full((p + sl.stop - sl.start,), b, dtype=doc.dtype, device=dev))
+                k_pos += [torch.arange(c - p, c, device=dev), batch.positions[sl]]
+                k_blk += [torch.full((p,), -1, dtype=torch.long, device=dev), blocks[sl]]
+            k_doc, k_pos, k_blk = (padded(torch.cat(t), cols, f) for t, f in ((k_doc, -1), (k_pos, 0), (k_blk, -1)))
 
         def mask_mod(b, h, qi, ki):
-            return rule.visible(pos[qi], pos[ki], doc[qi], doc[ki], blk[qi], blk[ki]) | (qi == ki)
+            # without cached keys a real row's own key row is visible anyway; with them, key rows are shifted
+            own = ((qi == ki) & (qi >= n)) if chunked else (qi == ki)
+            return rule.visible(pos[qi], k_pos[ki], doc[qi], k_doc[ki], blk[qi], k_blk[ki]) | own
 
-        _raise_recompile_limit()
-        return create_block_mask(mask_mod, None, None, rows, rows, device=dev, _compile=True)
+        return mask_mod
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan) -> Tensor:
         n = q.shape[0]
         pad = -(-n // 128) * 128 - n
+        pad_k = plan.seq_lengths[1] - k.shape[0]  # the key rows the block mask covers
         if pad:
-            q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+            q = F.pad(q, (0, 0, 0, 0, 0, pad))
+        if pad_k:
+            k, v = (F.pad(t, (0, 0, 0, 0, 0, pad_k)) for t in (k, v))
         opts = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1} if q.shape[-1] > 256 else None
         o = _flex()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=plan,
                     scale=1.0, enable_gqa=q.shape[1] != k.shape[1], kernel_options=opts)
@@ -168,14 +201,22 @@ class TritonBackend:
     def plan(self, batch: PackedBatch, rule: Visibility, n_rows: int | None = None) -> dict[str, Any]:
         dev = batch.positions.device
         cu = torch.tensor([0, *batch.seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        return {"cu_seqlens": cu, "key_end": rule.key_end(batch.block_ids), "window": rule.window,
+        key_end, cu_k = rule.key_end(batch.block_ids), None
+        if batch.chunked:  # each prompt's keys: its cached prefix, then its rows; key_end counts in key rows
+            keys = batch.key_slices(rule.prefix_lens(batch.cached))
+            cu_k = torch.tensor([0] + [sl.stop for sl in keys], dtype=torch.int32).to(dev)
+            if key_end is not None:  # query row r of prompt b is key row r + (its keys' end - its rows' end)
+                shift = [sl.stop - rows.stop for sl, rows in zip(keys, batch.prompt_slices())]
+                key_end = key_end + torch.tensor(shift, dtype=torch.int32).repeat_interleave(
+                    torch.tensor(batch.seq_lens)).to(dev)
+        return {"cu_seqlens": cu, "cu_seqlens_k": cu_k, "key_end": key_end, "window": rule.window,
                 "max_seqlen": max(batch.seq_lens)}
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch, plan: dict[str, Any]) -> Tensor:
         from gemma4lab.kernels import gemma_prefill_attention
 
         return gemma_prefill_attention(q, k, v, plan["cu_seqlens"], plan["max_seqlen"], window=plan["window"],
-                                       key_end=plan["key_end"])
+                                       key_end=plan["key_end"], cu_seqlens_k=plan["cu_seqlens_k"])
 
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, slot_pos: Tensor | None,
                rule: Visibility) -> Tensor:

@@ -12,15 +12,28 @@ from torch import Tensor
 class PackedBatch:
     """Where each prompt lives inside the packed rows.
 
-    ``seq_lens`` stays on the host (it decides Python-level loops and shapes); everything else is on the device.
-    ``block_ids`` marks image soft tokens: -1 for text, otherwise an id unique within the pack, so that tokens
-    of one image attend to each other bidirectionally on sliding layers.
+    ``seq_lens`` and ``cached`` stay on the host (they decide Python-level loops and shapes); everything else is on
+    the device. ``block_ids`` marks image soft tokens: -1 for text, otherwise an id unique within the pack, so that
+    tokens of one image attend to each other bidirectionally on sliding layers. ``cached[b]`` > 0 makes prompt b's
+    rows a *chunk* (chunked prefill): they continue its earlier ``cached[b]`` tokens, whose keys are in the KV cache.
     """
 
     seq_lens: list[int]
-    positions: Tensor  # [N] int64, 0-based position inside its prompt
+    positions: Tensor  # [N] int64, position inside its prompt (from cached[b] on)
     doc_ids: Tensor  # [N] int32, which prompt a row belongs to
     block_ids: Tensor | None = None  # [N] int64, image block id or -1
+    cached: list[int] | None = None  # tokens of each prompt before its rows (in the KV cache); None: all 0
+
+    def __post_init__(self) -> None:
+        if self.cached is None:
+            self.cached = [0] * len(self.seq_lens)
+        if len(self.cached) != len(self.seq_lens) or any(c < 0 for c in self.cached):
+            raise ValueError(f"cached must give a count >= 0 per prompt, got {self.cached} for {self.seq_lens}")
+
+    @property
+    def chunked(self) -> bool:
+        """Some prompt continues earlier tokens: its attention needs their keys from the KV cache."""
+        return any(self.cached)
 
     @property
     def num_tokens(self) -> int:
@@ -39,15 +52,42 @@ class PackedBatch:
             start += n
         return out
 
+    def key_slices(self, prefix_lens: list[int]) -> list[slice]:
+        """Each prompt's rows in the keys its queries attend to: ``prefix_lens[b]`` cached keys, then its own rows
+        (the layout ``KVCache.with_prefix`` builds and the backends read; the prompt's rows when nothing is cached)."""
+        out, start = [], 0
+        for p, n in zip(prefix_lens, self.seq_lens):
+            out.append(slice(start, start + p + n))
+            start += p + n
+        return out
+
+    def chunk(self, start: int, end: int) -> PackedBatch:
+        """Rows ``[start, end)`` of a one-prompt batch as a chunk of its own: the rows before it are cached. Image
+        block ids (increasing along the rows) are renumbered from 0, as a pack of the chunk alone would number them."""
+        if len(self.seq_lens) != 1 or self.cached[0]:
+            raise ValueError("only a whole single prompt splits into chunks")
+        if not 0 <= start < end <= self.num_tokens:
+            raise ValueError(f"chunk [{start}, {end}) is not inside the prompt's {self.num_tokens} tokens")
+        blocks = None
+        if self.block_ids is not None:
+            blocks = self.block_ids[start:end]
+            first = torch.where(blocks >= 0, blocks, blocks.new_full((), 1 << 62)).min()  # device op, no sync
+            blocks = torch.where(blocks >= 0, blocks - first, -1)
+        return PackedBatch([end - start], self.positions[start:end], self.doc_ids[start:end], blocks, [start])
+
     @classmethod
     def from_lengths(
-        cls, seq_lens: list[int], device: torch.device | str = "cpu", block_ids: Tensor | None = None
+        cls, seq_lens: list[int], device: torch.device | str = "cpu", block_ids: Tensor | None = None,
+        cached: list[int] | None = None,
     ) -> PackedBatch:
         if not seq_lens or any(n <= 0 for n in seq_lens):
             raise ValueError(f"every prompt needs at least one token, got lengths {seq_lens}")
-        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(device)
+        cached = list(cached) if cached is not None else [0] * len(seq_lens)
+        if len(cached) != len(seq_lens):
+            raise ValueError(f"cached must give a count per prompt, got {cached} for {seq_lens}")
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, seq_lens)]).to(device)
         doc_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(seq_lens)]).to(device)
-        return cls(list(seq_lens), positions, doc_ids, block_ids)
+        return cls(list(seq_lens), positions, doc_ids, block_ids, cached)
 
 
 def image_block_ids(mm_token_type_ids: Tensor) -> Tensor:

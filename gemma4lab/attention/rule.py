@@ -11,6 +11,10 @@ elsewhere. The predicates below are small functions of index tensors, composable
 from here: the dense masks of the SDPA reference, Flex's block mask, the Triton kernel's per-row key ends (plus its
 window), the decode kernels' and the KV cache's view of a ring of slots. ``tests/test_mask_rule.py`` checks every
 derived form against :meth:`Visibility.visible` on random packed batches with images straddling the window.
+
+Positions are absolute within a prompt and the rule depends only on their differences, so a *chunk* of a prompt
+(chunked prefill: queries at positions ``[s, s + n)`` against the keys cached by the earlier chunks) needs no other
+rule: :meth:`Visibility.key_start` says how far back its keys reach, and the derived forms take that ``prefix``.
 """
 
 from __future__ import annotations
@@ -68,13 +72,28 @@ class Visibility:
             ok = ok & same_prompt(q_doc, k_doc)
         return ok
 
+    # ---- chunks of a prompt ----------------------------------------------------------------------------------
+    def key_start(self, start: int) -> int:
+        """The first position that queries at ``start`` or later can see: 0, or on a sliding layer ``window - 1``
+        back (an image block is held to the window too). A chunk starting at ``start`` needs the keys from here."""
+        return 0 if self.window is None else max(0, start - self.window + 1)
+
+    def prefix_lens(self, cached: list[int]) -> list[int]:
+        """For chunks that start after ``cached[b]`` earlier tokens: how many of those tokens' keys each still sees
+        (the keys a backend gets before the chunk's own, see ``PackedBatch.key_slices``)."""
+        return [c - self.key_start(c) for c in cached]
+
     # ---- derived forms ----------------------------------------------------------------------------------------
-    def dense(self, n: int, block_ids: Tensor | None = None, device: torch.device | str = "cpu") -> Tensor:
-        """Boolean ``[n, n]`` mask of one prompt of ``n`` tokens (True = attend): the SDPA reference's form."""
-        pos = torch.arange(n, device=device)
+    def dense(self, n: int, block_ids: Tensor | None = None, device: torch.device | str = "cpu",
+              prefix: int = 0) -> Tensor:
+        """Boolean ``[n, prefix + n]`` mask of ``n`` tokens of one prompt (True = attend), the SDPA reference's form.
+        With ``prefix``, the queries are the last ``n`` of ``prefix + n`` consecutive keys (a chunk after cached keys,
+        which count as text: an image never straddles a chunk boundary, see ``runtime.chunked.chunk_bounds``)."""
+        pos = torch.arange(prefix + n, device=device)
         blk = block_ids.to(device) if block_ids is not None else None
-        return self.visible(pos[:, None], pos[None, :], q_block=None if blk is None else blk[:, None],
-                            k_block=None if blk is None else blk[None, :])
+        k_blk = None if blk is None else torch.cat([torch.full((prefix,), -1, dtype=blk.dtype, device=device), blk])
+        return self.visible(pos[prefix:, None], pos[None, :], q_block=None if blk is None else blk[:, None],
+                            k_block=None if blk is None else k_blk[None, :])
 
     def key_end(self, block_ids: Tensor | None) -> Tensor | None:
         """The Triton kernel's form: for each packed row the exclusive end of its visible keys (the start is the

@@ -11,15 +11,21 @@ One program computes a ``BLOCK_M``-row tile of queries of one prompt for one que
   Gemma 4 normalises q and k instead of dividing by √d.
 * **GQA** by index: query head ``h`` reads KV head ``h // (Hq / Hkv)``; K/V are never repeated in memory.
 * **packed prompts**: ``cu_seqlens`` (int32, ``[B + 1]``) bounds every key range, so prompts never see each other.
-* **one integer per row describes every mask**: ``key_end[r]`` is the exclusive end of the keys row ``r`` may see
-  (``r + 1`` for text, the end of its image for an image soft token on a sliding layer: bidirectional inside the
-  image). With a window ``W`` (sliding layers) a key must also satisfy ``key > r - W``. Keys outside
-  ``[max(start, q_lo - W + 1), max key_end of the tile)`` are never visited, so fully masked tiles cost nothing.
+* **chunks after cached keys** (chunked prefill): with ``cu_seqlens_k`` a prompt's keys are their own packed range
+  and its queries are the *last* rows of it (FlashAttention's bottom-right alignment): query row ``r`` is key row
+  ``r + shift``, ``shift = k_end - q_end``. Every mask below works in key rows, so the masked-tile logic is the same
+  code with or without a cached prefix (``shift = 0`` without).
+* **one integer per row describes every mask**: ``key_end[r]`` is the exclusive end (a key row) of the keys row
+  ``r`` may see (``r + shift + 1`` for text, the end of its image for an image soft token on a sliding layer:
+  bidirectional inside the image). With a window ``W`` (sliding layers) a key must also satisfy
+  ``key > r + shift - W``. Keys outside ``[max(start, q_lo + shift - W + 1), max key_end of the tile)`` are never
+  visited, so fully masked tiles cost nothing.
 * **three key segments per tile**: the window edge (masked), the interior (every key visible to every row of the
   tile: no mask arithmetic at all) and the diagonal / image tail (masked).
 
-Layouts: ``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]``, any token and head strides (the projections' views), unit
-stride along ``D``. fp32 inputs use IEEE fp32 dots (no TF32) so the fp32 model keeps its 1e-5 parity.
+Layouts: ``q`` ``[N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` (``[keys, Hkv, D]`` with ``cu_seqlens_k``), any token and
+head strides (the projections' views), unit stride along ``D``. fp32 inputs use IEEE fp32 dots (no TF32) so the fp32
+model keeps its 1e-5 parity.
 """
 
 from __future__ import annotations
@@ -121,9 +127,9 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, key_end_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, cuk_ptr, key_end_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    window, n_tiles, n_rows,
+    window, n_tiles, n_rows, n_keys,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr,
     IEEE: tl.constexpr,
@@ -140,25 +146,31 @@ def _prefill_attention_kernel(
     q_lo = p_start + tile * BLOCK_M
     if q_lo >= p_end:
         return
+    # The prompt's keys [k_start, k_end) end with its queries' own: query row r is key row r + shift.
+    k_end = tl.minimum(tl.maximum(tl.load(cuk_ptr + b + 1), 0), n_keys)
+    k_start = tl.minimum(tl.maximum(tl.load(cuk_ptr + b), 0), k_end)
+    shift = k_end - p_end
     q_last = tl.minimum(q_lo + BLOCK_M, p_end) - 1
     rows = q_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < p_end
     rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    k_lo = q_lo + shift  # the key rows of the tile's first and last query
+    k_last = q_last + shift
     if HAS_KEY_END:
         key_end = tl.load(key_end_ptr + rows, mask=row_ok, other=0)
-        kv_hi = tl.minimum(tl.max(key_end, 0), p_end)  # never past the prompt's last row
+        kv_hi = tl.minimum(tl.max(key_end, 0), k_end)  # never past the prompt's last key
     else:
-        key_end = rows + 1
-        kv_hi = q_last + 1
-    kv_lo = p_start
-    interior_lo = p_start
+        key_end = rows + shift + 1
+        kv_hi = k_last + 1
+    kv_lo = k_start
+    interior_lo = k_start
     if SLIDING:
-        kv_lo = tl.maximum(p_start, q_lo - window + 1)
-        interior_lo = tl.maximum(p_start, q_last - window + 1)
-    # Every key in [interior_lo, q_lo] is visible to every row of the tile; keep whole tiles of it unmasked.
-    n_interior = tl.maximum(q_lo + 1 - interior_lo, 0) // BLOCK_N * BLOCK_N
+        kv_lo = tl.maximum(k_start, k_lo - window + 1)
+        interior_lo = tl.maximum(k_start, k_last - window + 1)
+    # Every key in [interior_lo, k_lo] is visible to every row of the tile; keep whole tiles of it unmasked.
+    n_interior = tl.maximum(k_lo + 1 - interior_lo, 0) // BLOCK_N * BLOCK_N
     interior_hi = interior_lo + n_interior
 
     kvh = h // GROUP
@@ -171,14 +183,15 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    krows = rows + shift
     if SLIDING:  # the window's edge
-        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+        acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, krows, key_end,
                                      kv_lo, interior_lo, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, True,
                                      SLIDING, IEEE)
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, krows, key_end,
                                  interior_lo, interior_hi, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, False,
                                  SLIDING, IEEE)
-    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end,
+    acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, krows, key_end,
                                  interior_hi, kv_hi, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, True,
                                  SLIDING, IEEE)
     out = acc / l_i[:, None]
@@ -188,7 +201,7 @@ def _prefill_attention_kernel(
 
 
 # ---- wrapper ---------------------------------------------------------------------------------------------------
-def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
+def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out, cu_seqlens_k=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -203,9 +216,13 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
         raise ValueError(f"q, k, v and cu_seqlens must be on one device, got {q.device}, {k.device}, {v.device}, "
                          f"{cu_seqlens.device}")
     n, hq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != n or k.shape[2] != d:
+    if cu_seqlens_k is None and (k.shape != v.shape or k.shape[0] != n or k.shape[2] != d):
         raise ValueError(f"k and v must be [{n}, Hkv, {d}] like q's tokens and head_dim, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[2] != d:
+        raise ValueError(f"k and v must be [keys, Hkv, {d}] with q's head_dim, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    n_keys = k.shape[0]
     if hq % k.shape[1]:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[1]})")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -214,6 +231,12 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [num_prompts + 1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens_k is not None:
+        if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.shape != cu_seqlens.shape or \
+                cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.device != q.device:
+            raise ValueError(f"cu_seqlens_k must be an int32 tensor shaped like cu_seqlens {tuple(cu_seqlens.shape)} "
+                             f"on {q.device}, got {getattr(cu_seqlens_k, 'dtype', type(cu_seqlens_k))} "
+                             f"{tuple(getattr(cu_seqlens_k, 'shape', ()))}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int (the longest prompt), got {max_seqlen!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
@@ -230,10 +253,17 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
             raise ValueError(f"cu_seqlens must rise from 0 to the token count {n} without decreasing, got {cu}")
         if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest prompt in cu_seqlens ({cu})")
+        if cu_seqlens_k is not None:
+            cuk = cu_seqlens_k.tolist()
+            if cuk[0] != 0 or cuk[-1] != n_keys or any(kb - ka < qb - qa for qa, qb, ka, kb in
+                                                       zip(cu, cu[1:], cuk, cuk[1:])):
+                raise ValueError(f"cu_seqlens_k must rise from 0 to the key count {n_keys}, each prompt holding at "
+                                 f"least as many keys as queries (its queries are its last keys), got {cuk} for "
+                                 f"cu_seqlens {cu}")
         if key_end is not None and key_end.numel():
             lo, hi = int(key_end.min()), int(key_end.max())
-            if lo < 0 or hi > n:
-                raise ValueError(f"key_end values must lie in [0, {n}], got [{lo}, {hi}]")
+            if lo < 0 or hi > n_keys:
+                raise ValueError(f"key_end values must lie in [0, {n_keys}], got [{lo}, {hi}]")
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or \
                 out.device != q.device or out.stride(2) != 1:
@@ -241,7 +271,8 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out) -> None:
                              "head_dim")
 
 
-def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o, config: AttentionConfig | None):
+def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o, config: AttentionConfig | None,
+            cu_seqlens_k=None):
     n, hq, d = q.shape
     cfg = config or attention_config(d, q.dtype, window is not None)
     block_d = triton.next_power_of_2(d)
@@ -249,9 +280,10 @@ def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o
         raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")
     n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
     _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, cu_seqlens.numel() - 1)](
-        q, k, v, o, cu_seqlens, key_end if key_end is not None else cu_seqlens,
+        q, k, v, o, cu_seqlens, cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens,
+        key_end if key_end is not None else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        window or 0, n_tiles, n,
+        window or 0, n_tiles, n, k.shape[0],
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -259,61 +291,70 @@ def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-            window: int, key_end: torch.Tensor | None, out: torch.Tensor) -> None:
-    _launch(q, k, v, cu_seqlens, max_seqlen, window or None, key_end, out, None)
+            window: int, key_end: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, out: torch.Tensor) -> None:
+    _launch(q, k, v, cu_seqlens, max_seqlen, window or None, key_end, out, None, cu_seqlens_k)
 
 
 def _torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-           window: int, key_end: torch.Tensor | None, out: torch.Tensor) -> None:
-    gemma_prefill_attention_ref(q, k, v, cu_seqlens, window=window or None, key_end=key_end, out=out)
+           window: int, key_end: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, out: torch.Tensor) -> None:
+    gemma_prefill_attention_ref(q, k, v, cu_seqlens, window=window or None, key_end=key_end, out=out,
+                                cu_seqlens_k=cu_seqlens_k)
 
 
 # window 0 = a full layer (no window); max_seqlen is a SymInt so that torch.compile keeps prompt lengths dynamic
 op = register("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, int window, "
-              "Tensor? key_end, Tensor(a!) out) -> ()", _triton, _torch)
+              "Tensor? key_end, Tensor? cu_seqlens_k, Tensor(a!) out) -> ()", _triton, _torch)
 
 
 def gemma_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             max_seqlen: int, *, window: int | None = None, key_end: torch.Tensor | None = None,
-                            out: torch.Tensor | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+                            cu_seqlens_k: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                            config: AttentionConfig | None = None) -> torch.Tensor:
     """Attention of packed prompts, scale 1.0: ``q [N, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` → ``[N, Hq, D]``.
 
     ``cu_seqlens`` int32 ``[B + 1]`` (prompt b is rows ``cu[b]:cu[b+1]``), ``max_seqlen`` the longest prompt (a host
     int: it sizes the grid), ``window`` the sliding window (keys ``> row - window``; None on full layers),
     ``key_end`` int32 ``[N]`` the exclusive end of each row's visible keys (default ``row + 1``: causal; see
-    ``gemma4lab.attention.Visibility.key_end`` for image blocks). ``cu_seqlens`` and ``key_end`` are checked by
-    value when they are on the host; on a GPU the kernel clamps them to the rows that exist.
+    ``gemma4lab.attention.Visibility.key_end`` for image blocks). ``cu_seqlens_k`` (chunked prefill) gives the
+    prompts' key rows separately, ``k``/``v`` ``[keys, Hkv, D]``: prompt b's queries are the *last* rows of its keys
+    ``cu_k[b]:cu_k[b+1]`` (the keys before them were cached by earlier chunks), and ``key_end`` counts in key rows.
+    ``cu_seqlens(_k)`` and ``key_end`` are checked by value when they are on the host; on a GPU the kernel clamps
+    them to the rows that exist.
     """
-    _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out)
+    _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out, cu_seqlens_k)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if q.shape[0] == 0:
         return o
     if config is not None:
-        _launch(q, k, v, cu_seqlens, max_seqlen, window, key_end, o, config)
+        _launch(q, k, v, cu_seqlens, max_seqlen, window, key_end, o, config, cu_seqlens_k)
     else:
-        op(q, k, v, cu_seqlens, max_seqlen, window or 0, key_end, o)
+        op(q, k, v, cu_seqlens, max_seqlen, window or 0, key_end, cu_seqlens_k, o)
     return o
 
 
 def gemma_prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                                 window: int | None = None, key_end: torch.Tensor | None = None,
-                                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-torch twin: an explicit mask per prompt, softmax in fp32 (fp64 for fp64 inputs)."""
+                                out: torch.Tensor | None = None,
+                                cu_seqlens_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch twin: an explicit mask per prompt (in key rows, the queries being each prompt's last keys),
+    softmax in fp32 (fp64 for fp64 inputs)."""
     ct = compute_dtype(q)
     bounds = cu_seqlens.tolist()
+    k_bounds = cu_seqlens_k.tolist() if cu_seqlens_k is not None else bounds
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     rep = q.shape[1] // k.shape[1]
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e, ks, ke in zip(bounds[:-1], bounds[1:], k_bounds[:-1], k_bounds[1:]):
         if e == s:
             continue
-        rows = torch.arange(s, e, device=q.device)
+        rows = torch.arange(s, e, device=q.device) + (ke - e)  # each query's own key row
+        cols = torch.arange(ks, ke, device=q.device)
         ends = key_end[s:e].long() if key_end is not None else rows + 1
-        visible = rows[None, :] < ends[:, None]
+        visible = cols[None, :] < ends[:, None]
         if window is not None:
-            visible &= rows[None, :] > rows[:, None] - window
+            visible &= cols[None, :] > rows[:, None] - window
         qq = q[s:e].to(ct).transpose(0, 1)
-        kk = k[s:e].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
-        vv = v[s:e].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
+        kk = k[ks:ke].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
+        vv = v[ks:ke].to(ct).repeat_interleave(rep, dim=1).transpose(0, 1)
         scores = (qq @ kk.transpose(1, 2)).masked_fill(~visible, float("-inf"))
         o[s:e] = (scores.softmax(-1) @ vv).transpose(0, 1).to(q.dtype)
     return o

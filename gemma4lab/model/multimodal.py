@@ -191,12 +191,19 @@ class Gemma4ForConditionalGeneration(nn.Module):
         *,
         all_logits: bool = False,
         cache=None,
+        chunk_tokens: int | None = None,
     ) -> Tensor:
         """Packed prefill of several prompts of different lengths in one forward.
 
         Returns the logits of each prompt's last token [num_prompts, vocab], or of every token [N, vocab].
-        Images (if any) belong to the prompts in order of their placeholders.
+        Images (if any) belong to the prompts in order of their placeholders. ``chunk_tokens``: run one prompt as
+        chunks of at most that many tokens over the KV cache (``gemma4lab.runtime.chunked``).
         """
+        if chunk_tokens is not None:
+            from gemma4lab.runtime.chunked import chunked_prefill
+
+            return chunked_prefill(self, prompts, pixel_values, image_position_ids, mm_token_type_ids,
+                                   chunk_tokens=chunk_tokens, all_logits=all_logits, cache=cache)
         ids, batch = self.pack_prompts(prompts, mm_token_type_ids)
         embeds = self.embed_inputs(ids, pixel_values, image_position_ids)
         lm = self.language_model

@@ -104,6 +104,9 @@ class TextModel(nn.Module):
         """Per-forward attention plan: for each layer type, the backend (``triton``: our kernel, the GPU default;
         ``flex``, which plans plain ``causal`` SDPA for short text prompts; ``sdpa`` with dense masks, the CPU
         reference) and its form of the mask rule for this batch. ``n_rows``: rows including padding (Flex tiles)."""
+        if batch.chunked and cache is None:
+            raise ValueError("a chunk of a prompt (batch.cached > 0) attends to the earlier chunks' keys, which live "
+                             "in the KV cache: pass the cache they filled")
         ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
         name = backend or self.backend_for(batch.positions.device)
         for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
@@ -113,13 +116,16 @@ class TextModel(nn.Module):
         return ctx
 
     def attend(self, i: int, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
-        """Attention of layer ``i`` over the real tokens only (rows past ``batch.num_tokens`` are padding)."""
+        """Attention of layer ``i`` over the real tokens only (rows past ``batch.num_tokens`` are padding); a chunk
+        of a longer prompt also attends to the earlier chunks' keys, read from the cache before its own are written."""
         n = ctx.batch.num_tokens
         q, k, v = q[:n], k[:n], v[:n]
+        keys, values = k, v
         if ctx.cache is not None:
+            keys, values = ctx.cache.with_prefix(i, k, v, ctx.batch)
             ctx.cache.fill(i, k, v, ctx.batch)
         backend, plan = ctx.plans[self.layers[i].self_attn.sliding]
-        return backend.prefill(q, k, v, ctx.batch, plan)
+        return backend.prefill(q, keys, values, ctx.batch, plan)
 
     # ---- forward --------------------------------------------------------------------------------------------------
     def forward_embeds(self, embeds: Tensor, ctx: ForwardContext) -> Tensor:

@@ -1,6 +1,8 @@
 """The static KV cache: every buffer allocated once for ``batch_size × max_len``; decode writes into it by index with
 device-side positions, which is what lets a decode step be captured in a CUDA graph. Sliding layers keep a ring of
-``sliding_window`` slots, not the whole history.
+``sliding_window`` slots, not the whole history. A chunked prefill fills it chunk by chunk: each chunk first reads
+the keys of the earlier chunks that it still sees (:meth:`KVCache.with_prefix`), then writes its own
+(:meth:`KVCache.fill`), so decode afterwards finds the same cache an unchunked prefill leaves.
 """
 
 from __future__ import annotations
@@ -38,26 +40,53 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     # ---- prefill ---------------------------------------------------------------------------------------------------
-    def fill(self, layer: int, k: Tensor, v: Tensor, batch: PackedBatch) -> None:
-        """Write a packed prefill's K/V ([N, Hkv, D]) for each prompt, slot b = prompt b."""
+    def check_fits(self, batch: PackedBatch) -> None:
+        """A clear error before anything is written: every prompt (with its cached tokens) must fit."""
         if len(batch.seq_lens) > self.batch_size:
             raise ValueError(f"{len(batch.seq_lens)} prompts do not fit a KV cache of batch size {self.batch_size}")
+        for b, (c, n) in enumerate(zip(batch.cached, batch.seq_lens)):
+            if c + n > self.max_len:
+                raise ValueError(f"prompt {b} reaches {c + n} tokens but the KV cache holds {self.max_len}")
+
+    def fill(self, layer: int, k: Tensor, v: Tensor, batch: PackedBatch) -> None:
+        """Write a packed prefill's K/V ([N, Hkv, D]) for each prompt, slot b = prompt b, at positions
+        ``batch.cached[b]`` on (a chunk continues its prompt; a prompt that starts at 0 clears its ring first)."""
+        self.check_fits(batch)
         sliding = self.cfg.is_sliding(layer)
-        for b, (n, rows) in enumerate(zip(batch.seq_lens, batch.prompt_slices())):
-            if n > self.max_len:
-                raise ValueError(f"prompt {b} has {n} tokens but the KV cache holds {self.max_len}")
+        for b, (n, rows, c) in enumerate(zip(batch.seq_lens, batch.prompt_slices(), batch.cached)):
             kb, vb = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            end = c + n
             if sliding:
                 keep = min(n, self.window)
-                slots = torch.arange(n - keep, n, device=k.device) % self.window
-                self.k[layer][b][:, slots] = kb[:, n - keep:]
-                self.v[layer][b][:, slots] = vb[:, n - keep:]
+                pos = torch.arange(end - keep, end, device=k.device)
+                self.k[layer][b][:, pos % self.window] = kb[:, n - keep:]
+                self.v[layer][b][:, pos % self.window] = vb[:, n - keep:]
                 if layer == self.first_sliding:
-                    self.slot_pos[b].fill_(-1)
-                    self.slot_pos[b, slots] = torch.arange(n - keep, n, device=k.device)
+                    if c == 0:
+                        self.slot_pos[b].fill_(-1)
+                    self.slot_pos[b, pos % self.window] = pos
             else:
-                self.k[layer][b, :, :n] = kb
-                self.v[layer][b, :, :n] = vb
+                self.k[layer][b, :, c:end] = kb
+                self.v[layer][b, :, c:end] = vb
+
+    def with_prefix(self, layer: int, k: Tensor, v: Tensor, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """The keys and values a chunk attends to, laid out as ``batch.key_slices``: per prompt the cached ones that
+        its layer's rule still lets it see (from ``Visibility.key_start``), then its own ``k``/``v`` rows. Call it
+        before :meth:`fill`: on a sliding layer the chunk's own keys overwrite ring slots its first queries see."""
+        if not batch.chunked:
+            return k, v
+        self.check_fits(batch)
+        from gemma4lab.attention.rule import Visibility
+
+        sliding = self.cfg.is_sliding(layer)
+        rule = Visibility.for_layer(self.cfg, sliding)
+        ks, vs = [], []
+        for b, (rows, c) in enumerate(zip(batch.prompt_slices(), batch.cached)):
+            pos = torch.arange(rule.key_start(c), c, device=k.device)
+            slots = pos % self.window if sliding else pos
+            ks += [self.k[layer][b][:, slots].transpose(0, 1), k[rows]]
+            vs += [self.v[layer][b][:, slots].transpose(0, 1), v[rows]]
+        return torch.cat(ks), torch.cat(vs)
 
     @property
     def first_sliding(self) -> int:

@@ -17,8 +17,15 @@ Design choices, and the production problems they avoid:
   from one shared graph pool, captured largest bucket first so smaller buckets reuse its blocks.
 * **Padding cannot leak.** Every op in a piece is row-wise (norms, projections, routing, experts), and attention
   only reads real rows, so padded rows never reach a real token. A test fills the padding with garbage.
-* **No silent fallback.** Above the largest bucket (or with more prompts than the runner holds) the eager path
-  runs and a warning says so, once; ``runner.stats`` counts every fallback.
+* **Long prompts are chunked, not sent to eager.** A prompt above the largest bucket runs as chunked prefill
+  (``gemma4lab.runtime.chunked``): chunks of the largest bucket's size (the last one padded to its bucket) replay
+  the same captured pieces at absolute positions, and the attention between pieces also reads the keys of the
+  earlier chunks from the KV cache, so nothing new is captured and decode continues from that cache. The result is
+  bit-identical to the eager model's chunked prefill (``model.prefill(..., chunk_tokens=max_tokens)``) and differs
+  from an unchunked one by rounding only.
+* **No silent fallback.** What chunking cannot serve (several prompts above the largest bucket, an image longer
+  than a chunk, more prompts than the runner holds) runs the eager path; chunking and the eager path each warn
+  once, and ``runner.stats`` counts every chunked prefill and every fallback.
 * **Images replay the same graphs.** The vision tower runs outside; its soft tokens go into a static
   input-embeddings buffer that piece 0 selects with a mask, so text and image prompts share every graph.
 * **Same code on CPU.** Without CUDA the runner runs the identical split, padding and caching logic, with the
@@ -41,7 +48,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gemma4lab.attention import PackedBatch
 from gemma4lab.model.decoder import Stream, piece, program_key, run_decoder
+from gemma4lab.runtime.chunked import ImageSplitError, chunked_prefill
 from gemma4lab.runtime.kv_cache import KVCache
 
 
@@ -190,8 +199,9 @@ class PiecewiseCudaGraphRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("use_graphs=True needs the model on a CUDA device")
         self.progress = progress
-        self.stats = {"replays": 0, "eager_fallbacks": 0, "padded_tokens": 0, "real_tokens": 0, "recaptures": 0}
-        self._warned = False
+        self.stats = {"replays": 0, "chunked_prefills": 0, "eager_fallbacks": 0, "padded_tokens": 0,
+                      "real_tokens": 0, "recaptures": 0}
+        self._warned: set[str] = set()
         #: bucket -> its pieces: captured graphs (CUDA) or the Python closures themselves (CPU), all of one program
         self._entries: dict[int, list] = {}
         self._key: tuple | None = None  # program_key of what _entries hold
@@ -369,12 +379,13 @@ class PiecewiseCudaGraphRunner:
         i = bisect.bisect_left(self.buckets, n_tokens)
         return self.buckets[i] if i < len(self.buckets) else None
 
-    def _fallback(self, reason: str) -> None:
-        self.stats["eager_fallbacks"] += 1
-        if not self._warned:
-            warnings.warn(f"PiecewiseCudaGraphRunner: {reason}; running the eager path (said once; "
-                          "runner.stats['eager_fallbacks'] counts every time)", stacklevel=3)
-            self._warned = True
+    def _announce(self, stat: str, message: str) -> None:
+        """Count a prefill that is not one bucket's replay in ``stats[stat]``; warn once per kind."""
+        self.stats[stat] += 1
+        if stat not in self._warned:
+            warnings.warn(f"PiecewiseCudaGraphRunner: {message} (said once; runner.stats[{stat!r}] counts every "
+                          "time)", stacklevel=5)  # the caller of prefill (under no_grad)
+            self._warned.add(stat)
 
     @torch.no_grad()
     def prefill(
@@ -398,26 +409,60 @@ class PiecewiseCudaGraphRunner:
                  pad_fill) -> Tensor:
         model = self.model
         n_real = sum(int(p.numel()) for p in prompts)
-        bucket = self.bucket_for(n_real)
-        if bucket is None or len(prompts) > self.max_prompts:
-            why = (f"{n_real} tokens exceed the largest bucket ({self.max_tokens})" if bucket is None
-                   else f"{len(prompts)} prompts exceed max_prompts={self.max_prompts}")
-            self._fallback(why)
+        why = None
+        if len(prompts) > self.max_prompts:
+            why = f"{len(prompts)} prompts exceed max_prompts={self.max_prompts}"
+        elif n_real > self.max_tokens and len(prompts) > 1:
+            why = (f"{len(prompts)} prompts of {n_real} tokens exceed the largest bucket ({self.max_tokens}) and "
+                   "chunked prefill takes one prompt at a time")
+        elif n_real > self.max_tokens:
+            def run(ids: Tensor, embeds: Tensor, batch: PackedBatch, c: KVCache) -> Tensor:
+                return self._forward(ids, embeds if pixel_values is not None else None, batch, c, pad_fill)
+
+            try:
+                logits = chunked_prefill(model, prompts, pixel_values, image_position_ids, mm_token_type_ids,
+                                         chunk_tokens=self.max_tokens, all_logits=all_logits, cache=cache,
+                                         run_chunk=run)
+            except ImageSplitError as e:  # raised before any chunk ran
+                why = str(e)
+            else:
+                self._announce("chunked_prefills", f"a prompt of {n_real} tokens exceeds the largest bucket "
+                               f"({self.max_tokens}): it ran as chunks of up to {self.max_tokens} tokens through the "
+                               "graphs, each attending to the earlier chunks' keys in the KV cache (the rounding "
+                               "differs from an unchunked prefill's)")
+                return logits
+        if why is not None:
+            self._announce("eager_fallbacks", f"{why}; running the eager path")
             return model.prefill(prompts, pixel_values, image_position_ids, mm_token_type_ids,
                                  all_logits=all_logits, cache=cache)
         ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
+        embeds = None
+        if pixel_values is not None:
+            embeds = model.embed_inputs(ids, pixel_values, image_position_ids)
+        elif bool((ids == model.config.image_token_id).any()):
+            model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
+        hidden = self._forward(ids, embeds, batch, cache, pad_fill)
+        # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its
+        # row count, and the eager model computes logits for these rows only.
+        return self.lm.logits(hidden if all_logits else hidden[batch.last_token_rows])
+
+    def _forward(self, ids: Tensor, embeds: Tensor | None, batch: PackedBatch, cache: KVCache | None,
+                 pad_fill: Callable[[_Buffers, int, int], None] | None) -> Tensor:
+        """One forward of at most the largest bucket's tokens (a pack of prompts, or one chunk) through its bucket's
+        pieces → the final-normed hidden states of the real rows: a view of the static buffer, valid until the next
+        forward. ``embeds``: input embeddings with image soft tokens (None for text: piece 0 embeds the ids)."""
+        n_real = batch.num_tokens
+        bucket = self.bucket_for(n_real)
         pieces = self._pieces_for(bucket)  # first: capturing writes dummy inputs into the static buffers
         b = self.buf
         # Inputs: copy the real rows, then the padding (zeros/pad ids, or a test's garbage).
         b.ids[:n_real].copy_(ids)
         b.positions[:n_real].copy_(batch.positions)
-        b.last_rows[: len(prompts)].copy_(batch.last_token_rows)
-        if pixel_values is not None:
-            b.mm_embeds[:n_real].copy_(model.embed_inputs(ids, pixel_values, image_position_ids))
-            b.mm_mask[:n_real].copy_(ids == model.config.image_token_id)
+        b.last_rows[: len(batch.seq_lens)].copy_(batch.last_token_rows)
+        if embeds is not None:
+            b.mm_embeds[:n_real].copy_(embeds)
+            b.mm_mask[:n_real].copy_(ids == self.model.config.image_token_id)
         else:
-            if bool((ids == model.config.image_token_id).any()):
-                model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
             b.mm_mask[:n_real].fill_(False)
         if bucket > n_real:
             b.ids[n_real:bucket].fill_(self.lm.config.pad_token_id)
@@ -432,10 +477,7 @@ class PiecewiseCudaGraphRunner:
         ctx = self.lm.make_context(batch, cache=cache)
         attend = lambda i, q, k, v: self.lm.attend(i, q, k, v, ctx)  # noqa: E731
         run_decoder(self.lm, StaticStream(b, bucket), {}, attend, self.lm.fusion, pieces=pieces)
-        # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its
-        # row count, and the eager model computes logits for these rows only.
-        rows = b.hidden[:n_real] if all_logits else b.hidden[batch.last_token_rows]
-        return self.lm.logits(rows)
+        return b.hidden[:n_real]
 
     def forward(self, input_ids: Tensor, pixel_values=None, image_position_ids=None, mm_token_type_ids=None):
         """Batch API like the model's: [B, T] → logits of every token [B, T, vocab]."""

@@ -86,6 +86,46 @@ def test_image_blocks_on_sliding_layers(start):
     torch.testing.assert_close(ref, model_ref, rtol=1e-12, atol=1e-12)  # the kernel's form = the rule's dense form
 
 
+def _chunk_run(q, k, v, chunks, window, key_end=None):
+    """Each ``(start, end, key_start)`` chunk of one prompt packed as a prompt of its own: queries ``[start, end)``,
+    keys ``[key_start, end)`` (``cu_seqlens_k``) → the kernel and the float64 oracle."""
+    qs = torch.cat([q[s:e] for s, e, _ in chunks])
+    ks, vs = (torch.cat([t[lo:e] for s, e, lo in chunks]) for t in (k, v))
+    cu, cu_k = _cu([e - s for s, e, _ in chunks]), _cu([e - lo for s, e, lo in chunks])
+    kw = dict(window=window, key_end=key_end, cu_seqlens_k=cu_k)
+    out = torch.full_like(qs, float("nan"))
+    got = gemma_prefill_attention(qs, ks, vs, cu, max(e - s for s, e, _ in chunks), out=out, **kw)
+    return got, _oracle(qs, ks, vs, cu, **kw)
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_chunks_after_cached_keys(sliding):
+    """Chunked prefill's form: a chunk's queries are the last rows of its keys (the earlier chunks' cached keys,
+    from where the window reaches, then its own). Window 16, chunks starting inside, at and past the window edge,
+    of 1 to 37 rows, packed as several prompts in one launch; each row must equal the unchunked prompt's row."""
+    window = 16 if sliding else None
+    q, k, v = _qkv(70, 4, 2, 32, seed=5)
+    whole = _oracle(q, k, v, _cu([70]), window=window)
+    chunks = [(s, e, 0 if window is None else max(0, s - window + 1))
+              for s, e in ((0, 7), (7, 16), (16, 17), (17, 33), (33, 70), (69, 70))]
+    got, ref = _chunk_run(q, k, v, chunks, window)
+    _assert(got, ref)
+    torch.testing.assert_close(ref, torch.cat([whole[s:e] for s, e, _ in chunks]), rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_with_an_image_after_cached_keys():
+    """Image blocks inside a chunk: ``key_end`` counts in key rows (the rule's key ends shifted by the prefix)."""
+    q, k, v = _qkv(60, 4, 2, 32, seed=6)
+    blocks = torch.full((60,), -1)
+    blocks[30:39] = 0  # 9 soft tokens inside the chunk [24, 60), past the window edge of its first query
+    rule = Visibility(window=16, image_blocks=True)
+    whole = _oracle(q, k, v, _cu([60]), window=16, key_end=rule.key_end(blocks))
+    s, e, lo = 24, 60, 24 - 16 + 1
+    got, ref = _chunk_run(q, k, v, [(s, e, lo)], 16, key_end=rule.key_end(blocks[s:e]) + (s - lo))
+    _assert(got, ref)
+    torch.testing.assert_close(ref, whole[s:e], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", [AttentionConfig(16, 16, 4, 1), AttentionConfig(32, 16, 4, 1),
                                     AttentionConfig(16, 32, 4, 2), AttentionConfig(32, 16, 4, 1, dv_splits=2),
                                     AttentionConfig(16, 16, 4, 1, dv_splits=4)], ids=str)
@@ -113,6 +153,10 @@ def test_zero_tokens():
     (lambda a: a.update(key_end=torch.arange(10)), ValueError, "key_end"),
     (lambda a: a.update(out=torch.empty(10, 4, 16)), ValueError, "out must be"),
     (lambda a: a.update(v=[1, 2]), TypeError, "torch.Tensor"),
+    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens"].long()), ValueError, "cu_seqlens_k"),
+    (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32)), ValueError, "cu_seqlens_k"),
+    (lambda a: a.update(k=a["k"][:8], v=a["v"][:8], cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError, "at least as many keys as queries"),
 ])
 def test_bad_input_is_a_clear_error(change, exc, match):
     q, k, v = _qkv(10, 4, 2, 32)
@@ -148,3 +192,15 @@ def test_gpu_packed_prompts_and_image_block_at_the_window_edge():
     q, k, v = _qkv(n, 16, 2, 512, dtype=BF16, device="cuda", seed=2)
     _assert(*_run(q, k, v, lengths))
     _assert(*_run(q.float(), k.float(), v.float(), lengths))  # fp32 takes IEEE dots: parity-grade
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding", [True, False])
+def test_gpu_real_shapes_chunk_after_cached_keys(sliding):
+    """bf16 at the real head shapes: chunks [1024, 1500) and [1500, 1501) of a 1501-token prompt after their
+    cached keys (window 1024: the window edge falls inside the cached prefix)."""
+    hq, hkv, d = (16, 8, 256) if sliding else (16, 2, 512)
+    window = 1024 if sliding else None
+    q, k, v = _qkv(1501, hq, hkv, d, dtype=BF16, device="cuda", seed=11)
+    chunks = [(s, e, 0 if window is None else max(0, s - window + 1)) for s, e in ((1024, 1500), (1500, 1501))]
+    _assert(*_chunk_run(q, k, v, chunks, window))

@@ -163,8 +163,11 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
     if any(r.get("pcg_bucket", 0) is None for r in rows):
         cap = doc.get("pcg_capture") or {}
         top = cap.get("max_tokens") or (max(cap["buckets"]) if isinstance(cap.get("buckets"), list) else "?")
-        out += ["", f"¹ above the largest PCG bucket ({top} tokens): the runner announced it and ran the eager fused "
-                    "path."]
+        chunked = (doc.get("pcg_stats") or {}).get("chunked_prefills", 0)
+        out += ["", f"¹ above the largest PCG bucket ({top} tokens): " + (
+            "the runner ran the prompt as bucket-sized chunks through the same graphs (chunked prefill)."
+            if chunked else "the runner announced it and ran the eager fused path (this run predates chunked "
+                            "prefill).")]
     if skewed:
         rec = (doc.get("routing") or {}).get("skewed", {})
         out += ["", f"**Skewed routing** (Zipf exponent {rec.get('exponent', '?')} on the router logits, "

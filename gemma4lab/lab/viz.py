@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Patch
-from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.profiling import idle_ms
@@ -70,13 +70,20 @@ PREFILL_SERIES = (*((f"{c}_ms", _PREFILL_STYLE[c], label) for c, label in PREFIL
 
 
 
+def _two_and_five(v: float, _pos: Any = None) -> str:
+    """Labels for the minor ticks of a log axis: only 2× and 5× a power of ten, so an axis spanning less than a
+    decade still reads, and a wide one stays uncluttered."""
+    mantissa = v / 10 ** np.floor(np.log10(v)) if v > 0 else 0
+    return f"{v:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
 def plain_log_ticks(ax, axis: str = "both") -> None:
-    """Plain numbers (``100``, ``1000``, ``0.5``) on a log axis instead of ``10²`` / ``10³``: token counts and
-    milliseconds read at a glance; the minor ticks keep their grid lines but lose their labels."""
+    """Plain numbers (``100``, ``200``, ``500``, ``1000``) on a log axis instead of ``10²`` / ``10³``: token counts
+    and milliseconds read at a glance; the other minor ticks keep their grid lines but no label."""
     for a in ((ax.xaxis, ax.yaxis) if axis == "both" else (ax.xaxis,) if axis == "x" else (ax.yaxis,)):
         if a.get_scale() == "log":
             a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            a.set_minor_formatter(NullFormatter())
+            a.set_minor_formatter(FuncFormatter(_two_and_five))
 
 def save(fig: Figure, path: str | Path) -> Path:
     """Write a figure next to its results file (benchmarks call this; they draw nothing themselves)."""

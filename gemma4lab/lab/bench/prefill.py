@@ -152,7 +152,7 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
         for t in args.tokens if "pcg" in parts else ():
             r = rows[str(t)]
             _timed(r, "pcg", lambda t=t: lambda: runner.prefill(prompts[t]), args.rep_ms)
-            r["pcg_bucket"] = runner.bucket_for(t)  # None: above the largest bucket, the eager fallback ran
+            r["pcg_bucket"] = runner.bucket_for(t)  # None: above the largest bucket (chunks through the graphs)
             if t <= args.max_tokens:
                 _try(r, "pcg_vs_eager_max_abs", lambda t=t: (runner.prefill(prompts[t]).float()
                                                               - model.prefill(prompts[t]).float()).abs().max().item())

@@ -134,3 +134,14 @@ def test_notebook_paired_with_percent_script(path: Path):
         difflib.unified_diff(from_py.splitlines(), from_ipynb.splitlines(), script.name, path.name, lineterm="")
     )
     assert not diff, f"{script.name} is out of sync with {path.name} (run `jupytext --sync {path.name}`):\n{diff}"
+
+
+def test_exercise_check_passes_and_fails_loudly(capsys):
+    from gemma4lab.lab import notebook
+
+    notebook.check(True, "two plus two is four")
+    assert "✓ two plus two is four" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="not yet: expected the right bucket count"):
+        notebook.check(False, "the right bucket count")
+    with pytest.raises(TypeError, match="a bool"):
+        notebook.check(3, "an int is not a verdict")

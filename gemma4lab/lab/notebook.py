@@ -37,3 +37,13 @@ def setup(device: str, start: str | Path | None = None) -> Path:
     if (package_root / "pyproject.toml").exists():
         return package_root
     raise FileNotFoundError(f"no pyproject.toml above {here}: start the notebook inside the gemma4lab checkout")
+
+
+def check(ok: bool, what: str) -> None:
+    """An exercise's self-check: prints a tick, or raises ``AssertionError`` saying what the answer should satisfy
+    (so *Run All* and papermill stop at a wrong answer, and a stale solution fails CI)."""
+    if type(ok).__name__ not in ("bool", "bool_"):  # Python, numpy 1 and numpy 2 bools
+        raise TypeError(f"check() takes the result of a comparison (a bool), got {type(ok).__name__}")
+    if not ok:
+        raise AssertionError(f"not yet: expected {what}")
+    print(f"✓ {what}")

@@ -123,3 +123,48 @@ diff = (logits["all"] - logits["unfused"]).abs().max().item()
 print(f"max |fused - unfused| logits = {diff:.2e} (scale {logits['unfused'].abs().max().item():.1f})")
 print("same greedy tokens:", torch.equal(logits["all"].argmax(-1), logits["unfused"].argmax(-1)))
 _ = model.set_fusion("none")  # assigned, so the cell does not print the whole model
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`
+# (so *Run All* checks your answer if you gave one, and the solution otherwise), and a check.
+#
+# **1. The biggest single saver.** Before you look at the bars: which one switch removes the most launches per layer
+# on this device? Then read it off `per_layer` (a dict of launches per layer by configuration) and set
+# `biggest_saver` to the switch's name.
+
+# %%
+biggest_saver = None  # your answer: a Fusion field name, e.g. "gelu"
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if biggest_saver is None:
+    singles = [f.name for f in dataclasses.fields(gemma4lab.Fusion) if f.name in per_layer]
+    biggest_saver = max(singles, key=lambda name: per_layer["unfused"] - per_layer[name])
+
+# %%
+savings = {f.name: per_layer["unfused"] - per_layer[f.name] for f in dataclasses.fields(gemma4lab.Fusion)
+           if f.name in per_layer}
+print("launches saved per layer, each switch alone:", {k: round(v, 1) for k, v in savings.items()})
+notebook.check(savings.get(biggest_saver) == max(savings.values()), "the switch with the largest saving")
+
+# %% [markdown]
+# **2. Do the savings add up?** If every switch saved the same launches alone as together, `all` would need
+# `unfused − Σ savings` launches per layer. Compute that prediction as `if_additive`, compare it with the measured
+# `per_layer["all"]`, and say to yourself why they differ (*hint:* can two switches remove the same launch?
+# `next_norm` is left out of the sum: it was only measured together with `epilogue`).
+
+# %%
+if_additive = None  # your answer: a float
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if if_additive is None:
+    if_additive = per_layer["unfused"] - sum(savings.values())
+# Where `all` needs more launches than this, the savings overlap: two switches each remove some of the same
+# launches alone (each fused kernel takes over a whole stretch, and neighbouring stretches share their glue), so
+# together they save less than the sum; `next_norm` then saves a little on top of `epilogue`.
+
+# %%
+print(f"if the savings added up: {if_additive:.1f} per layer; measured with every switch on: {per_layer['all']:.1f}")
+notebook.check(abs(if_additive - (per_layer["unfused"] - sum(savings.values()))) < 1e-9,
+               "unfused minus the sum of the single-switch savings")

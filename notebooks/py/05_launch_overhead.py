@@ -129,3 +129,46 @@ if INTERACTIVE:
     from ipywidgets import SelectionSlider, interact
 
     interact(plot_breakdown, tokens=SelectionSlider(options=COUNTS, value=COUNTS[0], description="tokens"))
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,
+# and a check.
+#
+# **1. Predict the launches.** The recorded runs use a model of `doc["layers"]` layers. How many CUDA-graph launches
+# does one fused + PCG prefill make? (One graph per piece; where are the cuts?) Set `graph_launches`, then the check
+# compares it with the profile recorded on the GPU.
+
+# %%
+graph_launches = None  # your answer: an int
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if graph_launches is None and doc is not None:
+    graph_launches = doc["layers"] + 1  # a cut at every attention call: before the first, between each, after the last
+
+# %%
+if doc is None:
+    print("no recorded results/pcg_*.json: this exercise needs a GPU run of `bench-pcg`")
+else:
+    recorded = {k: v["graph_launches"] for k, v in doc["profiles"].items() if k.startswith("pcg_")}
+    print("recorded graph launches per prefill:", recorded)
+    notebook.check(all(n == graph_launches for n in recorded.values()), "one graph launch per piece")
+
+# %% [markdown]
+# **2. Where does eager fused time go at the smallest recorded size?** From the recorded breakdown, compute the
+# fraction of eager fused latency during which the GPU does nothing (`idle_fraction`, between 0 and 1).
+
+# %%
+idle_fraction = None  # your answer: a float
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if idle_fraction is None and doc is not None:
+    smallest = viz.breakdown_data(doc)[min(viz.breakdown_data(doc))]["eager_fused"]
+    idle_fraction = (smallest["latency_ms"] - smallest["gpu_busy_ms"]) / smallest["latency_ms"]
+
+# %%
+if doc is not None:
+    ef = viz.breakdown_data(doc)[min(viz.breakdown_data(doc))]["eager_fused"]
+    notebook.check(abs(idle_fraction - ef["idle_ms"] / ef["latency_ms"]) < 0.01,
+                   f"idle = latency − busy, over latency ({ef['idle_ms'] / ef['latency_ms']:.0%} recorded)")

@@ -91,7 +91,8 @@ viz.plot_padding_waste(ns, waste, title=f"padding waste, all {len(buckets)} defa
 
 # %%
 runner = gemma4lab.PiecewiseCudaGraphRunner(model, buckets=BUCKETS, progress=False)
-print(runner.capture())
+report = runner.capture()
+print(report)
 ids = torch.randint(2, 256, (1, TOKENS), generator=torch.Generator().manual_seed(0))
 ids = ids.to(DEVICE)
 eager = model(ids).logits
@@ -185,3 +186,52 @@ if rec is None:
 else:
     doc, label = rec
     display(viz.plot_attention(doc["rows"], label, doc.get("matmul_tflops")))
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`
+# (so *Run All* checks your answer if you gave one, and the solution otherwise — that is how CI keeps the solutions
+# honest), and a check.
+#
+# **1. Buckets that waste less than 10 %.** The default buckets pad some prompts above 64 tokens by almost 20 %
+# (the plot above). Write `my_buckets`: sorted bucket sizes such that every prompt of 64 to 1024 tokens is padded
+# by less than 10 % of its bucket, with at most 30 buckets. *Hint:* a prompt one token above bucket `b` lands in
+# the next bucket `b'`; what ratio `b' / b` keeps its padding under 10 %?
+
+# %%
+my_buckets = None  # your answer: a sorted list of ints, the last one 1024
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if my_buckets is None:
+    # padding of n = b + 1 tokens in bucket b' is (b' − b − 1) / b' < 1 − b / b', under 0.1 when b' <= b / 0.9:
+    # a geometric ladder with ratio 1 / 0.9, rounded down, reaches 1024 in 28 steps
+    my_buckets, b = [], 64
+    while b < 1024:
+        my_buckets.append(b)
+        b = max(b + 1, int(b / 0.9))
+    my_buckets.append(1024)
+
+# %%
+lengths = list(range(64, 1025))
+worst = max(pcg.PiecewiseCudaGraphRunner(model, buckets=my_buckets, progress=False).padding_waste(lengths))
+print(f"{len(my_buckets)} buckets, worst padding {worst:.1%} over prompts of 64-1024 tokens")
+notebook.check(len(my_buckets) <= 30 and worst < 0.10, "at most 30 buckets, every prompt of 64-1024 tokens "
+               f"padded by < 10 % (got {len(my_buckets)} buckets, worst {worst:.1%})")
+
+# %% [markdown]
+# **2. What a bucket costs.** Every bucket holds its own captured graphs, and the graphs of all buckets share one
+# memory pool sized by the largest. Predict, before reading it off the runner, how many pieces one bucket captures
+# for this model — one piece per stretch between attention calls — and set `pieces_per_bucket`.
+
+# %%
+pieces_per_bucket = None  # your answer: an int
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+if pieces_per_bucket is None:
+    pieces_per_bucket = model.config.text.num_hidden_layers + 1  # before layer 0's attention, between each, after the last
+
+# %%
+captured = runner.piece_graphs(BUCKETS[0])  # the graphs themselves on a GPU; none on CPU
+notebook.check(pieces_per_bucket == report.pieces_per_bucket and (not captured or len(captured) == pieces_per_bucket),
+               f"{model.config.text.num_hidden_layers} layers cut at each attention call")

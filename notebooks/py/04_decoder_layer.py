@@ -137,7 +137,7 @@ _ = model.set_fusion("none")  # assigned, so the cell does not print the whole m
 # %%
 biggest_saver = None  # your answer: a Fusion field name, e.g. "gelu"
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if biggest_saver is None:
     singles = [f.name for f in dataclasses.fields(gemma4lab.Fusion) if f.name in per_layer]
     biggest_saver = max(singles, key=lambda name: per_layer["unfused"] - per_layer[name])
@@ -157,7 +157,7 @@ notebook.check(savings.get(biggest_saver) == max(savings.values()), "the switch 
 # %%
 if_additive = None  # your answer: a float
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if if_additive is None:
     if_additive = per_layer["unfused"] - sum(savings.values())
 # Where `all` needs more launches than this, the savings overlap: two switches each remove some of the same

@@ -143,7 +143,7 @@ if INTERACTIVE:
 # %%
 graph_launches = None  # your answer: an int
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if graph_launches is None and doc is not None:
     graph_launches = doc["layers"] + 1  # a cut at every attention call: before the first, between each, after the last
 
@@ -162,7 +162,7 @@ else:
 # %%
 idle_fraction = None  # your answer: a float
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if idle_fraction is None and doc is not None:
     smallest = viz.breakdown_data(doc)[min(viz.breakdown_data(doc))]["eager_fused"]
     idle_fraction = (smallest["latency_ms"] - smallest["gpu_busy_ms"]) / smallest["latency_ms"]

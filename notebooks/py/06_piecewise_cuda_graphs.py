@@ -202,7 +202,7 @@ else:
 # %%
 my_buckets = None  # your answer: a sorted list of ints, the last one 1024
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if my_buckets is None:
     # padding of n = b + 1 tokens in bucket b' is (b' − b − 1) / b' < 1 − b / b', under 0.1 when b' <= b / 0.9:
     # a geometric ladder with ratio 1 / 0.9, rounded down, reaches 1024 in 28 steps
@@ -227,7 +227,7 @@ notebook.check(len(my_buckets) <= 30 and worst < 0.10, "at most 30 buckets, ever
 # %%
 pieces_per_bucket = None  # your answer: an int
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true} tags=["solution"]
 if pieces_per_bucket is None:
     pieces_per_bucket = model.config.text.num_hidden_layers + 1  # before layer 0's attention, between each, after the last
 

@@ -18,6 +18,11 @@ def test_quick_run_writes_every_kernel(tmp_path):
         assert r["triton_stats"]["runs"] >= 3 and r["eager_stats"]["runs"] >= 3
         assert r["compile_ms"] is None and r["graph_ms"] is None
         assert r["rel_err_vs_unfused"] < 1e-2  # fp32: the kernel and the unfused model agree to rounding
+        if r["kernel"] in ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar"):  # the published-layout peer
+            assert r["published_stats"]["runs"] >= 3 and r["published_graph_ms"] is None
+            assert r["triton_vs_published"] == r["published_ms"] / r["triton_ms"]
+        else:
+            assert "published_ms" not in r
     assert doc["skipped"]["compile"] and doc["skipped"]["graph"]
     assert (tmp_path / "kernels_cpu.png").stat().st_size > 0
     # --merge keeps the rows of kernels not re-run

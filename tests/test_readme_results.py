@@ -119,3 +119,16 @@ def test_readme_shows_decode_only_when_a_decode_run_exists(tmp_path):
     measure.write_json(tmp_path / "decode_x.json", _decode_doc())
     text = report.readme_results(tmp_path)
     assert "### Decode" in text and "| 4096 | 8 |" in text and "![decode]" not in text  # no figure drawn yet
+
+
+def test_kernels_section_compares_with_the_published_layout():
+    """The published-layout finding reads its ratios from the results, and names the T where ours is behind."""
+    from gemma4lab.lab import report
+
+    rows = [{"kernel": "rmsnorm_residual_scalar", "tokens": t, "graph_vs_published": v}
+            for t, v in ((93, 0.9), (2893, 1.2), (32768, 1.05))]
+    rows.append({"kernel": "router_topk", "tokens": 93})
+    text = report.kernels_section({"results": rows, "roofs": {}, "environment": {"card": "X"}}, None)
+    assert ("rmsnorm_residual_scalar against the published layout (one program per row, "
+            "`lab/bench/published_layout.py`), both in a CUDA graph: 0.90–1.20× (slower at T = 93).") in text
+    assert "router_topk against" not in text

@@ -339,6 +339,13 @@ def kernels_section(doc: Mapping[str, Any], png: str | None) -> str:
     if slower:
         out.append(f"* Slower than `torch.compile` of the same chain: {'; '.join(slower)} (every other kernel and T "
                    "faster).")
+    for k in dict.fromkeys(r["kernel"] for r in doc.get("results") or [] if _num(r.get("graph_vs_published"))):
+        mine = sorted((r for r in doc["results"] if r["kernel"] == k and _num(r.get("graph_vs_published"))),
+                      key=lambda r: r["tokens"])
+        behind = [str(r["tokens"]) for r in mine if r["graph_vs_published"] < 1]
+        out.append(f"* {k} against the published layout (one program per row, `lab/bench/published_layout.py`), "
+                   f"both in a CUDA graph: {span(r['graph_vs_published'] for r in mine)} "
+                   + (f"(slower at T = {', '.join(behind)})." if behind else "(faster at every T)."))
     if small and _num(empty):
         out.append(f"* Inside a CUDA graph at T ≤ 256 each kernel takes {span(small, lambda v: f'{v:.1f} µs')}, "
                    f"against {empty * 1e3:.2f} µs for an empty kernel.")

@@ -94,6 +94,16 @@ def _measure(name: str, t: int, case: Case, compiled: Callable[..., Any] | None,
     if dev.type == "cuda":
         row["graph_ms"] = _try(lambda: measure.bench_cuda_graph(lambda: case.fused(None), **timing), errors,
                                f"{where} graph")
+    if case.published is not None:  # the published layout of the same op, in and out of a graph
+        pub = _try(lambda: measure.time_stats(case.published, device=dev, **timing), errors, f"{where} published")
+        row["published_ms"], row["published_stats"] = (pub or {}).get("median_ms"), pub
+        row["published_graph_ms"] = None
+        if dev.type == "cuda":
+            row["published_graph_ms"] = _try(lambda: measure.bench_cuda_graph(case.published, **timing), errors,
+                                             f"{where} published graph")
+        for ours, theirs in (("triton", "published"), ("graph", "published_graph")):
+            a, b = row[f"{ours}_ms"], row[f"{theirs}_ms"]
+            row[f"{ours}_vs_published"] = b / a if a and b else None  # > 1: ours faster
     for col in ("eager", "compile", "triton", "graph"):
         ms = row[f"{col}_ms"]
         row[f"{col}_GBps"] = case.nbytes / (ms * 1e-3) / 1e9 if ms else None

@@ -367,3 +367,17 @@ def test_plot_decode_says_when_there_were_no_graphs():
     labels = [ln.get_label() for ln in viz.plot_decode(_decode_doc(graphs=False), LABEL).axes[0].get_lines()]
     assert "CUDA graph (no CUDA: eager fallback) step" in labels
     assert len(viz.plot_decode(_doc(rows={}), LABEL).axes) == 2
+
+
+def test_plot_timeline_draws_each_kernel_where_it_ran():
+    profiles = {"eager": {"timeline": [["a", "dense_gemm", 0.0, 100.0], ["b", "row_kernels", 400.0, 50.0]]},
+                "PCG": {"timeline": [["a", "dense_gemm", 0.0, 100.0], ["b", "row_kernels", 102.0, 50.0]]}}
+    (ax,) = viz.plot_timeline(profiles, LABEL).axes
+    bars = sorted((round(b.x0, 4), round(b.width, 4), round((b.y0 + b.y1) / 2))
+                  for c in ax.collections for b in (p.get_extents() for p in c.get_paths()))
+    assert bars == [(0.0, 0.1, 0), (0.0, 0.1, 1), (0.102, 0.05, 1), (0.4, 0.05, 0)]  # ms, rows: eager 0, PCG 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["eager", "PCG"]
+    texts = [t.get_text() for t in ax.texts]
+    assert "2 kernels, busy 0.15 of 0.45 ms (67% idle)" in texts  # eager: a 250 µs gap
+    assert "2 kernels, busy 0.15 of 0.15 ms (1% idle)" in texts  # PCG: a 2 µs gap
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"dense GEMM", "row kernels"}

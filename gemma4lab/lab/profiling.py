@@ -90,11 +90,21 @@ def _record(fn: Callable[[], object], warmup: int, trace_path: str | Path | None
     return list(prof.events()), wall_ms, cuda
 
 
-def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: str | Path | None = None) -> dict:
+def timeline_of(spans: Iterable[tuple[str, float, float]]) -> list[list]:
+    """``[short name, family, start µs, duration µs]`` per kernel, in start order, the first starting at 0: what a
+    Gantt chart of one call needs (and small enough to keep in a results file)."""
+    spans = sorted(spans, key=lambda s: s[1])
+    t0 = spans[0][1] if spans else 0.0
+    return [[_short(n), kernel_family(n), round(a - t0, 3), round(b - a, 3)] for n, a, b in spans]
+
+
+def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: str | Path | None = None,
+                    timeline: bool = False) -> dict:
     """Profile one call of ``fn`` (after ``warmup`` calls). Returns a JSON-ready summary.
 
     Keys: ``kernels`` (GPU kernel launches, or dispatched ops on CPU), ``graph_launches``, ``top_kernels``,
-    ``wall_ms``, ``cpu_dispatch_ms`` (CPU time inside launch calls), ``gpu_busy_ms`` (union of kernel intervals).
+    ``wall_ms``, ``cpu_dispatch_ms`` (CPU time inside launch calls), ``gpu_busy_ms`` (union of kernel intervals);
+    with ``timeline``, also ``timeline`` (:func:`timeline_of` the GPU kernels; on CPU, of the dispatched ops).
     """
     events, wall_ms, cuda = _record(fn, warmup, trace_path)
     if cuda:
@@ -104,7 +114,7 @@ def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: st
         counts = Counter(_short(e.name) for e in kernels)
         busy = _merge([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3
         dispatch = sum(e.cpu_time_total for e in launches) / 1e3
-        return {
+        out = {
             "device": "cuda",
             "kernels": len(kernels),
             "launch_calls": len(launches) - len(graphs),
@@ -114,13 +124,16 @@ def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: st
             "cpu_dispatch_ms": dispatch,
             "gpu_busy_ms": busy,
         }
+        if timeline:
+            out["timeline"] = timeline_of((e.name, e.time_range.start, e.time_range.end) for e in kernels)
+        return out
     # A fused kernel on CPU (interpreter or torch reference) is one ``gemma4lab::`` range: one launch, whatever
     # tensor ops it runs inside.
     markers = [e for e in events if e.name.startswith("gemma4lab::")]
     ops = [e for e in events if e.name.startswith("aten::") and _is_leaf_op(e) and not _inside_marker(e)]
     ops += markers
     counts = Counter(e.name for e in ops)
-    return {
+    out = {
         "device": "cpu",
         "kernels": len(ops),
         "launch_calls": len(ops),
@@ -130,6 +143,9 @@ def profile_forward(fn: Callable[[], object], *, warmup: int = 2, trace_path: st
         "cpu_dispatch_ms": wall_ms,
         "gpu_busy_ms": 0.0,
     }
+    if timeline:
+        out["timeline"] = timeline_of((e.name, e.time_range.start, e.time_range.end) for e in ops)
+    return out
 
 
 def _is_kernel(name: str) -> bool:
@@ -171,7 +187,14 @@ def _inside_marker(e) -> bool:
 
 
 def _is_leaf_op(e) -> bool:
-    return e.name not in _NO_KERNEL and not any(c.name.startswith("aten::") for c in e.cpu_children)
+    """An op that launches work itself: not a view or metadata op, and no op below it that does (an ``aten::mm``
+    whose only children are views counts; an ``aten::matmul`` that calls ``aten::mm`` does not, nor does an
+    ``aten::to`` whose ``aten::copy_`` is counted instead)."""
+    return e.name not in _NO_KERNEL and not _launches_below(e)
+
+
+def _launches_below(e) -> bool:
+    return any(c.name.startswith("aten::") and (_is_leaf_op(c) or _launches_below(c)) for c in e.cpu_children)
 
 
 # ---- GPU time by family ------------------------------------------------------------------------------------------

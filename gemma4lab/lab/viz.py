@@ -35,8 +35,8 @@ __all__ = [
     "load_recorded",
     "plain_log_ticks",
     "plot_breakdown",
-    "plot_decoder_layer",
     "plot_decode",
+    "plot_decoder_layer",
     "plot_error_bars",
     "plot_error_histograms",
     "plot_families",
@@ -51,6 +51,7 @@ __all__ = [
     "plot_prefill",
     "plot_prompt_tokens",
     "plot_roofline",
+    "plot_timeline",
     "plot_traffic",
 ]
 
@@ -447,6 +448,38 @@ def plot_pcg_speedup(doc: Mapping[str, Any], title: str) -> Figure:
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_timeline(profiles: Mapping[str, Mapping[str, Any]], title: str, window_ms: float | None = None) -> Figure:
+    """A Gantt chart of one forward per implementation (05): every kernel a bar at its start time, coloured by
+    family, so the gaps in which the GPU waits for the CPU are white space. ``profiles`` maps a label to a
+    ``profile_forward(..., timeline=True)`` result; ``window_ms`` shows only the first milliseconds of each."""
+    fig = Figure(figsize=(11, 0.9 + 0.75 * len(profiles)))
+    ax = fig.subplots()
+    colors = {fam: f"C{i}" for i, fam in enumerate(FAMILY_LABELS)}
+    seen: set[str] = set()
+    for row, prof in enumerate(profiles.values()):
+        spans = [(start / 1e3, dur / 1e3, fam) for _, fam, start, dur in prof.get("timeline") or []
+                 if window_ms is None or start / 1e3 < window_ms]
+        for fam in dict.fromkeys(f for *_, f in spans):
+            ax.broken_barh([(a, max(d, 1e-4)) for a, d, f in spans if f == fam], (row - 0.35, 0.7),
+                           facecolors=colors.get(fam, "0.5"),
+                           label=None if fam in seen else FAMILY_LABELS.get(fam, fam))
+            seen.add(fam)
+        if spans:
+            end = max(a + d for a, d, _ in spans)
+            busy = sum(d for _, d, _ in spans)
+            ax.text(end, row + 0.42, f"{len(spans)} kernels, busy {busy:.2f} of {end:.2f} ms "
+                                     f"({1 - busy / end:.0%} idle)" if end > 0 else "", fontsize=7, ha="right")
+    ax.set_yticks(range(len(profiles)), list(profiles))
+    ax.invert_yaxis()
+    ax.set(xlabel="ms since the first kernel", title=title, ylim=(len(profiles) - 0.4, -0.7))
+    ax.title.set_fontsize(9)
+    if window_ms is not None:
+        ax.set_xlim(0, window_ms)
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, -0.18), ncol=len(seen), frameon=False)
+    fig.tight_layout()
     return fig
 
 

@@ -91,6 +91,34 @@ else:
     display(viz.plot_pcg_latency(doc, SOURCE))
 
 # %% [markdown]
+# ## The gaps, kernel by kernel
+#
+# The busy/idle split is a sum; a timeline shows *where* the GPU waits. One forward per implementation at the
+# smallest recorded token count, every kernel a bar at its start time coloured by family: in eager mode the white
+# space between bars is the GPU waiting for the CPU to launch the next kernel; inside a CUDA graph the bars sit
+# almost edge to edge, and what gaps remain are the graph's own per-kernel scheduling (about a microsecond each) and
+# the attention calls between the pieces.
+
+# %%
+timelines = {}
+if doc is not None:
+    t0 = min(int(k.rsplit("_", 1)[1]) for k in doc["profiles"])
+    timelines = {name: doc["profiles"][f"{name}_{t0}"] for name in ("eager_unfused", "eager_fused", "pcg_fused")
+                 if "timeline" in doc["profiles"].get(f"{name}_{t0}", {})}
+if timelines:
+    display(viz.plot_timeline(timelines, f"{SOURCE}, {t0} tokens: the first 3 ms of each forward", window_ms=3.0))
+elif DEVICE == "cuda":
+    model.set_fusion("none")
+    ids = [torch.randint(2, 256, (93,), generator=torch.Generator().manual_seed(0)).to(DEVICE)]
+    timelines["eager_unfused"] = profile_forward(lambda: model.prefill(ids), timeline=True)
+    model.set_fusion("all")
+    timelines["eager_fused"] = profile_forward(lambda: model.prefill(ids), timeline=True)
+    display(viz.plot_timeline(timelines, f"live on {DEVICE}, 93 tokens (tiny model)"))
+else:
+    print("The recorded results/pcg_*.json predates kernel timelines: record one with `python -m gemma4lab bench-pcg` "
+          "on a GPU (a CPU run has no kernels to draw, and interpreter timings say nothing about GPU gaps).")
+
+# %% [markdown]
 # ## Breakdown per token count
 #
 # For each token count and implementation: a stacked bar of GPU busy + GPU idle (their sum is the latency), beside

@@ -60,7 +60,7 @@ def run(args) -> dict[str, Any]:
                 res["rows"].setdefault(str(t), {"tokens": t})[f"{name}_ms"] = ms
                 if t in args.profile_tokens:
                     prof = profile_forward(fn, trace_path=(args.out / f"trace_{name}_{t}.json") if args.traces
-                                           else None)
+                                           else None, timeline=t == min(args.profile_tokens))  # for the Gantt
                     prof["launches_per_layer"] = prof["kernels"] / args.layers
                     res["profiles"][f"{name}_{t}"] = prof
                 print(f"{name:>14} T={t:>5}: {ms:.3f} ms", flush=True)

@@ -39,9 +39,11 @@ GPU_TOKENS = 4096
 from gemma4lab.lab import notebook
 
 ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+RESULTS = ROOT / "results"
 
 # %matplotlib inline
 import torch
+from IPython.display import display
 
 import gemma4lab.kernels as K
 from gemma4lab.lab import viz
@@ -79,6 +81,38 @@ print(f"unfused epilogue: {prof['kernels']} {'kernels' if prof['device'] == 'cud
 # Each of those ops reads and writes `T × H`; the fused kernel reads `d`, `m`, `r` once and writes once. The middle
 # sum never leaves registers, so it stays in fp32: no extra rounding and no extra bytes.
 #
+# ## Bytes moved, and the prediction they make
+#
+# Counting `T × H` activations per op of the unfused chain as notebook 02 does (an fp32 intermediate counts as two
+# bf16 units; weights and the scalar stay in cache), at bf16 and the real hidden size 2816:
+
+# %%
+H_REAL, B = 2816, 2
+one_rms = {"upcast": (1, 2), "square": (2, 2), "mean": (2, 0), "·rsqrt": (2, 2), "·w": (2, 2), "round": (2, 1)}
+chain = {**{f"rms {n}: {op}": rw for n in ("d", "m", "sum") for op, rw in one_rms.items()},
+         "d + m": (2, 1), "+ residual": (2, 1), "·scalar": (1, 1)}
+unfused_bytes = sum(rd + wr for rd, wr in chain.values()) * H_REAL * B
+fused_bytes = 4 * H_REAL * B  # read d, m, residual; write out
+print(f"unfused ≈ {unfused_bytes / 1e3:.0f} KB/token over {len(chain)} ops, fused = {fused_bytes / 1e3:.1f} KB/token "
+      f"({unfused_bytes / fused_bytes:.0f}× less traffic)")
+viz.plot_traffic(fused_bytes / 1e3, unfused_bytes / 1e3)
+
+# %% [markdown]
+# **Prediction:** at large T the kernel is memory-bound, so it should run near the copy bandwidth: 4 × 2816 × 2
+# bytes per token over ~4.2 TB/s, about 5.4 µs per 1000 tokens; at small T a launch (a few µs) dominates and the
+# fraction of bandwidth falls. The recorded curve (bench-kernels on an H200) checks it.
+
+# %%
+recorded = viz.load_recorded("kernels", RESULTS)
+rows = viz.kernel_rows(recorded[0], "dual_rmsnorm_residual_scalar") if recorded else []
+if rows:
+    display(viz.plot_roofline(rows, "dual_rmsnorm_residual_scalar", recorded[1]))
+    big = max(rows, key=lambda r: r["tokens"])
+    print(f"recorded at T={big['tokens']}: {big['graph_frac_copy']:.0%} of copy bandwidth inside a CUDA graph")
+    assert big["graph_frac_copy"] > 0.85, "the prediction: near the roof at large T"
+else:
+    print("No recorded results/kernels_*.json yet: run `python -m gemma4lab bench-kernels` on a GPU.")
+#
 # ## One rounding vs many
 #
 # Same bf16 inputs, three computations: the exact float64 result, the unfused bf16 chain, and the fused kernel.
@@ -112,6 +146,50 @@ ref = K.gemma_dual_rmsnorm_residual_scalar_ref(*args)
 diff = (fused.float() - ref.float()).abs()
 print(f"max |kernel - ref| = {diff.max().item():.3e}; rows differing: {(diff.amax(-1) > 0).sum().item()} of {T}")
 torch.testing.assert_close(fused.float(), ref.float(), atol=2e-2, rtol=1e-2)
+
+# %% [markdown]
+# ## Exercise: the dual kernel from the single one
+#
+# Notebook 01 wrote a one-row-per-program RMSNorm kernel. Grow it into this notebook's epilogue: a `@triton.jit`
+# kernel, one program per row, that loads `d`, `m` and `r`, computes `(rms(rms(d)·w1 + rms(m)·w2)·w3 + r)·s` in
+# fp32 and stores once. Set `my_dual` to a function `(d, w1, m, w2, w3, r, s) -> out`; the check compares it with
+# the package's reference. (The collapsed solution cell runs only if you leave `my_dual` as `None`.)
+
+# %%
+my_dual = None  # your answer: a function (d, w1, m, w2, w3, r, s) -> out
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if my_dual is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm(x, mask, n, eps):
+        return x / tl.sqrt(tl.sum(tl.where(mask, x * x, 0.0), axis=0) / n + eps)
+
+    @triton.jit
+    def _dual_kernel(d_ptr, w1_ptr, m_ptr, w2_ptr, w3_ptr, r_ptr, s_ptr, o_ptr, n, stride, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        load = lambda p: tl.load(p + row * stride + cols, mask=mask, other=0.0).to(tl.float32)  # noqa: E731
+        weight = lambda p: tl.load(p + cols, mask=mask, other=0.0).to(tl.float32)  # noqa: E731
+        mid = _norm(load(d_ptr), mask, n, eps) * weight(w1_ptr) + _norm(load(m_ptr), mask, n, eps) * weight(w2_ptr)
+        y = (_norm(mid, mask, n, eps) * weight(w3_ptr) + load(r_ptr)) * tl.load(s_ptr).to(tl.float32)
+        tl.store(o_ptr + row * stride + cols, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+    def my_dual(d, w1, m, w2, w3, r, s, eps=1e-6):
+        out = torch.empty_like(d)
+        _dual_kernel[(d.shape[0],)](d, w1, m, w2, w3, r, s, out, d.shape[1], d.stride(0), eps,
+                                    BLOCK=triton.next_power_of_2(d.shape[1]))
+        return out
+
+# %%
+mine, ref = my_dual(*args).float(), K.gemma_dual_rmsnorm_residual_scalar_ref(*args).float()
+worst = ((mine - ref).abs() / (ref.abs() + 1e-3)).max().item()
+print(f"max relative difference from the reference: {worst:.1e} (one bf16 step, an ulp, is up to {2**-7:.1e} of a "
+      "value)")
+notebook.check(worst <= 2**-6, "the reference's values, to a bf16 ulp or two (sums in another order round apart)")
 
 # %% [markdown]
 # Next: `04_decoder_layer` switches these kernels on inside a whole model.

@@ -163,4 +163,44 @@ print("max |package - reference| =", (y_pkg - rmsnorm_ref(x, w)).abs().max().ite
 print("max |package - notebook kernel| =", (y_pkg - y).abs().max().item())
 
 # %% [markdown]
+# ## Exercise: the residual and the scalar
+#
+# Gemma 4 follows a norm with a residual add and a per-layer scalar: `(rms(x)·w + residual)·scalar`. Grow
+# `rmsnorm_kernel` into that: load the residual row too, read the scalar once, keep everything in fp32 and store
+# once. Set `my_rms_res_scalar` to a function `(x, w, residual, scalar) -> out`; the check compares it with the
+# package's reference. (The collapsed solution cell runs only if you leave it as `None`.)
+
+# %%
+my_rms_res_scalar = None  # your answer: a function (x, w, residual, scalar) -> out
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if my_rms_res_scalar is None:
+
+    @triton.jit
+    def rms_res_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, y_ptr, stride, H, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / H + eps) * w + r) * tl.load(s_ptr).to(tl.float32)
+        tl.store(y_ptr + row * stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    def my_rms_res_scalar(x, w, residual, scalar, eps=1e-6):
+        y = torch.empty_like(x)
+        rms_res_scalar_kernel[(x.shape[0],)](x, w, residual, scalar, y, x.stride(0), x.shape[1], eps,
+                                             BLOCK=triton.next_power_of_2(x.shape[1]))
+        return y
+
+# %%
+res = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+scale = torch.tensor([0.7], device=DEVICE, dtype=dtype)
+mine = my_rms_res_scalar(x, w, res, scale).float()
+ref = K.gemma_rmsnorm_residual_scalar_ref(x, w, res, scale).float()
+worst = ((mine - ref).abs() / (ref.abs() + 1e-3)).max().item()
+print(f"max relative difference from the reference: {worst:.1e}")
+notebook.check(worst <= 2**-6, "the reference's values, to a rounding step or two")
+
+# %% [markdown]
 # Next: `02_norm_residual_scalar` puts the residual and the scalar to work and counts the bytes saved.

@@ -146,4 +146,35 @@ else:
 
 # %% [markdown]
 # Small T is launch-bound (a few microseconds whatever the size), so every implementation is far from the roof;
-# large T is bandwidth-bound, where fewer bytes win. Next: `03_dual_norm_epilogue` fuses a much longer chain.
+# large T is bandwidth-bound, where fewer bytes win.
+#
+# ## Exercise: where does the kernel reach half the roof?
+#
+# Model the kernel's time as a fixed cost plus its bytes over the bandwidth: `t(T) = t0 + 3·T·H·2 / BW`. The
+# fraction of the roof it reaches is then `(bytes / BW) / t(T)`, one half when the two terms are equal. Take `t0`
+# as the recorded time in a CUDA graph at the smallest T, `BW` as the recorded copy bandwidth, `H = 2816`, and set
+# `t_half` to the token count where the kernel should reach half the roof. The check asks the recorded curve
+# whether it crosses one half there.
+
+# %%
+t_half = None  # your answer: a number of tokens
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if t_half is None and rows:
+    t0 = rows[0]["graph_ms"] * 1e-3  # seconds at the smallest recorded T: almost all fixed cost
+    bw = recorded[0]["roofs"]["copy_bandwidth_Bps"]
+    t_half = t0 * bw / (3 * 2816 * 2)  # bytes(T) / BW == t0
+
+# %%
+if rows:
+    below = [r for r in rows if r["tokens"] <= t_half]
+    above = [r for r in rows if r["tokens"] >= t_half]
+    print(f"predicted half-roof point: T ≈ {t_half:.0f}; recorded fractions: "
+          + ", ".join(f"T={r['tokens']}: {r['graph_frac_copy']:.0%}" for r in rows))
+    notebook.check(bool(below and above) and below[-1]["graph_frac_copy"] < 0.5 < above[0]["graph_frac_copy"],
+                   "the recorded curve crosses one half between the recorded sizes around the prediction")
+else:
+    print("No recorded kernel results: the exercise needs a `bench-kernels` run.")
+
+# %% [markdown]
+# Next: `03_dual_norm_epilogue` fuses a much longer chain.

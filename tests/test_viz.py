@@ -381,3 +381,16 @@ def test_plot_timeline_draws_each_kernel_where_it_ran():
     assert "2 kernels, busy 0.15 of 0.45 ms (67% idle)" in texts  # eager: a 250 µs gap
     assert "2 kernels, busy 0.15 of 0.15 ms (1% idle)" in texts  # PCG: a 2 µs gap
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"dense GEMM", "row kernels"}
+
+
+def test_plot_moe_sweep_takes_each_tiles_best_setting():
+    row = lambda t, skew, a, b: {"tokens": t, "skew": skew, "gemm_grouped_mm_ms": 0.5,  # noqa: E731
+                                 "gemm": [{"config": "MoeConfig(block_m=16, block_n=128)", "ms": a},
+                                          {"config": "MoeConfig(block_m=16, block_n=64)", "ms": a + 0.1},
+                                          {"config": "MoeConfig(block_m=32, block_n=128)", "ms": b}]}
+    doc = {"rows": [row(93, 1.0, 0.4, 0.6), row(189, 1.0, 0.5, 0.7), row(93, 3.0, 0.3, 0.35)]}
+    fig = viz.plot_moe_sweep(doc, LABEL)
+    uniform, skewed = fig.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in uniform.get_lines()}
+    assert lines == {"grouped_mm": [0.5, 0.5], "moe_gemm, 16-row tile": [0.4, 0.5], "moe_gemm, 32-row tile": [0.6, 0.7]}
+    assert uniform.get_title() == "routing skew 1 (uniform)" and skewed.get_title() == "routing skew 3"

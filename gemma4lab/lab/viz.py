@@ -43,6 +43,7 @@ __all__ = [
     "plot_kernels",
     "plot_launches",
     "plot_layer_errors",
+    "plot_moe_sweep",
     "plot_padding_waste",
     "plot_pcg_bench",
     "plot_pcg_latency",
@@ -448,6 +449,37 @@ def plot_pcg_speedup(doc: Mapping[str, Any], title: str) -> Figure:
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_moe_sweep(doc: Mapping[str, Any], title: str) -> Figure:
+    """The expert GEMM sweep (09, ``experiments/moe_gemm_vs_grouped_mm.py --sweep``): both expert GEMMs of one layer
+    vs tokens, one line per row tile (its best weight tiling) beside the library grouped GEMM, one panel per
+    routing skew — where a prediction about row tiles met the measurement."""
+    rows = doc.get("rows") or []
+    skews = sorted({r["skew"] for r in rows})
+    fig = Figure(figsize=(5.5 * max(1, len(skews)), 4))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(skews)), sharey=True))
+    for ax, skew in zip(axes, skews):
+        mine = sorted((r for r in rows if r["skew"] == skew), key=lambda r: r["tokens"])
+        best: dict[int, list[tuple[int, float]]] = {}
+        for r in mine:
+            per_tile: dict[int, float] = {}
+            for g in r.get("gemm") or []:
+                bm = int(re.search(r"block_m=(\d+)", g["config"]).group(1))
+                per_tile[bm] = min(per_tile.get(bm, float("inf")), g["ms"])
+            for bm, ms in per_tile.items():
+                best.setdefault(bm, []).append((r["tokens"], ms))
+        ax.plot([r["tokens"] for r in mine], [r["gemm_grouped_mm_ms"] for r in mine], "k--s", label="grouped_mm")
+        for i, bm in enumerate(sorted(best)):
+            ax.plot(*zip(*best[bm]), "o-", color=f"C{i}", label=f"moe_gemm, {bm}-row tile")
+        ax.set(xscale="log", yscale="log", xlabel="tokens", title=f"routing skew {skew:g}"
+               + (" (uniform)" if skew == 1 else ""))
+        plain_log_ticks(ax)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms, both expert GEMMs of one layer")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 

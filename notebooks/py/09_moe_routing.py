@@ -1,0 +1,267 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py//py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · Routing and the expert GEMM
+#
+# Between the router and the experts, a mixture-of-experts layer does bookkeeping: which routed rows go to which
+# expert, in what order, and where each result goes back. At a short prompt it moves almost no bytes but, written
+# in PyTorch, takes a dozen launches; the expert matmuls after it are a stream over the experts' weights.
+#
+# **What you will learn**
+#
+# - what the unfused bookkeeping does (a stable sort, a histogram, a prefix sum, an inverse permutation) and what
+#   it costs in launches and bytes;
+# - how a counting sort does it in one launch with no sort at all — written here, then the package's `moe_route`;
+# - why the expert GEMM at a short prompt is a weight stream, and its floor;
+# - a prediction about row tiles that an H200 refuted, and what the measurement says instead.
+
+# %% tags=["parameters"]
+DEVICE = "cpu"  # "cuda" for compiled kernels
+INTERACTIVE = True
+DTYPE = "float32"  # the fused MoE kernels run in fp32 under the CPU interpreter
+TOKENS = 24
+
+# %%
+from gemma4lab.lab import notebook
+
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+RESULTS = ROOT / "results"
+
+# %matplotlib inline
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from IPython.display import display
+
+import gemma4lab
+import gemma4lab.kernels as K
+from gemma4lab.lab import viz
+from gemma4lab.lab.profiling import profile_forward
+
+dtype = getattr(torch, DTYPE)
+
+# %% [markdown]
+# ## The routed rows
+#
+# The router picks `k` experts per token, so a prompt of `T` tokens becomes `T·k` *routed slots*; slot
+# `s = t·k + j` is token `t`'s `j`-th choice. The expert GEMMs want the slots grouped by expert (each expert's rows
+# contiguous) and the offsets where each expert's rows end — the layout `torch.nn.functional.grouped_mm` takes.
+
+# %%
+model = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE)
+cfg = model.config.text
+E, k = cfg.num_experts, cfg.top_k_experts
+gen = torch.Generator().manual_seed(0)
+logits = torch.randn(TOKENS, E, generator=gen).to(DEVICE)
+weights, ids = K.gemma_router_topk(logits, torch.ones(E, device=DEVICE), k)
+print(f"{TOKENS} tokens × top-{k} of {E} experts = {ids.numel()} routed slots; first tokens' choices:")
+print(ids[:3].tolist())
+
+# %% [markdown]
+# ## The bookkeeping, unfused
+#
+# This is the plain-torch twin of the package's routing kernel, the code the model runs without fusion:
+
+# %%
+print(inspect.getsource(K.gemma_moe_route_ref))
+prof = profile_forward(lambda: K.gemma_moe_route_ref(ids, E), warmup=1)
+print(f"unfused bookkeeping: {prof['kernels']} {'kernels' if prof['device'] == 'cuda' else 'ATen ops'} "
+      f"(on a GPU the stable sort alone is a radix sort of several kernels)")
+
+# %% [markdown]
+# **Prediction.** The bytes are tiny (`T·k` ids in, three small int32 arrays out: at 93 tokens ~6 KB), so on a GPU
+# each of those launches costs its fixed few microseconds and nothing more: the fix is *fewer launches*, not
+# fewer bytes. The recorded sweep below measures it.
+#
+# ## A counting sort in one launch
+#
+# No sort is needed: with `E` experts, one program per expert can count how many slots pick a *smaller* expert
+# (that is where its rows start) and how many pick *it* (how many rows it gets), then walk the slots once more and
+# write its own in slot order. Every output element has one writer and no atomics, so the result is deterministic —
+# exactly a stable argsort.
+
+# %%
+@triton.jit
+def route_kernel(ids_ptr, offs_ptr, slot_ptr, n_slots, BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    before = tl.zeros((), dtype=tl.int32)
+    mine = tl.zeros((), dtype=tl.int32)
+    for s0 in range(0, n_slots, BLOCK):  # pass 1: my first row and my row count
+        x = tl.load(ids_ptr + s0 + lanes, mask=s0 + lanes < n_slots, other=-1)
+        before += tl.sum((x >= 0) & (x < e), axis=0)
+        mine += tl.sum(x == e, axis=0)
+    tl.store(offs_ptr + e, before + mine)
+    row = before
+    for s0 in range(0, n_slots, BLOCK):  # pass 2: my slots, in slot order
+        x = tl.load(ids_ptr + s0 + lanes, mask=s0 + lanes < n_slots, other=-1)
+        hit = x == e
+        tl.store(slot_ptr + row + tl.cumsum(hit.to(tl.int32), axis=0) - 1, s0 + lanes, mask=hit)
+        row += tl.sum(hit.to(tl.int32), axis=0)
+
+
+def route(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = ids.reshape(-1).contiguous()
+    offsets = torch.full((n_experts,), -1, dtype=torch.int32, device=flat.device)  # poisoned: every entry is written
+    slots = torch.full((flat.numel(),), -1, dtype=torch.int32, device=flat.device)
+    route_kernel[(n_experts,)](flat, offsets, slots, flat.numel(), BLOCK=64)
+    return offsets, slots
+
+
+offsets, slots = route(ids, E)
+want_offsets, want_slots, _ = K.gemma_moe_route_ref(ids, E)
+assert torch.equal(offsets, want_offsets) and torch.equal(slots, want_slots), "the counting sort must equal argsort"
+print("counting sort == stable argsort + cumulative histogram:", True)
+print("rows per expert:", torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist())
+
+# %% [markdown]
+# ## The package's kernel
+#
+# `gemma_moe_route` is the same idea grown up: it also writes the inverse permutation (where each slot's result
+# lands, for the combine), guards ids out of range on the device, and is registered as `torch.ops.gemma4lab.moe_route`
+# so CUDA graphs and `torch.compile` see one op. Its kernel:
+
+# %%
+from gemma4lab.kernels import moe_route as route_module
+
+print(inspect.getsource(route_module._moe_route_kernel.fn))  # .fn: the Python function under @triton.jit
+pkg_offsets, pkg_slots, pkg_position = K.gemma_moe_route(ids, E)
+assert torch.equal(pkg_offsets, want_offsets) and torch.equal(pkg_slots, want_slots)
+prof_fused = profile_forward(lambda: K.gemma_moe_route(ids, E), warmup=1)
+print(f"fused: {prof_fused['kernels']} launch, against {prof['kernels']} unfused")
+
+# %% [markdown]
+# The token gather (`x[slot // k]`) then rides on the expert GEMM's operand load, and the un-sort, weighting and
+# sum over the `k` choices is one more pass (`moe_combine`): the whole fused block is four launches. Same result as
+# the unfused path, to fp32 rounding:
+
+# %%
+layer = model.language_model.layers[0]
+x = torch.randn(TOKENS, cfg.hidden_size, generator=gen).to(DEVICE, dtype)
+with torch.no_grad():
+    fused = layer.experts(x, ids, weights, fused_act=True, fused_gemm=True)
+    unfused = layer.experts(x, ids, weights)
+rel = ((fused - unfused).norm() / unfused.norm()).item()
+print(f"fused block vs unfused: relative difference {rel:.1e}")
+assert rel < 1e-5
+
+# %% [markdown]
+# ## The expert GEMM is a weight stream
+#
+# At the real shapes (hidden 2816, expert width 704, 128 experts, top-8), both expert GEMMs of one layer read every
+# expert's weights that the routing hit and only `T·k` rows of activations:
+
+# %%
+real = gemma4lab.Gemma4Config.preset("26b-a4b").text
+H, inter, E_real, k_real = real.hidden_size, real.moe_intermediate_size, real.num_experts, real.top_k_experts
+weight_bytes = E_real * (2 * inter * H + H * inter) * 2  # gate|up and down, bf16
+for t in (93, 1453):
+    act_bytes = t * k_real * (H + 2 * inter + inter + H) * 2  # rows in and out of both GEMMs
+    flops = 2 * t * k_real * (2 * inter * H + H * inter)
+    print(f"T={t:>5}: weights {weight_bytes / 1e9:.2f} GB, activations {act_bytes / 1e6:.1f} MB, "
+          f"{flops / weight_bytes:.0f} FLOP per weight byte")
+
+# %% [markdown]
+# At 93 tokens that is a few FLOP per weight byte, far below the ~200 where an H200's tensor cores, not its memory,
+# become the limit (its bf16 rate over its bandwidth): the GEMM's floor is the weight bytes over the copy bandwidth,
+# and a good kernel reads each weight once. Even at 1453 tokens it stays under that ridge.
+
+# %%
+rec = viz.load_recorded("prefill", RESULTS)  # the matmul rate and copy bandwidth measured on the card, same run
+mm_rate, copy_bw = (rec[0]["matmul_flops"], rec[0]["copy_bandwidth_Bps"]) if rec else (790e12, 4.2e12)
+ridge = mm_rate / copy_bw
+intensity_93 = 2 * 93 * k_real * (2 * inter * H + H * inter) / weight_bytes
+print(f"{'recorded on ' + rec[1] if rec else 'H200 leads (no recorded run)'}: {mm_rate / 1e12:.0f} TFLOP/s, "
+      f"{copy_bw / 1e12:.2f} TB/s → ridge ≈ {ridge:.0f} FLOP/byte; expert GEMMs at 93 tokens: {intensity_93:.1f} "
+      f"→ memory-bound, floor {weight_bytes / copy_bw * 1e3:.2f} ms per layer")
+assert intensity_93 < ridge / 10
+#
+# ## A prediction the H200 refuted
+#
+# `moe_gemm` gives each program one expert and one slice of output columns, and loops over the expert's rows in
+# tiles of `block_m` rows *outside* its loop over K. An expert with more rows than one tile reads its weights again
+# for each extra tile. **Prediction:** a tile big enough for the busiest expert (32 rows at 189 tokens, 64 at 512)
+# reads the weights once and is faster than the 16-row tile from 189 tokens on. The recorded sweep (both expert
+# GEMMs of one layer, every candidate setting, on an H200):
+
+# %%
+sweep = viz.load_recorded("moe_sweep", RESULTS)
+if sweep:
+    doc, label = sweep
+    display(viz.plot_moe_sweep(doc, f"expert GEMMs, recorded on {label}"))
+
+    def best(t, skew, tile):
+        row = next(r for r in doc["rows"] if r["tokens"] == t and r["skew"] == skew)
+        return min(g["ms"] for g in row["gemm"] if f"block_m={tile}," in g["config"])
+
+    print(f"189 tokens, uniform: 16-row tile {best(189, 1.0, 16):.3f} ms, 32-row tile {best(189, 1.0, 32):.3f} ms")
+    assert best(189, 1.0, 16) < best(189, 1.0, 32), "the recorded sweep contradicts the prediction, as the text says"
+else:
+    print("No recorded results/moe_sweep_*.json: run `python experiments/moe_gemm_vs_grouped_mm.py --sweep "
+          "--json results/moe_sweep_<card>.json` on a GPU.")
+
+# %% [markdown]
+# Refuted: the re-read weights mostly come from the L2 cache (an expert's weight slice is read again a moment
+# later by the same program), while a bigger row tile multiplies the tensor-core work spent on padding rows and the
+# registers each program needs. And from ~500 tokens the library grouped GEMM wins whatever the tile — with strongly
+# skewed routing it wins from ~100 tokens, since both skip the experts nobody picked. So the package keeps one
+# 16-row setting and hands prompts above 128 tokens to `grouped_mm` (`Experts.MOE_GEMM_MAX_TOKENS`).
+#
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,
+# and a check.
+#
+# **1. How many experts does a prompt touch?** Under uniform random routing each token picks `k` of `E` experts.
+# Write `experts_hit(T, E, k)`, the expected number of distinct experts a prompt of `T` tokens touches. The check
+# compares it with a simulation.
+
+# %%
+experts_hit = None  # your answer: a function (T, E, k) -> float
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if experts_hit is None:
+    def experts_hit(T, E, k):
+        # an expert is missed by one token with probability 1 - k/E, by all T tokens with (1 - k/E)^T
+        return E * (1 - (1 - k / E) ** T)
+
+# %%
+sim_gen = torch.Generator().manual_seed(1)
+for t in (4, 93):
+    picks = torch.rand(400, t, E_real, generator=sim_gen).argsort(-1)[..., :k_real]  # 400 prompts, k distinct each
+    hit = torch.stack([torch.bincount(p.reshape(-1), minlength=E_real) > 0 for p in picks]).sum(-1).float().mean()
+    print(f"T={t}: formula {experts_hit(t, E_real, k_real):.1f}, simulated {hit:.1f}")
+    notebook.check(abs(experts_hit(t, E_real, k_real) - hit.item()) < 1.0, f"the simulation's mean at T={t}")
+
+# %% [markdown]
+# **2. How often does a 16-row tile read the weights?** With uniform routing an expert's row count is
+# `Binomial(T, k/E)`; a 16-row tile reads its weights `ceil(rows / 16)` times (never, if it has
+# no row). Set `reads_512` to the expected reads per expert at 512 tokens, relative to
+# reading every expert once, by simulation or by formula.
+
+# %%
+reads_512 = None  # your answer: a float
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if reads_512 is None:
+    rows = torch.distributions.Binomial(512, torch.tensor(k_real / E_real)).sample((200_000,))
+    reads_512 = torch.ceil(rows / 16).mean().item()
+
+# %%
+print(f"expected weight reads per expert at 512 tokens with 16-row tiles: {reads_512:.2f}")
+notebook.check(abs(reads_512 - 2.45) < 0.05, "about 2.45 reads (the module docstring's figure)")

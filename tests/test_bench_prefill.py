@@ -14,7 +14,8 @@ from gemma4lab.lab.floors import FAMILIES
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts",
-            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families", "--rep-ms", "5",
+            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families,vision", "--rep-ms", "5",
+            "--images", "1,2",
             "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
     assert prefill.main(argv) == 0
     return out, measure.read_json(out / "prefill_cpu.json")
@@ -90,3 +91,25 @@ def test_bad_arguments_are_clear_errors(capsys):
     with pytest.raises(SystemExit):
         prefill.main(["--parts", "eager,banana"])
     assert "unknown parts" in capsys.readouterr().err
+
+
+def test_vision_part_per_image_count(result):
+    """The tower alone (ours and transformers' on the same weights), the whole prompt, the tower's kernels and both
+    floors, per image count; two images of the same photo double the tower's work but not its weights."""
+    _, doc = result
+    one, two = doc["vision"]["1"], doc["vision"]["2"]
+    assert two["patches"] == one["patches"] * 2 and two["soft_tokens"] == 2 * one["soft_tokens"]
+    assert two["tower_floor"]["flops"] == 2 * one["tower_floor"]["flops"]
+    assert two["tower_floor"]["weight_bytes"] == one["tower_floor"]["weight_bytes"]
+    for r in (one, two):
+        assert r["tower"]["runs"] >= 3 and r["hf_tower"]["runs"] >= 3 and r["prompt_fused"]["runs"] >= 3
+        assert r["tower_x_floor"] == r["tower"]["median_ms"] / r["tower_floor"]["floor_ms"]
+        assert r["tower_kernels"] > 0 and r["text_floor_ms"] > 0
+
+
+def test_report_shows_the_vision_table(result):
+    _, doc = result
+    text = report.prefill_section(doc, None)
+    assert "**The vision path**" in text
+    one = doc["vision"]["1"]
+    assert f"| 1 | {sum(one['patches'])} | {one['soft_tokens']} |" in text

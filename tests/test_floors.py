@@ -230,3 +230,47 @@ def test_decode_floor_averages_the_kv_over_the_steps(tiny_config):
         F.decode_floor(tiny_config, 1, 14, 3.0, copy_bw=1e12)  # one sequence touches exactly top_k = 2
     with pytest.raises(ValueError, match="context"):
         F.kv_read_bytes(tiny_config, 1, -1)
+
+
+# ---- the vision tower -------------------------------------------------------------------------------------------
+def test_vision_floor_weights_are_the_towers_matmul_parameters():
+    """Every weight the tower's math reads once: the built tiny model's vision and projector parameters and its
+    standardisation vectors, less the position table (looked up, two rows a patch) — counted from the module tree."""
+    import torch
+
+    from gemma4lab import random_init
+    from gemma4lab.lab.floors import vision_ops
+
+    model = random_init("tiny", dtype=torch.bfloat16)
+    v = model.config.vision
+    params = sum(p.numel() for n, p in [*model.named_parameters(), *model.named_buffers()]
+                 if ("vision_tower" in n or "embed_vision" in n) and "position_embedding_table" not in n)
+    pool = v.pooling_kernel_size ** 2
+    ops = vision_ops(model.config, [4 * pool, 2 * pool])
+    assert sum(o.weight_bytes for o in ops) == 2 * params
+
+
+def test_vision_floor_counts_attention_within_each_image():
+    from gemma4lab import Gemma4Config
+    from gemma4lab.lab.floors import vision_floor
+
+    cfg = Gemma4Config.preset("26b-a4b")
+    v = cfg.vision
+    one, two = vision_floor(cfg, [2430], 4e12, 8e14), vision_floor(cfg, [2430, 2430], 4e12, 8e14)
+    per_image = 4 * v.head_dim * v.num_attention_heads * 2430**2 * v.num_hidden_layers
+    assert one["attention_flops"] == per_image and two["attention_flops"] == 2 * per_image  # not (2·2430)²
+    assert two["flops"] == 2 * one["flops"] and two["weight_bytes"] == one["weight_bytes"]
+    assert one["floor_ms"] == max(one["weight_floor_ms"], one["compute_floor_ms"]) <= one["op_floor_ms"]
+
+
+def test_vision_floor_refuses_what_it_cannot_count():
+    from gemma4lab import Gemma4Config
+    from gemma4lab.lab.floors import vision_floor
+
+    cfg = Gemma4Config.preset("26b-a4b")
+    with pytest.raises(ValueError, match="multiple of the 9-patch pooling block"):
+        vision_floor(cfg, [100], 4e12, 8e14)
+    with pytest.raises(ValueError, match="non-empty list"):
+        vision_floor(cfg, [], 4e12, 8e14)
+    with pytest.raises(ValueError, match="vision tower"):
+        vision_floor(Gemma4Config(text=cfg.text, vision=None), [9], 4e12, 8e14)

@@ -100,6 +100,24 @@ def _check_hit(t: TextConfig, tokens: int, experts_hit: object) -> float:
     return float(experts_hit)
 
 
+class _Ops:
+    """An op list under construction: sizes in elements of the model dtype (``elem_bytes`` each), ids and fp32
+    routing weights in :data:`INDEX_BYTES` each; every input read once, every output written once."""
+
+    def __init__(self, elem_bytes: int) -> None:
+        self.elem_bytes, self.ops = elem_bytes, []
+
+    def op(self, name: str, family: str, layer: int | None, *, read: float, write: float, weights: float = 0.0,
+           flops: float = 0.0, index: float = 0.0) -> None:
+        s = self.elem_bytes
+        self.ops.append(Op(name, family, layer, (read + write + weights) * s + index * INDEX_BYTES, weights * s,
+                           flops))
+
+    def matmul(self, name: str, family: str, layer: int | None, m: int, k: int, n: int) -> None:
+        """``[m, k] @ [k, n]``: the activations in and out, the weights once, ``2·m·k·n`` FLOPs."""
+        self.op(name, family, layer, read=m * k, write=m * n, weights=k * n, flops=2 * m * k * n)
+
+
 def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float, elem_bytes: int = 2) -> list[Op]:
     """The ops of one text prefill of a single prompt of ``tokens`` tokens, in order.
 
@@ -111,16 +129,8 @@ def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float,
     s = _check_count("elem_bytes", elem_bytes)
     hit = _check_hit(t, n, experts_hit)
     h, layers = t.hidden_size, t.num_hidden_layers
-    ops: list[Op] = []
-
-    def op(name: str, family: str, layer: int | None, *, read: float, write: float, weights: float = 0.0,
-           flops: float = 0.0, index: float = 0.0) -> None:
-        """``read``, ``write`` and ``weights`` (read too) in elements of the model dtype, ``index`` in ids or fp32
-        routing weights (:data:`INDEX_BYTES` each)."""
-        ops.append(Op(name, family, layer, (read + write + weights) * s + index * INDEX_BYTES, weights * s, flops))
-
-    def matmul(name: str, family: str, layer: int | None, m: int, k: int, nn: int) -> None:
-        op(name, family, layer, read=m * k, write=m * nn, weights=k * nn, flops=2 * m * k * nn)
+    ops = _Ops(s)
+    op, matmul = ops.op, ops.matmul
 
     moe = t.enable_moe_block
     # ids in; the embedding rows (× √hidden) and layer 0's input norm out
@@ -159,7 +169,70 @@ def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float,
         op("epilogue", "row_kernels", i, read=(branches + 1) * n * h + 1, write=(1 if i == layers - 1 else 2) * n * h,
            weights=(norms + 1) * h)
     matmul("lm_head", "dense_gemm", None, 1, h, t.vocab_size)
-    return ops
+    return ops.ops
+
+
+def vision_ops(cfg: Gemma4Config, patches: list[int], elem_bytes: int = 2) -> list[Op]:
+    """The ops of the vision tower and the projector for images of ``patches`` real patches each, in order.
+
+    From the model's math, as :func:`prefill_ops`: padding patches cost nothing (a floor counts real work); each
+    image attends within itself, every patch to every patch (``P²`` pairs per head); the row ops between two matmuls
+    are one op each; the position-embedding lookup moves bytes (two table rows per patch) and is not compute; the
+    pixels arrive in fp32.
+    """
+    if not isinstance(cfg, Gemma4Config) or cfg.vision is None:
+        raise ValueError("vision_ops needs a Gemma4Config with a vision tower")
+    if not isinstance(patches, (list, tuple)) or not patches:
+        raise ValueError(f"patches must be a non-empty list of patch counts per image, got {patches!r}")
+    v, s = cfg.vision, _check_count("elem_bytes", elem_bytes)
+    counts = [_check_count("patches per image", p) for p in patches]
+    pool = v.pooling_kernel_size**2
+    if any(p % pool for p in counts):
+        raise ValueError(f"every image's patches must be a multiple of the {pool}-patch pooling block, got {counts}")
+    n, d, inter, pix = sum(counts), v.hidden_size, v.intermediate_size, 3 * v.patch_size**2
+    heads, hd = v.num_attention_heads, v.head_dim
+    pairs = sum(p * p for p in counts)
+    ops = _Ops(s)
+    ops.op("patch_proj", "dense_gemm", None, read=n * pix * 4 / s, write=n * d, weights=pix * d,
+           flops=2 * n * pix * d)  # fp32 pixels in
+    # two table rows per patch, added to the projection, then layer 0's input norm
+    ops.op("position_embedding", "other", None, read=3 * n * d, write=2 * n * d, weights=d)
+    for i in range(v.num_hidden_layers):
+        ops.matmul("qkv_proj", "dense_gemm", i, n, d, 3 * heads * hd)
+        ops.op("qkv_norm_rope", "row_kernels", i, read=3 * n * heads * hd, write=3 * n * heads * hd, weights=2 * hd)
+        ops.op("attention", "attention", i, read=3 * n * heads * hd, write=n * heads * hd,
+               flops=4 * hd * heads * pairs)
+        ops.matmul("o_proj", "dense_gemm", i, n, heads * hd, d)
+        # post-attention norm + residual, then the MLP's input norm
+        ops.op("post_attention", "row_kernels", i, read=2 * n * d, write=2 * n * d, weights=2 * d)
+        ops.matmul("mlp_gate_up", "dense_gemm", i, n, d, 2 * inter)
+        ops.op("mlp_act", "row_kernels", i, read=2 * n * inter, write=n * inter)
+        ops.matmul("mlp_down", "dense_gemm", i, n, inter, d)
+        # post-MLP norm + residual, then the next layer's input norm (after the last: the stream alone)
+        last = i == v.num_hidden_layers - 1
+        ops.op("epilogue", "row_kernels", i, read=2 * n * d, write=(1 if last else 2) * n * d,
+               weights=(1 if last else 2) * d)
+    soft = n // pool
+    # k×k average pooling, √D scaling, standardisation (its bias and scale vectors) and the projector's unweighted
+    # norm: one row op
+    ops.op("pool_standardize", "row_kernels", None, read=n * d, write=soft * d, weights=2 * d if v.standardize else 0)
+    ops.matmul("projector", "dense_gemm", None, soft, d, cfg.text.hidden_size)
+    return ops.ops
+
+
+def vision_floor(cfg: Gemma4Config, patches: list[int], copy_bw: float, mm_rate: float,
+                 elem_bytes: int = 2) -> dict:
+    """The tower's floors for ``patches`` (per image), as :func:`floors` gives the text's: weight bytes over the
+    copy bandwidth or FLOPs over the matmul rate, the larger, and the op-level floor beside it."""
+    ops = vision_ops(cfg, patches, elem_bytes)
+    nbytes, flops = sum(o.weight_bytes for o in ops), sum(o.flops for o in ops)
+    out = {"patches": list(patches), "weight_bytes": nbytes, "flops": flops,
+           "attention_flops": sum(o.flops for o in ops if o.family == "attention"),
+           "weight_floor_ms": nbytes / _check_rate("copy_bw", copy_bw) * 1e3,
+           "compute_floor_ms": flops / _check_rate("mm_rate", mm_rate) * 1e3}
+    out["floor_ms"] = max(out["weight_floor_ms"], out["compute_floor_ms"])
+    out.update(op_floor(ops, copy_bw, mm_rate))
+    return out
 
 
 def op_floor(ops: list[Op], copy_bw: float, mm_rate: float) -> dict:

@@ -184,7 +184,29 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
         if families_png:
             out += ["", f"![GPU time by family]({families_png})"]
         out += ["", families_table(doc)]
+    if vision_table(doc):
+        out += ["", "**The vision path** (`--parts vision`: copies of the same photo, 40 text tokens; the tower floor "
+                    "from its math, `floors.vision_floor`: matmul FLOPs, attention FLOPs of each image's patch pairs, "
+                    "weight bytes; the text floor of a text prompt of the same length):", "", vision_table(doc)]
     out += ["", *prefill_findings(doc)]
+    return "\n".join(out)
+
+
+def vision_table(doc: Mapping[str, Any]) -> str:
+    """``bench-prefill --parts vision``: the tower + projector per image count against its floor from the model's
+    math, beside transformers' tower on the same weights, and the whole image prompt against text + tower floors."""
+    vis = doc.get("vision")
+    if not isinstance(vis, Mapping) or not vis:
+        return ""
+    out = ["| images | patches | soft tokens | tower floor | tower, ours | transformers' tower | kernels / encoder "
+           "layer | prompt tokens | prompt, ours fused | prompt / (text + tower floor) |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(vis.values(), key=lambda r: r["images"]):
+        med = lambda k, r=r: (r.get(k) or {}).get("median_ms")  # noqa: E731
+        out.append(f"| {r['images']} | {sum(r['patches'])} | {r['soft_tokens']} | "
+                   f"{ms(r['tower_floor']['floor_ms'])} | {ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
+                   f"{ms(med('hf_tower'))} | {r['tower_kernels_per_layer']:.0f} | {r['tokens']} | "
+                   f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |")
     return "\n".join(out)
 
 

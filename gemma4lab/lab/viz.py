@@ -598,7 +598,8 @@ def plot_prefill(published: Mapping[int, tuple[float, float]], rows: Sequence[Ma
     plain_log_ticks(sp)
     sp.title.set_fontsize(9)
     sp.grid(True, which="both", alpha=0.3)
-    sp.legend(fontsize=7)
+    if sp.get_lines()[1:]:  # beyond the 1.0 line
+        sp.legend(fontsize=7)
     fig.subplots_adjust(bottom=0.27, wspace=0.3)
     return fig
 

@@ -72,7 +72,7 @@ COLUMNS = {
 EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
 PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "compile_pieces",
-         "skew", "image", "layer", "families")
+         "skew", "image", "vision", "layer", "families")
 DEFAULT_PARTS = PARTS  # a full run measures everything; --parts picks a subset
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
@@ -301,6 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stats = routing.routing_stats(model, prompts[t])
             res["rows"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
                                    "routing": stats}
+        if "vision" in parts and cfg.vision is not None:
+            _try(res, "vision", lambda: _vision(model, args, copy_bw, mm_rate))
         if "layer" in parts:
             _try(res, "layer", lambda: _layer_alone(model, args))
             if dev.type == "cuda":
@@ -341,8 +343,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def _image_prompt(model, runner, args) -> dict:
-    """A real photo (matplotlib's bundled Grace Hopper portrait) + text, eager vs PCG."""
+def _photo_prompt(model, images: int) -> tuple[dict, Any]:
+    """A prompt of ``images`` copies of a real photo (matplotlib's bundled Grace Hopper portrait) between 40 text
+    tokens, through the processor, on the model's device; and the photo."""
     import matplotlib.cbook as cbook
     from PIL import Image
 
@@ -351,10 +354,59 @@ def _image_prompt(model, runner, args) -> dict:
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         img = Image.open(f).convert("RGB")
     cfg = model.config
-    proc = Gemma4Processor(cfg)
     text = random_prompt(40, cfg.text.vocab_size, seed=7, device="cpu").tolist()
-    batch = proc(input_ids=[cfg.text.bos_token_id] + text[:20] + [cfg.image_token_id] + text[20:], images=[img])
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    ids = [cfg.text.bos_token_id] + text[:20] + [cfg.image_token_id] * images + text[20:]
+    batch = Gemma4Processor(cfg)(input_ids=ids, images=[img] * images)
+    return {k: v.to(model.device) for k, v in batch.items()}, img
+
+
+def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
+    """The vision path per image count: the tower + projector alone (ours and transformers' on the same weights),
+    the whole image prompt (fused eager), the kernels the tower launches, and the floors from the same run — the
+    tower's from its math (``floors.vision_floor``) and the text decoder's for the prompt's length."""
+    from gemma4lab.lab import routing
+    from gemma4lab.lab.floors import vision_floor
+    from gemma4lab.lab.profiling import profile_forward
+
+    cfg, out = model.config, {}
+    hf = hf_twin(model)
+    for n in args.images:
+        batch, _ = _photo_prompt(model, n)
+        pv, ip = batch["pixel_values"], batch["image_position_ids"]
+        ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
+        patches = (ip != -1).all(dim=-1).sum(dim=-1).tolist()
+        tower = lambda pv=pv, ip=ip: model.image_features(pv, ip)  # noqa: E731
+        prof = profile_forward(tower)
+        # the text floor's experts: those a text prompt of the same length hits (the routing statistics run the
+        # decoder alone, so they cannot take the image's soft tokens; a random prompt's routing is uniform anyway)
+        stats = routing.routing_stats(model, [random_prompt(len(ids[0]), cfg.text.vocab_size, seed=n,
+                                                            device=model.device)])
+        row = {"images": n, "tokens": len(ids[0]), "patches": patches,
+               "soft_tokens": int((batch["input_ids"] == cfg.image_token_id).sum()),
+               "tower_floor": vision_floor(cfg, patches, copy_bw, mm_rate),
+               "text_floor_ms": floors(cfg, len(ids[0]), stats["experts_hit"], copy_bw, mm_rate)["floor_ms"],
+               "tower": measure.time_stats(tower, rep_ms=args.rep_ms),
+               "tower_kernels": prof["kernels"], "tower_gpu_busy_ms": prof["gpu_busy_ms"],
+               "tower_kernels_per_layer": prof["kernels"] / cfg.vision.num_hidden_layers,
+               "hf_tower": measure.time_stats(lambda pv=pv, ip=ip, f=hf.get_image_features: f(pv, ip),
+                                              rep_ms=args.rep_ms),
+               "prompt_fused": measure.time_stats(
+                   lambda ids=ids, pv=pv, ip=ip, mm=mm: model.prefill(ids, pv, ip, mm), rep_ms=args.rep_ms)}
+        row["tower_x_floor"] = row["tower"]["median_ms"] / row["tower_floor"]["floor_ms"]
+        row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]
+                                                                    + row["text_floor_ms"])
+        out[str(n)] = row
+        print(f"vision, {n} image(s): tower {row['tower']['median_ms']:.1f} ms ({row['tower_x_floor']:.1f}× its "
+              f"floor), transformers {row['hf_tower']['median_ms']:.1f} ms", flush=True)
+    del hf
+    measure.release_memory()
+    return out
+
+
+def _image_prompt(model, runner, args) -> dict:
+    """A real photo + text, eager vs PCG."""
+    cfg = model.config
+    batch, img = _photo_prompt(model, 1)
     ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
     pv, ip = batch["pixel_values"], batch["image_position_ids"]
     eager = lambda: model.prefill(ids, pv, ip, mm)  # noqa: E731
@@ -431,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-extra-tokens", type=positive_ints, default=EXTRA_COMPILE_TOKENS,
                    help="more prompt lengths the compiled fused model must serve (recompile count)")
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
+    p.add_argument("--images", type=positive_ints, default=(1, 2, 4), help="image counts of the vision part")
     p.add_argument("--rep-ms", type=positive_float, default=300.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
     p.add_argument("--device", type=device_arg, default="cuda")

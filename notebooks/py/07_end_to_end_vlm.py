@@ -43,6 +43,7 @@ import tempfile
 import matplotlib.cbook
 import PIL.Image
 import torch
+from IPython.display import display
 
 import gemma4lab
 from gemma4lab.lab import viz
@@ -129,3 +130,37 @@ if transformers is not None:
     print(f"transformers {transformers.__version__}:", ref_new)
     print("gemma4lab:            ", mine, "| equal:", ref_new == mine)
     assert ref_new == mine, "greedy tokens must match transformers"
+
+# %% [markdown]
+# ## How fast does it decode?
+#
+# Decode reads every active weight once per step for very little math, so its floor is bytes over bandwidth: the
+# non-expert weights, the experts the batch touches and the KV cache its attention sees. `python -m gemma4lab
+# bench-decode` measures the full-size model at batch 1–16 and three context lengths, eager and through the decode
+# graph, against that floor from the same run. On a GPU this cell also times the tiny model live: the graph's step
+# against the eager step, per token.
+
+# %%
+RESULTS = ROOT / "results"
+rec = viz.load_recorded("decode", RESULTS)
+if rec:
+    doc, label = rec
+    display(viz.plot_decode(doc, label))
+    one = doc["rows"].get("1x512")
+    if one:
+        print(f"recorded, batch 1, context 512: graph {one['graph']['step_ms']:.1f} ms per token "
+              f"({one['graph']['x_floor']:.1f}× its {one['floor_ms']:.2f} ms floor), eager {one['eager']['step_ms']:.1f} ms")
+        assert one["graph"]["step_ms"] < one["eager"]["step_ms"], "the graph removes the launch gaps of a step"
+else:
+    print("No recorded results/decode_*.json: run `python -m gemma4lab bench-decode` on a GPU.")
+if DEVICE == "cuda":
+    from gemma4lab.lab import measure
+
+    kw = dict(pixel_values=batch["pixel_values"], image_position_ids=batch["image_position_ids"],
+              mm_token_type_ids=batch["mm_token_type_ids"])
+    graph_ms = measure.bench(lambda: decoder.generate(ids, NEW_TOKENS, prefill_runner=runner, **kw)) / NEW_TOKENS
+    eager_ms = measure.bench(lambda: model.generate(ids, NEW_TOKENS, batch["pixel_values"],
+                                                    batch["image_position_ids"], batch["mm_token_type_ids"]))
+    print(f"live, tiny model: {graph_ms:.2f} ms per token with graphs (prefill included, amortised), "
+          f"{eager_ms / NEW_TOKENS:.2f} ms eager")
+

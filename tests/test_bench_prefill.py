@@ -13,7 +13,7 @@ from gemma4lab.lab.floors import FAMILIES
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12,40", "--parts",
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12", "--parts",
             "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families,vision", "--rep-ms", "5",
             "--images", "1,2",
             "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
@@ -65,7 +65,7 @@ def test_gpu_time_by_family_stands_beside_each_familys_floor(result):
 def test_compiled_fused_model_serves_every_length_with_one_graph(result):
     _, doc = result
     c = doc["compile"]["compile_fused"]
-    assert c["graphs_compiled"] == 1 and c["fullgraph"] and c["lengths"] == [12, 40, 7, 25]
+    assert c["graphs_compiled"] == 1 and c["fullgraph"] and c["lengths"] == [12, 7, 25]
     assert all(r["compile_fused_ms"] > 0 and r["compile_pieces_ms"] > 0 for r in doc["rows"].values())
     assert all(e["max_abs_vs_eager"] < 1e-4 for e in c["extra_lengths"].values())
 
@@ -84,7 +84,7 @@ def test_report_reads_the_result(result):
     assert (out / "prefill_cpu.png").exists() and (out / "prefill_cpu_layers.png").exists()
     assert f"{out.name}/prefill_cpu_layers.png" in text
     assert (out / "prefill_cpu_families.png").exists() and f"{out.name}/prefill_cpu_families.png" in text
-    assert "GPU time by family" in text and "| 12 | fused + PCG |" in text and "| 40 | fused eager |" in text
+    assert "GPU time by family" in text and "| 12 | fused + PCG |" in text and "| 12 | fused eager |" in text
 
 
 def test_bad_arguments_are_clear_errors(capsys):

@@ -10,7 +10,7 @@ Public API::
     runner = gemma4lab.PiecewiseCudaGraphRunner(model)        # piecewise CUDA graphs for prefill
 
     # or transformers' own Gemma 4, patched in place (generate, the processor, adapters keep working):
-    with gemma4lab.patch_transformers(hf_model, fusion="all"):
+    with gemma4lab.patch_transformers(hf_model, fusion="all", pcg=True):   # pcg: prefill through the runner
         hf_model.generate(**inputs)
 """
 

@@ -189,14 +189,20 @@ def test_greedy_generate_image_prompt_equal_tokens(hf):
     assert torch.equal(got, expected)
 
 
-def test_causal_lm_patched_equals_unpatched_and_the_multimodal_model(hf, hf64):
-    """``Gemma4ForCausalLM`` (the text-only class) on the same weights: its decoder is patched the same way."""
+def _causal_lm(hf):
+    """transformers' text-only ``Gemma4ForCausalLM`` on the multimodal model's decoder weights."""
     causal = transformers.Gemma4ForCausalLM(copy.deepcopy(hf.config.text_config)).eval()
     state = {k.replace("model.language_model.", "model."): v for k, v in hf.state_dict().items()
              if k.startswith("model.language_model.")}
     missing, unexpected = causal.load_state_dict(state, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected
     causal.tie_weights()
+    return causal
+
+
+def test_causal_lm_patched_equals_unpatched_and_the_multimodal_model(hf, hf64):
+    """``Gemma4ForCausalLM`` (the text-only class) on the same weights: its decoder is patched the same way."""
+    causal = _causal_lm(hf)
     ids = _prompt(30, 41)[None]
     exact = truth(hf64, input_ids=ids)
     with torch.no_grad():
@@ -480,6 +486,104 @@ def test_kernel_layout_accepts_only_what_the_kernel_expresses():
     assert key_end.tolist() == [7, 14] and cu_k.tolist() == [0, 7, 14]
 
 
+# ---- the piecewise CUDA graph runner over the patched model (pieces run eagerly on CPU) -------------------------
+def test_pcg_takes_prefill_and_generate_still_works(hf, hf64):
+    ids = torch.stack([_prompt(40, 31), _prompt(40, 32)])
+    exact = truth(hf64, input_ids=ids)
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+    tokens = hf.generate(ids, **kw)
+    with patch_transformers(hf, "all", pcg={"max_tokens": 128}) as handle:
+        assert "forward" in hf.__dict__ and handle.runner is not None
+        with torch.no_grad():
+            got = hf(input_ids=ids).logits
+        assert handle.runner.stats["replays"] == 1 and handle.runner.stats["transformers_calls"] == 0
+        got_tokens = hf.generate(ids, **kw)
+        # the runner took generate's prefill, transformers (patched layers) the decode steps from the cache it filled
+        assert handle.runner.stats["replays"] == 2
+        assert handle.runner.stats["transformers_calls"] == NEW_TOKENS - 1
+    assert "forward" not in hf.__dict__
+    assert_fp32_close(got, expected, exact)
+    assert torch.equal(got_tokens, tokens)
+
+
+def test_pcg_image_prompt_generate(hf):
+    batch = _image_batch(1, 10)
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    expected = hf.generate(**batch, **kw)
+    with patch_transformers(hf, "all", pcg={"max_tokens": 128}) as handle:
+        got = hf.generate(**batch, **kw)
+    assert handle.runner.stats["replays"] == 1
+    assert torch.equal(got, expected)
+
+
+def test_pcg_long_prompt_is_chunked_and_other_calls_follow_the_fallback_rules(hf):
+    """A prompt above the largest bucket runs as chunks through the pieces, reading the earlier chunks' keys back
+    from transformers' cache; more prompts than the runner holds run its eager path; a padded batch is not a
+    prefill the runner takes (transformers' forward, patched layers). Tokens equal the unpatched model's each time."""
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    long = _prompt(150, 33)[None]  # > 64 tokens, and past the sliding window in every chunk
+    pair = torch.stack([_prompt(20, 34), _prompt(20, 35)])
+    padded = torch.stack([_prompt(20, 36), torch.cat([torch.zeros(5, dtype=torch.long), _prompt(15, 37)])])
+    mask = (torch.arange(20)[None] >= torch.tensor([[0], [5]])).long()
+    expected = [hf.generate(long, **kw), hf.generate(pair, **kw), hf.generate(padded, attention_mask=mask, **kw)]
+    with patch_transformers(hf, "all", pcg={"max_tokens": 64, "max_prompts": 1}) as handle:
+        stats = handle.runner.stats
+        with pytest.warns(UserWarning, match="exceeds the largest bucket"):
+            got = [hf.generate(long, **kw)]
+        assert stats["chunked_prefills"] == 1 and stats["replays"] == 3  # 150 tokens: chunks of 64, 64, 22
+        with pytest.warns(UserWarning, match="exceed max_prompts"):
+            got.append(hf.generate(pair, **kw))
+        assert stats["eager_fallbacks"] == 1
+        calls = stats["transformers_calls"]
+        got.append(hf.generate(padded, attention_mask=mask, **kw))
+        assert stats["transformers_calls"] == calls + NEW_TOKENS and stats["replays"] == 3
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def test_pcg_leaves_hooked_models_to_the_per_layer_patch_and_is_never_half_applied(hf):
+    ids = _prompt(20, 38)[None]
+    fired = []
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        with patch_transformers(hf, "all", pcg={"max_tokens": 64}) as handle:
+            hook = hf.model.language_model.layers[2].register_forward_hook(lambda m, a, o: fired.append(1))
+            try:
+                got = hf(input_ids=ids).logits  # the runner would not call the layer: transformers' forward does
+            finally:
+                hook.remove()
+            assert fired == [1] and handle.runner.stats["replays"] == 0
+            assert handle.runner.stats["transformers_calls"] == 1
+            hf(input_ids=ids)
+            assert handle.runner.stats["replays"] == 1
+    assert rel_err(got, expected) <= 1e-5
+    hf.forward = hf.forward  # an instance-level forward on the model (e.g. accelerate's hook)
+    try:
+        with pytest.raises(ValueError, match="already has an instance-level forward"):
+            patch_transformers(hf, "all", pcg=True)
+    finally:
+        del hf.forward
+    assert _forwards(hf) == [None] * len(_forwards(hf))  # the layer patches were undone too
+
+
+def test_pcg_over_the_causal_lm(hf):
+    causal = _causal_lm(hf)
+    ids = _prompt(30, 41)[None]
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = causal(input_ids=ids).logits
+    tokens = causal.generate(ids, **kw)
+    with patch_transformers(causal, "all", pcg={"max_tokens": 64}) as handle:
+        with torch.no_grad():
+            got = causal(input_ids=ids).logits
+        got_tokens = causal.generate(ids, **kw)
+    assert handle.runner.stats["replays"] == 2
+    assert rel_err(got, expected) <= 1e-5
+    assert torch.equal(got_tokens, tokens)
+
+
 # ---- full size, on the GPU (for the lead) ------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
@@ -498,6 +602,20 @@ def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
             got_tokens = model.generate(ids, **kw)
     assert_fp32_close(got, expected, exact)
     assert torch.equal(got_tokens, tokens)
+
+
+@pytest.mark.gpu
+def test_gpu_pcg_captured_graphs_take_generate_prefill(checkpoint):
+    model = _load(checkpoint).cuda()
+    ids = torch.stack([_prompt(40, 31), _prompt(40, 32)]).cuda()
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    tokens = model.generate(ids, **kw)
+    with patch_transformers(model, "all", pcg={"max_tokens": 256, "progress": False}) as handle:
+        report = handle.runner.capture()
+        assert report.graphs
+        got = model.generate(ids, **kw)
+        assert handle.runner.stats["replays"] == 1
+    assert torch.equal(got, tokens)
 
 
 @pytest.mark.gpu

@@ -39,6 +39,11 @@ What is refused, up front and before anything is changed (``ValueError``/``TypeE
   forward, so an attachment added after patching is refused too, never skipped; ``output_attentions`` and
   ``output_router_logits`` (recorded by transformers from modules the program does not call) likewise.
 
+Prefill through piecewise CUDA graphs (``pcg=True``): the model's ``forward`` is also replaced on the instance, and
+prefill-shaped calls (``model(ids)``, ``generate``'s first step) run gemma4lab's ``PiecewiseCudaGraphRunner`` over
+the same views, filling transformers' ``DynamicCache`` for the decode steps that follow (see
+:mod:`gemma4lab.runtime.hf_pcg`).
+
 Gradients: the kernels have no backward. When autograd would record through a layer (grad enabled and a parameter
 or the input requires grad), that layer runs transformers' own forward instead, with a one-time warning and a count
 in ``handle.stats["grad_fallbacks"]``; ``requires_grad`` flags are never touched. Under ``torch.no_grad()``,
@@ -136,10 +141,16 @@ class _TextView:
 
 
 # ---- finding the text decoder ---------------------------------------------------------------------------------
+def _base_model(model: nn.Module) -> nn.Module:
+    """``model``, or the transformers model inside a peft model."""
+    if callable(getattr(model, "get_base_model", None)) and type(model).__module__.startswith("peft"):
+        return model.get_base_model()
+    return model
+
+
 def _text_model(model: nn.Module) -> nn.Module:
     """transformers' ``Gemma4TextModel`` inside ``model`` (unwrapping a peft model first)."""
-    if callable(getattr(model, "get_base_model", None)) and type(model).__module__.startswith("peft"):
-        model = model.get_base_model()
+    model = _base_model(model)
     name = type(model).__name__
     paths = {"Gemma4ForConditionalGeneration": ("model", "language_model"), "Gemma4Model": ("language_model",),
              "Gemma4ForCausalLM": ("model",), "Gemma4TextModel": ()}
@@ -391,6 +402,9 @@ class TransformersPatch:
         self._attn_before: str | None = None
         self._warned = False
         self.patched = False
+        #: the piecewise CUDA graph runner that takes prefill calls (``pcg=``), and its route
+        self.runner = None
+        self._route = None
 
     # ---- attachments, checked at patch time and on every forward --------------------------------------------
     def check_attachments(self, layer: nn.Module, i: int, capturing: dict | None = None,
@@ -512,6 +526,11 @@ class TransformersPatch:
         if moved:
             raise ValueError(f"layers {moved} no longer hold the patched forward (something replaced it after "
                              "patch_transformers); not restoring over it")
+        if self._route is not None:
+            from gemma4lab.runtime.hf_pcg import detach
+
+            detach(self._route)  # the runner stays in handle.runner (its stats), no longer routed to
+            self._route = None
         for layer in self._layers:
             del layer.__dict__["forward"]
         if self.attention == "triton":
@@ -532,14 +551,18 @@ class TransformersPatch:
                 f"attention {self.attention!r}>")
 
 
-def patch_transformers(model: nn.Module, fusion: Fusion | str = "all", *, attention: str = "auto") -> TransformersPatch:
+def patch_transformers(model: nn.Module, fusion: Fusion | str = "all", *, attention: str = "auto",
+                       pcg: bool | dict[str, Any] = False) -> TransformersPatch:
     """Route a transformers Gemma 4 model's text decoder layers through gemma4lab's fused kernels, in place.
 
     ``fusion``: a :class:`gemma4lab.Fusion` or ``"all"`` / ``"none"`` / ``"published"`` (``next_norm`` never
     applies per layer; see the module docstring). ``attention``: ``"triton"`` (gemma4lab's attention kernel through
     transformers' ``AttentionInterface``), ``"transformers"`` (keep the configured implementation) or ``"auto"``
-    (``"triton"`` when the model is on CUDA). Returns a :class:`TransformersPatch`; ``handle.unpatch()`` or a
-    ``with`` block restores the original forwards. Refuses, changing nothing, what it cannot run faithfully.
+    (``"triton"`` when the model is on CUDA). ``pcg``: also route prefill calls (``model(...)`` and the first step
+    of ``generate``) through a :class:`gemma4lab.PiecewiseCudaGraphRunner` over the patched decoder (True, or the
+    runner's keyword arguments: ``buckets``, ``max_tokens``, ...; see :mod:`gemma4lab.runtime.hf_pcg`); the runner
+    is ``handle.runner``. Returns a :class:`TransformersPatch`; ``handle.unpatch()`` or a ``with`` block restores the
+    original forwards. Refuses, changing nothing, what it cannot run faithfully.
     """
     fusion = Fusion.parse(fusion)
     if attention not in ("auto", "triton", "transformers"):
@@ -552,8 +575,18 @@ def patch_transformers(model: nn.Module, fusion: Fusion | str = "all", *, attent
     cfg = _check_layout(text)
     if attention == "auto":
         attention = "triton" if text.embed_tokens.weight.is_cuda else "transformers"
+    if not isinstance(pcg, (bool, dict)):
+        raise TypeError(f"pcg must be True/False or a dict of PiecewiseCudaGraphRunner arguments, got {pcg!r}")
     handle = TransformersPatch(model, text, cfg, fusion, attention)
     handle._apply()
+    if pcg is not False:
+        from gemma4lab.runtime.hf_pcg import attach
+
+        try:
+            handle.runner, handle._route = attach(handle, **(pcg if isinstance(pcg, dict) else {}))
+        except BaseException:
+            handle.unpatch()  # never half-patched
+            raise
     return handle
 
 

@@ -588,7 +588,7 @@ def test_pcg_over_the_causal_lm(hf):
 @pytest.mark.gpu
 def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
     model = _load(checkpoint).cuda()
-    ids = torch.stack([_prompt(40, 20), _prompt(40, 21)]).cuda()
+    ids = torch.stack([_prompt(40, 31), _prompt(40, 32)]).cuda()
     kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     m64 = copy.deepcopy(model).double()
     m64.set_experts_implementation("eager")
@@ -619,20 +619,33 @@ def test_gpu_pcg_captured_graphs_take_generate_prefill(checkpoint):
 
 
 @pytest.mark.gpu
-def test_gpu_full_size_bf16_patched_matches_gemma4lab_and_transformers():
-    """26B-A4B shapes, random weights, bf16, transformers' model sharing gemma4lab's weights (``hf_twin``). The
-    patched model runs the same kernels as gemma4lab's fused model, so it is no further from transformers than that
-    model is (the repo's bf16 criterion: within 1.5x), and within rounding of it."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_gpu_full_width_patched_parity(depth):
+    """26B-A4B's width at shallow depth (where a random MoE is not yet chaotic, see gemma4lab.lab.accuracy), as the
+    repo's full-width parity test judges gemma4lab's own model: the patched transformers model (fused kernels, Triton
+    attention, fp32) is as close to the float64 truth as transformers' own fp32 run and agrees with it to fp32
+    rounding; in bf16 it is no further from the truth than transformers' bf16 run (within 1.5x)."""
     from gemma4lab.lab.bench.common import hf_twin, random_prompt
 
-    model = gemma4lab.random_init("26b-a4b", dtype=torch.bfloat16, device="cuda")
-    hf = hf_twin(model)
-    ids = random_prompt(512, model.config.text.vocab_size, seed=1)[None]
+    cfg = gemma4lab.Gemma4Config.preset("26b-a4b")
+    cfg = gemma4lab.Gemma4Config(text=cfg.replace_text(num_hidden_layers=depth).text, vision=None)
+    ids = random_prompt(93, cfg.text.vocab_size, seed=11)[None]
+    model = gemma4lab.random_init(cfg, dtype=torch.float32, device="cuda", seed=3)
+    m64 = copy.deepcopy(model).to(torch.float64)
+    m64.init_buffers()
     with torch.no_grad():
-        reference = hf(input_ids=ids, use_cache=False).logits.float()
-        model.set_fusion("all").set_attention_backend("triton")
-        fused = model(ids).logits.float()
-        with patch_transformers(hf, "all", attention="triton"):
-            got = hf(input_ids=ids, use_cache=False).logits.float()
-    assert rel_err(got, reference) <= 1.5 * rel_err(fused, reference)
-    assert rel_err(got, fused) <= 1e-2
+        exact = hf_twin(m64, experts="eager")(input_ids=ids, use_cache=False).logits.double()
+        del m64
+        hf = hf_twin(model)
+        unpatched = hf(input_ids=ids, use_cache=False).logits
+        with patch_transformers(hf, "all") as handle:
+            assert handle.attention == "triton"
+            patched = hf(input_ids=ids, use_cache=False).logits
+        assert rel_err(patched, exact) <= 3 * rel_err(unpatched, exact) + 1e-6
+        assert rel_err(patched, unpatched) <= 1e-5
+        model.to(torch.bfloat16).init_buffers()
+        hf16 = hf_twin(model)
+        unpatched16 = hf16(input_ids=ids, use_cache=False).logits
+        with patch_transformers(hf16, "all"):
+            patched16 = hf16(input_ids=ids, use_cache=False).logits
+    assert rel_err(patched16, exact) <= 1.5 * rel_err(unpatched16, exact)

@@ -8,6 +8,10 @@ Public API::
     ids = model.generate(input_ids, max_new_tokens=32)
     model.set_fusion("all")                                   # fused Triton kernels on
     runner = gemma4lab.PiecewiseCudaGraphRunner(model)        # piecewise CUDA graphs for prefill
+
+    # or transformers' own Gemma 4, patched in place (generate, the processor, adapters keep working):
+    with gemma4lab.patch_transformers(hf_model, fusion="all", pcg=True):   # pcg: prefill through the runner
+        hf_model.generate(**inputs)
 """
 
 from gemma4lab.model.config import Gemma4Config, TextConfig, VisionConfig
@@ -25,6 +29,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "load_pretrained",
+    "patch_transformers",
     "random_init",
     "save_pretrained",
 ]
@@ -40,4 +45,8 @@ def __getattr__(name: str):
         from gemma4lab.runtime import decode_graphs, pcg
 
         return getattr(pcg if name == "PiecewiseCudaGraphRunner" else decode_graphs, name)
+    if name == "patch_transformers":
+        from gemma4lab.runtime.hf_patch import patch_transformers
+
+        return patch_transformers
     raise AttributeError(f"module 'gemma4lab' has no attribute {name!r}")

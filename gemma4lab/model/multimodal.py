@@ -70,13 +70,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
 
     def set_fusion(self, fusion: Fusion | str) -> Gemma4ForConditionalGeneration:
         """Switch fused kernels on or off: a ``Fusion`` or ``"none"`` / ``"all"`` / ``"published"``."""
-        if isinstance(fusion, str):
-            if fusion not in ("none", "all", "published"):
-                raise ValueError(f"fusion must be a Fusion or one of 'none', 'all', 'published', got {fusion!r}")
-            fusion = getattr(Fusion, fusion)()
-        if not isinstance(fusion, Fusion):
-            raise TypeError(f"fusion must be a gemma4lab.Fusion, got {type(fusion).__name__}")
-        self.language_model.fusion = fusion
+        self.language_model.fusion = Fusion.parse(fusion)
         return self
 
     def set_attention_backend(self, backend: str) -> Gemma4ForConditionalGeneration:

@@ -40,6 +40,17 @@ class Fusion:
         return cls(**{f.name: True for f in fields(cls)})
 
     @classmethod
+    def parse(cls, fusion: Fusion | str) -> Fusion:
+        """A ``Fusion``, or one named ``"none"`` / ``"all"`` / ``"published"``."""
+        if isinstance(fusion, str):
+            if fusion not in ("none", "all", "published"):
+                raise ValueError(f"fusion must be a Fusion or one of 'none', 'all', 'published', got {fusion!r}")
+            fusion = getattr(cls, fusion)()
+        if not isinstance(fusion, Fusion):
+            raise TypeError(f"fusion must be a gemma4lab.Fusion, got {type(fusion).__name__}")
+        return fusion
+
+    @classmethod
     def none(cls) -> Fusion:
         return cls()
 

@@ -585,11 +585,16 @@ def test_pcg_over_the_causal_lm(hf):
 
 
 # ---- full size, on the GPU (for the lead) ------------------------------------------------------------------------
-@pytest.mark.gpu
-def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
+def _gpu_case(checkpoint):
+    """The tiny checkpoint on the GPU, two 40-token prompts and greedy settings for NEW_TOKENS tokens."""
     model = _load(checkpoint).cuda()
     ids = torch.stack([_prompt(40, 31), _prompt(40, 32)]).cuda()
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return model, ids, dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
+    model, ids, kw = _gpu_case(checkpoint)
     m64 = copy.deepcopy(model).double()
     m64.set_experts_implementation("eager")
     exact = truth(m64, input_ids=ids)
@@ -606,9 +611,7 @@ def test_gpu_tiny_fp32_patched_equals_unpatched_compiled_kernels(checkpoint):
 
 @pytest.mark.gpu
 def test_gpu_pcg_captured_graphs_take_generate_prefill(checkpoint):
-    model = _load(checkpoint).cuda()
-    ids = torch.stack([_prompt(40, 31), _prompt(40, 32)]).cuda()
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    model, ids, kw = _gpu_case(checkpoint)
     tokens = model.generate(ids, **kw)
     with patch_transformers(model, "all", pcg={"max_tokens": 256, "progress": False}) as handle:
         report = handle.runner.capture()

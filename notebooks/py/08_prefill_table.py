@@ -84,3 +84,43 @@ viz.plot_prefill(PUBLISHED, rows, LABEL)
 # bandwidth, and the matmul FLOPs at its measured matmul rate. Nothing can beat it; the gap between an
 # implementation and the floor is what is left to win. Cards differ: compare *ratios* against the published table,
 # not absolute milliseconds.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,
+# and a check against the recorded run.
+#
+# **1. Where is the floor weight-bound?** Below some prompt length the floor is the weight stream (every active
+# weight read once), above it the matmul FLOPs. From the recorded rows (`floor_ms`, `weight_floor_ms`,
+# `compute_floor_ms`), set `crossover` to the smallest recorded token count whose floor is compute-bound.
+
+# %%
+crossover = None  # your answer: a token count from the table
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if crossover is None and rows:
+    crossover = min(r["tokens"] for r in rows if r["compute_floor_ms"] > r["weight_floor_ms"])
+
+# %%
+if rows:
+    compute_bound = [r["tokens"] for r in rows if r["compute_floor_ms"] > r["weight_floor_ms"]]
+    print("compute-bound floors at:", compute_bound)
+    notebook.check(crossover == min(compute_bound), "the first recorded length whose FLOPs outweigh its weight bytes")
+
+# %% [markdown]
+# **2. Which peer to beat?** The headline compares fused + PCG with the *best* peer of the same run, not with the
+# slowest. Set `best_peer_93` to the column name (`"hf"`, `"hf_compile"` or `"hf_compile_ro"`) of the fastest
+# transformers configuration at the smallest recorded prompt.
+
+# %%
+best_peer_93 = None  # your answer: a column name
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if best_peer_93 is None and rows:
+    peers = {c: rows[0][f"{c}_ms"] for c in ("hf", "hf_compile", "hf_compile_ro") if rows[0].get(f"{c}_ms")}
+    best_peer_93 = min(peers, key=peers.get)
+
+# %%
+if rows and rows[0].get("best_peer"):
+    notebook.check(best_peer_93 == rows[0]["best_peer"], f"the run's own best peer at {rows[0]['tokens']} tokens")

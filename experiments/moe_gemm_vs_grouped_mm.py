@@ -6,9 +6,9 @@ Per token count and routing skew it times, each inside a CUDA graph (launch over
   GELU → ``moe_combine``: what ``Experts`` runs with ``fused_gemm``) against the unfused one (argsort, count,
   cumsum, gather, ``grouped_mm``, GELU, ``grouped_mm``, inverse scatter, fp32 weighted sum);
 * ``routing``: ``moe_route`` alone against the unfused bookkeeping it replaces;
-* ``gemm``: both expert GEMMs under every candidate of ``MOE_SWEEP`` (``--sweep``; otherwise the heuristic's and
-  the old fixed 16-row setting), against ``grouped_mm`` on gathered rows; weight bandwidth as a fraction of copy
-  bandwidth, and the error of each against ``grouped_mm``.
+* ``gemm``: both expert GEMMs under every candidate of ``MOE_SWEEP`` (``--sweep``; otherwise ``moe_config``'s and
+  the first H200 setting, ``MoeConfig()``), against ``grouped_mm`` on gathered rows; weight bandwidth as a fraction
+  of copy bandwidth, and the error of each against ``grouped_mm``.
 
 Routing: ``--skew 1`` is uniform (rows per expert ~ Binomial(T, 8/128)); ``--skew 3`` gives hot experts several
 row tiles. ``python experiments/moe_gemm_vs_grouped_mm.py --sweep --json results/.../moe_sweep.json``

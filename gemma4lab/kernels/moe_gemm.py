@@ -116,8 +116,8 @@ class MoeConfig:
     """Launch settings of the MoE kernels. Expert GEMM: one program per (expert, ``block_n`` output columns),
     holding ``block_m`` of the expert's rows (looping over row tiles only if it has more) and looping over K in
     ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages. Routing (``moe_route``): one program per
-    expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the settings
-    before :func:`moe_config` followed the token count (a fixed 16-row tile), kept for A/B timing."""
+    expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the first H200
+    setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s."""
 
     block_m: int = 16
     block_n: int = 128
@@ -151,7 +151,7 @@ def moe_config(n_rows: int, n_experts: int) -> MoeConfig:
 
 
 #: Candidate settings for the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): every row tile with the
-#: weight tilings worth timing, the heuristic's among them. Those that spill registers in the GELU-fused down GEMM
+#: weight tilings worth timing, :func:`moe_config`'s among them. Those that spill registers in the GELU-fused down GEMM
 #: on sm_90 (experiments/moe_gemm_resources.py) are left out.
 MOE_SWEEP: tuple[MoeConfig, ...] = tuple(
     MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)

@@ -90,34 +90,49 @@ def main() -> None:
                 g, u = gmm(xs, w.transpose(-2, -1), offs=offs).chunk(2, -1)
                 return gmm(F.gelu(g, approximate="tanh") * u, wd.transpose(-2, -1), offs=offs)
 
+            ref_up = gmm(xs, w.transpose(-2, -1), offs=offs)
             ref = lib_gemms().float()
-            heur = moe_config(t * TOP_K, E)
-            res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "heuristic": repr(heur),
+            hit = int((torch.bincount(flat, minlength=E) > 0).sum())  # the weights a GEMM must read: experts hit
+            up_bytes, down_bytes = hit * w[0].numel() * 2, hit * wd[0].numel() * 2
+            heur = (moe_config(t * TOP_K, E), moe_config(t * TOP_K, E, gelu_gate=True))
+            res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "experts_hit": hit,
+                   "heuristic": repr(heur[0]), "heuristic_down": repr(heur[1]),
                    "block_fused_ms": graph(fused_block), "block_unfused_ms": graph(unfused_block),
                    "routing_fused_ms": graph(lambda: gemma_moe_route(ids, E)),
                    "routing_unfused_ms": graph(unfused_routing), "gemm_grouped_mm_ms": measure.bench(lib_gemms),
                    "gemm": []}
-            for cfg in (MOE_SWEEP if args.sweep else dict.fromkeys((heur, MoeConfig()))):
-                f = lambda cfg=cfg: gemma_moe_gemm(gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K,
-                                                                  config=cfg), wd, offs, gelu_gate=True, config=cfg)
+            for cfg in (MOE_SWEEP if args.sweep else dict.fromkeys((*heur, MoeConfig()))):
+                up = lambda cfg=cfg: gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K, config=cfg)
                 try:
-                    err = ((f().float() - ref).norm() / ref.norm()).item()
-                    ms = measure.bench(f)
+                    h = up()
+                    down = lambda cfg=cfg, h=h: gemma_moe_gemm(h, wd, offs, gelu_gate=True, config=cfg)
+                    err_up = ((h.float() - ref_up.float()).norm() / ref_up.float().norm()).item()
+                    err = ((down().float() - ref).norm() / ref.norm()).item()
+                    up_ms, down_ms = measure.bench(up), measure.bench(down)
+                    ms = measure.bench(lambda: down(h=up()))
                 except Exception as e:  # noqa: BLE001  (a config that does not compile: shared memory, registers)
                     print(f"  {cfg}: failed {type(e).__name__} {str(e)[:100]}")
                     continue
-                res["gemm"].append({"config": repr(cfg), "ms": ms, "weight_bw": wbytes / (ms * 1e-3) / bw,
-                                    "rel_err_vs_grouped_mm": err})
+                both_bw = (up_bytes + down_bytes) / (ms * 1e-3) / bw
+                res["gemm"].append({"config": repr(cfg), "ms": ms, "weight_bw": both_bw,
+                                    "gate_up_ms": up_ms, "gate_up_bw": up_bytes / (up_ms * 1e-3) / bw,
+                                    "down_ms": down_ms, "down_bw": down_bytes / (down_ms * 1e-3) / bw,
+                                    "rel_err_vs_grouped_mm": err, "gate_up_rel_err_vs_grouped_mm": err_up})
             res["gemm"].sort(key=lambda r: r["ms"])
             rows.append(res)
             best = res["gemm"][0]
-            heur_ms = next((r["ms"] for r in res["gemm"] if r["config"] == repr(heur)), float("nan"))
-            print(f"skew {skew} T={t:>5} (busiest expert {busiest} rows): block fused {res['block_fused_ms']:.3f} ms "
-                  f"vs unfused {res['block_unfused_ms']:.3f}; routing {res['routing_fused_ms'] * 1e3:.1f} vs "
-                  f"{res['routing_unfused_ms'] * 1e3:.1f} us; gemms grouped_mm {res['gemm_grouped_mm_ms']:.3f} ms "
-                  f"({wbytes / (res['gemm_grouped_mm_ms'] * 1e-3) / bw:.0%}), best {best['config']} "
-                  f"{best['ms']:.3f} ms ({best['weight_bw']:.0%}, err {best['rel_err_vs_grouped_mm']:.1e}); "
-                  f"heuristic {heur.block_m}-row tile {heur_ms:.3f} ms", flush=True)
+            best_up = min(res["gemm"], key=lambda r: r["gate_up_ms"])
+            best_down = min(res["gemm"], key=lambda r: r["down_ms"])
+            heur_ms = next((r["ms"] for r in res["gemm"] if r["config"] == repr(heur[0])), float("nan"))
+            print(f"skew {skew} T={t:>5} (busiest expert {busiest} rows, {hit} experts hit): block fused "
+                  f"{res['block_fused_ms']:.3f} ms vs unfused {res['block_unfused_ms']:.3f}; routing "
+                  f"{res['routing_fused_ms'] * 1e3:.1f} vs {res['routing_unfused_ms'] * 1e3:.1f} us; gemms grouped_mm "
+                  f"{res['gemm_grouped_mm_ms']:.3f} ms ({wbytes / (res['gemm_grouped_mm_ms'] * 1e-3) / bw:.0%}), best "
+                  f"{best['config']} {best['ms']:.3f} ms ({best['weight_bw']:.0%}, err "
+                  f"{best['rel_err_vs_grouped_mm']:.1e}); setting {heur_ms:.3f} ms\n"
+                  f"    best gate/up {best_up['config']} {best_up['gate_up_ms']:.3f} ms ({best_up['gate_up_bw']:.0%})"
+                  f"\n    best down {best_down['config']} {best_down['down_ms']:.3f} ms ({best_down['down_bw']:.0%})",
+                  flush=True)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "moe_sweep", "copy_bandwidth_Bps": bw, "rows": rows})
 

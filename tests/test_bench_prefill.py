@@ -13,8 +13,8 @@ from gemma4lab.lab.floors import FAMILIES
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12", "--parts",
-            "accuracy,eager,hf,skew,layer,compile_fused,compile_pieces,families,vision", "--rep-ms", "5",
+    parts = "accuracy,eager,hf,hf_patched,hf_patched_pcg,skew,layer,compile_fused,compile_pieces,families,vision"
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12", "--parts", parts, "--rep-ms", "5",
             "--images", "1,2",
             "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
     assert prefill.main(argv) == 0
@@ -33,6 +33,19 @@ def test_columns_floors_and_spread(result):
     assert doc["hf_experts_implementation"] == "grouped_mm"
     assert doc["routing"]["skewed"]["exponent"] == 1.0
     assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
+
+
+def test_transformers_patched_in_place_is_timed_beside_the_unpatched(result):
+    """The patched transformers model (fused; fused + PCG) on the same weights: timed, equal to the unpatched model
+    within fp32 rounding, and the PCG column really went through the runner (no call fell back to transformers)."""
+    _, doc = result
+    for r in doc["rows"].values():
+        for col in ("hf_patched", "hf_patched_pcg"):
+            assert r[f"{col}_ms"] > 0
+            assert r[f"{col}_vs_hf_max_abs"] < 1e-4
+    stats = doc["hf_patched"]["route_stats"]
+    assert stats["transformers_calls"] == 0
+    assert "hf_patched_ms" not in next(iter(doc["rows_skewed"].values()))  # measured once, at uniform routing
 
 
 def test_op_level_floor_beside_the_single_one(result):

@@ -53,6 +53,16 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE: tl.constexpr, dtype: tl.constexpr):
+    """The A operand ``[BLOCK_M, BLOCK_K]`` of one K step: the (gathered) rows, or ``gelu_tanh(gate) · up``."""
+    if GELU_GATE:
+        g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        return to_dtype(_gelu_tanh(g) * u, dtype)
+    return tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # [A_ROWS, K] activations (or [A_ROWS, 2K] gate|up when GELU_GATE)
     w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
@@ -71,18 +81,24 @@ def _moe_gemm_kernel(
     TOP_K: tl.constexpr,
     GELU_GATE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
+    SWAP_AB: tl.constexpr,  # accumulate yᵀ = w · aᵀ: the weight tile is the MMA's wide side, the rows its narrow one
+    COLUMNS_FIRST: tl.constexpr,  # grid (column tiles, experts): neighbouring programs stream one expert's weights
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    e = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    if COLUMNS_FIRST:
+        pid_n = tl.program_id(0)
+        e = tl.program_id(1)
+    else:
+        e = tl.program_id(0)
+        pid_n = tl.program_id(1)
     # Device-side guard: an expert's rows clamped to [0, M), so bad offsets can never read or write out of bounds.
     end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), M)
     start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
-    w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n[None, :].to(tl.int64) * stride_wn
+    w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
     for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
         rows = m0 + tl.arange(0, BLOCK_M)
         mask_m = rows < end
@@ -92,22 +108,30 @@ def _moe_gemm_kernel(
         else:
             src = rows
         a_row = a_ptr + src[:, None].to(tl.int64) * stride_am
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask_k = ks < K
-            if GELU_GATE:
-                g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-                a = to_dtype(_gelu_tanh(g) * u, w_ptr.dtype.element_ty)
-            else:
-                a = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_base + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols_n[None, :]
+        if SWAP_AB:
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask_k = ks < K
+                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, w_ptr.dtype.element_ty)
+                w = tl.load(w_base[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                if IEEE:
+                    acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
+                else:
+                    acc_t = tl.dot(w, tl.trans(a), acc_t)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask_k = ks < K
+                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, w_ptr.dtype.element_ty)
+                w = tl.load(w_base[None, :] + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc)
         tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -115,15 +139,21 @@ def _moe_gemm_kernel(
 class MoeConfig:
     """Launch settings of the MoE kernels. Expert GEMM: one program per (expert, ``block_n`` output columns),
     holding ``block_m`` of the expert's rows (looping over row tiles only if it has more) and looping over K in
-    ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages. Routing (``moe_route``): one program per
-    expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the first H200
-    setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s."""
+    ``block_k`` steps; ``num_warps`` warps, ``num_stages`` pipeline stages. ``swap_ab`` accumulates the transposed
+    product ``w · aᵀ``, so the ``block_n`` weight rows fill the tensor core's wide (M) side and the few routed rows
+    its narrow (N) side — on Hopper that is a ``wgmma`` with N = ``block_m`` instead of a 16-row ``mma``.
+    ``columns_first`` orders the grid by column tile within an expert, so programs that run at the same time stream
+    neighbouring slices of one expert's weights rather than one slice of every expert. Routing (``moe_route``): one
+    program per expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the
+    first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s."""
 
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
+    columns_first: bool = False
     route_block: int = 1024
     route_warps: int = 4
 
@@ -131,37 +161,51 @@ class MoeConfig:
         pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps")
         if self.num_stages < 1:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
+        for name in ("swap_ab", "columns_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MoeConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-#: The setting of every size (see the module docstring): 16-row tiles, 128 × 64 weight tiles, 4 warps, 4 stages
-#: (H200 sweep at 93 tokens: 0.47 ms for both GEMMs, 78 % of copy bandwidth, within 2 % of the sweep's best there;
-#: 64-deep K steps keep the GELU-fused down GEMM spill-free, experiments/moe_gemm_resources.py). One K step for
-#: every setting keeps a row's bits independent of the launch, which PCG's padded buckets rely on.
-_SETTING = MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4)
+#: The setting of every size, per GEMM (see the module docstring): 16-row tiles, 128 × 64 weight tiles, 4 warps,
+#: 4 stages (H200 sweep at 93 tokens: 0.47 ms for both GEMMs, 78 % of copy bandwidth, within 2 % of the sweep's best
+#: there; 64-deep K steps keep the GELU-fused down GEMM spill-free, experiments/moe_gemm_resources.py). One setting
+#: per GEMM for every size keeps a row's bits independent of the launch, which PCG's padded buckets rely on.
+_SETTINGS = {"gate_up": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4),
+             "down": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4)}
 
 
 @lru_cache(maxsize=512)
-def moe_config(n_rows: int, n_experts: int) -> MoeConfig:
-    """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts: today one setting for
-    every size (the H200 sweep over :data:`MOE_SWEEP` found no better one where the kernel runs; see the module
-    docstring). The arguments stay so that a measured per-size table can replace it without touching the callers."""
+def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False) -> MoeConfig:
+    """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
+    (``gelu_gate``) the down GEMM with the GELU in its operand load: one swept setting per GEMM for every size (see
+    the module docstring). The size arguments stay so that a measured per-size table can replace it without touching
+    the callers."""
     if n_rows < 0 or n_experts < 1:
         raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
-    return _SETTING
+    return _SETTINGS["down" if gelu_gate else "gate_up"]
 
 
-#: Candidate settings for the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): every row tile with the
-#: weight tilings worth timing, :func:`moe_config`'s among them. Those that spill registers in the GELU-fused down GEMM
-#: on sm_90 (experiments/moe_gemm_resources.py) are left out.
-MOE_SWEEP: tuple[MoeConfig, ...] = tuple(
-    MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-    for bm, tilings in (
-        (16, ((128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 4, 6), (64, 64, 4, 4), (256, 64, 8, 3),
-              (128, 64, 8, 4))),
-        (32, ((128, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3))),
-        (64, ((128, 64, 8, 4), (128, 64, 8, 6), (64, 64, 4, 4))),
-        (128, ((128, 64, 8, 4), (64, 64, 8, 4))))
-    for bn, bk, nw, ns in tilings)
+def _sweep() -> tuple[MoeConfig, ...]:
+    """Candidates of the H200 sweep (``experiments/moe_gemm_vs_grouped_mm.py --sweep``): 16-row tiles under the
+    weight tilings worth timing (today's setting, the tilings a serving engine's tuned table uses for this shape:
+    64 × 128 and 128 × 128 weight tiles), each in both MMA orientations and both grid orders; 32- and 64-row tiles,
+    which only pay off where experts hold more than 16 rows, in both orientations. Tilings that spill registers in
+    the GELU-fused down GEMM on sm_90 (experiments/moe_gemm_resources.py) are left out."""
+    out = []
+    for bn, bk, nw, ns in ((128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4), (128, 128, 4, 3), (64, 256, 4, 3),
+                           (256, 64, 8, 4), (64, 64, 4, 6), (128, 256, 8, 3)):
+        for swap in (False, True):
+            for cf in (False, True):
+                out.append(MoeConfig(16, bn, bk, nw, ns, swap_ab=swap, columns_first=cf))
+    for bm in (32, 64):
+        for bn, bk, nw, ns in ((128, 64, 4, 4), (64, 128, 4, 4)):
+            for swap in (False, True):
+                out.append(MoeConfig(bm, bn, bk, nw, ns, swap_ab=swap))
+    return tuple(out)
+
+
+#: Candidate settings for the H200 sweep (see :func:`_sweep`); :func:`moe_config`'s are among them.
+MOE_SWEEP: tuple[MoeConfig, ...] = _sweep()
 
 
 def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,
@@ -228,13 +272,15 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
 def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, out, config: MoeConfig | None) -> None:
     e, n, k = w.shape
     m = out.shape[0]
-    cfg = config or moe_config(m, e)
+    cfg = config or moe_config(m, e, gelu_gate)
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
-    _moe_gemm_kernel[(e, triton.cdiv(n, cfg.block_n))](
+    tiles = triton.cdiv(n, cfg.block_n)
+    _moe_gemm_kernel[(tiles, e) if cfg.columns_first else (e, tiles)](
         a, w, offsets, row_index if gather else offsets, out, m, a.shape[0], n, k, a.stride(0), w.stride(0),
         w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k, GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
+        SWAP_AB=cfg.swap_ab, COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, **extra)
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,

@@ -25,6 +25,8 @@ END = "<!-- results:end -->"
 PREFILL_COLUMNS = (("eager", "ours, unfused eager"), ("fused", "ours, fused eager"), ("pcg", "ours, fused + PCG"),
                    ("compile_fused", "torch.compile(ours, fused)"),
                    ("compile_pieces", "torch.compile(ours, fused) per piece"), ("hf", "transformers"),
+                   ("hf_patched", "transformers, patched (fused)"),
+                   ("hf_patched_pcg", "transformers, patched (fused + PCG)"),
                    ("hf_compile", "torch.compile(transformers)"),
                    ("hf_compile_ro", "torch.compile(transformers, reduce-overhead)"))
 #: what the tables and figures call each op family (``gemma4lab.lab.floors.FAMILIES``, in that order)

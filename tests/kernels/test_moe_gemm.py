@@ -87,22 +87,38 @@ def test_gather_matches_float64_on_gathered_rows(t, k, n_experts, skew):
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_experts_with_several_row_tiles(block_m):
-    """An expert with more rows than the row tile loops over tiles (each reading the weights again): still exact."""
+@pytest.mark.parametrize("swap_ab,columns_first", [(False, False), (True, False), (False, True), (True, True)])
+def test_experts_with_several_row_tiles(block_m, swap_ab, columns_first):
+    """An expert with more rows than the row tile loops over tiles (each reading the weights again): still exact,
+    in both MMA orientations (``swap_ab`` accumulates ``w · aᵀ``) and both grid orders, with and without the fused
+    GELU; a K step that does not divide K (40 = 32 + 8) exercises the masked tail."""
     a, w, wd, offs = _case([70, 3, 0, 17])
-    y = K.gemma_moe_gemm(a, w, offs, config=K.MoeConfig(block_m=block_m))
+    cfg = K.MoeConfig(block_m=block_m, block_n=32, block_k=32, swap_ab=swap_ab, columns_first=columns_first)
+    y = K.gemma_moe_gemm(a, w, offs, config=cfg)
     _assert_gemm(y, oracle(a, w, offs), FP32, a.shape[1])
+    _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=cfg), y, wd, offs, FP32)
 
 
-def test_config_is_one_swept_setting_with_one_k_step():
-    """One setting for every size (the H200 sweep found no better one), among the swept candidates, with the same
-    K step as every candidate that could replace it (row results must not depend on the launch)."""
-    settings = {K.moe_config(n, 128) for n in range(0, 70000, 997)}
-    assert len(settings) == 1 and settings <= set(K.MOE_SWEEP)
-    assert {c.block_k for c in settings} == {64}
+def test_swapped_gather_matches_float64():
+    """The swapped orientation with the token gather in its operand load (the gate/up GEMM's model path)."""
+    x, ids, w, wd = _routed_case(37, 2, 8)
+    offs, slots, _ = K.gemma_moe_route(ids, 8)
+    cfg = K.MoeConfig(block_m=16, block_n=32, block_k=32, swap_ab=True, columns_first=True)
+    y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=2, config=cfg)
+    _assert_gemm(y, oracle(x[torch.argsort(ids.reshape(-1), stable=True) // 2], w, offs), FP32, x.shape[1])
+
+
+def test_config_is_one_swept_setting_per_gemm():
+    """One setting per GEMM for every size (row results must not depend on the launch: PCG pads prompts), each
+    among the swept candidates."""
+    for gelu in (False, True):
+        settings = {K.moe_config(n, 128, gelu) for n in range(0, 70000, 997)}
+        assert len(settings) == 1 and settings <= set(K.MOE_SWEEP)
     assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP)
     with pytest.raises(ValueError, match="n_experts"):
         K.moe_config(8, 0)
+    with pytest.raises(TypeError, match="swap_ab must be a bool"):
+        K.MoeConfig(swap_ab=1)
 
 
 def test_zero_rows_and_bad_input():
@@ -160,12 +176,13 @@ def test_gpu_rows_do_not_depend_on_the_row_tile(dtype):
     the eager run's (the 1025-token PCG bug came from a row result that depended on the launch shape)."""
     x, ids, w, wd = _routed_case(189, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=3.0)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
-    # every row tile with the model's K step; 2 stages so fp32's 128-row tiles fit in shared memory
-    configs = {K.moe_config(1512, 128), *(K.MoeConfig(block_m=bm, block_n=64, block_k=64, num_warps=4, num_stages=2)
-                                         for bm in (16, 32, 64, 128))}
-    up = {c: K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8, config=c) for c in configs}
-    down = {c: K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=c) for c, y in up.items()}
-    first = next(iter(configs))
-    for c in configs:
-        assert torch.equal(up[c], up[first]), f"gate/up rows differ between {c} and {first}"
-        assert torch.equal(down[c], down[first]), f"down rows differ between {c} and {first}"
+    # every row tile with one K step, per MMA orientation; 2 stages so fp32's 128-row tiles fit in shared memory
+    for swap in (False, True):
+        configs = [K.MoeConfig(block_m=bm, block_n=64, block_k=64, num_warps=4, num_stages=2, swap_ab=swap,
+                               columns_first=cf) for bm in (16, 32, 64, 128) for cf in (False, True)]
+        up = {c: K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8, config=c) for c in configs}
+        down = {c: K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=c) for c, y in up.items()}
+        first = configs[0]
+        for c in configs:
+            assert torch.equal(up[c], up[first]), f"gate/up rows differ between {c} and {first}"
+            assert torch.equal(down[c], down[first]), f"down rows differ between {c} and {first}"

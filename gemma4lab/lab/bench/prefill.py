@@ -67,12 +67,14 @@ COLUMNS = {
     "hf_compile_ro": "torch.compile of transformers (reduce-overhead)",
     "compile_fused": "torch.compile of ours, fused (fullgraph, dynamic)",
     "compile_pieces": "torch.compile of ours, fused, per piece between attention calls (reduce-overhead)",
+    "hf_patched": "transformers patched in place (gemma4lab.patch_transformers, fused)",
+    "hf_patched_pcg": "transformers patched in place, fused + PCG",
 }
 #: prompt lengths beyond the table's that the compiled fused model must serve without recompiling for each
 EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
-PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_compile", "hf_compile_ro", "compile_fused", "compile_pieces",
-         "skew", "image", "vision", "layer", "families")
+PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_patched", "hf_patched_pcg", "hf_compile", "hf_compile_ro",
+         "compile_fused", "compile_pieces", "skew", "image", "vision", "layer", "families")
 DEFAULT_PARTS = PARTS  # a full run measures everything; --parts picks a subset
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
@@ -176,6 +178,35 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
             _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
         del hf
         measure.release_memory()
+    if not tag and ("hf_patched" in parts or "hf_patched_pcg" in parts):
+        _try(res, "hf_patched", lambda: _patched_columns(model, rows, prompts, parts, args))
+        measure.release_memory()
+
+
+def _patched_columns(model, rows: dict, prompts: dict, parts: tuple, args) -> dict:
+    """transformers' own model on the same weights, patched in place by ``gemma4lab.patch_transformers``: its layers
+    fused (``hf_patched``), and prefill through the piecewise graphs as well (``hf_patched_pcg``); each column's
+    largest difference to the unpatched model's last-token logits beside it."""
+    from gemma4lab.runtime.hf_patch import patch_transformers
+
+    hf = hf_twin(model)
+    call = lambda t: hf(input_ids=prompts[t][0][None], use_cache=False, logits_to_keep=1).logits  # noqa: E731
+    plain = {t: call(t).float() for t in args.tokens}
+    info: dict[str, Any] = {}
+    for col, pcg in (("hf_patched", False), ("hf_patched_pcg", {"max_tokens": args.max_tokens, "progress": False})):
+        if col not in parts:
+            continue
+        with patch_transformers(hf, "all", pcg=pcg) as handle:
+            if pcg:
+                report = handle.runner.capture()
+                info["pcg_capture_s"] = report.capture_s
+            for t in args.tokens:
+                r = rows[str(t)]
+                _timed(r, col, lambda t=t: lambda: call(t), args.rep_ms)
+                _try(r, f"{col}_vs_hf_max_abs", lambda t=t: (call(t).float() - plain[t]).abs().max().item())
+            if pcg:
+                info["route_stats"] = dict(handle.runner.stats)
+    return info  # the twin and its graphs go with this frame; the caller releases the memory
 
 
 def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict) -> None:

@@ -68,11 +68,19 @@ def truth(hf64, **inputs) -> torch.Tensor:
     margin below 1e-6 is decided by fp32 rounding, so any two fp32 implementations (transformers against itself with
     another experts implementation included) may pick different experts there and differ by O(1)."""
     inputs = {k: v.double() if k == "pixel_values" else v for k, v in inputs.items()}
-    with torch.no_grad():
-        out = hf64(**inputs, output_router_logits=True)
+    probs = []  # each router's probabilities, read by a hook (transformers 5.17 has no output_router_logits)
+    text = hf_patch._text_model(hf64)  # through a peft wrapper too
+    hooks = [layer.router.register_forward_hook(lambda m, i, o: probs.append(o[0])) for layer in text.layers]
+    try:
+        with torch.no_grad():
+            out = hf64(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
     k = hf64.config.text_config.top_k_experts
-    margin = min((p.topk(k + 1, dim=-1).values[:, k - 1] - p.topk(k + 1, dim=-1).values[:, k]).min().item()
-                 for p in out.router_logits)
+    # log-probabilities differ by the router's logit differences (softmax is monotone), computed in float64
+    margin = min((p.log().topk(k + 1, dim=-1).values[:, k - 1] - p.log().topk(k + 1, dim=-1).values[:, k]).min().item()
+                 for p in probs)
     assert margin > 1e-6, f"the prompt has a routing near-tie (top-k margin {margin:.1e}): pick another"
     return out.logits
 

@@ -19,16 +19,20 @@ Two uses per MoE layer:
 Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
 ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
 
-**Why the row tile stays at 16 rows (a prediction the H200 refuted).** A program loops over its expert's row tiles
+**Which way round, and how many rows (two predictions, one refuted).** A program loops over its expert's row tiles
 *outside* its loop over K, so an expert with more rows than ``block_m`` streams its weights again for each extra
 tile: with rows per expert ``X ~ Binomial(T, k/E)`` (uniform routing) a 16-row tile reads ``E[ceil(X / 16)]`` =
-1.00 / 1.09 / 2.45 / 4.47 times the weights at 93 / 189 / 512 / 1024 tokens. The prediction was that a tile
-covering the busiest expert (32 / 64 / 128 rows) would stream them once and win from 189 tokens on. Measured
-(``results/moe_sweep_h200.json``, both GEMMs of one layer, every candidate of :data:`MOE_SWEEP`): the larger tiles
-are slower wherever the kernel is worth running — 189 tokens: 16 rows 0.53 ms, 32 rows 0.71 ms, grouped_mm 0.56 ms
-— and from 512 tokens on the library grouped GEMM beats every tile (0.56 ms against 0.72 ms at best). The re-read
-weights mostly come from L2, while a larger tile multiplies the tensor-core work on padding rows and the registers
-per program. So one setting serves every size, and above ``Experts.MOE_GEMM_MAX_TOKENS`` the grouped GEMM runs.
+1.00 / 1.09 / 2.45 / 4.47 times the weights at 93 / 189 / 512 / 1024 tokens. The first prediction — a tile
+covering the busiest expert streams the weights once and wins from 189 tokens on — failed in the orientation
+``a · wᵀ``: a 16-row A tile is a 16-row ``mma.sync``, and 32 rows doubled its registers and tensor-core work
+(189 tokens: 16 rows 0.53 ms, 32 rows 0.71 ms). The second: swap the operands (``swap_ab``), accumulate
+``w · aᵀ``, and the 64–128 weight rows of a tile fill Hopper's ``wgmma`` M side while the routed rows become its N
+side, where 16 or 32 columns cost the same. Measured (``results/moe_sweep_h200.json``, each GEMM alone, the 40
+candidates of :data:`MOE_SWEEP`, H200): at 93 tokens both GEMMs take 0.387 ms against 0.468 ms before (93 % of
+copy bandwidth over the experts hit, against 78 %); 32-row swapped tiles make gate/up flat from 93 to 256 tokens
+(0.247 / 0.251 / 0.255 ms), so the kernel now beats the library grouped GEMM up to 256 tokens at uniform routing
+(0.43 ms against 0.56 ms); from 512 tokens the grouped GEMM still wins. Ordering the grid by column tile within an
+expert (``columns_first``) is worth 5 % on the down GEMM, whose programs are short (K = 704).
 Bytes moved (gate/up, 93 tokens, bf16): weights 128·1408·2816·2 = 1.02 GB + rows 744·(2816+1408)·2 = 6 MB.
 """
 
@@ -166,23 +170,30 @@ class MoeConfig:
                 raise TypeError(f"MoeConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
 
-#: The setting of every size, per GEMM (see the module docstring): 16-row tiles, 128 × 64 weight tiles, 4 warps,
-#: 4 stages (H200 sweep at 93 tokens: 0.47 ms for both GEMMs, 78 % of copy bandwidth, within 2 % of the sweep's best
-#: there; 64-deep K steps keep the GELU-fused down GEMM spill-free, experiments/moe_gemm_resources.py). One setting
-#: per GEMM for every size keeps a row's bits independent of the launch, which PCG's padded buckets rely on.
-_SETTINGS = {"gate_up": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4),
-             "down": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4)}
+#: The H200 sweep's settings (see the module docstring). gate/up: 32-row swapped tiles of 64 weight rows, 128-deep K
+#: steps, at every size (within 1 % of the best 16-row setting at 93 tokens, 12–30 % faster from 189 on). down: a
+#: 16-row swapped tile of 128 weight rows, 64-deep K steps, column-first grid while an expert holds fewer than 16 rows
+#: on average, then the 32-row tile (0.140 against 0.173 ms at 93 tokens; 0.176 against 0.192 at 256). Every
+#: setting of one GEMM shares its orientation, weight tile and K step, so a row's bits never depend on which one ran
+#: (the row tile only groups rows; ``tests/kernels/test_moe_gemm.py`` checks it on the GPU): PCG pads prompts.
+_SETTINGS = {"gate_up": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
+             "down": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True,
+                               columns_first=True),
+             "down_many_rows": MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4,
+                                         swap_ab=True)}
+#: mean routed rows per expert from which the down GEMM takes the 32-row tile
+DOWN_WIDE_TILE_ROWS = 16
 
 
 @lru_cache(maxsize=512)
 def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
-    (``gelu_gate``) the down GEMM with the GELU in its operand load: one swept setting per GEMM for every size (see
-    the module docstring). The size arguments stay so that a measured per-size table can replace it without touching
-    the callers."""
+    (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`)."""
     if n_rows < 0 or n_experts < 1:
         raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
-    return _SETTINGS["down" if gelu_gate else "gate_up"]
+    if not gelu_gate:
+        return _SETTINGS["gate_up"]
+    return _SETTINGS["down_many_rows" if n_rows >= DOWN_WIDE_TILE_ROWS * n_experts else "down"]
 
 
 def _sweep() -> tuple[MoeConfig, ...]:

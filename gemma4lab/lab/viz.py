@@ -455,25 +455,27 @@ def plot_pcg_speedup(doc: Mapping[str, Any], title: str) -> Figure:
 
 def plot_moe_sweep(doc: Mapping[str, Any], title: str) -> Figure:
     """The expert GEMM sweep (09, ``experiments/moe_gemm_vs_grouped_mm.py --sweep``): both expert GEMMs of one layer
-    vs tokens, one line per row tile (its best weight tiling) beside the library grouped GEMM, one panel per
-    routing skew — where a prediction about row tiles met the measurement."""
+    vs tokens, one line per row tile and MMA orientation (its best weight tiling; dashed: ``swap_ab``) beside the
+    library grouped GEMM, one panel per routing skew — where two predictions about row tiles met the measurement."""
     rows = doc.get("rows") or []
     skews = sorted({r["skew"] for r in rows})
     fig = Figure(figsize=(5.5 * max(1, len(skews)), 4))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(skews)), sharey=True))
     for ax, skew in zip(axes, skews):
         mine = sorted((r for r in rows if r["skew"] == skew), key=lambda r: r["tokens"])
-        best: dict[int, list[tuple[int, float]]] = {}
+        best: dict[tuple[int, bool], list[tuple[int, float]]] = {}
         for r in mine:
-            per_tile: dict[int, float] = {}
+            per_tile: dict[tuple[int, bool], float] = {}
             for g in r.get("gemm") or []:
-                bm = int(re.search(r"block_m=(\d+)", g["config"]).group(1))
-                per_tile[bm] = min(per_tile.get(bm, float("inf")), g["ms"])
-            for bm, ms in per_tile.items():
-                best.setdefault(bm, []).append((r["tokens"], ms))
+                key = (int(re.search(r"block_m=(\d+)", g["config"]).group(1)), "swap_ab=True" in g["config"])
+                per_tile[key] = min(per_tile.get(key, float("inf")), g["ms"])
+            for key, ms in per_tile.items():
+                best.setdefault(key, []).append((r["tokens"], ms))
         ax.plot([r["tokens"] for r in mine], [r["gemm_grouped_mm_ms"] for r in mine], "k--s", label="grouped_mm")
-        for i, bm in enumerate(sorted(best)):
-            ax.plot(*zip(*best[bm]), "o-", color=f"C{i}", label=f"moe_gemm, {bm}-row tile")
+        tiles = sorted({bm for bm, _ in best})
+        for bm, swap in sorted(best):
+            ax.plot(*zip(*best[bm, swap]), "o--" if swap else "o-", color=f"C{tiles.index(bm)}",
+                    label=f"moe_gemm, {bm}-row tile" + (", swapped (w·aᵀ)" if swap else ""))
         ax.set(xscale="log", yscale="log", xlabel="tokens", title=f"routing skew {skew:g}"
                + (" (uniform)" if skew == 1 else ""))
         plain_log_ticks(ax)

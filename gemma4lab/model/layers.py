@@ -164,10 +164,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
 
     #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM (H200,
-    #: results/moe_sweep_h200.json, both GEMMs of a layer at uniform routing: 0.46 vs 0.56 ms at 93 tokens, 0.53 vs
-    #: 0.56 at 189, slower from 512 on; at a strong skew (Zipf 3) grouped_mm, which skips the experts nobody picked
-    #: just as this kernel does, wins from 93 tokens: 0.27 vs 0.32 ms). 128 keeps the clear wins only.
-    MOE_GEMM_MAX_TOKENS = 128
+    #: results/moe_sweep_h200.json, both GEMMs of a layer at uniform routing: 0.39 vs 0.56 ms at 93 tokens, 0.41 vs
+    #: 0.56 at 189, 0.43 vs 0.56 at 256, slower from 512 on; at the sweep's strong skew, where half the experts get
+    #: no row, grouped_mm catches up: 0.21 vs 0.26 ms at 93 tokens, 0.30 vs 0.27 at 189, 0.37 vs 0.30 at 256).
+    #: 256 is also a PCG bucket edge, so a padded bucket never crosses it.
+    MOE_GEMM_MAX_TOKENS = 256
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:

@@ -68,9 +68,9 @@ from gemma4lab.model.decoder import Attention, DecoderLayer, Stream, run_layer
 from gemma4lab.model.layers import MLP, Experts, Router
 from gemma4lab.runtime.fusion import Fusion
 
-#: The transformers release the patch was written and tested against; other releases are accepted when their
-#: module layout passes the checks below.
-TESTED_TRANSFORMERS = "5.24.0"
+#: The transformers releases the patch was written and tested against (5.24 on CPU, 5.17 on the H200); other
+#: releases are accepted when their module layout passes the checks below.
+TESTED_TRANSFORMERS = "5.17.0 and 5.24.0"
 #: The name of gemma4lab's Triton attention in transformers' ``AttentionInterface``.
 ATTENTION_NAME = "gemma4lab"
 #: How often the registered attention ran the kernel and why it handed a call to SDPA instead.
@@ -80,6 +80,15 @@ _MODELING = "transformers.models.gemma4.modeling_gemma4"
 _LAYER_ARGS = ("self", "hidden_states", "per_layer_input", "shared_kv_states", "position_embeddings",
                "attention_mask", "position_ids", "cache", "kwargs")
 _ATTN_ARGS = ("self", "hidden_states", "position_embeddings", "attention_mask", "shared_kv_states", "cache", "kwargs")
+#: The KV cache argument's name: ``cache`` from transformers 5.2x on, ``past_key_values`` before (the one layout
+#: difference between the releases the patch runs on; outputs name their cache field the same way).
+CACHE_ARGS = ("cache", "past_key_values")
+
+
+def cache_arg(cls: type) -> str | None:
+    """Which of :data:`CACHE_ARGS` ``cls.forward`` takes (None: neither)."""
+    names = inspect.signature(cls.forward).parameters
+    return next((n for n in CACHE_ARGS if n in names), None)
 #: The handles whose patch is in place (weakly: a patched model that is dropped is collected with its handle).
 LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -185,8 +194,10 @@ def _check_layout(text: nn.Module):
     except ValueError as e:
         raise ValueError(f"this Gemma 4 variant is not supported by patch_transformers: {e}") from None
     problems: list[str] = []
+    name = cache_arg(hf_mod.Gemma4TextDecoderLayer) or "cache"
     for cls, want in ((hf_mod.Gemma4TextDecoderLayer, _LAYER_ARGS), (hf_mod.Gemma4TextAttention, _ATTN_ARGS)):
         got = _args(cls.forward)
+        want = tuple(name if a == "cache" else a for a in want)
         if got != want:
             problems.append(f"{cls.__name__}.forward takes {got}, the patch expects {want}")
     if getattr(text, "hidden_size_per_layer_input", 0):
@@ -393,6 +404,8 @@ class TransformersPatch:
         self.attention = attention
         self.stats: Counter = Counter()
         self._hf = sys.modules[_MODELING]
+        #: this release's name of the KV cache argument (and output field): ``cache`` or ``past_key_values``
+        self.cache_arg = cache_arg(self._hf.Gemma4TextDecoderLayer) or "cache"
         self._skipped = _skipped(cfg.enable_moe_block)
         layers = list(text.layers)
         self._layers = layers
@@ -459,7 +472,7 @@ class TransformersPatch:
                                   "torch.inference_mode() for the fused path (said once; handle.stats counts it)",
                                   stacklevel=2)
                 return original(layer, hidden_states, per_layer_input, shared_kv_states, position_embeddings,
-                                attention_mask, position_ids, cache=cache, **kwargs)
+                                attention_mask, position_ids, **{self.cache_arg: cache}, **kwargs)
             if per_layer_input is not None:
                 raise ValueError("patch_transformers: per_layer_input was given, but this model has no per-layer "
                                  "inputs (the patch refuses models that do)")

@@ -146,7 +146,7 @@ class HFCacheFill:
 _UNUSED = {"pixel_values_videos", "input_features", "input_features_mask", "video_position_ids", "num_frames_per_video",
            "inputs_embeds", "labels", "per_layer_inputs"}
 _HANDLED = {"self", "input_ids", "pixel_values", "image_position_ids", "mm_token_type_ids", "attention_mask",
-            "position_ids", "cache", "use_cache", "logits_to_keep", "mm_encoder_outputs", "kwargs"}
+            "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep", "mm_encoder_outputs", "kwargs"}
 
 
 class PrefillRoute:
@@ -168,7 +168,7 @@ class PrefillRoute:
         ids = a.get("input_ids")
         if not isinstance(ids, Tensor) or ids.dim() != 2:
             return "no [batch, tokens] input_ids"
-        cache = a.get("cache")
+        cache = a.get(self.handle.cache_arg)
         if cache is not None and (type(cache).__name__ != "DynamicCache" or cache.get_seq_length() != 0):
             return "a cache that is not an empty DynamicCache (a decode step, or another cache class)"
         for name in _UNUSED:
@@ -240,7 +240,7 @@ class PrefillRoute:
         use_cache = a.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.handle.text.config, "use_cache", True)
-        cache = a.get("cache")
+        cache = a.get(self.handle.cache_arg)
         if cache is None and use_cache:
             cache = DynamicCache(config=self.handle.text.config)
         mm = a.get("mm_token_type_ids")
@@ -256,7 +256,7 @@ class PrefillRoute:
         if keep > 1:
             logits = logits[:, -keep:]
         out_cls = sys.modules[type(self.model).__module__].Gemma4CausalLMOutputWithPast
-        out = out_cls(logits=logits, cache=cache)
+        out = out_cls(logits=logits, **{self.handle.cache_arg: cache})
         return out if a.get("kwargs", {}).get("return_dict", True) else out.to_tuple()
 
 

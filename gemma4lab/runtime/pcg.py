@@ -39,6 +39,7 @@ Design choices, and the production problems they avoid:
 from __future__ import annotations
 
 import bisect
+import gc
 import threading
 import time
 import warnings
@@ -317,8 +318,11 @@ class PiecewiseCudaGraphRunner:
     def _capture_graphs(self) -> CaptureReport:
         from tqdm.auto import tqdm
 
+        # so that the reserved-memory delta is the graph pool alone: unreachable tensors collected *now*, not by a gc
+        # pass during capture (whose freed blocks the final empty_cache would subtract from the pool's size)
+        gc.collect()
         torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # so that the reserved-memory delta is the graph pool alone
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
         self._pool = torch.cuda.graph_pool_handle()

@@ -64,7 +64,8 @@ print("repo root:", ROOT)
 # | 06 · piecewise CUDA graphs | buckets, padding, capture, replay; the attention kernel between the pieces | `prefill_attention` |
 # | 07 · end to end | a photo in, tokens out: processor, vision tower, PCG prefill, graph decode | `decode_attention` |
 # | 08 · the prefill table | the full-size model against its floor and its peers | — |
-# | 09 · routing and the expert GEMM | a counting sort instead of a sort, the weight stream, a refuted prediction | `moe_route`, `moe_gemm`, `moe_combine` |
+# | 09 · routing and the expert GEMM | a counting sort instead of a sort, the weight stream, a refuted prediction and the operand swap that rescued it | `moe_route`, `moe_gemm`, `moe_combine` |
+# | 10 · transformers, patched in place | the speed-up on the model you already have: launches before and after, what is refused, PCG under `generate` | all of them, through `patch_transformers` |
 #
 # The figure below is the map the course fills in: one decoder layer as the fused prefill runs it. Grey boxes are
 # library matrix products, blue ones the fused kernels the notebooks derive, orange the attention kernel; the

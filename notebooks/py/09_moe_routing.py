@@ -26,7 +26,7 @@
 #   it costs in launches and bytes;
 # - how a counting sort does it in one launch with no sort at all — written here, then the package's `moe_route`;
 # - why the expert GEMM at a short prompt is a weight stream, and its floor;
-# - a prediction about row tiles that an H200 refuted, and what the measurement says instead.
+# - a prediction about row tiles that an H200 refuted, why, and the operand swap that made it come true.
 
 # %% tags=["parameters"]
 DEVICE = "cpu"  # "cuda" for compiled kernels
@@ -191,13 +191,13 @@ print(f"{'recorded on ' + rec[1] if rec else 'H200 leads (no recorded run)'}: {m
       f"→ memory-bound, floor {weight_bytes / copy_bw * 1e3:.2f} ms per layer")
 assert intensity_93 < ridge / 10
 #
-# ## A prediction the H200 refuted
+# ## A prediction the H200 refuted — and what rescued it
 #
 # `moe_gemm` gives each program one expert and one slice of output columns, and loops over the expert's rows in
 # tiles of `block_m` rows *outside* its loop over K. An expert with more rows than one tile reads its weights again
 # for each extra tile. **Prediction:** a tile big enough for the busiest expert (32 rows at 189 tokens, 64 at 512)
 # reads the weights once and is faster than the 16-row tile from 189 tokens on. The recorded sweep (both expert
-# GEMMs of one layer, every candidate setting, on an H200):
+# GEMMs of one layer, every candidate setting, on an H200; solid lines: `a · wᵀ` as written, dashed: swapped):
 
 # %%
 sweep = viz.load_recorded("moe_sweep", RESULTS)
@@ -205,22 +205,30 @@ if sweep:
     doc, label = sweep
     display(viz.plot_moe_sweep(doc, f"expert GEMMs, recorded on {label}"))
 
-    def best(t, skew, tile):
+    def best(t, skew, tile, swap):
         row = next(r for r in doc["rows"] if r["tokens"] == t and r["skew"] == skew)
-        return min(g["ms"] for g in row["gemm"] if f"block_m={tile}," in g["config"])
+        return min(g["ms"] for g in row["gemm"]
+                   if f"block_m={tile}," in g["config"] and ("swap_ab=True" in g["config"]) == swap)
 
-    print(f"189 tokens, uniform: 16-row tile {best(189, 1.0, 16):.3f} ms, 32-row tile {best(189, 1.0, 32):.3f} ms")
-    assert best(189, 1.0, 16) < best(189, 1.0, 32), "the recorded sweep contradicts the prediction, as the text says"
+    print(f"189 tokens, uniform, a·wᵀ:     16-row tile {best(189, 1.0, 16, False):.3f} ms, "
+          f"32-row tile {best(189, 1.0, 32, False):.3f} ms")
+    print(f"189 tokens, uniform, swapped: 16-row tile {best(189, 1.0, 16, True):.3f} ms, "
+          f"32-row tile {best(189, 1.0, 32, True):.3f} ms")
+    assert best(189, 1.0, 16, False) < best(189, 1.0, 32, False), "as written, the bigger tile loses (the text)"
+    assert best(189, 1.0, 32, True) < best(189, 1.0, 16, True), "swapped, the bigger tile wins (the text)"
 else:
-    print("No recorded results/moe_sweep_*.json: run `python experiments/moe_gemm_vs_grouped_mm.py --sweep "
-          "--json results/moe_sweep_<card>.json` on a GPU.")
+    print("No recorded results/moe_sweep_*.json: run `.ci/gpu moe-sweep` on a GPU.")
 
 # %% [markdown]
-# Refuted: the re-read weights mostly come from the L2 cache (an expert's weight slice is read again a moment
-# later by the same program), while a bigger row tile multiplies the tensor-core work spent on padding rows and the
-# registers each program needs. And from ~500 tokens the library grouped GEMM wins whatever the tile — with strongly
-# skewed routing it wins from ~100 tokens, since both skip the experts nobody picked. So the package keeps one
-# 16-row setting and hands prompts above 128 tokens to `grouped_mm` (`Experts.MOE_GEMM_MAX_TOKENS`).
+# As written (`a · wᵀ`, the routed rows as the matrix-multiply's M side) the prediction fails: a 16-row A tile is
+# a 16-row `mma.sync`, and doubling it to 32 rows doubles each program's accumulator registers and tensor-core work
+# on mostly padding rows, which costs more than the re-read weights (they mostly come from the L2 cache, read again
+# a moment later by the same program). The way out is to swap the operands: compute `(w · aᵀ)ᵀ`. Now the 64–128
+# weight rows of a tile are the M side, which fills Hopper's warpgroup `wgmma` instruction (M = 64 per warpgroup),
+# and the routed rows are its N side, where 16 or 32 columns cost nearly the same. Swapped, the 32-row tile wins
+# from 189 tokens on, and at 93 tokens both GEMMs stream the weights at ~93 % of copy bandwidth. The package's
+# settings (`moe_config`, one orientation, weight tile and K step per GEMM, so a row's bits never depend on the
+# launch) come from this sweep, and prompts above 256 tokens go to `grouped_mm` (`Experts.MOE_GEMM_MAX_TOKENS`).
 #
 # ## Exercises
 #

@@ -52,8 +52,8 @@ def _bound(layer):
     return 4 * (h**0.5 + (two_i // 2) ** 0.5 + layer.router.top_k) * 2**-24
 
 
-@pytest.mark.parametrize("t,skew", [(1, None), (37, None), (93, None), (128, None), (60, (2, 6.0))],
-                         ids=["T=1", "T=37", "T=93", "T=128 (largest for moe_gemm)", "skewed"])
+@pytest.mark.parametrize("t,skew", [(1, None), (37, None), (93, None), (256, None), (60, (2, 6.0))],
+                         ids=["T=1", "T=37", "T=93", "T=256 (largest for moe_gemm)", "skewed"])
 def test_fused_equals_unfused_within_fp32_rounding(layer, t, skew):
     x, idx, weights = _inputs(layer, t, seed=t, skew=skew)
     assert t <= layer.experts.MOE_GEMM_MAX_TOKENS

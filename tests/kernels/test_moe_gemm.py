@@ -108,12 +108,16 @@ def test_swapped_gather_matches_float64():
     _assert_gemm(y, oracle(x[torch.argsort(ids.reshape(-1), stable=True) // 2], w, offs), FP32, x.shape[1])
 
 
-def test_config_is_one_swept_setting_per_gemm():
-    """One setting per GEMM for every size (row results must not depend on the launch: PCG pads prompts), each
-    among the swept candidates."""
+def test_settings_are_swept_and_share_what_decides_a_rows_bits():
+    """Every setting moe_config picks is a swept candidate, and all settings of one GEMM share orientation, weight
+    tile and K step (row results must not depend on the launch: PCG pads prompts), differing at most in row tile and
+    grid order; the down GEMM takes its wider row tile once experts average 16 rows."""
     for gelu in (False, True):
         settings = {K.moe_config(n, 128, gelu) for n in range(0, 70000, 997)}
-        assert len(settings) == 1 and settings <= set(K.MOE_SWEEP)
+        assert settings <= set(K.MOE_SWEEP)
+        assert len({(c.swap_ab, c.block_n, c.block_k) for c in settings}) == 1
+    assert K.moe_config(16 * 128 - 1, 128, True).block_m == 16 and K.moe_config(16 * 128, 128, True).block_m == 32
+    assert len({K.moe_config(n, 128) for n in range(0, 70000, 997)}) == 1
     assert len(set(K.MOE_SWEEP)) == len(K.MOE_SWEEP)
     with pytest.raises(ValueError, match="n_experts"):
         K.moe_config(8, 0)
@@ -186,3 +190,9 @@ def test_gpu_rows_do_not_depend_on_the_row_tile(dtype):
         for c in configs:
             assert torch.equal(up[c], up[first]), f"gate/up rows differ between {c} and {first}"
             assert torch.equal(down[c], down[first]), f"down rows differ between {c} and {first}"
+    # the settings moe_config picks at different sizes, on the same rows
+    y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8)
+    downs = {K.moe_config(n, 128, gelu_gate=True) for n in (8, 744, 2048, 8192)}
+    assert len(downs) == 2
+    outs = [K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=c) for c in downs]
+    assert torch.equal(outs[0], outs[1]), f"the down GEMM's settings {downs} give different rows"

@@ -91,7 +91,7 @@ def _chunk_run(q, k, v, chunks, window, key_end=None):
     keys ``[key_start, end)`` (``cu_seqlens_k``) → the kernel and the float64 oracle."""
     qs = torch.cat([q[s:e] for s, e, _ in chunks])
     ks, vs = (torch.cat([t[lo:e] for s, e, lo in chunks]) for t in (k, v))
-    cu, cu_k = _cu([e - s for s, e, _ in chunks]), _cu([e - lo for s, e, lo in chunks])
+    cu, cu_k = (_cu(n, q.device) for n in ([e - s for s, e, _ in chunks], [e - lo for s, e, lo in chunks]))
     kw = dict(window=window, key_end=key_end, cu_seqlens_k=cu_k)
     out = torch.full_like(qs, float("nan"))
     got = gemma_prefill_attention(qs, ks, vs, cu, max(e - s for s, e, _ in chunks), out=out, **kw)

@@ -126,3 +126,23 @@ def test_report_shows_the_vision_table(result):
     assert "**The vision path**" in text
     one = doc["vision"]["1"]
     assert f"| 1 | {sum(one['patches'])} | {one['soft_tokens']} |" in text
+
+
+def test_a_run_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):
+    """A run that dies in the compile peers (minutes in, on a device with a time budget) still leaves the columns
+    measured before, in a file marked incomplete outside the README's glob; a complete run removes it."""
+    def cut(*_, **__):
+        raise RuntimeError("device budget spent")
+
+    monkeypatch.setattr(prefill, "_compile_columns", cut)
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12", "--parts", "eager,hf_compile", "--rep-ms", "5",
+            "--dtype", "float32", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="budget"):
+        prefill.main(argv)
+    doc = measure.read_json(tmp_path / "runs" / "prefill_cpu_partial.json")
+    assert doc["complete"] is False and doc["rows"]["12"]["eager_ms"] > 0
+    assert not (tmp_path / "prefill_cpu.json").exists()
+    monkeypatch.undo()
+    assert prefill.main(argv[:7] + ["eager"] + argv[8:]) == 0
+    assert measure.read_json(tmp_path / "prefill_cpu.json")["complete"] is True
+    assert not (tmp_path / "runs" / "prefill_cpu_partial.json").exists()

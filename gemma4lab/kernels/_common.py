@@ -17,6 +17,7 @@ its store. The compile-time layout (BLOCK, ROWS, warps, stages) depends only on 
 number of rows, so a row's bits do not depend on how many rows share the call.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 
@@ -148,20 +149,38 @@ def _row_meta(hidden: int, dtype: torch.dtype, streams: int, cfg: RowConfig) -> 
                 num_warps=cfg.num_warps)
 
 
-_LAUNCH: dict = {}  # (hidden, dtype, streams, device) -> (rows per block, grid cap, meta) of the heuristic
+_LAUNCH: dict = {}  # (hidden, dtype, streams, device) -> the heuristic's two launches (see row_launch)
+
+#: Up to this many row blocks per SM a launch is *short*: 4 programs per SM, at most 4 blocks each, no software
+#: pipeline. Measured on an H200 (``experiments/row_kernels_small_t.py``, ``results/runs/row_small_t_h200.json``,
+#: bf16, hidden 2816, in CUDA graphs): a 3-stage pipeline stages a lone row's loads through shared memory for
+#: nothing — at 189 rows 2.57 µs unpipelined against 2.87, the dual epilogue 3.15 against 4.03; at 1453 rows (2.75
+#: blocks per program) 5.39 against 6.46 and 9.50 against 10.30; from ~10 000 rows the pipeline wins again (48.8
+#: against 54.9 µs at 11 533). Stages and grid change the load path and the row-to-program map only, never a
+#: row's arithmetic, so every launch gives the same bits (the run checked it).
+SHORT_LAUNCH_BLOCKS_PER_SM = 16
 
 
 def row_launch(n_rows: int, hidden: int, dtype: torch.dtype, device: torch.device, streams: int,
                config: RowConfig | None = None) -> tuple[tuple[int], dict]:
-    """Grid and compile-time arguments of a persistent row kernel (one dict lookup on the heuristic path)."""
+    """Grid and compile-time arguments of a persistent row kernel (one dict lookup on the heuristic path): the
+    heuristic's layout, pipelined for long launches and unpipelined with more programs for short ones
+    (:data:`SHORT_LAUNCH_BLOCKS_PER_SM`); a ``config`` is taken as given."""
     if config is None:
         hit = _LAUNCH.get((hidden, dtype, streams, device))
         if hit is None:
             cfg = row_config(hidden, dtype, streams)
-            hit = (cfg.rows, cfg.programs_per_sm * num_sms(device), _row_meta(hidden, dtype, streams, cfg))
+            sms = num_sms(device)
+            short = dataclasses.replace(cfg, programs_per_sm=4, num_stages=1)
+            hit = (cfg.rows, cfg.programs_per_sm * sms, _row_meta(hidden, dtype, streams, cfg),
+                   SHORT_LAUNCH_BLOCKS_PER_SM * sms, short.programs_per_sm * sms,
+                   _row_meta(hidden, dtype, streams, short))
             _LAUNCH[(hidden, dtype, streams, device)] = hit
-        rows, cap, meta = hit
-        return (min(-(-n_rows // rows), cap),), meta
+        rows, cap, meta, short_blocks, short_cap, short_meta = hit
+        blocks = -(-n_rows // rows)
+        if blocks <= short_blocks:
+            return (min(blocks, short_cap),), short_meta
+        return (min(blocks, cap),), meta
     if not isinstance(config, RowConfig):
         raise TypeError(f"config must be a RowConfig, got {type(config).__name__}")
     return ((min(-(-n_rows // config.rows), config.programs_per_sm * num_sms(device)),),

@@ -79,7 +79,8 @@ def test_row_result_independent_of_row_count(gen, name, dtype, h):
 def test_row_heuristic_properties(hidden, dtype, streams):
     """What the heuristic promises (not which numbers it picks): a tile of at most 16 rows covering the whole row,
     one row per program at hidden >= 2048, the pipelined rows within ~96 KB of shared memory (one stage at least),
-    and a compile-time layout that depends on (hidden, dtype) only — never on the number of rows."""
+    and a layout (tile, rows, warps) that depends on (hidden, dtype) only — never on the number of rows; only the
+    grid and the pipeline depth follow the row count (short launches unpipelined)."""
     cfg = C.row_config(hidden, dtype, streams)
     block = 1 << (hidden - 1).bit_length()
     assert 1 <= cfg.rows <= 16 and (cfg.rows == 1 or hidden < 2048)
@@ -89,6 +90,9 @@ def test_row_heuristic_properties(hidden, dtype, streams):
     (g1,), m1 = C.row_launch(1025, hidden, dtype, dev, streams)
     (g2,), m2 = C.row_launch(1280, hidden, dtype, dev, streams)
     assert m1 == m2 and g1 <= g2 <= cfg.programs_per_sm * C.num_sms(dev)
+    (g0,), m0 = C.row_launch(cfg.rows, hidden, dtype, dev, streams)  # one block: a short launch
+    layout = ("H", "BLOCK", "ROWS", "num_warps")
+    assert {k: m0[k] for k in layout} == {k: m1[k] for k in layout} and m0["STAGES"] == 1 and g0 == 1
 
 
 def test_launch_settings_validate():
@@ -101,3 +105,28 @@ def test_launch_settings_validate():
                       (K.AttentionConfig, (16, 16, 3, 1))):
         with pytest.raises(ValueError, match="power of two"):
             cls(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_gpu_short_and_long_launches_give_the_same_bits(dtype):
+    """At the real hidden size, the rows of a short launch (unpipelined, 4 programs per SM) equal the same rows of a
+    long, pipelined launch bit for bit, for every row kernel: PCG pads prompts to buckets on either side of the
+    switch (``SHORT_LAUNCH_BLOCKS_PER_SM``)."""
+    g = torch.Generator().manual_seed(5)
+    h, dev = 2816, torch.device("cuda")
+    n_long = C.SHORT_LAUNCH_BLOCKS_PER_SM * C.num_sms(dev) + 37
+    x1, x2, r = ((torch.randn(n_long, h, generator=g) * sc).to(dev, dtype) for sc in (1.0, 3.0, 1.0))
+    w = [(1 + 0.1 * torch.randn(h, generator=g)).to(dev, dtype) for _ in range(4)]
+    s = torch.tensor([0.7], device=dev)
+    calls = {
+        "rms": lambda n: [K.gemma_rmsnorm_residual_scalar(x1[:n], w[0], r[:n], s)],
+        "dual": lambda n: [K.gemma_dual_rmsnorm_residual_scalar(x1[:n], w[0], x2[:n], w[1], w[2], r[:n], s)],
+        "dual_next": lambda n: list(K.gemma_dual_rmsnorm_residual_scalar_next_norm(x1[:n], w[0], x2[:n], w[1], w[2],
+                                                                                   r[:n], s, w[3])),
+        "post_attention": lambda n: list(K.gemma_post_attention_block(x1[:n], r[:n], *w))}
+    for name, call in calls.items():
+        long = call(n_long)
+        for n in (1, 93, 189, C.SHORT_LAUNCH_BLOCKS_PER_SM * C.num_sms(dev)):  # short launches
+            for a, b in zip(call(n), long):
+                assert torch.equal(a, b[:n]), f"{name}: rows 0..{n} of a short launch differ from a long one's"

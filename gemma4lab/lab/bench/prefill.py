@@ -174,8 +174,6 @@ def _time_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dic
         for t in args.tokens:
             _timed(rows[str(t)], "hf", lambda t=t: lambda: hf(input_ids=prompts[t][0][None], use_cache=False,
                                                                 logits_to_keep=1), args.rep_ms)
-        if "layer" in parts and "layer" in res and not tag:
-            _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
         del hf
         measure.release_memory()
     if not tag and ("hf_patched" in parts or "hf_patched_pcg" in parts):
@@ -209,7 +207,8 @@ def _patched_columns(model, rows: dict, prompts: dict, parts: tuple, args) -> di
     return info  # the twin and its graphs go with this frame; the caller releases the memory
 
 
-def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict) -> None:
+def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: dict,
+                     saved: Callable[[dict], None] = lambda _: None) -> None:
     """torch.compile of transformers' own model, as a reader would try it, on the same weights."""
     import torch._dynamo.utils as dynamo_utils
 
@@ -232,6 +231,8 @@ def _compile_columns(model, rows: dict, prompts: dict, parts: tuple, args, res: 
             "first_call_s": {str(t): rows[str(t)].get(f"{col}_stats", {}).get("first_call_s") for t in args.tokens}}
         compiled = hf = None  # free the twin and its compiled graphs before the next mode
         measure.release_memory()
+        _derived(rows)
+        saved(res)
 
 
 def _compile_fused(model, rows: dict, prompts: dict, args, res: dict) -> None:
@@ -298,9 +299,13 @@ def _dispatch_cost(device: torch.device, calls: int = 2000) -> dict[str, float]:
     return res
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Every part of the benchmark, cheapest and most asked-for first (ours and transformers eager, the skewed
+    routing), the compile peers (minutes of compilation) last. ``checkpoint(res)`` is called after each stage, so a
+    run cut short (a device budget, a crash) still leaves what it measured."""
     from gemma4lab.lab import accuracy, routing
 
+    saved = checkpoint or (lambda _: None)
     dev = torch.device(args.device)
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
@@ -332,31 +337,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stats = routing.routing_stats(model, prompts[t])
             res["rows"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
                                    "routing": stats}
-        if "vision" in parts and cfg.vision is not None:
-            _try(res, "vision", lambda: _vision(model, args, copy_bw, mm_rate))
-        if "layer" in parts:
-            _try(res, "layer", lambda: _layer_alone(model, args))
-            if dev.type == "cuda":
-                _try(res, "dispatch", lambda: _dispatch_cost(dev))
+        saved(res)
         _time_columns(model, res["rows"], prompts, parts, args, res, tag="")
-        _compile_columns(model, res["rows"], prompts, parts, args, res)
-        if "compile_pieces" in parts:
-            from gemma4lab.runtime.compiled_pieces import CompiledPieces
-
-            model.set_fusion(Fusion.all())
-            mode = "reduce-overhead" if dev.type == "cuda" else "default"
-            pieces = CompiledPieces(model, mode=mode)
-            for t in args.tokens:
-                _timed(res["rows"][str(t)], "compile_pieces", lambda t=t: lambda: pieces.prefill(prompts[t]),
-                       args.rep_ms)
-            res.setdefault("compile", {})["compile_pieces"] = {"mode": mode, "dynamic": True}
-        if "compile_fused" in parts:
-            try:
-                _compile_fused(model, res["rows"], prompts, args, res)
-            except Exception as e:  # recorded, not fatal: the rest of the table still stands
-                res.setdefault("errors", {})["compile_fused"] = f"{type(e).__name__}: {e}"[:500]
-                traceback.print_exc()
         _derived(res["rows"])
+        saved(res)
 
         if "skew" in parts:
             recipe = routing.skew_routing(model, args.skew, prompts[max(t for t in args.tokens if t <= 2893)])
@@ -371,6 +355,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           res, tag="_skewed")
             _derived(res["rows_skewed"])
             routing.skew_routing(model, 0.0, [])
+            saved(res)
+        if "vision" in parts and cfg.vision is not None:
+            _try(res, "vision", lambda: _vision(model, args, copy_bw, mm_rate))
+        if "layer" in parts:
+            _try(res, "layer", lambda: _layer_alone(model, args))
+            if dev.type == "cuda":
+                _try(res, "dispatch", lambda: _dispatch_cost(dev))
+            if "hf" in parts:
+                hf = hf_twin(model)
+                _try(res["layer"], "hf", lambda: _hf_layer(hf, model, args))
+                del hf
+                measure.release_memory()
+        saved(res)
+
+        _compile_columns(model, res["rows"], prompts, parts, args, res, saved)
+        if "compile_pieces" in parts:
+            from gemma4lab.runtime.compiled_pieces import CompiledPieces
+
+            model.set_fusion(Fusion.all())
+            mode = "reduce-overhead" if dev.type == "cuda" else "default"
+            pieces = CompiledPieces(model, mode=mode)
+            for t in args.tokens:
+                _timed(res["rows"][str(t)], "compile_pieces", lambda t=t: lambda: pieces.prefill(prompts[t]),
+                       args.rep_ms)
+            res.setdefault("compile", {})["compile_pieces"] = {"mode": mode, "dynamic": True}
+            saved(res)
+        if "compile_fused" in parts:
+            try:
+                _compile_fused(model, res["rows"], prompts, args, res)
+            except Exception as e:  # recorded, not fatal: the rest of the table still stands
+                res.setdefault("errors", {})["compile_fused"] = f"{type(e).__name__}: {e}"[:500]
+                traceback.print_exc()
+        _derived(res["rows"])
     return res
 
 
@@ -530,8 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.skew < 0:
         p.error(f"--skew must be >= 0, got {args.skew}")
     args.out.mkdir(parents=True, exist_ok=True)
-    res = run(args)
-    path = measure.write_json(args.out / f"prefill_{measure.card_slug()}.json", res)
+    slug = measure.card_slug()
+    partial = args.out / "runs" / f"prefill_{slug}_partial.json"
+
+    def checkpoint(res: dict) -> None:  # what a run cut short leaves: marked incomplete, outside the README's glob
+        measure.write_json(partial, {**res, "complete": False})
+
+    res = run(args, checkpoint)
+    path = measure.write_json(args.out / f"prefill_{slug}.json", {**res, "complete": True})
+    partial.unlink(missing_ok=True)  # this run's own checkpoint, superseded by the complete file
     print(prefill_table(res))
     from gemma4lab.lab import viz
 

@@ -276,14 +276,16 @@ def kernel_rows(doc: Mapping[str, Any], kernel: str) -> list[dict[str, Any]]:
     return sorted((r for r in doc.get("results", []) if r.get("kernel") in names), key=lambda r: r["tokens"])
 
 
-def plot_kernels(doc: Mapping[str, Any]) -> Figure:
+def plot_kernels(doc: Mapping[str, Any], kernels: Sequence[str] | None = None) -> Figure:
     """``bench-kernels``: left, the fraction of copy bandwidth each kernel reaches vs T (solid ours, dashed
     torch.compile, dotted eager); right, microseconds per call inside a CUDA graph at small T against the empty
-    kernel."""
+    kernel. ``kernels`` picks some of them (a notebook's family); each keeps its colour from the whole set."""
     fig = Figure(figsize=(15, 6))
     ax1, ax2 = fig.subplots(1, 2)
     small_t = 256
     for i, name in enumerate(doc["config"]["kernels"]):
+        if kernels is not None and name not in kernels:
+            continue
         rows = [r for r in doc.get("results", []) if r["kernel"] == name]
         c = f"C{i % 10}"
         for col, style in (("eager", ":"), ("compile", "--"), ("triton", "-")):

@@ -70,6 +70,20 @@ def test_graphless_runner_equals_eager_model(model, fusion):
         model.set_fusion(Fusion.none())
 
 
+def test_runner_builds_no_rope_tables_outside_its_graphs(model, monkeypatch):
+    """The pieces compute cos/sin from the static positions (inside the first graph on a GPU); the per-forward context
+    the runner builds for the attention calls carries none, so a prefill launches no RoPE work outside the graphs."""
+    runner = PiecewiseCudaGraphRunner(model, buckets=[16], progress=False)
+    contexts = []
+    make = model.language_model.make_context
+    monkeypatch.setattr(model.language_model, "make_context",
+                        lambda *a, **k: contexts.append(make(*a, **k)) or contexts[-1])
+    prompts = _prompts([11], seed=2)
+    got = runner.prefill(prompts)
+    assert contexts and all(c.cos_sin == {} for c in contexts)
+    assert rel_err(got, model.prefill(prompts)) <= PADDING_BOUND
+
+
 def test_padding_garbage_never_reaches_real_tokens(model):
     runner = PiecewiseCudaGraphRunner(model, buckets=[32], progress=False)
     prompts = _prompts([6, 11])

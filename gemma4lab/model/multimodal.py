@@ -91,7 +91,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
             raise ValueError("input_ids is empty: a prompt needs at least one token")
         if torch.compiler.is_compiling():  # the values are data: checked on every eager call, trusted in a graph
             return
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.aminmax(input_ids)  # one kernel and one host read (none for ids still on the CPU)
+        lo, hi = int(lo), int(hi)
         vocab = self.config.text.vocab_size
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
@@ -151,8 +152,11 @@ class Gemma4ForConditionalGeneration(nn.Module):
         for p in prompts:
             if not isinstance(p, Tensor) or p.dim() != 1:
                 raise ValueError("each prompt must be a 1-D tensor of token ids")
-        ids = torch.cat([p.to(self.device) for p in prompts])
+        # ids still on the CPU (a tokenizer's) are checked there, before the copy: no device sync
+        same_device = len({p.device for p in prompts}) == 1
+        ids = torch.cat(list(prompts) if same_device else [p.to(self.device) for p in prompts])
         self._check_ids(ids)
+        ids = ids.to(self.device)
         mm = None
         if mm_token_type_ids is not None:
             if len(mm_token_type_ids) != len(prompts):

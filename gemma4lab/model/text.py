@@ -100,14 +100,16 @@ class TextModel(nn.Module):
         return Visibility.for_layer(self.config, sliding)
 
     def make_context(self, batch: PackedBatch, n_rows: int | None = None, cache: Any = None,
-                     backend: str | None = None) -> ForwardContext:
+                     backend: str | None = None, *, with_rope: bool = True) -> ForwardContext:
         """Per-forward attention plan: for each layer type, the backend (``triton``: our kernel, the GPU default;
         ``flex``, which plans plain ``causal`` SDPA for short text prompts; ``sdpa`` with dense masks, the CPU
-        reference) and its form of the mask rule for this batch. ``n_rows``: rows including padding (Flex tiles)."""
+        reference) and its form of the mask rule for this batch. ``n_rows``: rows including padding (Flex tiles).
+        ``with_rope=False`` leaves ``cos_sin`` empty for callers that build the RoPE tables themselves (the PCG
+        runner computes them inside its first graph from its static positions): ten launches saved per forward."""
         if batch.chunked and cache is None:
             raise ValueError("a chunk of a prompt (batch.cached > 0) attends to the earlier chunks' keys, which live "
                              "in the KV cache: pass the cache they filled")
-        ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions), cache=cache)
+        ctx = ForwardContext(batch=batch, cos_sin=self.rope(batch.positions) if with_rope else {}, cache=cache)
         name = backend or self.backend_for(batch.positions.device)
         for sliding in {self.config.is_sliding(i) for i in range(len(self.layers))}:
             rule = self.rule(sliding)

@@ -72,6 +72,14 @@ def default_buckets(max_tokens: int = 8192) -> list[int]:
     return sorted(set(out))
 
 
+def _has_image_tokens(prompts: list[Tensor], ids: Tensor, image_token_id: int) -> bool:
+    """Whether any prompt holds an image placeholder: read from the prompts while they are still on the CPU (a
+    tokenizer's ids), so a text prefill never waits for the GPU; one host read of the packed ids otherwise."""
+    if all(p.device.type == "cpu" for p in prompts):
+        return any(bool((p == image_token_id).any()) for p in prompts)
+    return bool((ids == image_token_id).any())
+
+
 def validate_buckets(buckets: list[int]) -> list[int]:
     if not isinstance(buckets, (list, tuple)) or not buckets:
         raise ValueError("buckets must be a non-empty list of token counts")
@@ -443,7 +451,7 @@ class PiecewiseCudaGraphRunner:
         embeds = None
         if pixel_values is not None:
             embeds = model.embed_inputs(ids, pixel_values, image_position_ids)
-        elif bool((ids == model.config.image_token_id).any()):
+        elif _has_image_tokens(prompts, ids, model.config.image_token_id):
             model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
         hidden = self._forward(ids, embeds, batch, cache, pad_fill)
         # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its
@@ -478,7 +486,7 @@ class PiecewiseCudaGraphRunner:
         self.stats["real_tokens"] += n_real
         self.stats["padded_tokens"] += bucket - n_real
 
-        ctx = self.lm.make_context(batch, cache=cache)
+        ctx = self.lm.make_context(batch, cache=cache, with_rope=False)  # the graphs build their own tables
         attend = lambda i, q, k, v: self.lm.attend(i, q, k, v, ctx)  # noqa: E731
         run_decoder(self.lm, StaticStream(b, bucket), {}, attend, self.lm.fusion, pieces=pieces)
         return b.hidden[:n_real]

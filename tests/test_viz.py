@@ -394,3 +394,22 @@ def test_plot_moe_sweep_takes_each_tiles_best_setting():
     lines = {line.get_label(): list(line.get_ydata()) for line in uniform.get_lines()}
     assert lines == {"grouped_mm": [0.5, 0.5], "moe_gemm, 16-row tile": [0.4, 0.5], "moe_gemm, 32-row tile": [0.6, 0.7]}
     assert uniform.get_title() == "routing skew 1 (uniform)" and skewed.get_title() == "routing skew 3"
+    swapped = {"rows": [{**row(93, 1.0, 0.4, 0.6), "gemm": [
+        {"config": "MoeConfig(block_m=16, block_n=128, swap_ab=False)", "ms": 0.4},
+        {"config": "MoeConfig(block_m=16, block_n=128, swap_ab=True)", "ms": 0.3}]}]}
+    (ax,) = viz.plot_moe_sweep(swapped, LABEL).axes
+    styles = {line.get_label(): line.get_linestyle() for line in ax.get_lines()}
+    assert styles["moe_gemm, 16-row tile"] == "-" and styles["moe_gemm, 16-row tile, swapped (w·aᵀ)"] == "--"
+
+
+def test_plot_attention_sweep_orders_and_hatches_the_predicted_spills():
+    rec = lambda bm, dv, tf: {"layer": "full", "tokens": 11533, "block_m": bm, "block_n": 64,  # noqa: E731
+                              "num_warps": 8, "num_stages": 1, "dv_splits": dv, "tflops": tf}
+    doc = {"sweep": [rec(128, 1, 60.0), rec(128, 2, 240.0), rec(64, 1, 190.0),
+                     {**rec(128, 1, 300.0), "layer": "sliding"}]}
+    fig = viz.plot_attention_sweep(doc, LABEL, predicted_spill=lambda r: r["block_m"] * 512 // r["dv_splits"] > 32768)
+    (ax,) = fig.axes
+    bars = ax.patches
+    assert [b.get_width() for b in bars] == [60.0, 190.0, 240.0]  # the full layer only, slowest at the bottom
+    assert [b.get_hatch() for b in bars] == ["//", None, None]
+    assert ax.get_yticklabels()[-1].get_text() == "128×64, 8 warps, 1 stage, dv_splits 2"

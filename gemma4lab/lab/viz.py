@@ -13,7 +13,7 @@ has chosen the Triton interpreter.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "kernel_rows",
     "load_recorded",
     "plain_log_ticks",
+    "plot_attention_sweep",
     "plot_breakdown",
     "plot_decode",
     "plot_decoder_layer",
@@ -485,6 +486,31 @@ def plot_moe_sweep(doc: Mapping[str, Any], title: str) -> Figure:
     axes[0].set_ylabel("ms, both expert GEMMs of one layer")
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_attention_sweep(doc: Mapping[str, Any], title: str, layer: str = "full",
+                         predicted_spill: Callable[[Mapping[str, Any]], bool] | None = None) -> Figure:
+    """``bench-attention --sweep``: TFLOP/s of every tile setting of one layer type, best on top, coloured by how
+    many programs share a query tile (``dv_splits``); the settings ``predicted_spill`` flags are hatched, so a
+    prediction about register spills can be read against the measurement (12)."""
+    rows = sorted((r for r in doc.get("sweep") or [] if r["layer"] == layer), key=lambda r: r["tflops"])
+    fig = Figure(figsize=(8, 0.8 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    splits = sorted({r["dv_splits"] for r in rows})
+    for i, r in enumerate(rows):
+        spill = predicted_spill is not None and predicted_spill(r)
+        ax.barh(i, r["tflops"], color=f"C{splits.index(r['dv_splits'])}", hatch="//" if spill else None,
+                edgecolor="k" if spill else None)
+    ax.set_yticks(range(len(rows)), [f"{r['block_m']}×{r['block_n']}, {r['num_warps']} warps, {r['num_stages']} "
+                                     f"stage{'s' if r['num_stages'] > 1 else ''}, dv_splits {r['dv_splits']}"
+                                     for r in rows], fontsize=7)
+    handles = [Patch(color=f"C{i}", label=f"dv_splits {d}") for i, d in enumerate(splits)]
+    if predicted_spill is not None:
+        handles.append(Patch(facecolor="white", edgecolor="k", hatch="//", label="predicted to spill"))
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.set(xlabel="TFLOP/s (useful: 4·D per visible query-key pair)", title=title)
+    ax.grid(True, axis="x", alpha=0.3)
     return fig
 
 

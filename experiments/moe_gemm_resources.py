@@ -42,11 +42,12 @@ def compile_sm90(fn, signature: dict, constants: dict, num_warps: int, num_stage
 
 
 def gemm(cfg: MoeConfig, gather: bool) -> dict:
-    sig = {"a_ptr": "*bf16", "w_ptr": "*bf16", "offs_ptr": "*i32", "idx_ptr": "*i32", "out_ptr": "*bf16",
+    consts = dict(GATHER=gather, TOP_K=8, GELU_GATE=not gather, IEEE=False, W_SCALED=False, SWAP_AB=cfg.swap_ab,
+                  COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    sig = {"a_ptr": "*bf16", "w_ptr": "*bf16", "offs_ptr": "*i32", "idx_ptr": "*i32", "scale_ptr": "*fp32",
+           "out_ptr": "*bf16",
            **dict.fromkeys(("M", "A_ROWS", "N", "K", "stride_am", "stride_we", "stride_wn", "stride_om"), "i32"),
-           **dict.fromkeys(("GATHER", "TOP_K", "GELU_GATE", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
-    consts = dict(GATHER=gather, TOP_K=8, GELU_GATE=not gather, IEEE=False, BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+           **dict.fromkeys(consts, "constexpr")}
     return compile_sm90(_moe_gemm_kernel, sig, consts, cfg.num_warps, cfg.num_stages)
 
 

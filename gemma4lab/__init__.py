@@ -8,6 +8,7 @@ Public API::
     ids = model.generate(input_ids, max_new_tokens=32)
     model.set_fusion("all")                                   # fused Triton kernels on
     runner = gemma4lab.PiecewiseCudaGraphRunner(model)        # piecewise CUDA graphs for prefill
+    gemma4lab.quantize_experts(model)                         # FP8 (e4m3) expert weights, per-channel scales
 
     # or transformers' own Gemma 4, patched in place (generate, the processor, adapters keep working):
     with gemma4lab.patch_transformers(hf_model, fusion="all", pcg=True):   # pcg: prefill through the runner
@@ -17,6 +18,7 @@ Public API::
 from gemma4lab.model.config import Gemma4Config, TextConfig, VisionConfig
 from gemma4lab.model.loading import load_pretrained, random_init, save_pretrained
 from gemma4lab.model.multimodal import Gemma4ForConditionalGeneration, ModelOutput
+from gemma4lab.model.quantize import quantize_experts
 from gemma4lab.runtime.fusion import Fusion
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "VisionConfig",
     "load_pretrained",
     "patch_transformers",
+    "quantize_experts",
     "random_init",
     "save_pretrained",
 ]

@@ -13,7 +13,7 @@ from gemma4lab.lab.floors import FAMILIES
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    parts = "accuracy,eager,hf,hf_patched,hf_patched_pcg,skew,layer,compile_fused,compile_pieces,families,vision"
+    parts = "accuracy,eager,hf,hf_patched,hf_patched_pcg,skew,layer,compile_fused,compile_pieces,families,vision,fp8"
     argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "12", "--parts", parts, "--rep-ms", "5",
             "--images", "1,2",
             "--layer-tokens", "12", "--compile-extra-tokens", "7,25", "--dtype", "float32", "--out", str(out)]
@@ -146,3 +146,17 @@ def test_a_run_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):
     assert prefill.main(argv[:7] + ["eager"] + argv[8:]) == 0
     assert measure.read_json(tmp_path / "prefill_cpu.json")["complete"] is True
     assert not (tmp_path / "runs" / "prefill_cpu_partial.json").exists()
+
+
+def test_fp8_experts_column_with_its_own_floor_and_per_layer_error(result):
+    """The FP8 part (run last: it quantises the model in place): fused + PCG timed against the FP8 floor, whose
+    weight bytes are the bf16 ones less half the experts', and every layer's teacher-forced FP8 error beside the
+    unquantised model's own."""
+    _, doc = result
+    for r in doc["rows"].values():
+        assert r["pcg_fp8_ms"] > 0 and r["pcg_fp8_x_fp8_floor"] == r["pcg_fp8_ms"] / r["fp8_floor_ms"]
+        assert r["fp8_weight_bytes"] < r["weight_bytes"]
+    assert "FP8" in doc["fp8"]["quantization"] and doc["fp8"]["expert_bytes_after"] < doc["fp8"]["expert_bytes_before"]
+    per = doc["accuracy_per_layer"]
+    assert len(per["ours_fused_fp8"]) == per["layers"]
+    assert per["ours_fused_fp8_median"] > 10 * per["ours_fused_median"]  # the quantisation shows, fp32 rounding not

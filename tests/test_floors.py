@@ -274,3 +274,18 @@ def test_vision_floor_refuses_what_it_cannot_count():
         vision_floor(cfg, [], 4e12, 8e14)
     with pytest.raises(ValueError, match="vision tower"):
         vision_floor(Gemma4Config(text=cfg.text, vision=None), [9], 4e12, 8e14)
+
+
+def test_fp8_experts_halve_the_expert_bytes_and_count_their_scales():
+    """FP8 experts: one byte a weight plus one fp32 scale per expert and output channel; nothing else changes."""
+    from gemma4lab import Gemma4Config
+    from gemma4lab.lab.floors import prefill_ops
+
+    cfg = Gemma4Config.preset("26b-a4b").text
+    bf16, fp8 = prefill_ops(cfg, 93, 128.0), prefill_ops(cfg, 93, 128.0, expert_elem_bytes=1)
+    per = lambda ops, fam: sum(o.weight_bytes for o in ops if o.family == fam)  # noqa: E731
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    scales = cfg.num_hidden_layers * e * (2 * i + h) * 4
+    assert per(fp8, "expert_gemm") == per(bf16, "expert_gemm") / 2 + scales
+    assert per(fp8, "dense_gemm") == per(bf16, "dense_gemm")
+    assert [o.flops for o in fp8] == [o.flops for o in bf16]

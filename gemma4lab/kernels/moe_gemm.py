@@ -72,6 +72,7 @@ def _moe_gemm_kernel(
     w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
     offs_ptr,  # [E] int32 inclusive cumulative row counts
     idx_ptr,  # [M] int32 routed slot of each sorted row (GATHER), else unused
+    scale_ptr,  # [E, N] fp32 per-output-channel scales of FP8 weights (W_SCALED), else unused
     out_ptr,  # [M, N] rows sorted by expert
     M,
     A_ROWS,
@@ -85,6 +86,7 @@ def _moe_gemm_kernel(
     TOP_K: tl.constexpr,
     GELU_GATE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
+    W_SCALED: tl.constexpr,  # FP8 weights: widened to the activation dtype on load, scaled per output in the epilogue
     SWAP_AB: tl.constexpr,  # accumulate yᵀ = w · aᵀ: the weight tile is the MMA's wide side, the rows its narrow one
     COLUMNS_FIRST: tl.constexpr,  # grid (column tiles, experts): neighbouring programs stream one expert's weights
     BLOCK_M: tl.constexpr,
@@ -118,8 +120,9 @@ def _moe_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask_k = ks < K
-                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, w_ptr.dtype.element_ty)
+                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
                 w = tl.load(w_base[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                w = w.to(out_ptr.dtype.element_ty)  # exact for FP8 (e4m3 fits bf16); a no-op otherwise
                 if IEEE:
                     acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
                 else:
@@ -130,12 +133,15 @@ def _moe_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask_k = ks < K
-                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, w_ptr.dtype.element_ty)
+                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
                 w = tl.load(w_base[None, :] + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                w = w.to(out_ptr.dtype.element_ty)
                 if IEEE:
                     acc = tl.dot(a, w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, w, acc)
+        if W_SCALED:  # y = Σ_k a·(s_n·q_nk) = s_n · Σ_k a·q_nk: the channel's scale factors out of the K sum
+            acc = acc * tl.load(scale_ptr + e * N + cols_n, mask=mask_n, other=0.0)[None, :]
         tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -219,10 +225,16 @@ def _sweep() -> tuple[MoeConfig, ...]:
 MOE_SWEEP: tuple[MoeConfig, ...] = _sweep()
 
 
+#: Weight dtypes the kernel widens on load and scales per output channel (``w_scale``): FP8 e4m3, the format
+#: Gemma 4 is served with (``gemma4lab.quantize_experts``).
+SCALED_WEIGHT_DTYPES = (torch.float8_e4m3fn,)
+
+
 def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,
-                       row_index: torch.Tensor | None = None, top_k: int = 1) -> torch.Tensor:
+                       row_index: torch.Tensor | None = None, top_k: int = 1,
+                       w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch twin: the gathered rows (``row_index``), then one matmul per expert (fp32 accumulate, one
-    rounding)."""
+    rounding); FP8 weights times their per-channel ``w_scale`` after the K sum, as the kernel does."""
     if row_index is not None:
         a = a[row_index.long() // top_k]
     if gelu_gate:
@@ -231,15 +243,19 @@ def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, 
     out = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
     ends = offsets.tolist()
     start = 0
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     for e, end in enumerate(ends):
         if end > start:
-            out[start:end] = (a[start:end].float() @ w[e].float().T).to(a.dtype)
+            y = a[start:end].to(acc) @ w[e].to(a.dtype).to(acc).T
+            if w_scale is not None:
+                y = y * w_scale[e].to(acc)
+            out[start:end] = y.to(a.dtype)
         start = end
     return out
 
 
 def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, row_index: torch.Tensor | None,
-           top_k: int) -> int:
+           top_k: int, w_scale: torch.Tensor | None = None) -> int:
     """Validate a call (metadata only, values when they are on the host); returns the rows of the product."""
     if not all(isinstance(t, torch.Tensor) for t in (a, w, offsets)):
         raise TypeError("moe_gemm takes tensors a, w, offsets")
@@ -253,7 +269,17 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     if offsets.shape[0] != e or offsets.dtype != torch.int32:
         raise ValueError(f"offsets must be int32 of length {e} (one end row per expert), got {offsets.dtype} "
                          f"{tuple(offsets.shape)}")
-    if a.dtype != w.dtype:
+    if w.dtype in SCALED_WEIGHT_DTYPES:
+        if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 \
+                or tuple(w_scale.shape) != (e, n) or not w_scale.is_contiguous() or w_scale.device != w.device:
+            raise ValueError(f"{w.dtype} weights need w_scale: a contiguous float32 [{e}, {n}] tensor (one scale per "
+                             f"expert and output channel) on the weights' device, got "
+                             f"{getattr(w_scale, 'dtype', None)} {tuple(getattr(w_scale, 'shape', ()))}")
+        if a.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"activations for {w.dtype} weights must be bfloat16, float16 or float32, got {a.dtype}")
+    elif w_scale is not None:
+        raise ValueError(f"w_scale is for FP8 weights ({SCALED_WEIGHT_DTYPES}); these are {w.dtype}")
+    elif a.dtype != w.dtype:
         raise TypeError(f"a and w must share a dtype, got {a.dtype} and {w.dtype}")
     if not (a.device == w.device == offsets.device):
         raise ValueError("a, w and offsets must be on one device")
@@ -280,7 +306,7 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     return m
 
 
-def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, out, config: MoeConfig | None) -> None:
+def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, out, config: MoeConfig | None) -> None:
     e, n, k = w.shape
     m = out.shape[0]
     cfg = config or moe_config(m, e, gelu_gate)
@@ -288,37 +314,39 @@ def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, out, config: 
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)
     _moe_gemm_kernel[(tiles, e) if cfg.columns_first else (e, tiles)](
-        a, w, offsets, row_index if gather else offsets, out, m, a.shape[0], n, k, a.stride(0), w.stride(0),
-        w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k, GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32,
-        SWAP_AB=cfg.swap_ab, COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, **extra)
+        a, w, offsets, row_index if gather else offsets, w_scale if w_scale is not None else offsets, out, m,
+        a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k,
+        GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, SWAP_AB=cfg.swap_ab,
+        COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
-            gelu_gate: bool, out: torch.Tensor) -> None:
-    _launch(a, w, offsets, row_index, top_k, gelu_gate, out, None)
+            gelu_gate: bool, w_scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out, None)
 
 
 def _torch(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
-           gelu_gate: bool, out: torch.Tensor) -> None:
-    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate, row_index, top_k))
+           gelu_gate: bool, w_scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate, row_index, top_k, w_scale))
 
 
 op = register("moe_gemm(Tensor a, Tensor w, Tensor offsets, Tensor? row_index, int top_k, bool gelu_gate, "
-              "Tensor(a!) out) -> ()", _triton, _torch)
+              "Tensor? w_scale, Tensor(a!) out) -> ()", _triton, _torch)
 
 
 def gemma_moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_gate: bool = False,
-                   row_index: torch.Tensor | None = None, top_k: int = 1,
+                   row_index: torch.Tensor | None = None, top_k: int = 1, w_scale: torch.Tensor | None = None,
                    config: MoeConfig | None = None) -> torch.Tensor:
     """``out[r] = act(a[src(r)]) @ w[expert(r)]ᵀ`` for rows sorted by expert, ``src(r) = row_index[r] // top_k``
-    (the token of routed slot ``row_index[r]``) or ``r`` without ``row_index`` (see module docstring)."""
-    m = _check(a, w, offsets, gelu_gate, row_index, top_k)
+    (the token of routed slot ``row_index[r]``) or ``r`` without ``row_index`` (see module docstring). FP8 weights
+    (``w`` float8_e4m3fn) take ``w_scale [E, N]``: ``w[e, n, :] ≈ w_scale[e, n] · q[e, n, :]``; the output keeps
+    the activations' dtype."""
+    m = _check(a, w, offsets, gelu_gate, row_index, top_k, w_scale)
     out = torch.empty(m, w.shape[1], dtype=a.dtype, device=a.device)
     if m == 0:
         return out
     if config is not None:
-        _launch(a, w, offsets, row_index, top_k, gelu_gate, out, config)
+        _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out, config)
     else:
-        op(a, w, offsets, row_index, top_k, gelu_gate, out)
+        op(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out)
     return out

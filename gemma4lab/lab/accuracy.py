@@ -90,11 +90,13 @@ def _ctx(lm, n: int, device: torch.device, backend: str | None = None):
 
 
 @torch.no_grad()
-def per_layer_errors(model, ids: Tensor, *, hf=None) -> dict[str, Any]:
+def per_layer_errors(model, ids: Tensor, *, hf=None, fp8: bool = False) -> dict[str, Any]:
     """Teacher-forced error of every decoder layer of ``model`` (bf16) against an fp32 copy of that layer.
 
     ``ids`` is one prompt [T]. ``hf``: a transformers twin of ``model`` (sharing its weights) to measure beside
-    ours. Returns per-layer relative errors (lists, layer order) and their medians and maxima."""
+    ours. ``fp8``: also each layer with its experts quantised to FP8 (``gemma4lab.quantize_experts`` on a copy of
+    the layer, fused), against the same truth (``ours_fused_fp8``). Returns per-layer relative errors (lists, layer
+    order) and their medians and maxima."""
     lm = model.language_model
     dev, dt, n = model.device, model.dtype, int(ids.numel())
     truth_ctx, ctx = _ctx(lm, n, dev, backend="sdpa"), _ctx(lm, n, dev)
@@ -113,12 +115,23 @@ def per_layer_errors(model, ids: Tensor, *, hf=None) -> dict[str, Any]:
     for name, fusion in (("ours_unfused", Fusion.none()), ("ours_fused", Fusion.all())):
         res[name] = [rel_err(run_layer(lm, i, Stream(truth[i].to(dt)), ctx.cos_sin, attend_with(ctx), fusion),
                              truth[i + 1]) for i in range(len(lm.layers))]
+    if fp8 and lm.config.enable_moe_block:
+        from gemma4lab.model.quantize import quantize_experts
+
+        errs = []
+        for i in range(len(lm.layers)):
+            layer8 = copy.deepcopy(lm.layers[i])
+            quantize_experts(layer8)
+            errs.append(rel_err(run_layer(lm, i, Stream(truth[i].to(dt)), ctx.cos_sin, attend_with(ctx), Fusion.all(),
+                                          layer=layer8), truth[i + 1]))
+            del layer8
+        res["ours_fused_fp8"] = errs
     if hf is not None:
         try:
             res["transformers"] = _transformers_per_layer(hf, truth, dt)
         except Exception as e:  # ours is still worth recording; say what failed on the reference's side
             res["transformers_error"] = f"{type(e).__name__}: {e}"[:300]
-    for key in ("ours_unfused", "ours_fused", "transformers"):
+    for key in ("ours_unfused", "ours_fused", "ours_fused_fp8", "transformers"):
         if key in res:
             errs = sorted(res[key])
             res[f"{key}_median"], res[f"{key}_max"] = errs[len(errs) // 2], errs[-1]

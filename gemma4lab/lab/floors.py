@@ -108,25 +108,30 @@ class _Ops:
         self.elem_bytes, self.ops = elem_bytes, []
 
     def op(self, name: str, family: str, layer: int | None, *, read: float, write: float, weights: float = 0.0,
-           flops: float = 0.0, index: float = 0.0) -> None:
+           flops: float = 0.0, index: float = 0.0, weight_bytes: float | None = None) -> None:
+        """``weight_bytes`` overrides ``weights × elem_bytes`` (weights stored in another format, e.g. FP8)."""
         s = self.elem_bytes
-        self.ops.append(Op(name, family, layer, (read + write + weights) * s + index * INDEX_BYTES, weights * s,
-                           flops))
+        wb = weights * s if weight_bytes is None else weight_bytes
+        self.ops.append(Op(name, family, layer, (read + write) * s + wb + index * INDEX_BYTES, wb, flops))
 
     def matmul(self, name: str, family: str, layer: int | None, m: int, k: int, n: int) -> None:
         """``[m, k] @ [k, n]``: the activations in and out, the weights once, ``2·m·k·n`` FLOPs."""
         self.op(name, family, layer, read=m * k, write=m * n, weights=k * n, flops=2 * m * k * n)
 
 
-def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float, elem_bytes: int = 2) -> list[Op]:
+def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float, elem_bytes: int = 2,
+                expert_elem_bytes: int | None = None) -> list[Op]:
     """The ops of one text prefill of a single prompt of ``tokens`` tokens, in order.
 
     ``experts_hit``: distinct experts that received a token, per MoE layer (``gemma4lab.lab.routing.routing_stats``);
-    ``elem_bytes``: the model dtype's element size (2 for bf16). The last layer runs on every row, as a prefill that
-    fills a KV cache does; the head runs on the last token only.
+    ``elem_bytes``: the model dtype's element size (2 for bf16); ``expert_elem_bytes``: the expert weights' (1 for
+    FP8, whose fp32 per-channel scales are counted too; default: ``elem_bytes``). The last layer runs on every row,
+    as a prefill that fills a KV cache does; the head runs on the last token only.
     """
     t, n = _text(cfg), _check_count("tokens", tokens)
     s = _check_count("elem_bytes", elem_bytes)
+    fp8 = expert_elem_bytes is not None and expert_elem_bytes != s
+    es = _check_count("expert_elem_bytes", expert_elem_bytes) if expert_elem_bytes is not None else s
     hit = _check_hit(t, n, experts_hit)
     h, layers = t.hidden_size, t.num_hidden_layers
     ops = _Ops(s)
@@ -156,11 +161,13 @@ def prefill_ops(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float,
             slots = n * k
             matmul("router_proj", "dense_gemm", i, n, h, e)
             op("router_topk", "routing", i, read=n * e, write=0, weights=e, index=2 * slots)
+            scale_bytes = 4 if fp8 else 0  # one fp32 scale per expert and output channel
             op("expert_gate_up", "expert_gemm", i, read=n * h, write=slots * 2 * inter_e,
-               weights=hit * 2 * inter_e * h, flops=2 * slots * h * 2 * inter_e, index=slots)
+               weights=hit * 2 * inter_e * h, flops=2 * slots * h * 2 * inter_e, index=slots,
+               weight_bytes=hit * 2 * inter_e * (h * es + scale_bytes))
             op("expert_act", "row_kernels", i, read=slots * 2 * inter_e, write=slots * inter_e)
             op("expert_down", "expert_gemm", i, read=slots * inter_e, write=slots * h, weights=hit * h * inter_e,
-               flops=2 * slots * inter_e * h, index=slots)
+               flops=2 * slots * inter_e * h, index=slots, weight_bytes=hit * h * (inter_e * es + scale_bytes))
             op("moe_combine", "routing", i, read=slots * h, write=n * h, index=slots)
         # post-FFN norm(s) + residual + layer scalar, then the next layer's input norm (after the last: the final
         # norm, and the layer's own output stream, which nothing else reads, is not written)
@@ -247,11 +254,11 @@ def op_floor(ops: list[Op], copy_bw: float, mm_rate: float) -> dict:
 
 
 def floors(cfg: Gemma4Config | TextConfig, tokens: int, experts_hit: float, copy_bw: float, mm_rate: float,
-           elem_bytes: int = 2) -> dict:
+           elem_bytes: int = 2, expert_elem_bytes: int | None = None) -> dict:
     """Both floors of one prefill of ``tokens`` tokens. The single floor: the weight bytes it must read (experts:
     only the ``experts_hit`` per layer the routing used) over copy bandwidth, or its matmul FLOPs over the matmul
-    rate; the op-level floor beside it (see the module docstring)."""
-    ops = prefill_ops(cfg, tokens, experts_hit, elem_bytes)
+    rate; the op-level floor beside it (see the module docstring). ``expert_elem_bytes=1``: FP8 experts."""
+    ops = prefill_ops(cfg, tokens, experts_hit, elem_bytes, expert_elem_bytes)
     nbytes = sum(o.weight_bytes for o in ops)
     flops = sum(o.flops for o in ops)
     out = {"tokens": tokens, "experts_hit": experts_hit, "weight_bytes": nbytes, "flops": flops,
@@ -305,7 +312,7 @@ def kv_read_bytes(cfg: Gemma4Config | TextConfig, batch: int, context: int, elem
 
 
 def decode_floor(cfg: Gemma4Config | TextConfig, batch: int, context: int, experts: float, copy_bw: float,
-                 elem_bytes: int = 2, steps: int = 1) -> dict:
+                 elem_bytes: int = 2, steps: int = 1, expert_elem_bytes: int | None = None) -> dict:
     """The bandwidth floor of a decode step (one new token for each of ``batch`` sequences with ``context`` earlier
     tokens): the bytes it must read over the copy bandwidth, averaged over ``steps`` consecutive steps from there
     (a timed run's cache grows by one token a step). Bytes: every non-expert weight (the tied head reads the whole
@@ -315,7 +322,7 @@ def decode_floor(cfg: Gemma4Config | TextConfig, batch: int, context: int, exper
     Why bytes alone: a step multiplies each weight by at most ``batch`` rows, 2·batch FLOPs per weight element, far
     below a GPU's FLOP-per-byte ridge at these batch sizes. Weight bytes come from :func:`prefill_ops` (the weights
     a forward of ``batch`` tokens reads), so prefill and decode count the model the same way."""
-    ops = prefill_ops(cfg, batch, experts, elem_bytes)
+    ops = prefill_ops(cfg, batch, experts, elem_bytes, expert_elem_bytes)
     n = _check_count("steps", steps)
     expert = sum(o.weight_bytes for o in ops if o.family == "expert_gemm")
     other = sum(o.weight_bytes for o in ops) - expert

@@ -27,6 +27,7 @@ PREFILL_COLUMNS = (("eager", "ours, unfused eager"), ("fused", "ours, fused eage
                    ("compile_pieces", "torch.compile(ours, fused) per piece"), ("hf", "transformers"),
                    ("hf_patched", "transformers, patched (fused)"),
                    ("hf_patched_pcg", "transformers, patched (fused + PCG)"),
+                   ("pcg_fp8", "ours, fused + PCG, FP8 experts"),
                    ("hf_compile", "torch.compile(transformers)"),
                    ("hf_compile_ro", "torch.compile(transformers, reduce-overhead)"))
 #: what the tables and figures call each op family (``gemma4lab.lab.floors.FAMILIES``, in that order)

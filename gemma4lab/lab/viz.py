@@ -64,7 +64,7 @@ PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager,
 #: matplotlib format of each ``bench-prefill`` column (the labels and legend order are the report's)
 _PREFILL_STYLE = {"eager": "C3o-", "fused": "C0o-", "pcg": "C2o-", "compile_fused": "C6o--", "compile_pieces": "C8o--",
                   "hf": "C7o:", "hf_compile": "C1o--", "hf_compile_ro": "C4o--", "hf_patched": "C9s-",
-                  "hf_patched_pcg": "C9s--"}
+                  "hf_patched_pcg": "C9s--", "pcg_fp8": "C2^--"}
 #: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
 PREFILL_SERIES = (*((f"{c}_ms", _PREFILL_STYLE[c], label) for c, label in PREFILL_COLUMNS),
                   ("floor_ms", "C5:", "floor (same run)"))

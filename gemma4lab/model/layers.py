@@ -162,6 +162,9 @@ class Experts(nn.Module):
         self.num_experts = cfg.num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
+        # per-output-channel scales once the weights are FP8 (``gemma4lab.quantize_experts``); None in bf16/fp32
+        self.register_buffer("gate_up_scale", None, persistent=False)
+        self.register_buffer("down_scale", None, persistent=False)
 
     #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM (H200,
     #: results/moe_sweep_h200.json, both GEMMs of a layer at uniform routing: 0.39 vs 0.56 ms at 93 tokens, 0.41 vs
@@ -234,18 +237,39 @@ class Experts(nn.Module):
         if use_kernel:
             from gemma4lab.kernels import gemma_moe_gemm
 
-            h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k)
-            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True)
+            up_scale, down_scale = self._scales()
+            h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=up_scale)
+            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, w_scale=down_scale)
         xs = x if slots is None else x[slots // k]
-        h = self._act(_grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs), fused_act)
-        return _grouped_mm(h, self.down_proj.transpose(-2, -1), offs)
+        gate_up, down = self._dense_weights(x.dtype)
+        h = self._act(_grouped_mm(xs, gate_up.transpose(-2, -1), offs), fused_act)
+        return _grouped_mm(h, down.transpose(-2, -1), offs)
+
+    def _scales(self) -> tuple[Tensor | None, Tensor | None]:
+        # getattr: the same methods run over transformers' experts module (patch_transformers), which has none
+        up, down = getattr(self, "gate_up_scale", None), getattr(self, "down_scale", None)
+        if up is not None and self.gate_up_proj.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"these experts hold FP8 scales but {self.gate_up_proj.dtype} weights: the model was cast "
+                             "after gemma4lab.quantize_experts (which would drop the quantisation silently); cast "
+                             "first, then quantise")
+        return up, down
+
+    def _dense_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The weights in the activation dtype for the library paths: as stored, or FP8 widened and scaled (a
+        transient copy; the fused kernel reads the FP8 bytes directly)."""
+        up_scale, down_scale = self._scales()
+        if up_scale is None:
+            return self.gate_up_proj, self.down_proj
+        return tuple((w.to(torch.float32) * sc[..., None]).to(dtype)
+                     for w, sc in ((self.gate_up_proj, up_scale), (self.down_proj, down_scale)))
 
     def _looped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
         """Reference path (CPU): one matmul per expert that was hit. Syncs the host; never used under graphs."""
         t, k = idx.shape
         y = torch.zeros(t, k, x.shape[-1], dtype=x.dtype, device=x.device)
+        gate_up, down = self._dense_weights(x.dtype)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
-            h = self._act(F.linear(x[tok], self.gate_up_proj[e]), fused_act)
-            y[tok, slot] = F.linear(h, self.down_proj[e])
+            h = self._act(F.linear(x[tok], gate_up[e]), fused_act)
+            y[tok, slot] = F.linear(h, down[e])
         return y

@@ -196,3 +196,67 @@ def test_gpu_rows_do_not_depend_on_the_row_tile(dtype):
     assert len(downs) == 2
     outs = [K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=c) for c in downs]
     assert torch.equal(outs[0], outs[1]), f"the down GEMM's settings {downs} give different rows"
+
+
+# ---- FP8 (e4m3) weights with per-channel scales ---------------------------------------------------------------------
+def _fp8(w):
+    from gemma4lab.model.quantize import quantize_fp8_per_channel
+
+    return quantize_fp8_per_channel(w)
+
+
+def _dequant(q, s):
+    return q.double() * s.double()[..., None]
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("counts", [[3, 0, 17, 1], [33, 2, 0, 0, 9]])
+def test_fp8_weights_match_float64_of_the_dequantized_weights(counts, swap_ab):
+    """FP8 weights widened on load, the channel scale applied after the K sum: the product equals the float64
+    product with the dequantized weights ``s·q`` to fp32 rounding (the quantisation error itself is the
+    quantiser's, tested in tests/test_quantize.py); the gathered gate/up and the GELU-fused down GEMM alike."""
+    a, w, wd, offs = _case(counts)
+    (q, s), (qd, sd) = _fp8(w), _fp8(wd)
+    cfg = K.MoeConfig(block_m=16, block_n=32, block_k=32, swap_ab=swap_ab)
+    y = K.gemma_moe_gemm(a, q, offs, w_scale=s, config=cfg)
+    _assert_gemm(y, oracle(a, _dequant(q, s), offs), FP32, a.shape[1])
+    y2 = K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd, config=cfg)
+    _assert_gelu_gemm(y2, y, _dequant(qd, sd), offs, FP32)
+    ref = K.gemma_moe_gemm_ref(a, q, offs, w_scale=s)  # the plain-torch twin computes the same function
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_gather_path_matches_float64():
+    x, ids, w, wd = _routed_case(37, 2, 8)
+    q, s = _fp8(w)
+    offs, slots, _ = K.gemma_moe_route(ids, 8)
+    y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=2, w_scale=s)
+    gathered = x[torch.argsort(ids.reshape(-1), stable=True) // 2]
+    _assert_gemm(y, oracle(gathered, _dequant(q, s), offs), FP32, x.shape[1])
+
+
+def test_fp8_bad_input():
+    a, w, wd, offs = _case([2, 3])
+    q, s = _fp8(w)
+    with pytest.raises(ValueError, match="need w_scale"):
+        K.gemma_moe_gemm(a, q, offs)
+    with pytest.raises(ValueError, match="need w_scale"):
+        K.gemma_moe_gemm(a, q, offs, w_scale=s[:, :3])
+    with pytest.raises(ValueError, match="need w_scale"):
+        K.gemma_moe_gemm(a, q, offs, w_scale=s.double())
+    with pytest.raises(ValueError, match="w_scale is for FP8 weights"):
+        K.gemma_moe_gemm(a, w, offs, w_scale=s)
+    with pytest.raises(TypeError, match="activations for"):
+        K.gemma_moe_gemm(a.double(), q, offs, w_scale=s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 93, 256])
+def test_gpu_fp8_real_shapes_against_float64(t):
+    """bf16 activations, FP8 weights at H = 2816, I = 704, 128 experts, through the model's settings."""
+    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
+    (q, s), (qd, sd) = _fp8(w), _fp8(wd)
+    offs, slots, _ = K.gemma_moe_route(ids, 128)
+    y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s)
+    _assert_gemm(y, oracle(x[slots.long() // 8], _dequant(q, s), offs), BF16, 2816)
+    _assert_gelu_gemm(K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd), y, _dequant(qd, sd), offs, BF16)

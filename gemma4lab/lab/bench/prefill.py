@@ -69,12 +69,13 @@ COLUMNS = {
     "compile_pieces": "torch.compile of ours, fused, per piece between attention calls (reduce-overhead)",
     "hf_patched": "transformers patched in place (gemma4lab.patch_transformers, fused)",
     "hf_patched_pcg": "transformers patched in place, fused + PCG",
+    "pcg_fp8": "ours, fused + PCG, FP8 (e4m3) experts",
 }
 #: prompt lengths beyond the table's that the compiled fused model must serve without recompiling for each
 EXTRA_COMPILE_TOKENS = (17, 500, 777, 4099)
 PEERS = ("hf", "hf_compile", "hf_compile_ro")
 PARTS = ("accuracy", "eager", "fused", "pcg", "hf", "hf_patched", "hf_patched_pcg", "hf_compile", "hf_compile_ro",
-         "compile_fused", "compile_pieces", "skew", "image", "vision", "layer", "families")
+         "compile_fused", "compile_pieces", "skew", "image", "vision", "layer", "families", "fp8")
 DEFAULT_PARTS = PARTS  # a full run measures everything; --parts picks a subset
 SKEW_PARTS = ("fused", "pcg", "hf")  # measured again at skewed routing (compiling the biased twin again is not)
 
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
         if "accuracy" in parts:
             def per_layer() -> dict:
                 hf = hf_twin(model)
-                return accuracy.per_layer_errors(model, prompts[min(args.tokens)][0], hf=hf)
+                return accuracy.per_layer_errors(model, prompts[min(args.tokens)][0], hf=hf, fp8="fp8" in parts)
             _try(res, "accuracy_per_layer", per_layer)
         res["routing"] = {"uniform": {"exponent": 0.0}}
         for t in args.tokens:
@@ -388,7 +389,35 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
                 res.setdefault("errors", {})["compile_fused"] = f"{type(e).__name__}: {e}"[:500]
                 traceback.print_exc()
         _derived(res["rows"])
+        saved(res)
+        if "fp8" in parts and cfg.text.enable_moe_block:  # last: it quantises the model in place
+            _try(res, "fp8", lambda: _fp8_column(model, res["rows"], prompts, args, copy_bw, mm_rate))
     return res
+
+
+def _fp8_column(model, rows: dict, prompts: dict, args, copy_bw: float, mm_rate: float) -> dict:
+    """Fused + PCG with the experts in FP8 (``gemma4lab.quantize_experts``), beside the FP8 floors of each row: the
+    weight floor moves with the expert bytes (its ratio is the one to read, ``pcg_fp8_x_fp8_floor``)."""
+    from gemma4lab.model.quantize import quantize_experts
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
+
+    report = quantize_experts(model)
+    for t in args.tokens:
+        r = rows[str(t)]
+        f = floors(model.config, t, r["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize, expert_elem_bytes=1)
+        r.update({f"fp8_{k}": f[k] for k in ("weight_bytes", "weight_floor_ms", "floor_ms", "op_floor_ms")})
+    model.set_fusion(Fusion.all())
+    runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
+    cap = runner.capture()
+    for t in args.tokens:
+        r = rows[str(t)]
+        _timed(r, "pcg_fp8", lambda t=t: lambda: runner.prefill(prompts[t]), args.rep_ms)
+        if r.get("pcg_fp8_ms"):
+            r["pcg_fp8_x_fp8_floor"] = r["pcg_fp8_ms"] / r["fp8_floor_ms"]
+    runner = None  # its graphs and static buffers go before the next part
+    measure.release_memory()
+    return {"quantization": str(report), "expert_bytes_before": report.bytes_before,
+            "expert_bytes_after": report.bytes_after, "capture_s": cap.capture_s}
 
 
 def _photo_prompt(model, images: int) -> tuple[dict, Any]:

@@ -54,8 +54,12 @@ class QuantizationReport:
     bytes_after: int
 
     def __str__(self) -> str:
-        return (f"{self.layers} MoE layers: expert weights {self.bytes_before / 1e9:.2f} GB → "
-                f"{self.bytes_after / 1e9:.2f} GB (FP8 e4m3, per-channel scales)")
+        def size(n: int) -> str:
+            units = ((1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B"))
+            return next(f"{n / d:.2f} {u}" for d, u in units if n >= d or u == "B")
+
+        return (f"{self.layers} MoE layer{'s' if self.layers != 1 else ''}: expert weights {size(self.bytes_before)} "
+                f"→ {size(self.bytes_after)} (FP8 e4m3, per-channel scales)")
 
 
 def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3") -> QuantizationReport:

@@ -26,7 +26,8 @@
 #   it costs in launches and bytes;
 # - how a counting sort does it in one launch with no sort at all — written here, then the package's `moe_route`;
 # - why the expert GEMM at a short prompt is a weight stream, and its floor;
-# - a prediction about row tiles that an H200 refuted, why, and the operand swap that made it come true.
+# - a prediction about row tiles that an H200 refuted, why, and the operand swap that made it come true;
+# - moving the floor itself: FP8 experts, their bytes and their error.
 
 # %% tags=["parameters"]
 DEVICE = "cpu"  # "cuda" for compiled kernels
@@ -41,6 +42,7 @@ ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel i
 RESULTS = ROOT / "results"
 
 # %matplotlib inline
+import copy
 import inspect
 
 import torch
@@ -229,7 +231,68 @@ else:
 # from 189 tokens on, and at 93 tokens both GEMMs stream the weights at ~93 % of copy bandwidth. The package's
 # settings (`moe_config`, one orientation, weight tile and K step per GEMM, so a row's bits never depend on the
 # launch) come from this sweep, and prompts above 256 tokens go to `grouped_mm` (`Experts.MOE_GEMM_MAX_TOKENS`).
+
+# %% [markdown]
+# ## Moving the floor: FP8 experts
 #
+# With the swapped kernel the expert GEMMs stream at ~93 % of copy bandwidth at 93 tokens: the kernel is near its
+# floor, so the next factor has to come from the floor itself. Of the ~50 GB a short prefill of 26B-A4B reads, ~45 GB
+# are expert weights, and in FP8 (e4m3: a sign, 4 exponent and 3 mantissa bits) they take half the bytes.
+# `gemma4lab.quantize_experts` stores each expert as e4m3 with one fp32 scale per output channel,
+# `scale = max|w| / 448` (448: e4m3's largest value), and `moe_gemm` widens each FP8 tile to the activations' dtype as
+# it loads it (exact: every e4m3 value is a bf16 value), accumulates in fp32 and multiplies each output by its
+# channel's scale once, after the K sum — the scale factors out of it.
+#
+# **Predictions.** The weight floor at 93 tokens falls by almost half. A MoE block's error grows from bf16's (a few
+# times 2⁻⁹ relative) to e4m3's: each weight moves by up to 2⁻⁴ of itself, so expect a few per cent.
+
+# %%
+from gemma4lab.lab.floors import floors
+
+f16 = floors(real, 93, float(E_real), copy_bw, mm_rate)
+f8 = floors(real, 93, float(E_real), copy_bw, mm_rate, expert_elem_bytes=1)
+print(f"93 tokens: weights {f16['weight_bytes'] / 1e9:.1f} GB → {f8['weight_bytes'] / 1e9:.1f} GB, weight floor "
+      f"{f16['weight_floor_ms']:.1f} ms → {f8['weight_floor_ms']:.1f} ms")
+assert f8["weight_floor_ms"] < 0.6 * f16["weight_floor_ms"]
+
+# %% [markdown]
+# The error, teacher-forced: the same tokens, expert choices and routing weights through one MoE block of the tiny
+# model, in bf16 and with FP8 experts, against its float64 truth. (Not through the whole model: a random MoE is
+# chaotic, and a tiny perturbation flips near-tied expert choices somewhere downstream.)
+
+# %%
+with torch.no_grad():
+    ex = layer.experts
+    truth = copy.deepcopy(ex).double()(x.double(), ids, weights.double())
+    err_bf16 = ((copy.deepcopy(ex).bfloat16()(x.bfloat16(), ids, weights).double() - truth).norm()
+                / truth.norm()).item()
+    ex8 = copy.deepcopy(ex)
+    print(gemma4lab.quantize_experts(ex8))
+    y8 = ex8(x, ids, weights, fused_act=True, fused_gemm=True)
+    err_fp8 = ((y8.double() - truth).norm() / truth.norm()).item()
+print(f"MoE block vs float64: bf16 {err_bf16:.1e}, FP8 experts {err_fp8:.1e} ({err_fp8 / err_bf16:.0f}x)")
+assert 3 * err_bf16 < err_fp8 < 2**-4
+
+# %% [markdown]
+# What random weights cannot tell: trained experts have outlier weights, and one outlier stretches its channel's
+# scale and coarsens every other weight of that channel. Judge FP8 on a real checkpoint before serving with it.
+#
+# And the time, recorded when `bench-prefill` ran its FP8 part (fused + PCG with FP8 experts, against the FP8 floor
+# measured in the same run):
+
+# %%
+if rec and any("pcg_fp8_ms" in r for r in rec[0]["rows"].values()):
+    print(f"recorded on {rec[1]}")
+    for r in rec[0]["rows"].values():
+        if "pcg_fp8_ms" in r:
+            print(f"T={r['tokens']:>6}: bf16 {r['pcg_ms']:6.1f} ms ({r['pcg_ms'] / r['floor_ms']:.2f}x its floor), "
+                  f"FP8 experts {r['pcg_fp8_ms']:6.1f} ms ({r['pcg_fp8_x_fp8_floor']:.2f}x the FP8 floor "
+                  f"{r['fp8_floor_ms']:.1f} ms)")
+else:
+    print("No recorded FP8 column in results/prefill_*.json yet: run `python -m gemma4lab bench-prefill` on a GPU "
+          "(its fp8 part runs last).")
+
+# %% [markdown]
 # ## Exercises
 #
 # Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,

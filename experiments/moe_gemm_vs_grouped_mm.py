@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--skew", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--sweep", action="store_true", help="time every MoeConfig of MOE_SWEEP (tuning)")
     p.add_argument("--json", default=None, help="write every timing here")
+    p.add_argument("--fp8", action="store_true", help="moe_gemm on FP8 (e4m3) weights with per-channel scales "
+                   "(gemma4lab.quantize_experts' format); grouped_mm stays the bf16 reference")
     args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -51,6 +53,14 @@ def main() -> None:
     w = (0.02 * torch.randn(E, 2 * INTER, H, generator=gen)).to(dev, dt)
     wd = (0.02 * torch.randn(E, H, INTER, generator=gen)).to(dev, dt)
     wbytes = (w.numel() + wd.numel()) * 2
+    # the weights moe_gemm reads: bf16, or FP8 with one fp32 scale per expert and output channel
+    if args.fp8:
+        from gemma4lab.model.quantize import quantize_fp8_per_channel
+
+        (wk, sk), (wdk, sdk) = quantize_fp8_per_channel(w), quantize_fp8_per_channel(wd)
+    else:
+        wk, sk, wdk, sdk = w, None, wd, None
+    elem, scale_b = (1, 4) if args.fp8 else (2, 0)
     gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     graph = measure.bench_cuda_graph
     rows = []
@@ -80,8 +90,9 @@ def main() -> None:
 
             def fused_block(cfg=None):
                 offs, slots, pos = gemma_moe_route(ids, E)
-                h = gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K, config=cfg)
-                return gemma_moe_combine(gemma_moe_gemm(h, wd, offs, gelu_gate=True, config=cfg), pos, weights)
+                h = gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, config=cfg)
+                return gemma_moe_combine(gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, config=cfg), pos,
+                                         weights)
 
             offs, slots, _ = gemma_moe_route(ids, E)
             xs = x[slots.long() // TOP_K]
@@ -93,7 +104,8 @@ def main() -> None:
             ref_up = gmm(xs, w.transpose(-2, -1), offs=offs)
             ref = lib_gemms().float()
             hit = int((torch.bincount(flat, minlength=E) > 0).sum())  # the weights a GEMM must read: experts hit
-            up_bytes, down_bytes = hit * w[0].numel() * 2, hit * wd[0].numel() * 2
+            up_bytes = hit * (w[0].numel() * elem + w.shape[1] * scale_b)
+            down_bytes = hit * (wd[0].numel() * elem + wd.shape[1] * scale_b)
             heur = (moe_config(t * TOP_K, E), moe_config(t * TOP_K, E, gelu_gate=True))
             res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "experts_hit": hit,
                    "heuristic": repr(heur[0]), "heuristic_down": repr(heur[1]),
@@ -102,10 +114,10 @@ def main() -> None:
                    "routing_unfused_ms": graph(unfused_routing), "gemm_grouped_mm_ms": measure.bench(lib_gemms),
                    "gemm": []}
             for cfg in (MOE_SWEEP if args.sweep else dict.fromkeys((*heur, MoeConfig()))):
-                up = lambda cfg=cfg: gemma_moe_gemm(x, w, offs, row_index=slots, top_k=TOP_K, config=cfg)
+                up = lambda cfg=cfg: gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, config=cfg)
                 try:
                     h = up()
-                    down = lambda cfg=cfg, h=h: gemma_moe_gemm(h, wd, offs, gelu_gate=True, config=cfg)
+                    down = lambda cfg=cfg, h=h: gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, config=cfg)
                     err_up = ((h.float() - ref_up.float()).norm() / ref_up.float().norm()).item()
                     err = ((down().float() - ref).norm() / ref.norm()).item()
                     up_ms, down_ms = measure.bench(up), measure.bench(down)
@@ -134,7 +146,8 @@ def main() -> None:
                   f"\n    best down {best_down['config']} {best_down['down_ms']:.3f} ms ({best_down['down_bw']:.0%})",
                   flush=True)
     if args.json:  # atomic, with card, versions, commit and date
-        measure.write_json(args.json, {"benchmark": "moe_sweep", "copy_bandwidth_Bps": bw, "rows": rows})
+        measure.write_json(args.json, {"benchmark": "moe_sweep", "copy_bandwidth_Bps": bw, "rows": rows,
+                                       "weights": "fp8_e4m3 (per-channel scales)" if args.fp8 else "bfloat16"})
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 BATCHES, CONTEXTS, STEPS, RUNS = (1, 3), (8, 20), 4, 3  # 20 > the tiny window (16): sliding layers read a full ring
 
 
-def _run(out, batches=BATCHES, contexts=CONTEXTS, steps=STEPS, device="cpu") -> dict:
+def _run(out, batches=BATCHES, contexts=CONTEXTS, steps=STEPS, device="cpu", fp8="0") -> dict:
     on_cpu = device == "cpu"
     argv = ["--device", device, "--preset", "tiny", "--fusion", "none" if on_cpu else "all", "--dtype",
             "float32" if on_cpu else "bfloat16", "--runs", str(RUNS), "--steps", str(steps), "--batch",
-            ",".join(map(str, batches)), "--context", ",".join(map(str, contexts)), "--out", str(out)]
+            ",".join(map(str, batches)), "--context", ",".join(map(str, contexts)), "--fp8-batch", fp8,
+            "--out", str(out)]
     assert decode.main(argv) == 0
     return measure.read_json(out / f"decode_{measure.card_slug()}.json")
 
@@ -51,6 +52,21 @@ def test_every_point_has_both_modes_with_their_spread(result):
     for c in CONTEXTS:
         run = doc["contexts_run"][str(c)]
         assert run["max_len"] == c + STEPS + 1 and run["max_batch"] == max(BATCHES) and run["prefill_s"] > 0
+
+
+def test_fp8_rows_are_timed_last_against_their_own_floor(tmp_path):
+    """``--fp8-batch``: the batches timed again after the experts are quantised, each beside the FP8 floor, whose
+    expert bytes are one byte a weight (a quarter of this fp32 model's, half of a bf16 one's) plus the scales."""
+    doc = _run(tmp_path, batches=(1,), contexts=(8,), steps=2, fp8="1")
+    bf16, fp8 = doc["rows"]["1x8"], doc["rows_fp8"]["1x8"]
+    assert "FP8" in doc["fp8"]["quantization"] and doc["fp8"]["batches"] == [1]
+    assert fp8["graph"]["step_ms"] > 0 and fp8["tokens_equal"] is True
+    f16, f8 = bf16["floor_expected"], fp8["floor_expected"]
+    assert f8["non_expert_bytes"] == f16["non_expert_bytes"] and f8["kv_bytes"] == f16["kv_bytes"]
+    elem = 4  # the CPU run is fp32
+    assert f16["expert_bytes"] / elem < f8["expert_bytes"] < 1.1 * f16["expert_bytes"] / elem
+    table = report.decode_table(doc).splitlines()
+    assert table[2].split(" | ")[1] == "1" and table[3].split(" | ")[1] == "1 · FP8 experts"
 
 
 def test_greedy_tokens_of_the_graph_equal_eager(result):

@@ -429,8 +429,8 @@ def pcg_section(doc: Mapping[str, Any], png: str | None) -> str:
 DECODE_MODES = (("eager", "eager"), ("graph", "CUDA graph"))
 
 
-def _decode_rows(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return sorted((doc.get("rows") or {}).values(), key=lambda r: (r["context"], r["batch"]))
+def _decode_rows(doc: Mapping[str, Any], key: str = "rows") -> list[dict[str, Any]]:
+    return sorted((doc.get(key) or {}).values(), key=lambda r: (r["context"], r["batch"]))
 
 
 def _two(x: Any) -> str:
@@ -449,19 +449,21 @@ def _decode_cell(r: Mapping[str, Any], mode: str) -> str:
 
 def decode_table(doc: Mapping[str, Any]) -> str:
     """One row per (context, batch): experts touched, the floor, each mode's step and loop time, the graph's
-    throughput and its ratio to the floor, and whether its greedy tokens equal eager's."""
+    throughput and its ratio to the floor, and whether its greedy tokens equal eager's; then the batches timed again
+    with FP8 experts (``rows_fp8``), against their own floor."""
     head = ["context", "batch", "experts / MoE layer (seen · random)", "floor ms (seen · random)",
             *(f"{label} ms: step / loop" for _, label in DECODE_MODES), "graph tokens/s: step / loop",
             "graph step / floor", "graph tokens = eager"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
-    for r in _decode_rows(doc):
+    tagged = [*((r, "") for r in _decode_rows(doc)), *((r, " · FP8 experts") for r in _decode_rows(doc, "rows_fp8"))]
+    for r, tag in tagged:
         g = r.get("graph") if isinstance(r.get("graph"), Mapping) else {}
         expected = (r.get("floor_expected") or {}).get("floor_ms")
         observed = (r.get("floor_observed") or {}).get("floor_ms")
         one = lambda x: f"{x:.1f}" if _num(x) else "—"  # noqa: E731
         same = {True: "yes", False: "**no**"}.get(r.get("tokens_equal"), "—")
         rate = lambda k, g=g: f"{g[k]:.0f}" if _num(g.get(k)) else "—"  # noqa: E731
-        cells = [str(r["context"]), str(r["batch"]),
+        cells = [str(r["context"]), f"{r['batch']}{tag}",
                  f"{one(r.get('experts_observed'))} · {one(r.get('experts_expected'))}",
                  f"{_two(observed)} · {_two(expected)}", *(_decode_cell(r, m) for m, _ in DECODE_MODES),
                  f"{rate('step_tokens_per_s')} / {rate('tokens_per_s')}", times(g.get("x_floor")), same]

@@ -164,15 +164,17 @@ def _record_failure(row: dict, mode: str, e: Exception) -> None:
 
 
 def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Tensor], batch: int, context: int,
-           copy_bw: float, args, capture_error: Exception | None) -> dict:
-    """Both modes at one (batch, context), the floors beside them."""
+           copy_bw: float, args, capture_error: Exception | None, expert_elem: int | None = None) -> dict:
+    """Both modes at one (batch, context), the floors beside them (``expert_elem=1``: FP8 experts' floors)."""
     cfg = model.config.text
     lm = model.language_model
     ids, lg = torch.stack(prompts[:batch]), logits[:batch]
     elem = model.dtype.itemsize
     expected = expected_experts(cfg.num_experts, cfg.top_k_experts, batch) if cfg.enable_moe_block else 0.0
+    floor = lambda experts: decode_floor(cfg, batch, context, experts, copy_bw, elem, args.steps,  # noqa: E731
+                                         expert_elem_bytes=expert_elem)
     row: dict[str, Any] = {"batch": batch, "context": context, "experts_expected": expected,
-                           "floor_expected": decode_floor(cfg, batch, context, expected, copy_bw, elem, args.steps)}
+                           "floor_expected": floor(expected)}
     steps = {"eager": lambda tok, pos: decode_step(lm, tok, pos, runner.cache), "graph": runner.step}
     reference, tokens = None, {}
     for mode, step_fn in steps.items():
@@ -188,7 +190,7 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
             _record_failure(row, mode, e)
     seen = row.get("experts_observed")
     if seen is not None:
-        row["floor_observed"] = decode_floor(cfg, batch, context, seen, copy_bw, elem, args.steps)
+        row["floor_observed"] = floor(seen)
     row["floor_basis"] = "observed" if seen is not None else "expected"
     row["floor_ms"] = row[f"floor_{row['floor_basis']}"]["floor_ms"]
     for mode in steps:
@@ -210,15 +212,17 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
     return row
 
 
-def _context(model, context: int, copy_bw: float, args, res: dict) -> None:
+def _context(model, context: int, copy_bw: float, args, res: dict, batches: tuple[int, ...] | None = None,
+             rows_key: str = "rows", expert_elem: int | None = None) -> None:
     """Every batch at one context, over one runner whose cache holds the largest batch's prompts."""
     from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 
     dev, cfg = model.device, model.config.text
-    runner = DecodeGraphRunner(model, max_batch=max(args.batch), max_len=context + args.steps + 1, progress=False)
+    batches = tuple(batches or args.batch)
+    runner = DecodeGraphRunner(model, max_batch=max(batches), max_len=context + args.steps + 1, progress=False)
     res["graphs"] = runner.use_graphs
     prompts = [random_prompt(context, cfg.vocab_size, seed=context * 1000 + b, device=dev)
-               for b in range(max(args.batch))]
+               for b in range(max(batches))]
     t0 = time.perf_counter()
     logits = _prefill_rows(model, prompts, runner.cache)
     _sync(dev)
@@ -231,10 +235,10 @@ def _context(model, context: int, copy_bw: float, args, res: dict) -> None:
     except Exception as e:  # every graph point records it
         capture_error = e
         traceback.print_exc()
-    res["contexts_run"][str(context)] = info
-    for b in args.batch:
-        res["rows"][f"{b}x{context}"] = _point(model, runner, prompts, logits, saved, b, context, copy_bw, args,
-                                               capture_error)
+    res.setdefault(f"contexts_run{rows_key[4:]}", {})[str(context)] = info
+    for b in batches:
+        res.setdefault(rows_key, {})[f"{b}x{context}"] = _point(model, runner, prompts, logits, saved, b, context,
+                                                                copy_bw, args, capture_error, expert_elem)
     del runner, saved, logits
     measure.release_memory()
 
@@ -264,12 +268,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["routing"] = {"exponent": 0.0}
         for context in args.context:
             _context(model, context, res["copy_bandwidth_Bps"], args, res)
+        if args.fp8_batch and cfg.text.enable_moe_block:  # last: it quantises the model in place
+            from gemma4lab.model.quantize import quantize_experts
+
+            res["fp8"] = {"quantization": str(quantize_experts(model)), "batches": list(args.fp8_batch)}
+            for context in args.context:
+                _context(model, context, res["copy_bandwidth_Bps"], args, res, batches=args.fp8_batch,
+                         rows_key="rows_fp8", expert_elem=1)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-decode", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=positive_ints, default=BATCHES, help="sequences decoded together")
+    p.add_argument("--fp8-batch", type=lambda s: () if s.strip() in ("", "0") else positive_ints(s), default=(1,),
+                   help="batches timed again with FP8 (e4m3) experts, last, against their own floors "
+                        "(rows_fp8; 0 for none)")
     p.add_argument("--context", type=positive_ints, default=CONTEXTS, help="prompt tokens per sequence")
     p.add_argument("--steps", type=positive_int, default=32, help="decode steps per timed run")
     p.add_argument("--runs", type=positive_int, default=5, help=f"timed runs per point and mode (>= {MIN_RUNS})")

@@ -18,7 +18,9 @@ from gemma4lab import Fusion
 from gemma4lab.runtime import hf_patch
 from gemma4lab.runtime.hf_patch import ATTENTION_STATS, patch_transformers
 
-NEW_TOKENS = 16
+NEW_TOKENS = 16  # the parity tests' greedy length (text and image prompts)
+#: the routing and fallback tests' length: what they check is which path each call takes, not long parity
+SHORT_NEW_TOKENS = 4
 
 
 # ---- fixtures: our tiny random model, saved by gemma4lab, loaded by transformers ---------------------------------
@@ -178,8 +180,8 @@ def test_greedy_generate_left_padded_batch_falls_back_to_sdpa_for_padding(hf):
     a, b = _prompt(20, 8), _prompt(13, 9)
     ids = torch.stack([a, torch.cat([torch.zeros(7, dtype=torch.long), b])])
     mask = (torch.arange(20)[None] >= torch.tensor([[0], [7]])).long()
-    kw = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-              pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=SHORT_NEW_TOKENS, min_new_tokens=SHORT_NEW_TOKENS,
+              do_sample=False, pad_token_id=0)
     expected = hf.generate(ids, **kw)
     ATTENTION_STATS.clear()
     with patch_transformers(hf, "all", attention="triton"):
@@ -530,7 +532,7 @@ def test_pcg_long_prompt_is_chunked_and_other_calls_follow_the_fallback_rules(hf
     """A prompt above the largest bucket runs as chunks through the pieces, reading the earlier chunks' keys back
     from transformers' cache; more prompts than the runner holds run its eager path; a padded batch is not a
     prefill the runner takes (transformers' forward, patched layers). Tokens equal the unpatched model's each time."""
-    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=SHORT_NEW_TOKENS, min_new_tokens=SHORT_NEW_TOKENS, do_sample=False, pad_token_id=0)
     long = _prompt(150, 33)[None]  # > 64 tokens, and past the sliding window in every chunk
     pair = torch.stack([_prompt(20, 34), _prompt(20, 35)])
     padded = torch.stack([_prompt(20, 36), torch.cat([torch.zeros(5, dtype=torch.long), _prompt(15, 37)])])
@@ -546,7 +548,7 @@ def test_pcg_long_prompt_is_chunked_and_other_calls_follow_the_fallback_rules(hf
         assert stats["eager_fallbacks"] == 1
         calls = stats["transformers_calls"]
         got.append(hf.generate(padded, attention_mask=mask, **kw))
-        assert stats["transformers_calls"] == calls + NEW_TOKENS and stats["replays"] == 3
+        assert stats["transformers_calls"] == calls + SHORT_NEW_TOKENS and stats["replays"] == 3
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
 

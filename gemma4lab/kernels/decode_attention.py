@@ -62,6 +62,11 @@ bandwidth that is ~0.05 / 0.14 / 0.28 ms of attention per step, so the step shou
 with context: 16384 within ~0.5 ms of 512 (+20.5 ms today); 512 itself should gain ~2 ms (at ~9.5 GB/s per program
 the single-head kernel needs ~55 µs per sliding and ~110 µs per full layer there, ~1.9 ms per step). Batch 16 gets
 3 splits on sliding and 9 on full layers.
+
+**Measured** (``results/decode_h200.json``, H200, graph step at batch 1): with the split kernel 5.62 / 5.68 / 5.61 ms
+at 512 / 4096 / 16384 (05aad8e): the growth with context is gone (−0.01 ms, prediction: within ~0.5 ms), and 512
+gained 3.6 ms, more than the ~2 ms predicted. With the swapped expert GEMM as well, 4.83 / 4.94 / 5.04 ms
+(e8840e9), 2.6× the step's floor: the rest of the gap is outside attention.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ DEVICE = "cpu"  # "cuda" for compiled kernels and real timings
 INTERACTIVE = True
 DTYPE = "float32"  # the fused MoE kernels run in fp32 under the CPU interpreter
 PROMPT_TOKENS = 24
-NEW_TOKENS = 16
+NEW_TOKENS = 8
 
 # %%
 from gemma4lab.lab import notebook

@@ -1,0 +1,226 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py//py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 13 · Decode at the memory limit: split-K attention and the log-sum-exp merge
+#
+# Prefill multiplies thousands of tokens by each weight; decode multiplies one token per sequence. A decode step
+# reads every weight it needs and the KV cache once and does almost no arithmetic with them: its floor is bytes over
+# bandwidth. This notebook computes that floor, shows why the first attention kernel for decode was latency-bound
+# (too few programs, each reading too much), derives the fix — split the keys, merge the partial softmaxes exactly —
+# checks the merge in float64 and the package's kernel against it, and reads the H200's measurement.
+#
+# **What you will learn**
+#
+# - the bytes of a decode step (weights of the experts actually hit, the KV cache each layer sees) and its floor;
+# - why one program per (sequence, head) leaves an H200 idle at batch 1, and how many programs split-K gives;
+# - the log-sum-exp rule that merges partial softmaxes exactly, in any order of splits;
+# - how packing the query heads of one KV head into one program reads each KV byte once.
+
+# %% tags=["parameters"]
+DEVICE = "cpu"  # "cuda" for compiled kernels
+INTERACTIVE = True
+DTYPE = "float32"
+
+# %%
+from gemma4lab.lab import notebook
+
+ROOT = notebook.setup(DEVICE)  # on CPU: TRITON_INTERPRET=1, before any kernel is imported
+RESULTS = ROOT / "results"
+
+# %matplotlib inline
+import torch
+from IPython.display import display
+
+import gemma4lab
+from gemma4lab.kernels import DecodeConfig, gemma_decode_attention, gemma_decode_attention_ref
+from gemma4lab.kernels.decode_attention import decode_config
+from gemma4lab.lab import viz
+from gemma4lab.lab.floors import decode_floor, expected_experts
+
+dtype = getattr(torch, DTYPE)
+torch.set_grad_enabled(False)
+real = gemma4lab.Gemma4Config.preset("26b-a4b").text
+
+# %% [markdown]
+# ## The floor of one step
+#
+# One new token per sequence: every non-expert weight is read (the tied head reads the whole embedding table), the
+# experts the batch's tokens picked (8 at batch 1; under random routing `E·(1 − (1 − k/E)^B)` for `B` sequences), and
+# each layer's keys and values that the new token sees — all of them on the 5 full layers, the last 1023 on the 25
+# sliding ones.
+
+# %%
+bw = 4.25e12  # H200 copy bandwidth; the recorded run below uses the one it measured
+for batch in (1, 8):
+    for context in (512, 16384):
+        experts = expected_experts(real.num_experts, real.top_k_experts, batch)
+        f = decode_floor(real, batch, context, experts, bw)
+        print(f"batch {batch:>2}, context {context:>5}: {experts:5.1f} experts per layer, weights "
+              f"{(f['non_expert_bytes'] + f['expert_bytes']) / 1e9:.2f} GB + KV {f['kv_bytes'] / 1e6:6.1f} MB "
+              f"→ floor {f['floor_ms']:.2f} ms")
+
+# %% [markdown]
+# At batch 1 the KV cache is a few per cent of the bytes even at 16 384 tokens: the floor barely moves with
+# context. **Prediction:** a decode step that reads its KV cache at a reasonable fraction of bandwidth should take
+# nearly the same time at 16 384 tokens as at 512.
+#
+# ## Why the first attention kernel missed it
+#
+# The first decode kernel ran one program per (sequence, query head): 16 programs per layer at batch 1 on an H200's
+# 132 SMs, each streaming its whole KV head alone, one tile after another. A lone program keeps only a few tiles in
+# flight; its speed is latency-bound, ~10 GB/s, not the card's 4 TB/s. And the 8 query heads of a full layer's KV
+# head each read that head again.
+
+# %%
+sms, slots_full = 132, 16385
+bytes_per_program = slots_full * 2 * 512 * 2  # K and V of one KV head, bf16
+print(f"full layer at 16384 context: 16 programs for {sms} SMs, {bytes_per_program / 1e6:.0f} MB each; the 8 query "
+      f"heads of a KV head read it 8x: {8 * bytes_per_program * 2 / 1e6:.0f} MB per layer instead of "
+      f"{2 * bytes_per_program / 1e6:.0f}")
+
+# %% [markdown]
+# ## Split the keys, merge exactly
+#
+# Split the visible keys into `S` slices and let a program own one slice. Each computes, for its keys only, the
+# running max `m_s` of the scores, the sum `l_s = Σ exp(score − m_s)` and the unnormalised output
+# `acc_s = Σ exp(score − m_s) · v`. The softmax over *all* keys follows from those three numbers per split:
+#
+# `M = max_s m_s`, `out = Σ_s exp(m_s − M) · acc_s / Σ_s exp(m_s − M) · l_s`
+#
+# — exact, because `exp(score − M) = exp(score − m_s) · exp(m_s − M)` for every key of split `s`. In float64:
+
+# %%
+g = torch.Generator().manual_seed(0)
+d, n = 64, 300
+q1 = torch.randn(d, generator=g, dtype=torch.float64)
+keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+vals = torch.randn(n, d, generator=g, dtype=torch.float64)
+full = torch.softmax(keys @ q1, 0) @ vals
+
+
+def partial(ks, vs):
+    s = ks @ q1
+    m = s.max()
+    p = torch.exp(s - m)
+    return m, p.sum(), p @ vs
+
+
+parts = [partial(keys[a:b], vals[a:b]) for a, b in ((0, 37), (37, 200), (200, 300))]
+M = max(m for m, _, _ in parts)
+merged = sum(torch.exp(m - M) * acc for m, _, acc in parts) / sum(torch.exp(m - M) * total for m, total, _ in parts)
+print(f"three splits merged vs the whole softmax: largest difference {(merged - full).abs().max():.1e}")
+assert torch.allclose(merged, full, rtol=1e-12, atol=1e-12)
+
+# %% [markdown]
+# ## The package's kernel: splits, packed heads, a combine
+#
+# `gemma_decode_attention` runs a grid of (sequence, KV head, split): each program loads the query rows of *all* the
+# query heads that share its KV head (2 on sliding layers, 8 on full ones), streams its slice of K and V once, and
+# writes `(m, l, acc)` per query head to an fp32 workspace; a second kernel merges the splits by the rule above, in a
+# fixed order (deterministic, no atomics). Against the float64 reference, with 1, 3 and 7 splits forced, on a
+# full-layer shape at CPU size (8 query heads on one KV head):
+
+# %%
+B, HQ, HKV, D, SLOTS = 2, 8, 1, 64, 96
+q = torch.randn(B, HQ, D, generator=g).to(DEVICE, dtype)
+k_cache = torch.randn(B, HKV, SLOTS, D, generator=g).to(DEVICE, dtype)
+v_cache = torch.randn(B, HKV, SLOTS, D, generator=g).to(DEVICE, dtype)
+positions = torch.tensor([60, 95], device=DEVICE)
+truth = gemma_decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), positions)
+for splits in (1, 3, 7):
+    got = gemma_decode_attention(q, k_cache, v_cache, positions, config=DecodeConfig(block_n=16, splits=splits))
+    err = ((got.double() - truth).norm() / truth.norm()).item()
+    print(f"{splits} split(s): relative error against float64 {err:.1e}")
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2)
+
+# %% [markdown]
+# How many splits on the H200? Enough for two programs per SM over `batch × KV heads`, but no split shorter than a
+# minimum (so the partials stay small beside the K/V bytes they summarise). At batch 1:
+
+# %%
+for name, d_head, hkv, group in (("sliding", 256, 8, 2), ("full", 512, 2, 8)):
+    cfg = decode_config(d_head, group)
+    for context in (512, 16384):
+        n_slots = min(context + 9, 1024) if name == "sliding" else context + 9
+        s = cfg.num_splits(n_slots, hkv, sms)
+        print(f"{name:>7} layer, context {context:>5}: {s:>3} splits × {hkv} KV heads = {s * hkv:>3} programs")
+
+# %% [markdown]
+# ## Measured on an H200
+#
+# `bench-decode` times the whole step (one CUDA graph per batch size, `DecodeGraphRunner`) at batch 1–16 and
+# contexts 512, 4096 and 16 384, beside the floor of the same run (solid: the step's device time; dashed: the
+# generation loop with its host work):
+
+# %%
+rec = viz.load_recorded("decode", RESULTS)
+if rec:
+    doc, label = rec
+    display(viz.plot_decode(doc, label))
+    b1 = {r["context"]: r for r in doc["rows"].values() if r["batch"] == 1 and isinstance(r.get("graph"), dict)}
+    for c, r in sorted(b1.items()):
+        print(f"batch 1, context {c:>5}: {r['graph']['step_ms']:.2f} ms per token, {r['graph']['x_floor']:.2f}x its "
+              f"floor of {r['floor_ms']:.2f} ms")
+    if 512 in b1 and 16384 in b1:
+        growth = b1[16384]["graph"]["step_ms"] - b1[512]["graph"]["step_ms"]
+        notebook.check(growth < 0.5, f"the prediction: 16384 within 0.5 ms of 512 (grew {growth:.2f} ms)")
+else:
+    print("No recorded results/decode_*.json: run `python -m gemma4lab bench-decode` on a GPU.")
+
+# %% [markdown]
+# The step no longer grows with context: the attention reads its KV bytes at bandwidth instead of latency. What
+# remains between the step and its floor is the rest of the step — ~500 small kernels whose gaps a graph does not
+# remove, and the expert GEMM at one row per expert.
+#
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,
+# and a check.
+#
+# **1. Merge two partials.** Write `merge(a, b)` for two partial results `(m, l, acc)` of disjoint key sets; it
+# returns the partial of their union (so it can be applied split after split). The check merges the three splits
+# above pairwise and compares with the whole softmax.
+
+# %%
+merge = None  # your answer: a function ((m, l, acc), (m, l, acc)) -> (m, l, acc)
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if merge is None:
+    def merge(a, b):
+        (ma, la, acca), (mb, lb, accb) = a, b
+        m = torch.maximum(ma, mb)
+        wa, wb = torch.exp(ma - m), torch.exp(mb - m)
+        return m, wa * la + wb * lb, wa * acca + wb * accb
+
+# %%
+m_, l_, acc_ = merge(merge(parts[0], parts[1]), parts[2])
+notebook.check(torch.allclose(acc_ / l_, full, rtol=1e-12, atol=1e-12), "pairwise merging gives the whole softmax")
+
+# %% [markdown]
+# **2. The floor at batch 8.** Distinct prompts route independently: how many distinct experts does a step of 8
+# sequences touch per layer under uniform random routing (128 experts, top-8)? Set `experts_8`; the check compares
+# with the formula's value that the floors above use.
+
+# %%
+experts_8 = None  # your answer: a float
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if experts_8 is None:
+    experts_8 = 128 * (1 - (1 - 8 / 128) ** 8)  # an expert is missed by all 8 tokens with probability (1 - k/E)^8
+
+# %%
+print(f"batch 8: {experts_8:.1f} of 128 experts per layer, {experts_8 / 8:.1f}x batch 1's")
+notebook.check(abs(experts_8 - expected_experts(128, 8, 8)) < 0.05, "E·(1 − (1 − k/E)^B)")

@@ -24,8 +24,13 @@ import torch
 
 from gemma4lab import Gemma4Config
 
+#: Files whose module fixtures take minutes on 2 CPU cores: collected first, so that ``--dist loadfile`` starts them
+#: before the many short files and the suite does not end waiting for one of them (``./dev test``: under 10 minutes).
+LONG_FILES = ("test_bench_prefill.py", "test_hf_patch.py", "test_notebooks.py")
+
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: the order within each group is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")

@@ -413,3 +413,13 @@ def test_plot_attention_sweep_orders_and_hatches_the_predicted_spills():
     assert [b.get_width() for b in bars] == [60.0, 190.0, 240.0]  # the full layer only, slowest at the bottom
     assert [b.get_hatch() for b in bars] == ["//", None, None]
     assert ax.get_yticklabels()[-1].get_text() == "128×64, 8 warps, 1 stage, dv_splits 2"
+
+
+def test_kernel_lines_reads_each_kernels_rows_and_skips_incomplete_ones():
+    doc = {"results": [{"kernel": "post_attention_block", "tokens": 93, "graph_ms": 0.0033, "graph_frac_copy": 0.23,
+                        "eager_ms": 0.5},
+                       {"kernel": "post_attention_block", "tokens": 189, "graph_ms": None},
+                       {"kernel": "router_topk", "tokens": 93, "graph_ms": 0.002, "graph_frac_copy": 0.1,
+                        "eager_ms": 0.02}]}
+    lines = viz.kernel_lines(doc, ["gemma_post_attention_block"])
+    assert len(lines) == 1 and "T=    93:     3.3 µs in a graph, 23% of copy bandwidth, 152x" in lines[0]

@@ -31,6 +31,7 @@ __all__ = [
     "breakdown_data",
     "breakdown_entry",
     "env_label",
+    "kernel_lines",
     "kernel_rows",
     "load_recorded",
     "plain_log_ticks",
@@ -275,6 +276,16 @@ def kernel_rows(doc: Mapping[str, Any], kernel: str) -> list[dict[str, Any]]:
     """
     names = {kernel, kernel.removeprefix("gemma_")}
     return sorted((r for r in doc.get("results", []) if r.get("kernel") in names), key=lambda r: r["tokens"])
+
+
+def kernel_lines(doc: Mapping[str, Any], kernels: Sequence[str]) -> list[str]:
+    """One line per recorded (kernel, tokens) of ``kernels``: µs per call in a CUDA graph, the fraction of copy
+    bandwidth, and the speed-up over the unfused eager code — the table the notebooks print under
+    :func:`plot_kernels`."""
+    return [f"{r['kernel']:>22} T={r['tokens']:>6}: {r['graph_ms'] * 1e3:7.1f} µs in a graph, "
+            f"{r['graph_frac_copy']:.0%} of copy bandwidth, {r['eager_ms'] / r['graph_ms']:.0f}x the unfused eager"
+            for k in kernels for r in kernel_rows(doc, k)
+            if all(isinstance(r.get(c), (int, float)) for c in ("graph_ms", "graph_frac_copy", "eager_ms"))]
 
 
 def plot_kernels(doc: Mapping[str, Any], kernels: Sequence[str] | None = None) -> Figure:

@@ -69,6 +69,7 @@ print("repo root:", ROOT)
 # | 11 · the attention prologue | per-head q/k/v norms and proportional RoPE derived step by step, bytes and the floor, K-as-V | `qkv_norm_rope_` |
 # | 12 · head-512 attention | the accumulator's registers, a spill predicted and measured, the output-dim split and its 1.5× work | `prefill_attention` |
 # | 13 · decode at the memory limit | a step's bytes and floor, why one program per head idles the GPU, split-K and the exact log-sum-exp merge, packed GQA heads | `decode_attention` |
+# | 14 · the post-attention block | one residual update and three normed views in one pass, why the views come from the rounded stream | `post_attention_block` |
 #
 # The figure below is the map the course fills in: one decoder layer as the fused prefill runs it. Grey boxes are
 # library matrix products, blue ones the fused kernels the notebooks derive, orange the attention kernel; the

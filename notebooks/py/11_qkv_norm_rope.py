@@ -270,11 +270,8 @@ names = ("qkv_norm_rope_sliding", "qkv_norm_rope_full")
 if rec:
     doc, label = rec
     display(viz.plot_kernels(doc, kernels=names))
-    rows = [r for r in doc["results"] if r["kernel"] in names]
-    for r in rows:
-        print(f"{r['kernel']:>22} T={r['tokens']:>6}: {r['graph_ms'] * 1e3:7.1f} µs in a graph, "
-              f"{r['graph_frac_copy']:.0%} of copy bandwidth, {r['eager_ms'] / r['graph_ms']:.0f}x the unfused eager")
-    big = [r["graph_frac_copy"] for r in rows if r["tokens"] >= 2893]
+    print("\n".join(viz.kernel_lines(doc, names)))
+    big = [r["graph_frac_copy"] for k in names for r in viz.kernel_rows(doc, k) if r["tokens"] >= 2893]
     notebook.check(min(big) >= 0.7, f"≥ 70 % of copy bandwidth from 2893 tokens on ({label})")
 else:
     print("No recorded results/kernels_*.json: run `python -m gemma4lab bench-kernels` on a GPU.")

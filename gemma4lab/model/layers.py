@@ -260,8 +260,10 @@ class Experts(nn.Module):
         up_scale, down_scale = self._scales()
         if up_scale is None:
             return self.gate_up_proj, self.down_proj
-        return tuple((w.to(torch.float32) * sc[..., None]).to(dtype)
-                     for w, sc in ((self.gate_up_proj, up_scale), (self.down_proj, down_scale)))
+        from gemma4lab.model.quantize import dequantize_fp8_per_channel
+
+        return (dequantize_fp8_per_channel(self.gate_up_proj, up_scale, dtype),
+                dequantize_fp8_per_channel(self.down_proj, down_scale, dtype))
 
     def _looped(self, x: Tensor, idx: Tensor, fused_act: bool) -> Tensor:
         """Reference path (CPU): one matmul per expert that was hit. Syncs the host; never used under graphs."""

@@ -45,6 +45,12 @@ def quantize_fp8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def dequantize_fp8_per_channel(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`quantize_fp8_per_channel` in ``dtype``: ``scale[..., None] · q``, multiplied in fp32
+    and rounded once (what the library paths multiply by; the fused kernel reads the FP8 bytes instead)."""
+    return (q.to(torch.float32) * scale[..., None]).to(dtype)
+
+
 @dataclass
 class QuantizationReport:
     """What ``quantize_experts`` changed: layers, and the expert bytes before and after (scales included)."""
@@ -87,4 +93,5 @@ def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3") -> QuantizationRep
     return QuantizationReport(layers=len(experts), bytes_before=before, bytes_after=after)
 
 
-__all__ = ["FP8_E4M3_MAX", "QuantizationReport", "quantize_experts", "quantize_fp8_per_channel"]
+__all__ = ["FP8_E4M3_MAX", "QuantizationReport", "dequantize_fp8_per_channel", "quantize_experts",
+           "quantize_fp8_per_channel"]

@@ -213,8 +213,9 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
 
 
 def _context(model, context: int, copy_bw: float, args, res: dict, batches: tuple[int, ...] | None = None,
-             rows_key: str = "rows", expert_elem: int | None = None) -> None:
-    """Every batch at one context, over one runner whose cache holds the largest batch's prompts."""
+             suffix: str = "", expert_elem: int | None = None) -> None:
+    """Every batch at one context, over one runner whose cache holds the largest batch's prompts; recorded under
+    ``rows{suffix}`` and ``contexts_run{suffix}`` (``_fp8``: the FP8-expert rows)."""
     from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 
     dev, cfg = model.device, model.config.text
@@ -235,10 +236,11 @@ def _context(model, context: int, copy_bw: float, args, res: dict, batches: tupl
     except Exception as e:  # every graph point records it
         capture_error = e
         traceback.print_exc()
-    res.setdefault(f"contexts_run{rows_key[4:]}", {})[str(context)] = info
+    res.setdefault(f"contexts_run{suffix}", {})[str(context)] = info
     for b in batches:
-        res.setdefault(rows_key, {})[f"{b}x{context}"] = _point(model, runner, prompts, logits, saved, b, context,
-                                                                copy_bw, args, capture_error, expert_elem)
+        res.setdefault(f"rows{suffix}", {})[f"{b}x{context}"] = _point(model, runner, prompts, logits, saved, b,
+                                                                       context, copy_bw, args, capture_error,
+                                                                       expert_elem)
     del runner, saved, logits
     measure.release_memory()
 
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["fp8"] = {"quantization": str(quantize_experts(model)), "batches": list(args.fp8_batch)}
             for context in args.context:
                 _context(model, context, res["copy_bandwidth_Bps"], args, res, batches=args.fp8_batch,
-                         rows_key="rows_fp8", expert_elem=1)
+                         suffix="_fp8", expert_elem=1)
     return res
 
 

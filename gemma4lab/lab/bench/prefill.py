@@ -334,10 +334,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
                 return accuracy.per_layer_errors(model, prompts[min(args.tokens)][0], hf=hf, fp8="fp8" in parts)
             _try(res, "accuracy_per_layer", per_layer)
         res["routing"] = {"uniform": {"exponent": 0.0}}
-        for t in args.tokens:
-            stats = routing.routing_stats(model, prompts[t])
-            res["rows"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
-                                   "routing": stats}
+        res["rows"] = _routed_rows(model, prompts, args.tokens, copy_bw, mm_rate)
         saved(res)
         _time_columns(model, res["rows"], prompts, parts, args, res, tag="")
         _derived(res["rows"])
@@ -346,12 +343,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
         if "skew" in parts:
             recipe = routing.skew_routing(model, args.skew, prompts[max(t for t in args.tokens if t <= 2893)])
             res["routing"]["skewed"] = recipe
-            res["rows_skewed"] = {}
-            for t in args.tokens:
-                stats = routing.routing_stats(model, prompts[t])
-                res["rows_skewed"][str(t)] = {**floors(cfg, t, stats["experts_hit"], copy_bw, mm_rate,
-                                                       model.dtype.itemsize),
-                                              "routing": stats}
+            res["rows_skewed"] = _routed_rows(model, prompts, args.tokens, copy_bw, mm_rate)
             _time_columns(model, res["rows_skewed"], prompts, tuple(p for p in SKEW_PARTS if p in parts), args,
                           res, tag="_skewed")
             _derived(res["rows_skewed"])
@@ -393,6 +385,19 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] | None = No
         if "fp8" in parts and cfg.text.enable_moe_block:  # last: it quantises the model in place
             _try(res, "fp8", lambda: _fp8_column(model, res["rows"], prompts, args, copy_bw, mm_rate))
     return res
+
+
+def _routed_rows(model, prompts: dict, tokens, copy_bw: float, mm_rate: float) -> dict[str, dict]:
+    """One row per token count: the routing the model's current router gives that prompt (experts hit) and the
+    floors that follow from it — the start of every table this benchmark fills (uniform and skewed routing)."""
+    from gemma4lab.lab import routing
+
+    rows = {}
+    for t in tokens:
+        stats = routing.routing_stats(model, prompts[t])
+        rows[str(t)] = {**floors(model.config, t, stats["experts_hit"], copy_bw, mm_rate, model.dtype.itemsize),
+                        "routing": stats}
+    return rows
 
 
 def _fp8_column(model, rows: dict, prompts: dict, args, copy_bw: float, mm_rate: float) -> dict:

@@ -106,7 +106,7 @@ def main() -> None:
             hit = int((torch.bincount(flat, minlength=E) > 0).sum())  # the weights a GEMM must read: experts hit
             up_bytes = hit * (w[0].numel() * elem + w.shape[1] * scale_b)
             down_bytes = hit * (wd[0].numel() * elem + wd.shape[1] * scale_b)
-            heur = (moe_config(t * TOP_K, E), moe_config(t * TOP_K, E, gelu_gate=True))
+            heur = (moe_config(t * TOP_K, E, fp8_weights=args.fp8), moe_config(t * TOP_K, E, True, args.fp8))
             res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "experts_hit": hit,
                    "heuristic": repr(heur[0]), "heuristic_down": repr(heur[1]),
                    "block_fused_ms": graph(fused_block), "block_unfused_ms": graph(unfused_block),

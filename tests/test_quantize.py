@@ -99,3 +99,40 @@ def test_fp8_experts_error_is_the_quantisations_beside_bf16(fp32_model):
     err_fp8 = rel_err(y_fused, truth)
     print(f"MoE block, teacher-forced: bf16 {err_bf16:.2e}, FP8 experts {err_fp8:.2e}")
     assert 3 * err_bf16 < err_fp8 < 2**-4
+
+
+def test_fp8_experts_take_the_kernel_at_every_length(fp32_model, monkeypatch):
+    """Above ``MOE_GEMM_MAX_TOKENS`` bf16 experts hand over to the library grouped GEMM, but FP8 experts have none:
+    widening the weights per call cost 200 ms at 1453 tokens on the H200. The fused FP8 path must stay in the kernel
+    (no dequantised copy) at any length, and still equal the unfused path."""
+    from gemma4lab.model import quantize
+
+    ex = next(m for m in fp32_model.modules() if isinstance(m, Experts))
+    gemma4lab.quantize_experts(ex)
+    monkeypatch.setattr(Experts, "MOE_GEMM_MAX_TOKENS", 4)
+    g = torch.Generator().manual_seed(5)
+    t, k = 11, fp32_model.config.text.top_k_experts
+    x = torch.randn(t, ex.gate_up_proj.shape[2], generator=g)
+    idx = torch.rand(t, ex.num_experts, generator=g).topk(k, dim=-1).indices
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1)
+    plain = ex(x, idx, weights)  # the reference path: weights widened
+    widened = []
+    real = quantize.dequantize_fp8_per_channel
+    monkeypatch.setattr(quantize, "dequantize_fp8_per_channel", lambda *a: widened.append(1) or real(*a))
+    fused = ex(x, idx, weights, fused_gemm=True)
+    assert not widened, "the fused FP8 path widened the expert weights instead of running the kernel"
+    assert rel_err(fused, plain) < 1e-5
+
+
+def test_fp8_long_prompt_settings_keep_a_rows_bits():
+    """FP8 weights at long prompts take 64-row tiles; like every setting of one GEMM they keep its orientation,
+    weight tile and K step (a row's bits may not depend on the launch), and they are swept candidates."""
+    from gemma4lab import kernels as K
+
+    for gelu in (False, True):
+        short = K.moe_config(8, 128, gelu, fp8_weights=True)
+        long = K.moe_config(64 * 128, 128, gelu, fp8_weights=True)
+        assert long.block_m == 64 and short.block_m < 64 and long in K.MOE_SWEEP
+        assert (long.swap_ab, long.block_n, long.block_k) == (short.swap_ab, short.block_n, short.block_k)
+        assert K.moe_config(64 * 128 - 1, 128, gelu, fp8_weights=True) == K.moe_config(64 * 128 - 1, 128, gelu)
+        assert K.moe_config(64 * 128, 128, gelu).block_m < 64  # bf16 / fp32 weights keep their settings

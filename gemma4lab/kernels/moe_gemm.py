@@ -189,14 +189,24 @@ _SETTINGS = {"gate_up": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps
                                          swap_ab=True)}
 #: mean routed rows per expert from which the down GEMM takes the 32-row tile
 DOWN_WIDE_TILE_ROWS = 16
+#: FP8 weights have no library grouped GEMM to hand over to above ``Experts.MOE_GEMM_MAX_TOKENS`` (torch's is
+#: bf16-only, and widening the weights per call costs more than the GEMM: 200 ms at 1453 tokens on the H200 run at
+#: de27de2), so this kernel serves every prompt length; once experts average this many rows, both GEMMs take 64-row
+#: tiles (same orientation, weight tile and K step as their short-prompt settings, so the bits do not change).
+FP8_WIDE_TILE_ROWS = 64
+_FP8_MANY_ROWS = {"gate_up": MoeConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
+                  "down": MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True)}
 
 
 @lru_cache(maxsize=512)
-def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False) -> MoeConfig:
+def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False, fp8_weights: bool = False) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
-    (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`)."""
+    (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`); FP8 weights at long
+    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`."""
     if n_rows < 0 or n_experts < 1:
         raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
+    if fp8_weights and n_rows >= FP8_WIDE_TILE_ROWS * n_experts:
+        return _FP8_MANY_ROWS["down" if gelu_gate else "gate_up"]
     if not gelu_gate:
         return _SETTINGS["gate_up"]
     return _SETTINGS["down_many_rows" if n_rows >= DOWN_WIDE_TILE_ROWS * n_experts else "down"]
@@ -309,7 +319,7 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
 def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, out, config: MoeConfig | None) -> None:
     e, n, k = w.shape
     m = out.shape[0]
-    cfg = config or moe_config(m, e, gelu_gate)
+    cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES)
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)

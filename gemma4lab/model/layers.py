@@ -176,7 +176,9 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:
         kernels = self._kernel_ok(x)
-        use_kernel = fused_gemm and x.shape[0] <= self.MOE_GEMM_MAX_TOKENS and kernels
+        # FP8 weights: the kernel at every length (the library grouped GEMM would need the weights widened per call)
+        fp8 = self.gate_up_proj.dtype == torch.float8_e4m3fn
+        use_kernel = fused_gemm and (x.shape[0] <= self.MOE_GEMM_MAX_TOKENS or fp8) and kernels
         if x.is_cuda and not grouped_mm_available(x.device, x.dtype):
             # e.g. fp32 on a GPU: torch's grouped_mm is bf16-only there, and the looped path syncs the host
             # (fatal inside CUDA-graph capture), so the Triton kernel serves every size.

@@ -251,12 +251,18 @@ def test_fp8_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t", [1, 93, 256])
+@pytest.mark.parametrize("t", [1, 93, 256, 1453])
 def test_gpu_fp8_real_shapes_against_float64(t):
-    """bf16 activations, FP8 weights at H = 2816, I = 704, 128 experts, through the model's settings."""
+    """bf16 activations, FP8 weights at H = 2816, I = 704, 128 experts, through the model's settings (1453 tokens:
+    the 64-row tiles FP8 takes at long prompts, where bf16 hands over to grouped_mm)."""
     x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
     (q, s), (qd, sd) = _fp8(w), _fp8(wd)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
     y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s)
     _assert_gemm(y, oracle(x[slots.long() // 8], _dequant(q, s), offs), BF16, 2816)
     _assert_gelu_gemm(K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd), y, _dequant(qd, sd), offs, BF16)
+    if t >= 1453:  # the long-prompt tiles give the short-prompt tiles' bits
+        short = K.moe_config(8, 128, fp8_weights=True), K.moe_config(8, 128, True, fp8_weights=True)
+        assert torch.equal(y, K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s, config=short[0]))
+        assert torch.equal(K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd),
+                           K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd, config=short[1]))

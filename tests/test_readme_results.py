@@ -132,3 +132,39 @@ def test_kernels_section_compares_with_the_published_layout():
     assert ("rmsnorm_residual_scalar against the published layout (one program per row, "
             "`lab/bench/published_layout.py`), both in a CUDA graph: 0.90–1.20× (slower at T = 93).") in text
     assert "router_topk against" not in text
+
+
+def test_a_tagged_run_of_some_parts_gets_its_own_section(tmp_path):
+    """``bench-prefill --tag`` writes beside the full run; the README keeps the full run's section and adds one
+    for the tagged run, named by its tag and parts, with its own provenance, and an FP8 cell reads against the
+    FP8 floor."""
+    from gemma4lab.lab import measure
+
+    row = {"tokens": 93, "floor_ms": 10.0, "pcg_ms": 15.0}
+    measure.write_json(tmp_path / "prefill_x.json", {"benchmark": "prefill", "rows": {"93": row}})
+    fp8 = {**row, "pcg_ms": 16.0, "pcg_fp8_ms": 13.0, "fp8_floor_ms": 6.5}
+    measure.write_json(tmp_path / "prefill_x_fp8.json", {"benchmark": "prefill", "tag": "fp8",
+                                                        "parts": ["pcg", "fp8"], "rows": {"93": fp8}})
+    text = report.readme_results(tmp_path)
+    assert text.count("### Prefill") == 2
+    assert "`bench-prefill --tag fp8 --parts pcg,fp8`" in text
+    assert "| 15.0 · 1.5× |" in text and "| 13.0 · 2.0× |" in text  # FP8 against its own floor, 13 / 6.5
+    assert "1.23× the speed of the bf16 experts" in text
+
+
+def test_bench_prefill_tag_must_be_a_plain_name():
+    from gemma4lab.lab.bench.prefill import main
+
+    with pytest.raises(SystemExit):
+        main(["--tag", "../x", "--device", "cpu", "--preset", "tiny"])
+
+
+def test_decode_findings_say_where_a_graph_step_goes():
+    doc = _decode_doc()
+    doc["rows"]["8x4096"]["graph_profile"] = {
+        "families_ms": {"expert_gemm": 0.5, "dense_gemm": 1.25, "attention": 0.25, "routing": 0.0,
+                        "row_kernels": 0.5, "other": 0.0}, "busy_ms": 2.5, "idle_ms": 1.5, "wall_ms": 4.0,
+        "kernels": 512}
+    text = "\n".join(report.decode_findings(doc))
+    assert ("**Where a graph step goes** (batch 8 × 4096, one profiled step): 512 kernels; GPU time dense GEMM "
+            "1.25 ms, expert GEMM 0.50 ms, row kernels 0.50 ms, attention 0.25 ms; idle 1.50 ms of 4.00 ms.") in text

@@ -157,8 +157,11 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
     rows = _rows(doc)
     skewed = _rows(doc, "rows_skewed")
     bw, mm = doc.get("copy_bandwidth_Bps"), doc.get("matmul_flops")
-    out = _head("Prefill: ours against transformers and torch.compile (`python -m gemma4lab bench-prefill`)",
-                "prefill", png)
+    title = "Prefill: ours against transformers and torch.compile (`python -m gemma4lab bench-prefill`)"
+    if doc.get("tag"):
+        title = (f"Prefill, a later run of some parts (`bench-prefill --tag {doc['tag']} --parts "
+                 f"{','.join(doc.get('parts') or [])}`)")
+    out = _head(title, "prefill", png)
     out += [f"Gemma 4 26B-A4B, batch 1, bf16, random weights of the real shapes, one process — {provenance(doc)}. "
             f"Floors from the same run: weight bytes read (non-expert weights + the experts the routing hit) over "
             f"the copy bandwidth ({bw / 1e12:.2f} TB/s), or matmul FLOPs over the bf16 matmul rate "
@@ -207,13 +210,18 @@ def vision_table(doc: Mapping[str, Any]) -> str:
     vis = doc.get("vision")
     if not isinstance(vis, Mapping) or not vis:
         return ""
-    out = ["| images | patches | soft tokens | tower floor | tower, ours | transformers' tower | kernels / encoder "
-           "layer | prompt tokens | prompt, ours fused | prompt / (text + tower floor) |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| images | patches | soft tokens | tower floor | tower, ours | tower, ours in a CUDA graph | "
+           "transformers' tower | kernels / encoder layer | prompt tokens | prompt, ours fused | "
+           "prompt / (text + tower floor) |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(vis.values(), key=lambda r: r["images"]):
         med = lambda k, r=r: (r.get(k) or {}).get("median_ms")  # noqa: E731
+        graphed = "—" if not _num(med("tower_graph")) else (
+            f"{ms(med('tower_graph'))} · {times(r.get('tower_graph_x_floor'))}"
+            + ("" if r.get("tower_graph_equal") else " (bits differ from eager!)"))
         out.append(f"| {r['images']} | {sum(r['patches'])} | {r['soft_tokens']} | "
                    f"{ms(r['tower_floor']['floor_ms'])} | {ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
+                   f"{graphed} | "
                    f"{ms(med('hf_tower'))} | {r['tower_kernels_per_layer']:.0f} | {r['tokens']} | "
                    f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |")
     return "\n".join(out)
@@ -311,8 +319,11 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
     if isinstance(img, Mapping) and isinstance(img.get("pcg"), Mapping):
         lines.append(f"* **Image prompt** (matplotlib's Grace Hopper photo, {img['soft_tokens']} soft tokens, "
                      f"{img['tokens']} tokens): fused eager {ms(img['eager_fused']['median_ms'])}, PCG "
-                     f"{ms(img['pcg']['median_ms'])}, of which the vision tower (outside the graphs) "
-                     f"{ms(img['vision_tower']['median_ms'])}; "
+                     f"{ms(img['pcg']['median_ms'])}, of which the vision tower "
+                     + (f"(eager) {ms(img['vision_tower']['median_ms'])}, in its CUDA graph "
+                        f"{ms(img['vision_tower_graph']['median_ms'])}; "
+                        if isinstance(img.get("vision_tower_graph"), Mapping) else
+                        f"(outside the graphs) {ms(img['vision_tower']['median_ms'])}; ")
                      + ("PCG's logits equal eager's bit for bit." if img["pcg_vs_eager_max_abs"] == 0 else
                         f"PCG's logits differ from eager's by {img['pcg_vs_eager_max_abs']:.1g} (max abs)."))
     return lines
@@ -503,6 +514,13 @@ def decode_findings(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"* **Host work of the loop** (argmax, the stop check and its host sync, the loop's Python; "
                      f"the runner's input and logits copies count as step), loop − step with the graph: "
                      f"{span((g.get('host_ms') for g in graph), _us)} per step, {span(share, _pct)} of the loop.")
+    for r in (r for r in rows if isinstance(r.get("graph_profile"), Mapping)):
+        prof = r["graph_profile"]
+        fams = ", ".join(f"{FAMILY_LABELS.get(f, f)} {v:.2f} ms" for f, v in
+                         sorted(prof["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
+        lines.append(f"* **Where a graph step goes** (batch {r['batch']} × {r['context']}, one profiled step): "
+                     f"{prof['kernels']} kernels; GPU time {fams}; idle {prof['idle_ms']:.2f} ms of "
+                     f"{prof['wall_ms']:.2f} ms.")
     checked = [r for r in rows if r.get("tokens_equal") is not None]
     if checked:
         bad = [r for r in checked if not r["tokens_equal"]]
@@ -584,10 +602,21 @@ def decode_section(doc: Mapping[str, Any], png: str | None) -> str:
 def _first(results: Path, kind: str) -> tuple[dict | None, str | None]:
     for path in sorted(results.glob(f"{kind}_*.json")):
         doc = read_json(path)
-        if doc is not None:
+        if doc is not None and not doc.get("tag"):
             png = path.with_suffix(".png")
             return doc, (f"{results.name}/{png.name}" if png.exists() else None)
     return None, None
+
+
+def _tagged(results: Path, kind: str) -> list[tuple[dict, str | None]]:
+    """Runs of some parts beside the full one (``bench-prefill --tag``), each with its own provenance."""
+    out = []
+    for path in sorted(results.glob(f"{kind}_*.json")):
+        doc = read_json(path)
+        if doc is not None and doc.get("tag"):
+            png = path.with_suffix(".png")
+            out.append((doc, f"{results.name}/{png.name}" if png.exists() else None))
+    return out
 
 
 def _sibling(results: Path, png: str | None, suffix: str) -> str | None:
@@ -607,6 +636,8 @@ def readme_results(results: Path) -> str:
         acc = accuracy_section(pre, _sibling(results, pre_png, "_layers"))
         if acc:
             parts += [acc, ""]
+        for doc, png in _tagged(results, "prefill"):
+            parts += [prefill_section(doc, png, _sibling(results, png, "_families")), ""]
     pcg, pcg_png = _first(results, "pcg")
     if pcg:
         parts += [pcg_section(pcg, pcg_png), ""]

@@ -8,6 +8,7 @@ embeddings), so a checkpoint loads by name with no renaming table.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,10 @@ class Gemma4ForConditionalGeneration(nn.Module):
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
 
-    def image_features(self, pixel_values: Tensor, image_position_ids: Tensor) -> Tensor:
-        """Soft tokens of every image, projected into the text space: [total_soft_tokens, hidden]."""
+    def image_features(self, pixel_values: Tensor, image_position_ids: Tensor, *,
+                       tower: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """Soft tokens of every image, projected into the text space: [total_soft_tokens, hidden]. ``tower`` runs
+        in place of ``model.vision_tower`` with its signature (the CUDA graphs of ``TowerGraphs``)."""
         if self.model.vision_tower is None:
             raise ValueError("this model has no vision tower (vision_config is null) but pixel_values were given")
         if image_position_ids is None:
@@ -110,11 +113,13 @@ class Gemma4ForConditionalGeneration(nn.Module):
             )
         check_pixels(pixel_values, image_position_ids, self.config.vision.position_embedding_size)
         # Pixels stay fp32: the tower's first op (2·(p − 0.5)) runs in fp32 in the reference too.
-        soft = self.model.vision_tower(pixel_values.to(self.device), image_position_ids.to(self.device))
+        soft = (tower or self.model.vision_tower)(pixel_values.to(self.device), image_position_ids.to(self.device))
         return self.model.embed_vision(soft)
 
-    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None) -> Tensor:
-        """Token embeddings with the image placeholders replaced by the vision tower's soft tokens. ids: [N]."""
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None, *,
+                     tower: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """Token embeddings with the image placeholders replaced by the vision tower's soft tokens (``tower``: see
+        ``image_features``). ids: [N]."""
         cfg = self.config
         embeds = self.language_model.embed(input_ids)  # placeholders embed as padding
         if pixel_values is None and torch.compiler.is_compiling():
@@ -124,7 +129,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
             if n_slots:
                 raise ValueError(f"the prompt has {n_slots} image placeholder tokens but no pixel_values were given")
             return embeds
-        feats = self.image_features(pixel_values, image_position_ids)
+        # ``tower`` only when given: the transformers shim (runtime.hf_pcg) swaps in an image_features without it
+        feats = self.image_features(pixel_values, image_position_ids, **({"tower": tower} if tower else {}))
         if feats.shape[0] != n_slots:
             raise ValueError(
                 f"the prompt has {n_slots} image soft-token slots but the images give {feats.shape[0]} soft tokens "

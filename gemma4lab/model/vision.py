@@ -143,11 +143,16 @@ class VisionEncoder(nn.Module):
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: Tensor, positions: Tensor, padding: Tensor) -> Tensor:
-        # The RoPE frequencies are computed here rather than kept as a buffer: a buffer would be garbage after a
-        # meta-device build + ``to_empty`` and rounded to bf16 by ``.to(bfloat16)``; the reference's stay fp32.
-        # Computed on the CPU, as the reference computes them, so that they are bit-identical on any device.
-        inv_freq = axial_inv_freq(self.head_dim, self.rope_theta).to(positions.device)
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """The RoPE frequencies, computed rather than kept as a buffer: a buffer would be garbage after a meta-device
+        build + ``to_empty`` and rounded to bf16 by ``.to(bfloat16)``; the reference's stay fp32. Computed on the
+        CPU, as the reference computes them, so that they are bit-identical on any device (the copy to the device
+        is why a CUDA graph of the tower takes them as an input: ``TowerGraphs``)."""
+        return axial_inv_freq(self.head_dim, self.rope_theta).to(device)
+
+    def forward(self, x: Tensor, positions: Tensor, padding: Tensor, inv_freq: Tensor | None = None) -> Tensor:
+        if inv_freq is None:
+            inv_freq = self.inv_freq(positions.device)
         cos, sin = axial_cos_sin(inv_freq, positions, x.dtype)
         key_mask = ~padding[:, None, None, :]
         for layer in self.layers:
@@ -179,6 +184,10 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: Tensor, image_position_ids: Tensor) -> Tensor:
         """pixel_values [N, P, 3·p²] in [0, 1]; image_position_ids [N, P, 2] as (x=col, y=row), (-1, -1) on padding.
         Returns [T, vision_hidden] in the tower's weight dtype."""
+        self.check_shapes(pixel_values, image_position_ids)
+        return self.finish(*self.pooled(pixel_values, image_position_ids))
+
+    def check_shapes(self, pixel_values: Tensor, image_position_ids: Tensor) -> None:
         k = self.cfg.pooling_kernel_size
         n, p = image_position_ids.shape[:2]
         if pixel_values.shape[:2] != (n, p) or p % (k * k):
@@ -186,15 +195,26 @@ class VisionTower(nn.Module):
                 f"pixel_values {tuple(pixel_values.shape)} and image_position_ids {tuple(image_position_ids.shape)} "
                 f"must share [N, P] with P a multiple of {k * k} (the pooling block)"
             )
+
+    def pooled(self, pixel_values: Tensor, image_position_ids: Tensor,
+               inv_freq: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Everything of the forward whose shapes depend only on [N, P] (embedding, encoder, pooling): the pooled
+        fp32 features [N, P/k², D] and the mask of slots that hold a soft token. No host synchronisation, so a CUDA
+        graph can hold it (``gemma4lab.runtime.vision_graphs``); ``inv_freq`` on the device (see
+        ``VisionEncoder.inv_freq``)."""
         padding = (image_position_ids == -1).all(dim=-1)
         x = self.patch_embedder(pixel_values, image_position_ids, padding)
-        x = self.encoder(x, image_position_ids, padding)
-        pooled, valid = self._pool(x, image_position_ids, padding)
+        x = self.encoder(x, image_position_ids, padding, inv_freq)
+        return self._pool(x, image_position_ids, padding)
+
+    def finish(self, pooled: Tensor, valid: Tensor) -> Tensor:
+        """The pooled slots that hold a soft token, images concatenated, standardised, in the weights' dtype: [T, D].
+        Its length is data (``pooled[valid]`` reads the mask on the host), so it runs after a graph, not in it."""
         h = pooled[valid]
         if self.cfg.standardize:
             # fp32: the bias subtraction cancels large values.
             h = (h - self.std_bias.float()) * self.std_scale.float()
-        return h.to(x.dtype)
+        return h.to(self.patch_embedder.input_proj.weight.dtype)
 
     def _pool(self, x: Tensor, positions: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
         """Average each k×k block of patches into one soft token, by position. Returns fp32 pooled features

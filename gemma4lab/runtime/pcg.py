@@ -26,8 +26,9 @@ Design choices, and the production problems they avoid:
 * **No silent fallback.** What chunking cannot serve (several prompts above the largest bucket, an image longer
   than a chunk, more prompts than the runner holds) runs the eager path; chunking and the eager path each warn
   once, and ``runner.stats`` counts every chunked prefill and every fallback.
-* **Images replay the same graphs.** The vision tower runs outside; its soft tokens go into a static
-  input-embeddings buffer that piece 0 selects with a mask, so text and image prompts share every graph.
+* **Images replay the same graphs.** The vision tower replays graphs of its own, one per ``[images, patches]``
+  shape (``gemma4lab.runtime.vision_graphs.TowerGraphs``); its soft tokens go into a static input-embeddings
+  buffer that piece 0 selects with a mask, so text and image prompts share every text graph.
 * **Same code on CPU.** Without CUDA the runner runs the identical split, padding and caching logic, with the
   pieces kept as Python closures instead of graphs, and says that no graphs were captured, so CI tests the logic.
 * **Graphs know what they hold.** A captured graph replays the kernels of the model settings it was captured
@@ -51,8 +52,10 @@ from torch import Tensor
 
 from gemma4lab.attention import PackedBatch
 from gemma4lab.model.decoder import Stream, piece, program_key, run_decoder
+from gemma4lab.model.vision import VisionTower
 from gemma4lab.runtime.chunked import ImageSplitError, chunked_prefill
 from gemma4lab.runtime.kv_cache import KVCache
+from gemma4lab.runtime.vision_graphs import TowerGraphs
 
 
 def default_buckets(max_tokens: int = 8192) -> list[int]:
@@ -216,6 +219,9 @@ class PiecewiseCudaGraphRunner:
         self._key: tuple | None = None  # program_key of what _entries hold
         self._pool = None
         self._lock = threading.RLock()
+        tower = getattr(getattr(model, "model", None), "vision_tower", None)
+        #: the vision tower's own graphs (None for a text-only model, or a tower that is not gemma4lab's)
+        self.tower = TowerGraphs(tower, use_graphs=self.use_graphs) if isinstance(tower, VisionTower) else None
         self._check_memory()
         self.buf = self._allocate()
         self.report = CaptureReport(graphs=False, buckets=self.buckets, device=str(self.device),
@@ -299,6 +305,8 @@ class PiecewiseCudaGraphRunner:
             self.stats["recaptures"] += 1
             self._entries.clear()
             self._pool = None
+            if self.tower is not None:
+                self.tower.reset()
             if self.use_graphs:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
@@ -450,7 +458,8 @@ class PiecewiseCudaGraphRunner:
         ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
         embeds = None
         if pixel_values is not None:
-            embeds = model.embed_inputs(ids, pixel_values, image_position_ids)
+            graphs = {"tower": self.tower} if self.tower is not None else {}
+            embeds = model.embed_inputs(ids, pixel_values, image_position_ids, **graphs)
         elif _has_image_tokens(prompts, ids, model.config.image_token_id):
             model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
         hidden = self._forward(ids, embeds, batch, cache, pad_fill)

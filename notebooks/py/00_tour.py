@@ -70,6 +70,7 @@ print("repo root:", ROOT)
 # | 12 · head-512 attention | the accumulator's registers, a spill predicted and measured, the output-dim split and its 1.5× work | `prefill_attention` |
 # | 13 · decode at the memory limit | a step's bytes and floor, why one program per head idles the GPU, split-K and the exact log-sum-exp merge, packed GQA heads | `decode_attention` |
 # | 14 · the post-attention block | one residual update and three normed views in one pass, why the views come from the rounded stream | `post_attention_block` |
+# | 15 · the router's tail | softmax, top-8, renormalise and scale in one launch; a launch-bound op predicted and measured, ties and NaN ids | `router_topk` |
 #
 # The figure below is the map the course fills in: one decoder layer as the fused prefill runs it. Grey boxes are
 # library matrix products, blue ones the fused kernels the notebooks derive, orange the attention kernel; the

@@ -109,7 +109,10 @@ viz.plot_traffic(fused_bytes / 1e3, unfused_bytes / 1e3)
 # In fp32 every implementation agrees to ~10⁻⁷ and a parity check shows nothing, so we check in bf16 (whatever
 # `DTYPE` is). The kernel does its math in fp32 and rounds once; the unfused chain rounds three times. Against a
 # float64 computation on the same bf16 inputs, prediction: every kernel element is within one bf16 rounding
-# (2⁻⁸ relative) of the exact value; the unfused chain's worst element is further away.
+# (2⁻⁸ relative) of the exact value, plus fp32's own rounding of the two terms `r·s` and `norm(x)·w·s` (~2⁻²⁴ of
+# each; it only shows where the terms cancel and the result is near zero — a relative bound alone fails there on a
+# GPU, whose reduction order and `rsqrt` differ from the interpreter's); the unfused chain's worst element is
+# further away.
 
 # %%
 xb, rb, wb, sb = (t.to(torch.bfloat16) for t in (x, r, w, s))
@@ -120,7 +123,10 @@ err_unfused = (unfused(xb, wb, rb, sb).double() - exact).abs()
 print("backend:", K.kernel_backend(xb))
 print(f"max |kernel - fp64| / |fp64|  = {(err_kernel / exact.abs()).max().item():.2e}   (2⁻⁸ = {2**-8:.2e})")
 print(f"max |unfused - fp64| / |fp64| = {(err_unfused / exact.abs()).max().item():.2e}")
-assert (err_kernel <= 2**-8 * exact.abs() * (1 + 1e-4)).all(), "a kernel element is off by more than one bf16 rounding"
+terms = (rb.double() * sb.double()).abs() + K.gemma_rmsnorm_residual_scalar_ref(
+    xb.double(), wb.double(), torch.zeros_like(rb, dtype=torch.float64), sb.double()).abs()  # |r·s| + |norm(x)·w·s|
+bound = 2**-8 * exact.abs() + 2**-20 * terms  # one bf16 rounding + fp32's on the terms (16× slack)
+assert (err_kernel <= bound).all(), "a kernel element is off by more than one bf16 rounding (+ fp32's on the terms)"
 assert err_unfused.max() > err_kernel.max(), "three roundings were not worse than one here: look closer"
 
 # ## How close to the bandwidth roof? (recorded on a GPU)

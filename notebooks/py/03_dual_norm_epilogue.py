@@ -168,14 +168,19 @@ if my_dual is None:
         return x / tl.sqrt(tl.sum(tl.where(mask, x * x, 0.0), axis=0) / n + eps)
 
     @triton.jit
+    def _row(p, mask):  # a row (or a weight vector) in fp32; helpers are jit functions: compiled Triton has no lambda
+        return tl.load(p, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _dual_kernel(d_ptr, w1_ptr, m_ptr, w2_ptr, w3_ptr, r_ptr, s_ptr, o_ptr, n, stride, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
-        load = lambda p: tl.load(p + row * stride + cols, mask=mask, other=0.0).to(tl.float32)  # noqa: E731
-        weight = lambda p: tl.load(p + cols, mask=mask, other=0.0).to(tl.float32)  # noqa: E731
-        mid = _norm(load(d_ptr), mask, n, eps) * weight(w1_ptr) + _norm(load(m_ptr), mask, n, eps) * weight(w2_ptr)
-        y = (_norm(mid, mask, n, eps) * weight(w3_ptr) + load(r_ptr)) * tl.load(s_ptr).to(tl.float32)
+        at = row * stride + cols
+        mid = (_norm(_row(d_ptr + at, mask), mask, n, eps) * _row(w1_ptr + cols, mask)
+               + _norm(_row(m_ptr + at, mask), mask, n, eps) * _row(w2_ptr + cols, mask))
+        y = (_norm(mid, mask, n, eps) * _row(w3_ptr + cols, mask) + _row(r_ptr + at, mask)) \
+            * tl.load(s_ptr).to(tl.float32)
         tl.store(o_ptr + row * stride + cols, y.to(o_ptr.dtype.element_ty), mask=mask)
 
     def my_dual(d, w1, m, w2, w3, r, s, eps=1e-6):

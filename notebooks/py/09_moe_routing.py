@@ -106,8 +106,8 @@ def route_kernel(ids_ptr, offs_ptr, slot_ptr, n_slots, BLOCK: tl.constexpr):
     mine = tl.zeros((), dtype=tl.int32)
     for s0 in range(0, n_slots, BLOCK):  # pass 1: my first row and my row count
         x = tl.load(ids_ptr + s0 + lanes, mask=s0 + lanes < n_slots, other=-1)
-        before += tl.sum((x >= 0) & (x < e), axis=0)
-        mine += tl.sum(x == e, axis=0)
+        before += tl.sum(((x >= 0) & (x < e)).to(tl.int32), axis=0)  # int32 sums: compiled Triton keeps the
+        mine += tl.sum((x == e).to(tl.int32), axis=0)  # loop-carried type fixed (a bool sum is not int32 there)
     tl.store(offs_ptr + e, before + mine)
     row = before
     for s0 in range(0, n_slots, BLOCK):  # pass 2: my slots, in slot order

@@ -201,6 +201,16 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
         mismatch = (_first_mismatch(reference, "eager", tokens["eager"][1:])
                     or _first_mismatch(reference, "graph", tokens["graph"]))
         row["tokens_equal"], row["first_mismatch"] = mismatch is None, mismatch
+    if "graph" in row and batch == min(args.batch) and expert_elem is None:
+        # where a graph step's time goes: GPU time by op family and the kernels it launches (one step, profiled)
+        from gemma4lab.lab.profiling import profile_forward, time_by_family
+
+        tok = ids[:, -1].contiguous()
+        pos = torch.full((batch,), context, dtype=torch.long, device=ids.device)
+        step = lambda: runner.step(tok, pos)  # noqa: E731
+        prof = time_by_family(step, wall_ms=row["graph"]["step_ms"])
+        row["graph_profile"] = {**{k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms")},
+                                "kernels": profile_forward(step)["kernels"]}
     if "eager" in row and "graph" in row:
         row["graph_speedup_step"] = row["eager"]["step_ms"] / row["graph"]["step_ms"]
         row["graph_speedup_loop"] = row["eager"]["loop_ms"] / row["graph"]["loop_ms"]

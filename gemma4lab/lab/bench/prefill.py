@@ -449,15 +449,18 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     from gemma4lab.lab import routing
     from gemma4lab.lab.floors import vision_floor
     from gemma4lab.lab.profiling import profile_forward
+    from gemma4lab.runtime.vision_graphs import TowerGraphs
 
     cfg, out = model.config, {}
     hf = hf_twin(model)
+    graphs = TowerGraphs(model.model.vision_tower)
     for n in args.images:
         batch, _ = _photo_prompt(model, n)
         pv, ip = batch["pixel_values"], batch["image_position_ids"]
         ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
         patches = (ip != -1).all(dim=-1).sum(dim=-1).tolist()
         tower = lambda pv=pv, ip=ip: model.image_features(pv, ip)  # noqa: E731
+        graphed = lambda pv=pv, ip=ip: model.image_features(pv, ip, tower=graphs)  # noqa: E731
         prof = profile_forward(tower)
         # the text floor's experts: those a text prompt of the same length hits (the routing statistics run the
         # decoder alone, so they cannot take the image's soft tokens; a random prompt's routing is uniform anyway)
@@ -468,6 +471,8 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "tower_floor": vision_floor(cfg, patches, copy_bw, mm_rate),
                "text_floor_ms": floors(cfg, len(ids[0]), stats["experts_hit"], copy_bw, mm_rate)["floor_ms"],
                "tower": measure.time_stats(tower, rep_ms=args.rep_ms),
+               "tower_graph": measure.time_stats(graphed, rep_ms=args.rep_ms),
+               "tower_graph_equal": bool(torch.equal(graphed(), tower())),
                "tower_kernels": prof["kernels"], "tower_gpu_busy_ms": prof["gpu_busy_ms"],
                "tower_kernels_per_layer": prof["kernels"] / cfg.vision.num_hidden_layers,
                "hf_tower": measure.time_stats(lambda pv=pv, ip=ip, f=hf.get_image_features: f(pv, ip),
@@ -475,11 +480,13 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "prompt_fused": measure.time_stats(
                    lambda ids=ids, pv=pv, ip=ip, mm=mm: model.prefill(ids, pv, ip, mm), rep_ms=args.rep_ms)}
         row["tower_x_floor"] = row["tower"]["median_ms"] / row["tower_floor"]["floor_ms"]
+        row["tower_graph_x_floor"] = row["tower_graph"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]
                                                                     + row["text_floor_ms"])
         out[str(n)] = row
         print(f"vision, {n} image(s): tower {row['tower']['median_ms']:.1f} ms ({row['tower_x_floor']:.1f}× its "
-              f"floor), transformers {row['hf_tower']['median_ms']:.1f} ms", flush=True)
+              f"floor), graphed {row['tower_graph']['median_ms']:.1f} ms (bit-identical: {row['tower_graph_equal']}), "
+              f"transformers {row['hf_tower']['median_ms']:.1f} ms", flush=True)
     del hf
     measure.release_memory()
     return out
@@ -498,6 +505,8 @@ def _image_prompt(model, runner, args) -> dict:
            "eager_fused": measure.time_stats(eager, rep_ms=args.rep_ms),
            "pcg": measure.time_stats(pcg, rep_ms=args.rep_ms),
            "vision_tower": measure.time_stats(lambda: model.image_features(pv, ip), rep_ms=args.rep_ms),
+           "vision_tower_graph": measure.time_stats(lambda: model.image_features(pv, ip, tower=runner.tower),
+                                                    rep_ms=args.rep_ms),
            "pcg_vs_eager_max_abs": (pcg().float() - eager().float()).abs().max().item()}
     model.set_fusion(Fusion.none())
     out["eager_unfused"] = measure.time_stats(eager, rep_ms=args.rep_ms)
@@ -551,6 +560,12 @@ def _hf_layer(hf, model, args) -> dict:
     return out
 
 
+def _tag(s: str) -> str:
+    if not s or not all(c.isascii() and (c.isalnum() or c == "-") for c in s):
+        raise argparse.ArgumentTypeError(f"a tag is letters, digits and '-', got {s!r}")
+    return s
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-prefill", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=positive_ints, default=TOKENS)
@@ -568,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=positive_ints, default=(1, 2, 4), help="image counts of the vision part")
     p.add_argument("--rep-ms", type=positive_float, default=300.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
+    p.add_argument("--tag", type=_tag, default=None,
+                   help="a run of some parts beside the full one: writes prefill_<card>_<tag>.json, which the README "
+                        "shows as a section of its own (its own commit and date), leaving prefill_<card>.json alone")
     p.add_argument("--device", type=device_arg, default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights and activations (the table is bf16; fp32 for CPU smoke runs of the fused compile)")
@@ -581,13 +599,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.skew < 0:
         p.error(f"--skew must be >= 0, got {args.skew}")
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = measure.card_slug()
+    slug = measure.card_slug() + (f"_{args.tag}" if args.tag else "")
     partial = args.out / "runs" / f"prefill_{slug}_partial.json"
 
     def checkpoint(res: dict) -> None:  # what a run cut short leaves: marked incomplete, outside the README's glob
         measure.write_json(partial, {**res, "complete": False})
 
     res = run(args, checkpoint)
+    if args.tag:
+        res["tag"] = args.tag
     path = measure.write_json(args.out / f"prefill_{slug}.json", {**res, "complete": True})
     partial.unlink(missing_ok=True)  # this run's own checkpoint, superseded by the complete file
     print(prefill_table(res))

@@ -291,6 +291,9 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
         raise ValueError(f"w_scale is for FP8 weights ({SCALED_WEIGHT_DTYPES}); these are {w.dtype}")
     elif a.dtype != w.dtype:
         raise TypeError(f"a and w must share a dtype, got {a.dtype} and {w.dtype}")
+    if a.is_cuda and a.dtype == torch.float64:
+        raise TypeError("moe_gemm accumulates in fp32 on the GPU and takes bfloat16, float16 or float32; float64 is "
+                        "for references: gemma_moe_gemm_ref computes it")
     if not (a.device == w.device == offsets.device):
         raise ValueError("a, w and offsets must be on one device")
     if a.stride(-1) != 1 or w.stride(-1) != 1:

@@ -179,9 +179,10 @@ class Experts(nn.Module):
         # FP8 weights: the kernel at every length (the library grouped GEMM would need the weights widened per call)
         fp8 = self.gate_up_proj.dtype == torch.float8_e4m3fn
         use_kernel = fused_gemm and (x.shape[0] <= self.MOE_GEMM_MAX_TOKENS or fp8) and kernels
-        if x.is_cuda and not grouped_mm_available(x.device, x.dtype):
+        if x.is_cuda and not grouped_mm_available(x.device, x.dtype) and x.dtype != torch.float64:
             # e.g. fp32 on a GPU: torch's grouped_mm is bf16-only there, and the looped path syncs the host
-            # (fatal inside CUDA-graph capture), so the Triton kernel serves every size.
+            # (fatal inside CUDA-graph capture), so the Triton kernel serves every size. float64 is a reference
+            # dtype (the kernel accumulates in fp32 and cannot compile it): the looped matmuls serve it.
             use_kernel = True
         grouped = use_kernel or grouped_mm_available(x.device, x.dtype)
         if fused_gemm and kernels and grouped:

@@ -266,3 +266,28 @@ def test_gpu_fp8_real_shapes_against_float64(t):
         assert torch.equal(y, K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s, config=short[0]))
         assert torch.equal(K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd),
                            K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd, config=short[1]))
+
+
+@pytest.mark.gpu
+def test_gpu_float64_experts_take_the_reference_path():
+    """float64 is a reference dtype: on the GPU the experts run the looped matmuls (the kernel accumulates in fp32
+    and cannot compile fp64 — notebook 09's float64 truth hit that), equal to the same module on the CPU, and a
+    direct moe_gemm call in float64 is refused with a clear error."""
+    from gemma4lab.model.config import Gemma4Config
+    from gemma4lab.model.layers import Experts
+
+    cfg = Gemma4Config.preset("tiny").text
+    ex = Experts(cfg).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * p.shape[-1] ** -0.5)
+        x = torch.randn(9, cfg.hidden_size, generator=g, dtype=torch.float64)
+        idx = torch.rand(9, cfg.num_experts, generator=g).topk(cfg.top_k_experts, dim=-1).indices
+        w = torch.softmax(torch.randn(9, cfg.top_k_experts, generator=g, dtype=torch.float64), -1)
+        cpu = ex(x, idx, w)
+        gpu = ex.cuda()(x.cuda(), idx.cuda(), w.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-12)
+    a, wt, wd, offs = _case([3, 2], dtype=torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="float64 is for references"):
+        K.gemma_moe_gemm(a, wt, offs)

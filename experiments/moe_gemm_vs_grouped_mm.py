@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4lab.kernels import (
+    ACT_QUANT_K,
     MOE_SWEEP,
     MoeConfig,
     gemma_moe_combine,
@@ -46,7 +47,12 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every timing here")
     p.add_argument("--fp8", action="store_true", help="moe_gemm on FP8 (e4m3) weights with per-channel scales "
                    "(gemma4lab.quantize_experts' format); grouped_mm stays the bf16 reference")
+    p.add_argument("--fp8-acts", action="store_true", help="with --fp8: the activations quantised in the kernel too "
+                   "(a_fp8: FP8 × FP8 on the tensor cores); only the swept settings with the 128-deep K step")
     args = p.parse_args()
+    if args.fp8_acts and not args.fp8:
+        p.error("--fp8-acts needs --fp8 (FP8 activations multiply FP8 weights)")
+    a8 = args.fp8_acts
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     bw = measure.copy_bandwidth(dev)
@@ -90,9 +96,9 @@ def main() -> None:
 
             def fused_block(cfg=None):
                 offs, slots, pos = gemma_moe_route(ids, E)
-                h = gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, config=cfg)
-                return gemma_moe_combine(gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, config=cfg), pos,
-                                         weights)
+                h = gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, a_fp8=a8, config=cfg)
+                return gemma_moe_combine(gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, a_fp8=a8,
+                                                        config=cfg), pos, weights)
 
             offs, slots, _ = gemma_moe_route(ids, E)
             xs = x[slots.long() // TOP_K]
@@ -106,18 +112,23 @@ def main() -> None:
             hit = int((torch.bincount(flat, minlength=E) > 0).sum())  # the weights a GEMM must read: experts hit
             up_bytes = hit * (w[0].numel() * elem + w.shape[1] * scale_b)
             down_bytes = hit * (wd[0].numel() * elem + wd.shape[1] * scale_b)
-            heur = (moe_config(t * TOP_K, E, fp8_weights=args.fp8), moe_config(t * TOP_K, E, True, args.fp8))
+            heur = (moe_config(t * TOP_K, E, False, args.fp8, a8), moe_config(t * TOP_K, E, True, args.fp8, a8))
             res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "experts_hit": hit,
                    "heuristic": repr(heur[0]), "heuristic_down": repr(heur[1]),
                    "block_fused_ms": graph(fused_block), "block_unfused_ms": graph(unfused_block),
                    "routing_fused_ms": graph(lambda: gemma_moe_route(ids, E)),
                    "routing_unfused_ms": graph(unfused_routing), "gemm_grouped_mm_ms": measure.bench(lib_gemms),
                    "gemm": []}
-            for cfg in (MOE_SWEEP if args.sweep else dict.fromkeys((*heur, MoeConfig()))):
-                up = lambda cfg=cfg: gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, config=cfg)
+            candidates = MOE_SWEEP if args.sweep else dict.fromkeys((*heur, MoeConfig()))
+            if a8:  # the activation scales are defined on 128-wide K steps of the swapped orientation
+                candidates = [c for c in candidates if c.swap_ab and c.block_k == ACT_QUANT_K]
+            for cfg in candidates:
+                up = lambda cfg=cfg: gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, a_fp8=a8,
+                                                    config=cfg)
                 try:
                     h = up()
-                    down = lambda cfg=cfg, h=h: gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, config=cfg)
+                    down = lambda cfg=cfg, h=h: gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, a_fp8=a8,
+                                                               config=cfg)
                     err_up = ((h.float() - ref_up.float()).norm() / ref_up.float().norm()).item()
                     err = ((down().float() - ref).norm() / ref.norm()).item()
                     up_ms, down_ms = measure.bench(up), measure.bench(down)
@@ -147,7 +158,9 @@ def main() -> None:
                   flush=True)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "moe_sweep", "copy_bandwidth_Bps": bw, "rows": rows,
-                                       "weights": "fp8_e4m3 (per-channel scales)" if args.fp8 else "bfloat16"})
+                                       "weights": "fp8_e4m3 (per-channel scales)" if args.fp8 else "bfloat16",
+                                       "activations": "fp8_e4m3 (per row and 128 K columns, in the kernel)" if a8
+                                       else "bfloat16"})
 
 
 if __name__ == "__main__":

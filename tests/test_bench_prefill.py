@@ -154,9 +154,12 @@ def test_fp8_experts_column_with_its_own_floor_and_per_layer_error(result):
     unquantised model's own."""
     _, doc = result
     for r in doc["rows"].values():
-        assert r["pcg_fp8_ms"] > 0 and r["pcg_fp8_x_fp8_floor"] == r["pcg_fp8_ms"] / r["fp8_floor_ms"]
+        for col in ("pcg_fp8", "pcg_fp8a8"):  # FP8 weights; FP8 weights and activations (FP8 × FP8)
+            assert r[f"{col}_ms"] > 0 and r[f"{col}_x_fp8_floor"] == r[f"{col}_ms"] / r["fp8_floor_ms"]
         assert r["fp8_weight_bytes"] < r["weight_bytes"]
     assert "FP8" in doc["fp8"]["quantization"] and doc["fp8"]["expert_bytes_after"] < doc["fp8"]["expert_bytes_before"]
     per = doc["accuracy_per_layer"]
     assert len(per["ours_fused_fp8"]) == per["layers"]
     assert per["ours_fused_fp8_median"] > 10 * per["ours_fused_median"]  # the quantisation shows, fp32 rounding not
+    assert len(per["ours_fused_fp8a8"]) == per["layers"]
+    assert per["ours_fused_fp8a8_median"] > per["ours_fused_fp8_median"]  # activations quantised too: more error

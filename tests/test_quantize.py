@@ -79,16 +79,23 @@ def test_quantized_model_fused_and_unfused_agree(fp32_model):
     assert rel_err(fused, unfused) < 1e-5
 
 
+def _moe_case(model, t: int, seed: int):
+    """The model's first experts module and a teacher-forced input for it: token rows, k distinct experts per token
+    and their routing weights (the same for every variant a test compares)."""
+    ex = next(m for m in model.modules() if isinstance(m, Experts))
+    g = torch.Generator().manual_seed(seed)
+    k = model.config.text.top_k_experts
+    x = torch.randn(t, ex.gate_up_proj.shape[2], generator=g)
+    idx = torch.rand(t, ex.num_experts, generator=g).topk(k, dim=-1).indices
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1)
+    return ex, x, idx, weights
+
+
 def test_fp8_experts_error_is_the_quantisations_beside_bf16(fp32_model):
     """One MoE block, teacher-forced (the same tokens, expert choices and weights for every variant), against its
     float64 truth: bf16 weights and activations err by bf16's rounding (~2⁻⁸ relative); FP8 weights with fp32
     activations by e4m3's (~2⁻⁴ per weight, less on the sums of many): clearly above bf16's, below one e4m3 step."""
-    ex = next(m for m in fp32_model.modules() if isinstance(m, Experts))
-    g = torch.Generator().manual_seed(4)
-    t, k = 37, fp32_model.config.text.top_k_experts
-    x = torch.randn(t, ex.gate_up_proj.shape[2], generator=g)
-    idx = torch.rand(t, ex.num_experts, generator=g).topk(k, dim=-1).indices
-    weights = torch.softmax(torch.randn(t, k, generator=g), -1)
+    ex, x, idx, weights = _moe_case(fp32_model, 37, 4)
     truth = copy.deepcopy(ex).double()(x.double(), idx, weights.double())
     err_bf16 = rel_err(copy.deepcopy(ex).to(torch.bfloat16)(x.bfloat16(), idx, weights), truth)
     fp8 = copy.deepcopy(ex)
@@ -107,14 +114,9 @@ def test_fp8_experts_take_the_kernel_at_every_length(fp32_model, monkeypatch):
     (no dequantised copy) at any length, and still equal the unfused path."""
     from gemma4lab.model import quantize
 
-    ex = next(m for m in fp32_model.modules() if isinstance(m, Experts))
+    ex, x, idx, weights = _moe_case(fp32_model, 11, 5)
     gemma4lab.quantize_experts(ex)
     monkeypatch.setattr(Experts, "MOE_GEMM_MAX_TOKENS", 4)
-    g = torch.Generator().manual_seed(5)
-    t, k = 11, fp32_model.config.text.top_k_experts
-    x = torch.randn(t, ex.gate_up_proj.shape[2], generator=g)
-    idx = torch.rand(t, ex.num_experts, generator=g).topk(k, dim=-1).indices
-    weights = torch.softmax(torch.randn(t, k, generator=g), -1)
     plain = ex(x, idx, weights)  # the reference path: weights widened
     widened = []
     real = quantize.dequantize_fp8_per_channel
@@ -136,3 +138,45 @@ def test_fp8_long_prompt_settings_keep_a_rows_bits():
         assert (long.swap_ab, long.block_n, long.block_k) == (short.swap_ab, short.block_n, short.block_k)
         assert K.moe_config(64 * 128 - 1, 128, gelu, fp8_weights=True) == K.moe_config(64 * 128 - 1, 128, gelu)
         assert K.moe_config(64 * 128, 128, gelu).block_m < 64  # bf16 / fp32 weights keep their settings
+
+
+def test_fp8_activations_through_the_fused_experts(fp32_model):
+    """``quantize_experts(..., activations="fp8")``: the fused experts run moe_gemm with ``a_fp8`` (equal to the
+    composition of the plain-torch twins with the same rule), and the teacher-forced error against the float64
+    truth grows beyond weight-only FP8's — activations and weights are both e4m3 now — but stays below one e4m3
+    step (2⁻³ relative, twice weight-only's 2⁻⁴ bound)."""
+    from gemma4lab import kernels as K
+
+    ex, x, idx, weights = _moe_case(fp32_model, 29, 6)
+    k = idx.shape[1]
+    truth = copy.deepcopy(ex).double()(x.double(), idx, weights.double())
+    w8, w8a8 = copy.deepcopy(ex), copy.deepcopy(ex)
+    gemma4lab.quantize_experts(w8)
+    rep = gemma4lab.quantize_experts(w8a8, activations="fp8")
+    assert w8a8.act_fp8 and not w8.act_fp8 and "activations FP8" in str(rep)
+    y = w8a8(x, idx, weights, fused_gemm=True)
+    offs, slots, pos = K.gemma_moe_route(idx, ex.num_experts)
+    h = K.gemma_moe_gemm_ref(x, w8a8.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=w8a8.gate_up_scale,
+                             a_fp8=True)
+    ys = K.gemma_moe_gemm_ref(h, w8a8.down_proj, offs, gelu_gate=True, w_scale=w8a8.down_scale, a_fp8=True)
+    torch.testing.assert_close(y, K.gemma_moe_combine_ref(ys, pos, weights.float()), rtol=1e-5, atol=1e-6)
+    err_w8, err_w8a8 = rel_err(w8(x, idx, weights, fused_gemm=True), truth), rel_err(y, truth)
+    print(f"MoE block, teacher-forced: FP8 weights {err_w8:.2e}, FP8 weights and activations {err_w8a8:.2e}")
+    assert err_w8 < err_w8a8 < 2**-3
+    with pytest.raises(ValueError, match="activations must be"):
+        gemma4lab.quantize_experts(copy.deepcopy(ex), activations="int8")
+
+
+def test_quantising_after_capture_drops_the_runners_pieces(fp32_model):
+    """The experts' format is part of the program a runner captured: quantising afterwards must not replay pieces
+    that hold the old weight tensors — the runner says so and captures again."""
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
+
+    model = fp32_model.set_fusion(Fusion.all())
+    runner = PiecewiseCudaGraphRunner(model, max_tokens=64, progress=False)
+    runner.prefill([_ids()])
+    gemma4lab.quantize_experts(model)
+    with pytest.warns(UserWarning, match="settings changed since capture"):
+        got = runner.prefill([_ids()])
+    assert runner.stats["recaptures"] == 1
+    torch.testing.assert_close(got, model.prefill([_ids()]), rtol=1e-5, atol=1e-5)

@@ -38,7 +38,15 @@ from .gelu_tanh_mul import (
     gemma_gelu_tanh_mul_ref,
 )
 from .moe_combine import CombineConfig, combine_config, gemma_moe_combine, gemma_moe_combine_ref
-from .moe_gemm import MOE_SWEEP, MoeConfig, gemma_moe_gemm, gemma_moe_gemm_ref, moe_config
+from .moe_gemm import (
+    ACT_QUANT_K,
+    MOE_SWEEP,
+    MoeConfig,
+    gemma_moe_gemm,
+    gemma_moe_gemm_ref,
+    moe_config,
+    quantize_act_e4m3,
+)
 from .moe_route import gemma_moe_route, gemma_moe_route_ref
 from .post_attention_block import gemma_post_attention_block, gemma_post_attention_block_ref
 from .prefill_attention import (
@@ -101,6 +109,8 @@ __all__ = [
     "head_config",
     "kernel_backend",
     "moe_config",
+    "quantize_act_e4m3",
+    "ACT_QUANT_K",
     "router_config",
     "row_config",
 ]

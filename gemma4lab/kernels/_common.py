@@ -355,6 +355,22 @@ def to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def to_e4m3(x):
+    """fp32 ``x`` (within ±448) → ``float8e4nv``, round to nearest even. Triton 3.6's interpreter rounds wrongly
+    where a value rounds up into the next power of two (127.5 → 64), so under it the rounding is done by hand in
+    fp32 and the (then exact) conversion only stores it; compiled GPU code converts in hardware."""
+    if EMULATE_BF16_RTNE:  # the interpreter (the same flag as bf16's emulated rounding)
+        ax = tl.abs(x)
+        ulp = tl.exp2(tl.maximum(tl.floor(tl.log2(tl.maximum(ax, 1e-30))), -6.0) - 3.0)  # 3 mantissa bits
+        y = ax / ulp
+        f = tl.floor(y)
+        up = (y - f > 0.5) | ((y - f == 0.5) & (f - 2.0 * tl.floor(f * 0.5) == 1.0))  # ties to even
+        r = tl.minimum(tl.where(up, f + 1.0, f) * ulp, 448.0)
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def round_trip(x, dtype: tl.constexpr):
     """Round fp32 ``x`` to ``dtype`` and back: the value a later kernel would read from memory."""
     return to_dtype(x, dtype).to(tl.float32)

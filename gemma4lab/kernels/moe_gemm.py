@@ -34,6 +34,14 @@ copy bandwidth over the experts hit, against 78 %); 32-row swapped tiles make ga
 (0.43 ms against 0.56 ms); from 512 tokens the grouped GEMM still wins. Ordering the grid by column tile within an
 expert (``columns_first``) is worth 5 % on the down GEMM, whose programs are short (K = 704).
 Bytes moved (gate/up, 93 tokens, bf16): weights 128·1408·2816·2 = 1.02 GB + rows 744·(2816+1408)·2 = 6 MB.
+
+**FP8 weights** (``w_scale``) are widened to the activations' dtype on load: measured on the H200, that costs more
+than the halved bytes save (both GEMMs of a layer 0.38 ms against bf16's 0.39 at 93 tokens; the short-K down GEMM
+slower), because Hopper's ``wgmma`` has no bf16 × FP8 form and the conversion sits between shared memory and the
+MMA. **FP8 activations** (``a_fp8``) remove the conversion: each row's 128-wide K step is scaled by its absmax to
+e4m3's range and rounded in the operand load, the FP8 weight tile goes to the tensor cores as loaded, and the
+partial product of the step is scaled back before it is accumulated (:func:`quantize_act_e4m3` states the rule;
+no extra kernel, no extra pass over the activations). Not yet timed on the GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import host_values, pow2, register, to_dtype
+from ._common import host_values, pow2, register, to_dtype, to_e4m3
 
 
 @triton.jit
@@ -87,6 +95,7 @@ def _moe_gemm_kernel(
     GELU_GATE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     W_SCALED: tl.constexpr,  # FP8 weights: widened to the activation dtype on load, scaled per output in the epilogue
+    A_FP8: tl.constexpr,  # with W_SCALED and SWAP_AB: activations quantised to e4m3 per row and K step, FP8 × FP8 MMA
     SWAP_AB: tl.constexpr,  # accumulate yᵀ = w · aᵀ: the weight tile is the MMA's wide side, the rows its narrow one
     COLUMNS_FIRST: tl.constexpr,  # grid (column tiles, experts): neighbouring programs stream one expert's weights
     BLOCK_M: tl.constexpr,
@@ -120,13 +129,19 @@ def _moe_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask_k = ks < K
-                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
                 w = tl.load(w_base[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                w = w.to(out_ptr.dtype.element_ty)  # exact for FP8 (e4m3 fits bf16); a no-op otherwise
-                if IEEE:
-                    acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
+                if A_FP8:  # each row's K step scaled to e4m3's range: the weight tile reaches the MMA untouched
+                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, tl.float32).to(tl.float32)
+                    a_scale = tl.max(tl.abs(a), axis=1) / 448.0
+                    a_scale = tl.where(a_scale > 0, a_scale, 1.0)
+                    acc_t += tl.dot(w, tl.trans(to_e4m3(a / a_scale[:, None]))) * a_scale[None, :]
                 else:
-                    acc_t = tl.dot(w, tl.trans(a), acc_t)
+                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
+                    w = w.to(out_ptr.dtype.element_ty)  # exact for FP8 (e4m3 fits bf16); a no-op otherwise
+                    if IEEE:
+                        acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
+                    else:
+                        acc_t = tl.dot(w, tl.trans(a), acc_t)
             acc = tl.trans(acc_t)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -196,15 +211,29 @@ DOWN_WIDE_TILE_ROWS = 16
 FP8_WIDE_TILE_ROWS = 64
 _FP8_MANY_ROWS = {"gate_up": MoeConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
                   "down": MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True)}
+#: FP8 × FP8 (``a_fp8``): swapped tiles with the :data:`ACT_QUANT_K`-deep K step the activation scales are defined
+#: on — chosen from the swept candidates, not yet timed with FP8 activations (the same weight tiles as the bf16
+#: gate/up setting; the down GEMM's 64-row weight tile of the FP8-weight sweep's best, with the 128-deep K step).
+_FP8_ACT_SETTINGS = {
+    "gate_up": _SETTINGS["gate_up"],
+    "gate_up_many_rows": _FP8_MANY_ROWS["gate_up"],
+    "down": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True,
+                      columns_first=True),
+    "down_many_rows": MoeConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)}
 
 
 @lru_cache(maxsize=512)
-def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False, fp8_weights: bool = False) -> MoeConfig:
+def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False, fp8_weights: bool = False,
+               fp8_acts: bool = False) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
     (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`); FP8 weights at long
-    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`."""
+    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`; FP8 activations the settings of
+    :data:`_FP8_ACT_SETTINGS`."""
     if n_rows < 0 or n_experts < 1:
         raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
+    if fp8_acts:
+        wide = "_many_rows" if n_rows >= FP8_WIDE_TILE_ROWS * n_experts else ""
+        return _FP8_ACT_SETTINGS[("down" if gelu_gate else "gate_up") + wide]
     if fp8_weights and n_rows >= FP8_WIDE_TILE_ROWS * n_experts:
         return _FP8_MANY_ROWS["down" if gelu_gate else "gate_up"]
     if not gelu_gate:
@@ -240,32 +269,55 @@ MOE_SWEEP: tuple[MoeConfig, ...] = _sweep()
 SCALED_WEIGHT_DTYPES = (torch.float8_e4m3fn,)
 
 
+#: FP8 activations (``a_fp8``): one scale per row and this many K columns, the K step of every setting that takes them
+ACT_QUANT_K = 128
+
+
+def quantize_act_e4m3(a: torch.Tensor, block: int = ACT_QUANT_K) -> torch.Tensor:
+    """What ``a_fp8`` multiplies: each row's ``block``-wide K slices scaled to e4m3's range (``max|slice| / 448``),
+    rounded to e4m3 (nearest even) and scaled back, in fp32 (fp64 in, fp64 out)."""
+    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
+    x = a.to(ct)
+    pad = (-x.shape[-1]) % block
+    xs = F.pad(x, (0, pad)).unflatten(-1, (-1, block))
+    scale = xs.abs().amax(dim=-1, keepdim=True) / 448.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xs / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(ct) * scale
+    return q.flatten(-2)[..., : x.shape[-1]]
+
+
 def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,
                        row_index: torch.Tensor | None = None, top_k: int = 1,
-                       w_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       w_scale: torch.Tensor | None = None, a_fp8: bool = False) -> torch.Tensor:
     """Plain-torch twin: the gathered rows (``row_index``), then one matmul per expert (fp32 accumulate, one
-    rounding); FP8 weights times their per-channel ``w_scale`` after the K sum, as the kernel does."""
+    rounding); FP8 weights times their per-channel ``w_scale`` after the K sum, as the kernel does; ``a_fp8``: the
+    rows (the GELU product in fp32 when ``gelu_gate``) through :func:`quantize_act_e4m3` first."""
+    dtype = a.dtype
     if row_index is not None:
         a = a[row_index.long() // top_k]
     if gelu_gate:
         g, u = a.float().chunk(2, dim=-1)
-        a = (F.gelu(g, approximate="tanh") * u).to(a.dtype)
-    out = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
+        a = F.gelu(g, approximate="tanh") * u
+        a = a if a_fp8 else a.to(dtype)
+    if a_fp8:
+        a = quantize_act_e4m3(a)
+    out = torch.empty(a.shape[0], w.shape[1], dtype=dtype, device=a.device)
     ends = offsets.tolist()
     start = 0
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     for e, end in enumerate(ends):
         if end > start:
-            y = a[start:end].to(acc) @ w[e].to(a.dtype).to(acc).T
+            y = a[start:end].to(acc) @ w[e].to(dtype).to(acc).T
             if w_scale is not None:
                 y = y * w_scale[e].to(acc)
-            out[start:end] = y.to(a.dtype)
+            out[start:end] = y.to(dtype)
         start = end
     return out
 
 
 def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool, row_index: torch.Tensor | None,
-           top_k: int, w_scale: torch.Tensor | None = None) -> int:
+           top_k: int, w_scale: torch.Tensor | None = None, a_fp8: bool = False,
+           config: MoeConfig | None = None) -> int:
     """Validate a call (metadata only, values when they are on the host); returns the rows of the product."""
     if not all(isinstance(t, torch.Tensor) for t in (a, w, offsets)):
         raise TypeError("moe_gemm takes tensors a, w, offsets")
@@ -291,6 +343,14 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
         raise ValueError(f"w_scale is for FP8 weights ({SCALED_WEIGHT_DTYPES}); these are {w.dtype}")
     elif a.dtype != w.dtype:
         raise TypeError(f"a and w must share a dtype, got {a.dtype} and {w.dtype}")
+    if not isinstance(a_fp8, bool):
+        raise TypeError(f"a_fp8 must be a bool, got {a_fp8!r}")
+    if a_fp8:
+        if w.dtype not in SCALED_WEIGHT_DTYPES:
+            raise ValueError(f"a_fp8 (FP8 × FP8 on the tensor cores) needs FP8 weights, got {w.dtype}")
+        if config is not None and (not config.swap_ab or config.block_k != ACT_QUANT_K):
+            raise ValueError(f"a_fp8 quantises each row's {ACT_QUANT_K}-wide K step: the setting must have "
+                             f"swap_ab=True and block_k={ACT_QUANT_K}, got {config}")
     if a.is_cuda and a.dtype == torch.float64:
         raise TypeError("moe_gemm accumulates in fp32 on the GPU and takes bfloat16, float16 or float32; float64 is "
                         "for references: gemma_moe_gemm_ref computes it")
@@ -319,47 +379,51 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     return m
 
 
-def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, out, config: MoeConfig | None) -> None:
+def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp8: bool, out,
+            config: MoeConfig | None) -> None:
     e, n, k = w.shape
     m = out.shape[0]
-    cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES)
+    cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES, a_fp8)
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)
     _moe_gemm_kernel[(tiles, e) if cfg.columns_first else (e, tiles)](
         a, w, offsets, row_index if gather else offsets, w_scale if w_scale is not None else offsets, out, m,
         a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k,
-        GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, SWAP_AB=cfg.swap_ab,
+        GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, A_FP8=a_fp8,
+        SWAP_AB=cfg.swap_ab,
         COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
-            gelu_gate: bool, w_scale: torch.Tensor | None, out: torch.Tensor) -> None:
-    _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out, None)
+            gelu_gate: bool, w_scale: torch.Tensor | None, a_fp8: bool, out: torch.Tensor) -> None:
+    _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, a_fp8, out, None)
 
 
 def _torch(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
-           gelu_gate: bool, w_scale: torch.Tensor | None, out: torch.Tensor) -> None:
-    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate, row_index, top_k, w_scale))
+           gelu_gate: bool, w_scale: torch.Tensor | None, a_fp8: bool, out: torch.Tensor) -> None:
+    out.copy_(gemma_moe_gemm_ref(a, w, offsets, gelu_gate, row_index, top_k, w_scale, a_fp8))
 
 
 op = register("moe_gemm(Tensor a, Tensor w, Tensor offsets, Tensor? row_index, int top_k, bool gelu_gate, "
-              "Tensor? w_scale, Tensor(a!) out) -> ()", _triton, _torch)
+              "Tensor? w_scale, bool a_fp8, Tensor(a!) out) -> ()", _triton, _torch)
 
 
 def gemma_moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, gelu_gate: bool = False,
                    row_index: torch.Tensor | None = None, top_k: int = 1, w_scale: torch.Tensor | None = None,
-                   config: MoeConfig | None = None) -> torch.Tensor:
+                   a_fp8: bool = False, config: MoeConfig | None = None) -> torch.Tensor:
     """``out[r] = act(a[src(r)]) @ w[expert(r)]ᵀ`` for rows sorted by expert, ``src(r) = row_index[r] // top_k``
     (the token of routed slot ``row_index[r]``) or ``r`` without ``row_index`` (see module docstring). FP8 weights
     (``w`` float8_e4m3fn) take ``w_scale [E, N]``: ``w[e, n, :] ≈ w_scale[e, n] · q[e, n, :]``; the output keeps
-    the activations' dtype."""
-    m = _check(a, w, offsets, gelu_gate, row_index, top_k, w_scale)
+    the activations' dtype. ``a_fp8`` (FP8 weights only): the activations are quantised to e4m3 too, per row and
+    :data:`ACT_QUANT_K` columns, inside the operand load, so the tensor cores multiply FP8 × FP8
+    (:func:`quantize_act_e4m3` is the exact rule)."""
+    m = _check(a, w, offsets, gelu_gate, row_index, top_k, w_scale, a_fp8, config)
     out = torch.empty(m, w.shape[1], dtype=a.dtype, device=a.device)
     if m == 0:
         return out
     if config is not None:
-        _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out, config)
+        _launch(a, w, offsets, row_index, top_k, gelu_gate, w_scale, a_fp8, out, config)
     else:
-        op(a, w, offsets, row_index, top_k, gelu_gate, w_scale, out)
+        op(a, w, offsets, row_index, top_k, gelu_gate, w_scale, a_fp8, out)
     return out

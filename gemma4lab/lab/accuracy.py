@@ -95,7 +95,8 @@ def per_layer_errors(model, ids: Tensor, *, hf=None, fp8: bool = False) -> dict[
 
     ``ids`` is one prompt [T]. ``hf``: a transformers twin of ``model`` (sharing its weights) to measure beside
     ours. ``fp8``: also each layer with its experts quantised to FP8 (``gemma4lab.quantize_experts`` on a copy of
-    the layer, fused), against the same truth (``ours_fused_fp8``). Returns per-layer relative errors (lists, layer
+    the layer, fused), against the same truth: weights only (``ours_fused_fp8``) and weights and activations
+    (``ours_fused_fp8a8``). Returns per-layer relative errors (lists, layer
     order) and their medians and maxima."""
     lm = model.language_model
     dev, dt, n = model.device, model.dtype, int(ids.numel())
@@ -118,20 +119,21 @@ def per_layer_errors(model, ids: Tensor, *, hf=None, fp8: bool = False) -> dict[
     if fp8 and lm.config.enable_moe_block:
         from gemma4lab.model.quantize import quantize_experts
 
-        errs = []
-        for i in range(len(lm.layers)):
-            layer8 = copy.deepcopy(lm.layers[i])
-            quantize_experts(layer8)
-            errs.append(rel_err(run_layer(lm, i, Stream(truth[i].to(dt)), ctx.cos_sin, attend_with(ctx), Fusion.all(),
-                                          layer=layer8), truth[i + 1]))
-            del layer8
-        res["ours_fused_fp8"] = errs
+        for key, acts in (("ours_fused_fp8", "bf16"), ("ours_fused_fp8a8", "fp8")):
+            errs = []
+            for i in range(len(lm.layers)):
+                layer8 = copy.deepcopy(lm.layers[i])
+                quantize_experts(layer8, activations=acts)
+                errs.append(rel_err(run_layer(lm, i, Stream(truth[i].to(dt)), ctx.cos_sin, attend_with(ctx),
+                                              Fusion.all(), layer=layer8), truth[i + 1]))
+                del layer8
+            res[key] = errs
     if hf is not None:
         try:
             res["transformers"] = _transformers_per_layer(hf, truth, dt)
         except Exception as e:  # ours is still worth recording; say what failed on the reference's side
             res["transformers_error"] = f"{type(e).__name__}: {e}"[:300]
-    for key in ("ours_unfused", "ours_fused", "ours_fused_fp8", "transformers"):
+    for key in ("ours_unfused", "ours_fused", "ours_fused_fp8", "ours_fused_fp8a8", "transformers"):
         if key in res:
             errs = sorted(res[key])
             res[f"{key}_median"], res[f"{key}_max"] = errs[len(errs) // 2], errs[-1]

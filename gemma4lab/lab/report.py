@@ -28,6 +28,7 @@ PREFILL_COLUMNS = (("eager", "ours, unfused eager"), ("fused", "ours, fused eage
                    ("hf_patched", "transformers, patched (fused)"),
                    ("hf_patched_pcg", "transformers, patched (fused + PCG)"),
                    ("pcg_fp8", "ours, fused + PCG, FP8 experts (· its FP8 floor)"),
+                   ("pcg_fp8a8", "ours, fused + PCG, FP8 experts and activations (· the FP8 floor)"),
                    ("hf_compile", "torch.compile(transformers)"),
                    ("hf_compile_ro", "torch.compile(transformers, reduce-overhead)"))
 #: what the tables and figures call each op family (``gemma4lab.lab.floors.FAMILIES``, in that order)
@@ -94,7 +95,7 @@ def _rows(doc: Mapping[str, Any], key: str = "rows") -> list[dict[str, Any]]:
 
 # ---- prefill ---------------------------------------------------------------------------------------------------
 #: columns whose ratio is to a floor of their own (FP8 experts stream half the expert bytes)
-FLOOR_OF_COLUMN = {"pcg_fp8": "fp8_floor_ms"}
+FLOOR_OF_COLUMN = {"pcg_fp8": "fp8_floor_ms", "pcg_fp8a8": "fp8_floor_ms"}
 
 
 def _cell(r: Mapping[str, Any], col: str) -> str:
@@ -359,6 +360,16 @@ def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
                 f"unfused {sci(per.get('ours_unfused_median'))} ({sci(per.get('ours_unfused_max'))}), transformers "
                 f"{sci(per.get('transformers_median'))} ({sci(per.get('transformers_max'))}); ours / transformers "
                 f"per layer {span(ratios)} (median {times(statistics.median(ratios)) if ratios else '—'})."]
+        fp8 = [(label, key) for label, key in (("FP8 experts", "ours_fused_fp8"),
+                                               ("FP8 experts and activations", "ours_fused_fp8a8"))
+               if per.get(key)]
+        if fp8:
+            out += ["", "The same layers with their experts quantised (`gemma4lab.quantize_experts`, fused), against "
+                        "the same truth, median (max) over layers: " + "; ".join(
+                            f"{label} {per[key + '_median']:.3e} ({per[key + '_max']:.3e})" for label, key in fp8)
+                    + f" — beside bf16 fused's {per['ours_fused_median']:.3e} ({per['ours_fused_max']:.3e}). "
+                      "Random weights have no outlier channels: a trained "
+                      "checkpoint's per-channel scales may cost more."]
     return "\n".join(out)
 
 

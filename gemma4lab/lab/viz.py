@@ -65,7 +65,7 @@ PCG_SERIES = (("eager_unfused_ms", "eager, unfused"), ("eager_fused_ms", "eager,
 #: matplotlib format of each ``bench-prefill`` column (the labels and legend order are the report's)
 _PREFILL_STYLE = {"eager": "C3o-", "fused": "C0o-", "pcg": "C2o-", "compile_fused": "C6o--", "compile_pieces": "C8o--",
                   "hf": "C7o:", "hf_compile": "C1o--", "hf_compile_ro": "C4o--", "hf_patched": "C9s-",
-                  "hf_patched_pcg": "C9s--", "pcg_fp8": "C2^--"}
+                  "hf_patched_pcg": "C9s--", "pcg_fp8": "C2^--", "pcg_fp8a8": "C2v:"}
 #: (row key, matplotlib format, label) of what ``bench-prefill`` records, in legend order.
 PREFILL_SERIES = (*((f"{c}_ms", _PREFILL_STYLE[c], label) for c, label in PREFILL_COLUMNS),
                   ("floor_ms", "C5:", "floor (same run)"))
@@ -681,11 +681,13 @@ def plot_layer_errors(per_layer: Mapping[str, Any], title: str) -> Figure:
     fig = Figure(figsize=(9, 3.6))
     ax = fig.subplots()
     series = [("ours_fused", "ours, fused (bf16)", "C2"), ("ours_unfused", "ours, unfused (bf16)", "C3"),
-              ("transformers", "transformers (bf16)", "C7")]
+              ("transformers", "transformers (bf16)", "C7"), ("ours_fused_fp8", "ours, fused, FP8 experts", "C1"),
+              ("ours_fused_fp8a8", "ours, fused, FP8 experts + activations", "C4")]
+    series = [s for s in series if per_layer.get(s[0])]
+    width = 0.8 / max(len(series), 1)
     for j, (key, label, color) in enumerate(series):
-        errs = per_layer.get(key) or []
-        if errs:
-            ax.bar(np.arange(len(errs)) + (j - 1) * 0.27, errs, 0.27, label=label, color=color)
+        errs = per_layer[key]
+        ax.bar(np.arange(len(errs)) + (j - (len(series) - 1) / 2) * width, errs, width, label=label, color=color)
     ax.set(yscale="log", xlabel="decoder layer", ylabel="‖bf16 − fp32‖ / ‖fp32‖ (layer output)", title=title)
     ax.title.set_fontsize(8)
     ax.legend(fontsize=8)

@@ -232,9 +232,13 @@ def run_layer(lm, i: int, s: Stream, cos_sin: dict[bool, tuple[Tensor, Tensor]],
 
 
 def program_key(lm) -> tuple[Any, ...]:
-    """Everything that changes *which* kernels the pieces launch: fused kernels, attention backend, dtype, device and
-    the routing bias. A captured graph holds one program; a runner compares this key before replaying."""
+    """Everything that changes *which* kernels the pieces launch: fused kernels, attention backend, dtype, device,
+    the routing bias and the experts' format (``quantize_experts`` replaces their weight tensors). A captured graph
+    holds one program; a runner compares this key before replaying."""
     dev = lm.embed_tokens.weight.device
     biased = tuple(i for i, layer in enumerate(lm.layers) if getattr(layer, "router", None) is not None
                    and layer.router.logit_bias is not None)
-    return (lm.fusion, lm.backend_for(dev), lm.embed_tokens.weight.dtype, str(dev), biased)
+    experts = tuple((str(ex.gate_up_proj.dtype), bool(getattr(ex, "act_fp8", False)))
+                    for ex in (getattr(layer, "experts", None) for layer in lm.layers)
+                    if ex is not None and hasattr(ex, "gate_up_proj"))
+    return (lm.fusion, lm.backend_for(dev), lm.embed_tokens.weight.dtype, str(dev), biased, experts)

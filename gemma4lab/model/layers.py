@@ -165,6 +165,9 @@ class Experts(nn.Module):
         # per-output-channel scales once the weights are FP8 (``gemma4lab.quantize_experts``); None in bf16/fp32
         self.register_buffer("gate_up_scale", None, persistent=False)
         self.register_buffer("down_scale", None, persistent=False)
+        #: FP8 weights only: the fused kernel quantises the activations too (FP8 × FP8 on the tensor cores); the
+        #: library paths keep them in the model's dtype (``quantize_experts(..., activations="fp8")``)
+        self.act_fp8 = False
 
     #: At or below this many tokens the streaming ``moe_gemm`` kernel replaces the library grouped GEMM (H200,
     #: results/moe_sweep_h200.json, both GEMMs of a layer at uniform routing: 0.39 vs 0.56 ms at 93 tokens, 0.41 vs
@@ -241,8 +244,9 @@ class Experts(nn.Module):
             from gemma4lab.kernels import gemma_moe_gemm
 
             up_scale, down_scale = self._scales()
-            h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=up_scale)
-            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, w_scale=down_scale)
+            a_fp8 = bool(getattr(self, "act_fp8", False)) and up_scale is not None
+            h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=up_scale, a_fp8=a_fp8)
+            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, w_scale=down_scale, a_fp8=a_fp8)
         xs = x if slots is None else x[slots // k]
         gate_up, down = self._dense_weights(x.dtype)
         h = self._act(_grouped_mm(xs, gate_up.transpose(-2, -1), offs), fused_act)

@@ -58,6 +58,7 @@ class QuantizationReport:
     layers: int
     bytes_before: int
     bytes_after: int
+    activations: str = "bf16"
 
     def __str__(self) -> str:
         def size(n: int) -> str:
@@ -65,17 +66,25 @@ class QuantizationReport:
             return next(f"{n / d:.2f} {u}" for d, u in units if n >= d or u == "B")
 
         return (f"{self.layers} MoE layer{'s' if self.layers != 1 else ''}: expert weights {size(self.bytes_before)} "
-                f"→ {size(self.bytes_after)} (FP8 e4m3, per-channel scales)")
+                f"→ {size(self.bytes_after)} (FP8 e4m3, per-channel scales"
+                + ("; activations FP8 per row and 128 K columns in the kernel)" if self.activations == "fp8" else ")"))
 
 
-def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3") -> QuantizationReport:
+def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3", activations: str = "bf16") -> QuantizationReport:
     """Replace every MoE layer's expert weights of a gemma4lab model by FP8 (e4m3) with per-channel scales, in place
     (see the module docstring). Quantise after any ``.to(dtype)`` cast (a later cast is refused at the next forward).
-    The fused expert kernel then streams FP8; the library paths widen the weights per call."""
+    The fused expert kernel then streams FP8; the library paths widen the weights per call.
+
+    ``activations="fp8"``: the fused kernel also quantises the activations it reads, per row and 128 K columns, in
+    its operand load, so the tensor cores multiply FP8 × FP8 (Hopper's ``wgmma`` has no bf16 × FP8 form, and
+    widening the weights costs the bandwidth FP8 was meant to save: ``docs/perf_notes.md``). The error budget then
+    doubles; the library (unfused) paths keep the activations in the model's dtype."""
     from gemma4lab.model.layers import Experts
 
     if fmt != "fp8_e4m3":
         raise ValueError(f"unsupported expert format {fmt!r}; supported: 'fp8_e4m3'")
+    if activations not in ("bf16", "fp8"):
+        raise ValueError(f"activations must be 'bf16' (the model's dtype) or 'fp8', got {activations!r}")
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     if not experts:
         raise ValueError("this model has no MoE experts to quantise (enable_moe_block is off)")
@@ -90,7 +99,9 @@ def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3") -> QuantizationRep
             setattr(ex, name, nn.Parameter(q, requires_grad=False))
             setattr(ex, scale_name, scale)
             after += q.numel() + scale.numel() * 4
-    return QuantizationReport(layers=len(experts), bytes_before=before, bytes_after=after)
+        ex.act_fp8 = activations == "fp8"
+    return QuantizationReport(layers=len(experts), bytes_before=before, bytes_after=after,
+                              activations=activations)
 
 
 __all__ = ["FP8_E4M3_MAX", "QuantizationReport", "dequantize_fp8_per_channel", "quantize_experts",

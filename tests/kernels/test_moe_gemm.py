@@ -291,3 +291,95 @@ def test_gpu_float64_experts_take_the_reference_path():
     a, wt, wd, offs = _case([3, 2], dtype=torch.float64, device="cuda")
     with pytest.raises(TypeError, match="float64 is for references"):
         K.gemma_moe_gemm(a, wt, offs)
+
+
+# ---- FP8 activations (a_fp8): FP8 × FP8 on the tensor cores ----------------------------------------------------------
+def _assert_a_fp8(got, a_rows, q, s, offs, dtype, gelu=False):
+    """Against the float64 product of the rows *as quantised* (``quantize_act_e4m3``, the stated rule) and the
+    dequantised weights: the output's rounding, fp32 accumulation, and one e4m3 step of slack on the largest term of
+    each output (a quantisation decision may fall the other way where fp32 and float64 straddle a tie)."""
+    rows = a_rows.double()
+    if gelu:
+        g, u = rows.chunk(2, dim=-1)
+        rows = torch.nn.functional.gelu(g, approximate="tanh") * u
+    aq, wq = K.quantize_act_e4m3(rows), _dequant(q, s)
+    exact = oracle(aq, wq, offs)
+    top, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        top.append((aq[start:end].abs()[:, None, :] * wq[e].abs()[None]).amax(-1))
+        start = end
+    top = torch.cat(top)
+    bound = UNIT[dtype] * exact.abs() + aq.shape[1] ** 0.5 * 2**-22 * float(exact.abs().max()) + 2**-3 * top
+    err = (got.double() - exact).abs()
+    assert torch.isfinite(got).all() and (err <= bound).all(), f"worst excess {float((err - bound).max()):.3g}"
+    # and the rule itself is not vacuous: the quantised rows differ from the rows
+    assert (aq - rows).abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+@pytest.mark.parametrize("t,k,n_experts", [(37, 2, 8), (1, 2, 8), (60, 3, 8)])
+def test_fp8_activations_match_float64_of_their_quantisation(dtype, t, k, n_experts):
+    """Gather (gate/up) and GELU (down) paths with K = 300 and 140: several 128-wide scale blocks and a masked
+    tail; bf16 and fp32 activations (the interpreter multiplies FP8 × FP8 exactly, as the tensor cores do)."""
+    x, ids, w, wd = _routed_case(t, k, n_experts, h=300, i=140, dtype=dtype)
+    (q, s), (qd, sd) = _fp8(w), _fp8(wd)
+    offs, slots, _ = K.gemma_moe_route(ids, n_experts)
+    y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=k, w_scale=s, a_fp8=True)
+    _assert_a_fp8(y, x[slots.long() // k], q, s, offs, dtype)
+    y2 = K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd, a_fp8=True)
+    _assert_a_fp8(y2, y, qd, sd, offs, dtype, gelu=True)
+    # the plain-torch twin computes the same function
+    torch.testing.assert_close(y2, K.gemma_moe_gemm_ref(y, qd, offs, gelu_gate=True, w_scale=sd, a_fp8=True),
+                               rtol=1e-5 if dtype == FP32 else 2**-7, atol=1e-5)
+
+
+def test_quantize_act_e4m3_is_e4m3_per_row_and_block():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 300, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    x[2, 128:256] = 0.0  # an all-zero block stays zero
+    q = K.quantize_act_e4m3(x)
+    assert q.dtype == torch.float64 and q.shape == x.shape and torch.equal(q[2, 128:256], x[2, 128:256])
+    for b in range(3):  # each block's largest magnitude maps to e4m3's largest value, so it is kept exactly
+        blk = slice(128 * b, min(128 * (b + 1), 300))
+        i = x[:, blk].abs().argmax(-1)
+        torch.testing.assert_close(q[:, blk].gather(-1, i[:, None]), x[:, blk].gather(-1, i[:, None]))
+    big = x.abs() > x.abs().amax(-1, keepdim=True) * 2**-6  # normal range of the block's scale: relative step 2⁻³
+    assert ((q - x).abs()[big] <= 2**-4 * x.abs()[big] * (1 + 1e-12)).all()
+
+
+def test_fp8_activations_bad_input():
+    a, w, wd, offs = _case([2, 3])
+    q, s = _fp8(w)
+    with pytest.raises(ValueError, match="needs FP8 weights"):
+        K.gemma_moe_gemm(a, w, offs, a_fp8=True)
+    with pytest.raises(TypeError, match="a_fp8 must be a bool"):
+        K.gemma_moe_gemm(a, q, offs, w_scale=s, a_fp8=1)
+    with pytest.raises(ValueError, match="block_k=128"):
+        K.gemma_moe_gemm(a, q, offs, w_scale=s, a_fp8=True, config=K.MoeConfig(block_k=64, swap_ab=True))
+    for n in (8, 744, 9000):  # the settings moe_config picks for FP8 activations satisfy that rule
+        for gelu in (False, True):
+            c = K.moe_config(n, 128, gelu, True, True)
+            assert c.swap_ab and c.block_k == K.ACT_QUANT_K and c in K.MOE_SWEEP
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 93, 1453])
+def test_gpu_fp8_activations_real_shapes(t):
+    """FP8 × FP8 at H = 2816, I = 704, 128 experts through the model's settings: the hardware's e4m3 conversion and
+    wgmma against the float64 product of the quantisation rule (a looser magnitude bound than the interpreter
+    test's, whose per-term maximum would not fit in memory here)."""
+    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
+    (q, s), (qd, sd) = _fp8(w), _fp8(wd)
+    offs, slots, _ = K.gemma_moe_route(ids, 128)
+    y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s, a_fp8=True)
+    y2 = K.gemma_moe_gemm(y, qd, offs, gelu_gate=True, w_scale=sd, a_fp8=True)
+    for got, rows, qq, ss, gelu in ((y, x[slots.long() // 8], q, s, False), (y2, y, qd, sd, True)):
+        r = rows.double()
+        if gelu:
+            g, u = r.chunk(2, dim=-1)
+            r = torch.nn.functional.gelu(g, approximate="tanh") * u
+        aq, wq = K.quantize_act_e4m3(r), _dequant(qq, ss)
+        exact, mag = oracle(aq, wq, offs), oracle(aq, wq, offs, magnitude=True)
+        bound = UNIT[BF16] * exact.abs() + 2**-9 * mag
+        err = (got.double() - exact).abs()
+        assert torch.isfinite(got).all() and (err <= bound).all(), f"worst excess {float((err - bound).max()):.3g}"

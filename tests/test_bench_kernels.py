@@ -37,3 +37,18 @@ def test_quick_sweep_covers_every_family(tmp_path):
     doc = measure.read_json(tmp_path / "kernels_cpu.json")
     assert not doc["errors"] and {s["kernel"] for s in doc["sweep"]} == {
         "dual_rmsnorm_residual_scalar", "router_topk", "gelu_tanh_mul", "qkv_norm_rope_full"}
+
+
+def test_router_logits_have_no_ties_so_the_accuracy_column_measures_arithmetic():
+    """bench-kernels' router logits: distinct in every bf16 row, so the kernel and torch.topk must pick the same
+    experts — a difference left in the accuracy column is then arithmetic, not a tie broken the other way."""
+    import torch
+
+    from gemma4lab import kernels as K
+    from gemma4lab.lab.bench.ops import _tie_free_logits
+
+    logits = _tie_free_logits(torch.Generator().manual_seed(0), "cpu", torch.bfloat16, 37, 128)
+    assert all(len(set(row.tolist())) == 128 for row in logits)
+    scale = torch.ones(128, dtype=torch.bfloat16)
+    _, ids = K.gemma_router_topk(logits.float(), scale.float(), 8)
+    assert torch.equal(ids, torch.softmax(logits.float(), -1).topk(8, dim=-1).indices)

@@ -99,6 +99,13 @@ def test_gpu_graph_equals_eager_and_is_never_stale(preset):
         assert any("captured again" in str(x.message) for x in w)
         assert got.dtype == torch.float32 and torch.equal(got, tower(pv, ip))
         assert graphs.stats["captures"] == 3
+        # a replaced parameter (not an in-place copy) is another address: captured again, never read stale
+        lin = tower.encoder.layers[-1].mlp.down_proj.linear
+        lin.weight = torch.nn.Parameter(lin.weight.detach() * 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = graphs(pv, ip)
+        assert torch.equal(got, tower(pv, ip)) and graphs.stats["captures"] == 4
 
 
 @pytest.mark.gpu

@@ -12,9 +12,10 @@ set of that count. What cannot be in a graph stays out, eagerly, around the repl
 * **after**: ``pooled[valid]`` (its length is data), standardisation and the cast (``VisionTower.finish``).
 
 The same ops in the same order as the eager tower, so the soft tokens are bit-identical to it (a GPU test checks).
-A graph holds the weight tensors it was captured with: a graph is keyed by the tower's weight storage and dtype as
-well as by ``[N, P]``, so after ``model.to(...)`` the old graphs are dropped and captured again, never replayed
-stale. Without CUDA the tower runs eagerly (same code, no graph), so CPU tests exercise the split.
+A graph holds the tensors it was captured with: the graphs remember the address and dtype of every parameter and
+buffer of the tower, and when any changes (``model.to(...)``, a replaced parameter) they are dropped and captured
+again, never replayed stale; a graph is keyed by ``[N, P]`` and the inputs' dtypes. Without CUDA the tower runs
+eagerly (same code, no graph), so CPU tests exercise the split.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ class TowerGraphs:
             raise ValueError("use_graphs=True needs the vision tower on a CUDA device")
         self.max_shapes = max_shapes
         self.stats = {"captures": 0, "replays": 0, "eager": 0, "dropped": 0}
-        self._graphs: dict[tuple, tuple] = {}  # key -> (graph, static pixels, static positions, pooled, valid)
+        #: (images, patches, pixel dtype, position dtype) -> (graph, static inputs, inv_freq, pooled, valid)
+        self._graphs: dict[tuple, tuple] = {}
+        self._weights: tuple | None = None  # what the graphs were captured over (see _weights_key)
         self._pool = None
 
     def _weights_key(self) -> tuple:
-        w = self.tower.patch_embedder.input_proj.weight
-        return (w.device, w.dtype, w.data_ptr())
+        """Every tensor the graphs read by address: a parameter or buffer replaced, moved or cast changes it (a
+        ``load_state_dict`` copies in place and keeps it: the graphs then read the new values, as they should)."""
+        ts = [*self.tower.parameters(), *self.tower.buffers()]
+        return tuple((t.data_ptr(), t.dtype) for t in ts)
 
     def reset(self) -> None:
         """Drop every captured graph (their memory returns to the caching allocator)."""
@@ -65,13 +70,14 @@ class TowerGraphs:
             self.stats["eager"] += 1
             return tower(pixel_values, image_position_ids)
         tower.check_shapes(pixel_values, image_position_ids)
-        wkey = self._weights_key()
-        stale = [k for k in self._graphs if k[2:] != wkey]
-        if stale:
-            warnings.warn("TowerGraphs: the tower's weights changed (moved or cast) since capture; the old graphs are "
-                          "dropped and captured again", stacklevel=3)
-            self.reset()
-        key = (*pixel_values.shape[:2], *wkey)
+        weights = self._weights_key()
+        if weights != self._weights:
+            if self._graphs:
+                warnings.warn("TowerGraphs: the tower's weights changed (replaced, moved or cast) since capture; the "
+                              "old graphs are dropped and captured again", stacklevel=3)
+                self.reset()
+            self._weights = weights
+        key = (*pixel_values.shape[:2], pixel_values.dtype, image_position_ids.dtype)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_shapes:
                 self._graphs.pop(next(iter(self._graphs)))

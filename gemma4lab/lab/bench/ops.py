@@ -163,9 +163,18 @@ def _qkv(kv_of: Callable[[Shapes], tuple[int, int]]):
     return build
 
 
+def _tie_free_logits(gen, dev, dt, t: int, e: int) -> torch.Tensor:
+    """Router logits without ties: each row a random permutation of ``e`` evenly spaced values in [-2, 2), every one
+    exact in bf16. Random bf16 logits tie often (16 % of rows at 128 experts pick different experts under a
+    different tie rule), and a tie broken the other way is not an arithmetic error: the accuracy column must not
+    count it as one."""
+    ranks = torch.argsort(torch.rand(t, e, generator=gen, device=dev), dim=-1).float()
+    return ((ranks - e / 2) * (4.0 / e)).to(dt)
+
+
 def _router(s, t, dt, dev, gen) -> Case:
     e, k = s.experts, s.top_k
-    logits, scale = _x(gen, dev, dt, t, e, 2.0), _w(gen, dev, dt, e)
+    logits, scale = _tie_free_logits(gen, dev, dt, t, e), _w(gen, dev, dt, e)
     outs = (torch.empty(t, k, device=dev), torch.empty(t, k, device=dev, dtype=torch.int64))
     return Case((logits, scale, k), router_tail, lambda cfg=None: K.gemma_router_topk(logits, scale, k, out=outs,
                                                                                      config=cfg),

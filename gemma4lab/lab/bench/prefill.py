@@ -49,6 +49,7 @@ from gemma4lab.lab.floors import FAMILIES, floors, text_weight_bytes
 from gemma4lab.lab.report import prefill_table
 from gemma4lab.model.config import PRESETS, Gemma4Config
 from gemma4lab.model.loading import random_init
+from gemma4lab.model.processor import SUPPORTED_SOFT_TOKENS
 from gemma4lab.runtime.fusion import Fusion
 
 TOKENS = (93, 189, 1453, 2893, 5773, 11533)
@@ -430,9 +431,10 @@ def _fp8_column(model, rows: dict, prompts: dict, args, copy_bw: float, mm_rate:
             "expert_bytes_after": report.bytes_after, "capture_s": cap.capture_s}
 
 
-def _photo_prompt(model, images: int) -> tuple[dict, Any]:
+def _photo_prompt(model, images: int, soft_tokens: int | None = None) -> tuple[dict, Any]:
     """A prompt of ``images`` copies of a real photo (matplotlib's bundled Grace Hopper portrait) between 40 text
-    tokens, through the processor, on the model's device; and the photo."""
+    tokens, through the processor (``soft_tokens``: its per-image budget, the model's default if None), on the
+    model's device; and the photo."""
     import matplotlib.cbook as cbook
     from PIL import Image
 
@@ -443,7 +445,7 @@ def _photo_prompt(model, images: int) -> tuple[dict, Any]:
     cfg = model.config
     text = random_prompt(40, cfg.text.vocab_size, seed=7, device="cpu").tolist()
     ids = [cfg.text.bos_token_id] + text[:20] + [cfg.image_token_id] * images + text[20:]
-    batch = Gemma4Processor(cfg)(input_ids=ids, images=[img] * images)
+    batch = Gemma4Processor(cfg, soft_tokens)(input_ids=ids, images=[img] * images)
     return {k: v.to(model.device) for k, v in batch.items()}, img
 
 
@@ -460,7 +462,7 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     hf = hf_twin(model)
     graphs = TowerGraphs(model.model.vision_tower)
     for n in args.images:
-        batch, _ = _photo_prompt(model, n)
+        batch, _ = _photo_prompt(model, n, getattr(args, "image_soft_tokens", None))
         pv, ip = batch["pixel_values"], batch["image_position_ids"]
         ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
         patches = (ip != -1).all(dim=-1).sum(dim=-1).tolist()
@@ -500,7 +502,7 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
 def _image_prompt(model, runner, args) -> dict:
     """A real photo + text, eager vs PCG."""
     cfg = model.config
-    batch, img = _photo_prompt(model, 1)
+    batch, img = _photo_prompt(model, 1, getattr(args, "image_soft_tokens", None))
     ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
     pv, ip = batch["pixel_values"], batch["image_position_ids"]
     eager = lambda: model.prefill(ids, pv, ip, mm)  # noqa: E731
@@ -586,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="more prompt lengths the compiled fused model must serve (recompile count)")
     p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of the skewed routing")
     p.add_argument("--images", type=positive_ints, default=(1, 2, 4), help="image counts of the vision part")
+    p.add_argument("--image-soft-tokens", type=int, default=None, choices=SUPPORTED_SOFT_TOKENS,
+                   help="the processor's per-image budget of soft tokens (default: the model's; the README's "
+                        "figures use it) — a smaller one for quick CPU runs")
     p.add_argument("--rep-ms", type=positive_float, default=300.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
     p.add_argument("--tag", type=_tag, default=None,

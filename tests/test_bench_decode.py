@@ -65,8 +65,11 @@ def test_fp8_rows_are_timed_last_against_their_own_floor(tmp_path):
     assert f8["non_expert_bytes"] == f16["non_expert_bytes"] and f8["kv_bytes"] == f16["kv_bytes"]
     elem = 4  # the CPU run is fp32
     assert f16["expert_bytes"] / elem < f8["expert_bytes"] < 1.1 * f16["expert_bytes"] / elem
+    a8 = doc["rows_fp8a8"]["1x8"]  # then FP8 activations into them: same floor, the kernel's FP8 × FP8 path
+    assert a8["graph"]["step_ms"] > 0 and a8["tokens_equal"] is True and a8["floor_expected"] == f8
     table = report.decode_table(doc).splitlines()
     assert table[2].split(" | ")[1] == "1" and table[3].split(" | ")[1] == "1 · FP8 experts"
+    assert table[4].split(" | ")[1] == "1 · FP8 experts + activations"
 
 
 def test_greedy_tokens_of_the_graph_equal_eager(result):

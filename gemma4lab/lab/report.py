@@ -485,12 +485,13 @@ def _decode_cell(r: Mapping[str, Any], mode: str) -> str:
 def decode_table(doc: Mapping[str, Any]) -> str:
     """One row per (context, batch): experts touched, the floor, each mode's step and loop time, the graph's
     throughput and its ratio to the floor, and whether its greedy tokens equal eager's; then the batches timed again
-    with FP8 experts (``rows_fp8``), against their own floor."""
+    with FP8 experts (``rows_fp8``; ``rows_fp8a8`` with FP8 activations into them), against their own floor."""
     head = ["context", "batch", "experts / MoE layer (seen · random)", "floor ms (seen · random)",
             *(f"{label} ms: step / loop" for _, label in DECODE_MODES), "graph tokens/s: step / loop",
             "graph step / floor", "graph tokens = eager"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
-    tagged = [*((r, "") for r in _decode_rows(doc)), *((r, " · FP8 experts") for r in _decode_rows(doc, "rows_fp8"))]
+    tagged = [*((r, "") for r in _decode_rows(doc)), *((r, " · FP8 experts") for r in _decode_rows(doc, "rows_fp8")),
+              *((r, " · FP8 experts + activations") for r in _decode_rows(doc, "rows_fp8a8"))]
     for r, tag in tagged:
         g = r.get("graph") if isinstance(r.get("graph"), Mapping) else {}
         expected = (r.get("floor_expected") or {}).get("floor_ms")

@@ -225,7 +225,8 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
 def _context(model, context: int, copy_bw: float, args, res: dict, batches: tuple[int, ...] | None = None,
              suffix: str = "", expert_elem: int | None = None) -> None:
     """Every batch at one context, over one runner whose cache holds the largest batch's prompts; recorded under
-    ``rows{suffix}`` and ``contexts_run{suffix}`` (``_fp8``: the FP8-expert rows)."""
+    ``rows{suffix}`` and ``contexts_run{suffix}`` (``_fp8``: the FP8-expert rows; ``_fp8a8``: FP8 experts fed FP8
+    activations)."""
     from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 
     dev, cfg = model.device, model.config.text
@@ -284,9 +285,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from gemma4lab.model.quantize import quantize_experts
 
             res["fp8"] = {"quantization": str(quantize_experts(model)), "batches": list(args.fp8_batch)}
-            for context in args.context:
-                _context(model, context, res["copy_bandwidth_Bps"], args, res, batches=args.fp8_batch,
-                         suffix="_fp8", expert_elem=1)
+            for suffix, acts in (("_fp8", False), ("_fp8a8", True)):  # FP8 weights; FP8 weights and activations
+                for m in model.modules():
+                    if hasattr(m, "act_fp8"):
+                        m.act_fp8 = acts
+                for context in args.context:
+                    _context(model, context, res["copy_bandwidth_Bps"], args, res, batches=args.fp8_batch,
+                             suffix=suffix, expert_elem=1)
     return res
 
 
@@ -294,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gemma4lab bench-decode", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=positive_ints, default=BATCHES, help="sequences decoded together")
     p.add_argument("--fp8-batch", type=lambda s: () if s.strip() in ("", "0") else positive_ints(s), default=(1,),
-                   help="batches timed again with FP8 (e4m3) experts, last, against their own floors "
-                        "(rows_fp8; 0 for none)")
+                   help="batches timed again with FP8 (e4m3) experts, last, against their own floors: weights only "
+                        "(rows_fp8), then activations too (rows_fp8a8); 0 for none")
     p.add_argument("--context", type=positive_ints, default=CONTEXTS, help="prompt tokens per sequence")
     p.add_argument("--steps", type=positive_int, default=32, help="decode steps per timed run")
     p.add_argument("--runs", type=positive_int, default=5, help=f"timed runs per point and mode (>= {MIN_RUNS})")

@@ -111,6 +111,11 @@ def test_vision_part_per_image_count(result):
         assert r["tower"]["runs"] >= 3 and r["hf_tower"]["runs"] >= 3 and r["prompt_fused"]["runs"] >= 3
         assert r["tower_x_floor"] == r["tower"]["median_ms"] / r["tower_floor"]["floor_ms"]
         assert r["tower_kernels"] > 0 and r["text_floor_ms"] > 0
+        # the graphed tower (eager on CPU: no graphs to capture) gives the same soft tokens, and its time by family
+        assert r["tower_graph"]["runs"] >= 3 and r["tower_graph_equal"] is True
+    fam = one["tower_graph_families"]  # profiled at the fewest images only
+    assert set(fam["families_ms"]) == set(FAMILIES) and fam["families_ms"]["dense_gemm"] > 0
+    assert two["tower_graph_families"] is None
 
 
 def test_report_shows_the_vision_table(result):
@@ -119,6 +124,7 @@ def test_report_shows_the_vision_table(result):
     assert "**The vision path**" in text
     one = doc["vision"]["1"]
     assert f"| 1 | {sum(one['patches'])} | {one['soft_tokens']} |" in text
+    assert "Where the tower's time goes" in text
 
 
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):

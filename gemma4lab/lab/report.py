@@ -201,6 +201,16 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
         out += ["", "**The vision path** (`--parts vision`: copies of the same photo, 40 text tokens; the tower floor "
                     "from its math, `floors.vision_floor`: matmul FLOPs, attention FLOPs of each image's patch pairs, "
                     "weight bytes; the text floor of a text prompt of the same length):", "", vision_table(doc)]
+        prof = [(r["images"], r["tower_graph_families"]) for r in sorted(doc["vision"].values(),
+                                                                          key=lambda r: r["images"])
+                if isinstance(r.get("tower_graph_families"), Mapping)]
+        if prof:
+            n, fam = prof[0]
+            parts = ", ".join(f"{FAMILY_LABELS.get(f, f)} {v:.2f} ms" for f, v in
+                              sorted(fam["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
+            out += ["", f"* **Where the tower's time goes** ({n} image{'s' if n > 1 else ''}, the graphed tower, one "
+                        f"profiled call; {fam.get('source', '')}): {parts}; idle {fam['idle_ms']:.2f} ms of "
+                        f"{fam['wall_ms']:.2f} ms."]
     out += ["", *prefill_findings(doc)]
     return "\n".join(out)
 

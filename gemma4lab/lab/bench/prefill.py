@@ -481,6 +481,9 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "tower_graph": measure.time_stats(graphed, rep_ms=args.rep_ms),
                "tower_graph_equal": bool(torch.equal(graphed(), tower())),
                "tower_kernels": prof["kernels"], "tower_gpu_busy_ms": prof["gpu_busy_ms"],
+               # where the graphed tower's GPU time goes, by op family (the fewest images: what fusing the encoder
+               # would have to move; the other counts repeat the same kernels on more patches)
+               "tower_graph_families": _graph_families(graphed) if n == min(args.images) else None,
                "tower_kernels_per_layer": prof["kernels"] / cfg.vision.num_hidden_layers,
                "hf_tower": measure.time_stats(lambda pv=pv, ip=ip, f=hf.get_image_features: f(pv, ip),
                                               rep_ms=args.rep_ms),
@@ -497,6 +500,13 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     del hf
     measure.release_memory()
     return out
+
+
+def _graph_families(fn: Callable[[], Any]) -> dict:
+    from gemma4lab.lab.profiling import time_by_family
+
+    prof = time_by_family(fn)
+    return {k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms", "source")}
 
 
 def _image_prompt(model, runner, args) -> dict:

@@ -165,6 +165,13 @@ def test_fp8_activations_through_the_fused_experts(fp32_model):
     assert err_w8 < err_w8a8 < 2**-3
     with pytest.raises(ValueError, match="activations must be"):
         gemma4lab.quantize_experts(copy.deepcopy(ex), activations="int8")
+    from gemma4lab.model.quantize import set_fp8_activations
+
+    set_fp8_activations(w8a8, False)  # the switch back: weight-only FP8 again, the same bits as w8
+    assert not w8a8.act_fp8 and torch.equal(w8a8(x, idx, weights, fused_gemm=True),
+                                            w8(x, idx, weights, fused_gemm=True))
+    with pytest.raises(ValueError, match="quantise first"):
+        set_fp8_activations(copy.deepcopy(ex), True)
 
 
 def test_quantising_after_capture_drops_the_runners_pieces(fp32_model):

@@ -271,19 +271,16 @@ SCALED_WEIGHT_DTYPES = (torch.float8_e4m3fn,)
 
 #: FP8 activations (``a_fp8``): one scale per row and this many K columns, the K step of every setting that takes them
 ACT_QUANT_K = 128
-
-
 def quantize_act_e4m3(a: torch.Tensor, block: int = ACT_QUANT_K) -> torch.Tensor:
-    """What ``a_fp8`` multiplies: each row's ``block``-wide K slices scaled to e4m3's range (``max|slice| / 448``),
-    rounded to e4m3 (nearest even) and scaled back, in fp32 (fp64 in, fp64 out)."""
+    """What ``a_fp8`` multiplies: each row's ``block``-wide K slices through the package's one FP8 rule
+    (``gemma4lab.model.quantize.e4m3_absmax``, the weights' too) and scaled back, in fp32 (fp64 in, fp64 out)."""
+    from gemma4lab.model.quantize import e4m3_absmax  # torch only; the model package holds the FP8 format
+
     ct = torch.float64 if a.dtype == torch.float64 else torch.float32
     x = a.to(ct)
     pad = (-x.shape[-1]) % block
-    xs = F.pad(x, (0, pad)).unflatten(-1, (-1, block))
-    scale = xs.abs().amax(dim=-1, keepdim=True) / 448.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (xs / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(ct) * scale
-    return q.flatten(-2)[..., : x.shape[-1]]
+    q, scale = e4m3_absmax(F.pad(x, (0, pad)).unflatten(-1, (-1, block)))
+    return (q.to(ct) * scale).flatten(-2)[..., : x.shape[-1]]
 
 
 def gemma_moe_gemm_ref(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: bool = False,

@@ -250,6 +250,12 @@ def family_times(spans: Iterable[tuple[str, float, float]], wall_ms: float) -> d
 _OPS = ("aten::", "gemma4lab::")
 
 
+def family_summary(fn: Callable[[], object], *, wall_ms: float | None = None) -> dict:
+    """What a results file keeps of :func:`time_by_family`: ms per family, busy, idle, wall, and what was counted."""
+    prof = time_by_family(fn, wall_ms=wall_ms)
+    return {k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms", "source")}
+
+
 def time_by_family(fn: Callable[[], object], *, warmup: int = 2, wall_ms: float | None = None) -> dict:
     """GPU time of one call of ``fn`` (after ``warmup`` calls) by family, plus busy, wall and idle ms.
 

@@ -621,24 +621,25 @@ def decode_section(doc: Mapping[str, Any], png: str | None) -> str:
 
 
 # ---- the README section ----------------------------------------------------------------------------------------
-def _first(results: Path, kind: str) -> tuple[dict | None, str | None]:
+def _runs(results: Path, kind: str) -> list[tuple[dict, str | None]]:
+    """Every readable ``<kind>_*.json`` in name order, with its figure as the README links it (if drawn)."""
+    out = []
     for path in sorted(results.glob(f"{kind}_*.json")):
         doc = read_json(path)
-        if doc is not None and not doc.get("tag"):
+        if doc is not None:
             png = path.with_suffix(".png")
-            return doc, (f"{results.name}/{png.name}" if png.exists() else None)
-    return None, None
+            out.append((doc, f"{results.name}/{png.name}" if png.exists() else None))
+    return out
+
+
+def _first(results: Path, kind: str) -> tuple[dict | None, str | None]:
+    """The full run of ``kind`` (the first file without a tag)."""
+    return next(((d, p) for d, p in _runs(results, kind) if not d.get("tag")), (None, None))
 
 
 def _tagged(results: Path, kind: str) -> list[tuple[dict, str | None]]:
     """Runs of some parts beside the full one (``bench-prefill --tag``), each with its own provenance."""
-    out = []
-    for path in sorted(results.glob(f"{kind}_*.json")):
-        doc = read_json(path)
-        if doc is not None and doc.get("tag"):
-            png = path.with_suffix(".png")
-            out.append((doc, f"{results.name}/{png.name}" if png.exists() else None))
-    return out
+    return [(d, p) for d, p in _runs(results, kind) if d.get("tag")]
 
 
 def _sibling(results: Path, png: str | None, suffix: str) -> str | None:

@@ -129,8 +129,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
             if n_slots:
                 raise ValueError(f"the prompt has {n_slots} image placeholder tokens but no pixel_values were given")
             return embeds
-        # ``tower`` only when given: the transformers shim (runtime.hf_pcg) swaps in an image_features without it
-        feats = self.image_features(pixel_values, image_position_ids, **({"tower": tower} if tower else {}))
+        feats = self.image_features(pixel_values, image_position_ids, tower=tower)
         if feats.shape[0] != n_slots:
             raise ValueError(
                 f"the prompt has {n_slots} image soft-token slots but the images give {feats.shape[0]} soft tokens "

@@ -27,6 +27,17 @@ from torch import Tensor, nn
 FP8_E4M3_MAX = 448.0
 
 
+def e4m3_absmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The one FP8 rule of the package, over the last dim: ``scale = max|x| / 448`` (1 for an all-zero row, whose
+    values are 0), ``q = round_to_e4m3(x / scale)`` (nearest even), so ``x ≈ scale · q`` and the largest magnitude
+    maps to 448 exactly. Returns (``float8_e4m3fn`` q, ``scale`` of shape ``[..., 1]`` in ``x``'s dtype). Expert
+    weights (per channel, below) and the kernel's FP8 activations (per K block, ``kernels.quantize_act_e4m3``) use
+    it. Torch only: importing it does not decorate the Triton kernels."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    return (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def quantize_fp8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     """``[..., N, K]`` weights → (``float8_e4m3fn`` of the same shape, ``float32 [..., N]`` scales) with
     ``w ≈ scale[..., None] · q``. All-zero channels get scale 1 (their q is 0). Computed in fp32, one slice of the
@@ -37,11 +48,8 @@ def quantize_fp8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device)
     flat_w, flat_q, flat_s = w.reshape(-1, *w.shape[-2:]), q.view(-1, *w.shape[-2:]), scale.view(-1, w.shape[-2])
     for i in range(flat_w.shape[0]):
-        x = flat_w[i].float()
-        amax = x.abs().amax(dim=-1)
-        s = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-        flat_s[i] = s
-        flat_q[i] = (x / s[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        flat_q[i], s = e4m3_absmax(flat_w[i].float())
+        flat_s[i] = s[:, 0]
     return q, scale
 
 
@@ -99,10 +107,23 @@ def quantize_experts(model: nn.Module, fmt: str = "fp8_e4m3", activations: str =
             setattr(ex, name, nn.Parameter(q, requires_grad=False))
             setattr(ex, scale_name, scale)
             after += q.numel() + scale.numel() * 4
-        ex.act_fp8 = activations == "fp8"
+    set_fp8_activations(model, activations == "fp8")
     return QuantizationReport(layers=len(experts), bytes_before=before, bytes_after=after,
                               activations=activations)
 
 
-__all__ = ["FP8_E4M3_MAX", "QuantizationReport", "dequantize_fp8_per_channel", "quantize_experts",
-           "quantize_fp8_per_channel"]
+def set_fp8_activations(model: nn.Module, on: bool) -> None:
+    """Switch the fused expert kernel of every FP8-quantised MoE layer between bf16 activations (``on=False``) and
+    FP8 activations (``on=True``, FP8 × FP8 on the tensor cores; see :func:`quantize_experts`). Part of the model's
+    program: a PCG or decode runner captured before captures again."""
+    from gemma4lab.model.layers import Experts
+
+    experts = [m for m in model.modules() if isinstance(m, Experts) and m.gate_up_scale is not None]
+    if not experts:
+        raise ValueError("no FP8 experts to switch: quantise first (gemma4lab.quantize_experts)")
+    for ex in experts:
+        ex.act_fp8 = bool(on)
+
+
+__all__ = ["FP8_E4M3_MAX", "QuantizationReport", "dequantize_fp8_per_channel", "e4m3_absmax", "quantize_experts",
+           "quantize_fp8_per_channel", "set_fp8_activations"]

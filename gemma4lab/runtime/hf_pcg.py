@@ -68,7 +68,10 @@ class EncodedImages:
         self.features = features
 
 
-def _image_features(self, pixel_values: Tensor | EncodedImages, image_position_ids: Tensor) -> Tensor:
+def _image_features(self, pixel_values: Tensor | EncodedImages, image_position_ids: Tensor, *,
+                    tower: Any = None) -> Tensor:
+    if tower is not None:  # the runner builds TowerGraphs for gemma4lab's tower only; transformers' runs its own
+        raise TypeError("transformers' vision tower runs as transformers runs it: no gemma4lab tower graphs here")
     if isinstance(pixel_values, EncodedImages):
         return pixel_values.features
     if getattr(self.config, "vision", None) is None or not hasattr(self._m, "get_image_features"):

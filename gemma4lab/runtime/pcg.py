@@ -458,8 +458,7 @@ class PiecewiseCudaGraphRunner:
         ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
         embeds = None
         if pixel_values is not None:
-            graphs = {"tower": self.tower} if self.tower is not None else {}
-            embeds = model.embed_inputs(ids, pixel_values, image_position_ids, **graphs)
+            embeds = model.embed_inputs(ids, pixel_values, image_position_ids, tower=self.tower)
         elif _has_image_tokens(prompts, ids, model.config.image_token_id):
             model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
         hidden = self._forward(ids, embeds, batch, cache, pad_fill)

@@ -203,13 +203,12 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
         row["tokens_equal"], row["first_mismatch"] = mismatch is None, mismatch
     if "graph" in row and batch == min(args.batch) and expert_elem is None:
         # where a graph step's time goes: GPU time by op family and the kernels it launches (one step, profiled)
-        from gemma4lab.lab.profiling import profile_forward, time_by_family
+        from gemma4lab.lab.profiling import family_summary, profile_forward
 
         tok = ids[:, -1].contiguous()
         pos = torch.full((batch,), context, dtype=torch.long, device=ids.device)
         step = lambda: runner.step(tok, pos)  # noqa: E731
-        prof = time_by_family(step, wall_ms=row["graph"]["step_ms"])
-        row["graph_profile"] = {**{k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms")},
+        row["graph_profile"] = {**family_summary(step, wall_ms=row["graph"]["step_ms"]),
                                 "kernels": profile_forward(step)["kernels"]}
     if "eager" in row and "graph" in row:
         row["graph_speedup_step"] = row["eager"]["step_ms"] / row["graph"]["step_ms"]
@@ -282,13 +281,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for context in args.context:
             _context(model, context, res["copy_bandwidth_Bps"], args, res)
         if args.fp8_batch and cfg.text.enable_moe_block:  # last: it quantises the model in place
-            from gemma4lab.model.quantize import quantize_experts
+            from gemma4lab.model.quantize import quantize_experts, set_fp8_activations
 
             res["fp8"] = {"quantization": str(quantize_experts(model)), "batches": list(args.fp8_batch)}
             for suffix, acts in (("_fp8", False), ("_fp8a8", True)):  # FP8 weights; FP8 weights and activations
-                for m in model.modules():
-                    if hasattr(m, "act_fp8"):
-                        m.act_fp8 = acts
+                set_fp8_activations(model, acts)
                 for context in args.context:
                     _context(model, context, res["copy_bandwidth_Bps"], args, res, batches=args.fp8_batch,
                              suffix=suffix, expert_elem=1)

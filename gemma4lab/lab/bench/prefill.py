@@ -405,7 +405,7 @@ def _routed_rows(model, prompts: dict, tokens, copy_bw: float, mm_rate: float) -
 def _fp8_column(model, rows: dict, prompts: dict, args, copy_bw: float, mm_rate: float) -> dict:
     """Fused + PCG with the experts in FP8 (``gemma4lab.quantize_experts``), beside the FP8 floors of each row: the
     weight floor moves with the expert bytes (its ratio is the one to read, ``pcg_fp8_x_fp8_floor``)."""
-    from gemma4lab.model.quantize import quantize_experts
+    from gemma4lab.model.quantize import quantize_experts, set_fp8_activations
     from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
     report = quantize_experts(model)
@@ -417,9 +417,7 @@ def _fp8_column(model, rows: dict, prompts: dict, args, copy_bw: float, mm_rate:
     runner = PiecewiseCudaGraphRunner(model, max_tokens=args.max_tokens, progress=False)
     cap = runner.capture()
     for col, acts in (("pcg_fp8", False), ("pcg_fp8a8", True)):
-        for m in model.modules():
-            if hasattr(m, "act_fp8"):
-                m.act_fp8 = acts  # part of the runner's program key: the next prefill captures again
+        set_fp8_activations(model, acts)  # part of the runner's program key: the next prefill captures again
         for t in args.tokens:
             r = rows[str(t)]
             _timed(r, col, lambda t=t: lambda: runner.prefill(prompts[t]), args.rep_ms)
@@ -455,7 +453,7 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     tower's from its math (``floors.vision_floor``) and the text decoder's for the prompt's length."""
     from gemma4lab.lab import routing
     from gemma4lab.lab.floors import vision_floor
-    from gemma4lab.lab.profiling import profile_forward
+    from gemma4lab.lab.profiling import family_summary, profile_forward
     from gemma4lab.runtime.vision_graphs import TowerGraphs
 
     cfg, out = model.config, {}
@@ -483,7 +481,7 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "tower_kernels": prof["kernels"], "tower_gpu_busy_ms": prof["gpu_busy_ms"],
                # where the graphed tower's GPU time goes, by op family (the fewest images: what fusing the encoder
                # would have to move; the other counts repeat the same kernels on more patches)
-               "tower_graph_families": _graph_families(graphed) if n == min(args.images) else None,
+               "tower_graph_families": family_summary(graphed) if n == min(args.images) else None,
                "tower_kernels_per_layer": prof["kernels"] / cfg.vision.num_hidden_layers,
                "hf_tower": measure.time_stats(lambda pv=pv, ip=ip, f=hf.get_image_features: f(pv, ip),
                                               rep_ms=args.rep_ms),
@@ -500,13 +498,6 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     del hf
     measure.release_memory()
     return out
-
-
-def _graph_families(fn: Callable[[], Any]) -> dict:
-    from gemma4lab.lab.profiling import time_by_family
-
-    prof = time_by_family(fn)
-    return {k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms", "source")}
 
 
 def _image_prompt(model, runner, args) -> dict:

@@ -71,7 +71,7 @@ def _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE: tl.constexpr, dtype: tl.con
         g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         return to_dtype(_gelu_tanh(g) * u, dtype)
-    return tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    return tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(dtype)
 
 
 @triton.jit

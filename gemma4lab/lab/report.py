@@ -80,7 +80,8 @@ def provenance(doc: Mapping[str, Any]) -> str:
         parts.append(f"power limit {gpu['power_limit']:.0f} W")
     parts.append(str(e.get("date_utc", "?"))[:10])
     dirty = " with uncommitted changes" if e.get("git_dirty") else ""
-    parts.append(f"commit {commit[:10]}{dirty}" if commit else "commit not recorded")
+    base, _, change = (commit or "").partition("+")  # GEMMA4LAB_GIT_COMMIT may name a change on top of a commit
+    parts.append(f"commit {base[:10]}{f' + {change}' if change else ''}{dirty}" if commit else "commit not recorded")
     return ", ".join(parts)
 
 
@@ -115,8 +116,9 @@ def prefill_table(doc: Mapping[str, Any], key: str = "rows") -> str:
     """One row per token count: the floor, every column as median (min–max) ms, and the ratios that matter."""
     rows = _rows(doc, key)
     cols = [(c, label) for c, label in PREFILL_COLUMNS if any(_num(r.get(f"{c}_ms")) for r in rows)]
+    peers = any(_num(r.get("speedup_vs_best_peer")) for r in rows)  # a tagged run of our columns has none
     head = ["tokens", "experts hit / layer", "floor", *[label for _, label in cols], "PCG / floor",
-            "PCG vs best peer"]
+            *(["PCG vs best peer"] if peers else [])]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
     for r in rows:
         pcg = r.get("pcg_ms")
@@ -124,7 +126,7 @@ def prefill_table(doc: Mapping[str, Any], key: str = "rows") -> str:
         cells = [str(r["tokens"]), f"{r['experts_hit']:.0f}" if _num(r.get("experts_hit")) else "—",
                  ms(r.get("floor_ms")), *[_cell(r, c) + (note if c == "pcg" and _num(pcg) else "") for c, _ in cols],
                  times(pcg / r["floor_ms"]) if _num(pcg) and _num(r.get("floor_ms")) else "—",
-                 times(r.get("speedup_vs_best_peer"))]
+                 *([times(r.get("speedup_vs_best_peer"))] if peers else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,9 +172,11 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
             "over ≥ 3 runs)."
             if _num(bw) and _num(mm) else f"Recorded on {provenance(doc)}.", ""]
     impl = doc.get("hf_experts_implementation")
+    peers = any(_num(r.get(f"{c}_ms")) for r in rows for c in ("hf", "hf_compile", "hf_compile_ro"))
     out += [f"**Uniform routing** (random router weights: every expert is hit at 93 tokens). transformers runs "
-            f"`{impl}` experts." if impl else "**Uniform routing.** transformers' experts implementation was not "
-            "recorded in this file (it predates the fair-peer benchmark).", "", prefill_table(doc)]
+            f"`{impl}` experts." if impl else "**Uniform routing** (random router weights)." + (
+                " transformers' experts implementation was not recorded in this file (it predates the fair-peer "
+                "benchmark)." if peers else ""), "", prefill_table(doc)]
     if any(r.get("pcg_bucket", 0) is None for r in rows):
         cap = doc.get("pcg_capture") or {}
         top = cap.get("max_tokens") or (max(cap["buckets"]) if isinstance(cap.get("buckets"), list) else "?")
@@ -188,7 +192,7 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
                     "their load, lie between this table and the uniform one. Peers: transformers eager only "
                     "(compiling the biased model again would cost another compile).", "",
                 prefill_table(doc, "rows_skewed")]
-    if any(_num(r.get("op_floor_ms")) for r in rows):
+    if any(isinstance(r.get(k), Mapping) for r in rows for k, _ in FAMILY_PROFILES):
         out += ["", "**GPU time by family against the op-level floor** (`bench-prefill --parts families`, uniform "
                     "routing). The op-level floor takes every op of the model's math (the experts the routing hit, "
                     "the visible query–key pairs) at the larger of its bytes over the copy bandwidth and its FLOPs "
@@ -201,16 +205,18 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
         out += ["", "**The vision path** (`--parts vision`: copies of the same photo, 40 text tokens; the tower floor "
                     "from its math, `floors.vision_floor`: matmul FLOPs, attention FLOPs of each image's patch pairs, "
                     "weight bytes; the text floor of a text prompt of the same length):", "", vision_table(doc)]
-        prof = [(r["images"], r["tower_graph_families"]) for r in sorted(doc["vision"].values(),
-                                                                          key=lambda r: r["images"])
+        prof = [(r["images"], r["tower_graph_families"], (r.get("tower_graph") or {}).get("median_ms"))
+                for r in sorted(doc["vision"].values(), key=lambda r: r["images"])
                 if isinstance(r.get("tower_graph_families"), Mapping)]
         if prof:
-            n, fam = prof[0]
+            n, fam, timed = prof[0]
             parts = ", ".join(f"{FAMILY_LABELS.get(f, f)} {v:.2f} ms" for f, v in
                               sorted(fam["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
+            # the profiler slows the host: the idle time is the timed call's latency minus the busy time
+            wall = timed if _num(timed) else fam["wall_ms"]
             out += ["", f"* **Where the tower's time goes** ({n} image{'s' if n > 1 else ''}, the graphed tower, one "
-                        f"profiled call; {fam.get('source', '')}): {parts}; idle {fam['idle_ms']:.2f} ms of "
-                        f"{fam['wall_ms']:.2f} ms."]
+                        f"profiled call; {fam.get('source', '')}): {parts}; GPU busy {fam['busy_ms']:.2f} ms of the "
+                        f"{wall:.2f} ms the graphed call takes when timed without the profiler."]
     out += ["", *prefill_findings(doc)]
     return "\n".join(out)
 
@@ -265,6 +271,12 @@ def prefill_findings(doc: Mapping[str, Any]) -> list[str]:
                      f"counts one byte per expert weight): fused + PCG at {x_floor} its FP8 floor, "
                      f"{span(r['pcg_ms'] / r['pcg_fp8_ms'] for r in fp8)} the speed of the bf16 experts (ours, "
                      "fused + PCG) in the same run.")
+    a8 = [r for r in rows if _num(r.get("pcg_fp8a8_ms")) and _num(r.get("pcg_ms"))]
+    if a8:
+        lines.append(f"* **FP8 experts and activations** (`quantize_experts(..., activations=\"fp8\")`: the expert "
+                     "GEMM quantises each row's 128-wide K slices to e4m3 in its operand load and multiplies FP8 × "
+                     f"FP8): fused + PCG at {span(r['pcg_fp8a8_ms'] / r['fp8_floor_ms'] for r in a8)} the FP8 floor, "
+                     f"{span(r['pcg_ms'] / r['pcg_fp8a8_ms'] for r in a8)} the speed of the bf16 experts.")
     first = {c: [(r.get(f"{c}_stats") or {}).get("first_call_s") for r in rows] for c, _ in PREFILL_COLUMNS}
     cap = doc.get("pcg_capture") or {}
     bits = []
@@ -345,7 +357,8 @@ def accuracy_section(doc: Mapping[str, Any], png: str | None = None) -> str:
     per = doc.get("accuracy_per_layer") or {}
     if not shallow and not per:
         return ""
-    out = ["### Accuracy that can fail (`bench-prefill --parts accuracy`)", ""]
+    tag = f" — the `{doc['tag']}` run ({provenance(doc)})" if doc.get("tag") else ""
+    out = [f"### Accuracy that can fail (`bench-prefill --parts accuracy`){tag}", ""]
     if shallow:
         tok = doc["accuracy_shallow"].get("tokens")
         out += [f"Full width, shallow depth, {tok} tokens, relative error of the logits against transformers' own "
@@ -661,6 +674,9 @@ def readme_results(results: Path) -> str:
             parts += [acc, ""]
         for doc, png in _tagged(results, "prefill"):
             parts += [prefill_section(doc, png, _sibling(results, png, "_families")), ""]
+            acc = accuracy_section(doc, _sibling(results, png, "_layers"))
+            if acc:
+                parts += [acc, ""]
     pcg, pcg_png = _first(results, "pcg")
     if pcg:
         parts += [pcg_section(pcg, pcg_png), ""]

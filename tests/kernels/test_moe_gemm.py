@@ -362,12 +362,30 @@ def test_fp8_activations_bad_input():
             assert c.swap_ab and c.block_k == K.ACT_QUANT_K and c in K.MOE_SWEEP
 
 
+def _e4m3_ambiguity(r: torch.Tensor, rel: float) -> torch.Tensor:
+    """Per element of float64 ``r``: how far its FP8 value (per row and ``ACT_QUANT_K`` block, the package's rule)
+    moves if the scaled value ``r / scale`` is off by ``rel`` relative (the scale itself fixed): 0 away from
+    rounding boundaries, one e4m3 step · scale beside them."""
+    from gemma4lab.model.quantize import FP8_E4M3_MAX, e4m3_absmax
+
+    blocks = torch.nn.functional.pad(r, (0, (-r.shape[-1]) % K.ACT_QUANT_K)).unflatten(-1, (-1, K.ACT_QUANT_K))
+    _, scale = e4m3_absmax(blocks)
+    v = blocks / scale
+
+    def q(x):
+        return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).double()
+
+    return ((q(v * (1 + rel)) - q(v * (1 - rel))).abs() * scale).flatten(-2)[..., : r.shape[-1]]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 93, 1453])
 def test_gpu_fp8_activations_real_shapes(t):
     """FP8 × FP8 at H = 2816, I = 704, 128 experts through the model's settings: the hardware's e4m3 conversion and
     wgmma against the float64 product of the quantisation rule (a looser magnitude bound than the interpreter
-    test's, whose per-term maximum would not fit in memory here)."""
+    test's, whose per-term maximum would not fit in memory here), plus one e4m3 step on the elements whose scaled
+    value lies within 2⁻¹⁷ (relative) of a rounding boundary: fp32's error in the kernel's division and GELU can
+    move those across it, as the first H200 run showed (a worst excess of 2.7 at 93 tokens under the bare bound)."""
     x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
     (q, s), (qd, sd) = _fp8(w), _fp8(wd)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
@@ -380,6 +398,10 @@ def test_gpu_fp8_activations_real_shapes(t):
             r = torch.nn.functional.gelu(g, approximate="tanh") * u
         aq, wq = K.quantize_act_e4m3(r), _dequant(qq, ss)
         exact, mag = oracle(aq, wq, offs), oracle(aq, wq, offs, magnitude=True)
-        bound = UNIT[BF16] * exact.abs() + 2**-9 * mag
+        # The kernel forms x / scale in fp32 (and the GELU product before it): where that lands within fp32's error
+        # of an e4m3 rounding boundary it may round to the neighbouring value. Those elements may be off by their
+        # step, and no others: bound the outputs by the steps the ambiguous elements could take.
+        ambiguous = _e4m3_ambiguity(r, 2**-17)
+        bound = UNIT[BF16] * exact.abs() + 2**-9 * mag + oracle(ambiguous, wq, offs, magnitude=True)
         err = (got.double() - exact).abs()
         assert torch.isfinite(got).all() and (err <= bound).all(), f"worst excess {float((err - bound).max()):.3g}"

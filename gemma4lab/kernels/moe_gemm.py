@@ -211,15 +211,14 @@ DOWN_WIDE_TILE_ROWS = 16
 FP8_WIDE_TILE_ROWS = 64
 _FP8_MANY_ROWS = {"gate_up": MoeConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
                   "down": MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True)}
-#: FP8 × FP8 (``a_fp8``): swapped tiles with the :data:`ACT_QUANT_K`-deep K step the activation scales are defined
-#: on — chosen from the swept candidates, not yet timed with FP8 activations (the same weight tiles as the bf16
-#: gate/up setting; the down GEMM's 64-row weight tile of the FP8-weight sweep's best, with the 128-deep K step).
-_FP8_ACT_SETTINGS = {
-    "gate_up": _SETTINGS["gate_up"],
-    "gate_up_many_rows": _FP8_MANY_ROWS["gate_up"],
-    "down": MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True,
-                      columns_first=True),
-    "down_many_rows": MoeConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True)}
+#: FP8 × FP8 (``a_fp8``): one setting for both GEMMs at every length — the H200 sweep's best pair at 93, 189 and 256
+#: tokens (results/runs/moe_sweep_fp8a8_h200.json: gate/up 0.140 ms, 86 % of copy bandwidth, and down 0.103 ms at 93
+#: tokens, against 0.226 and 0.311 for the bf16 gate/up tile first tried) and at 1453 (1.32 ms for both, against 3.0
+#: for 64-row tiles: a wider row tile quantises a bigger fp32 operand per K step and loses). One setting also keeps a
+#: row's bits independent of how many rows the prompt routed (PCG pads prompts). 16-row swapped tiles of 128 weight
+#: rows with the :data:`ACT_QUANT_K`-deep K step the activation scales are defined on.
+FP8_ACT_SETTING = MoeConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3, swap_ab=True,
+                            columns_first=True)
 
 
 @lru_cache(maxsize=512)
@@ -227,13 +226,11 @@ def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False, fp8_weights
                fp8_acts: bool = False) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
     (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`); FP8 weights at long
-    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`; FP8 activations the settings of
-    :data:`_FP8_ACT_SETTINGS`."""
+    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`; FP8 activations :data:`FP8_ACT_SETTING` always."""
     if n_rows < 0 or n_experts < 1:
         raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
     if fp8_acts:
-        wide = "_many_rows" if n_rows >= FP8_WIDE_TILE_ROWS * n_experts else ""
-        return _FP8_ACT_SETTINGS[("down" if gelu_gate else "gate_up") + wide]
+        return FP8_ACT_SETTING
     if fp8_weights and n_rows >= FP8_WIDE_TILE_ROWS * n_experts:
         return _FP8_MANY_ROWS["down" if gelu_gate else "gate_up"]
     if not gelu_gate:

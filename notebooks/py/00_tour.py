@@ -64,7 +64,7 @@ print("repo root:", ROOT)
 # | 06 · piecewise CUDA graphs | buckets, padding, capture, replay; the attention kernel between the pieces | `prefill_attention` |
 # | 07 · end to end | a photo in, tokens out: processor, vision tower, PCG prefill, graph decode | `decode_attention` |
 # | 08 · the prefill table | the full-size model against its floor and its peers | — |
-# | 09 · routing and the expert GEMM | a counting sort instead of a sort, the weight stream, a refuted prediction and the operand swap that rescued it | `moe_route`, `moe_gemm`, `moe_combine` |
+# | 09 · routing and the expert GEMM | a counting sort instead of a sort, the gated GELU between the GEMMs and its fold into the expert GEMM's operand load, the weight stream, a refuted prediction and the operand swap that rescued it | `moe_route`, `gelu_tanh_and_mul`, `moe_gemm`, `moe_combine` |
 # | 10 · transformers, patched in place | the speed-up on the model you already have: launches before and after, what is refused, PCG under `generate` | all of them, through `patch_transformers` |
 # | 11 · the attention prologue | per-head q/k/v norms and proportional RoPE derived step by step, bytes and the floor, K-as-V | `qkv_norm_rope_` |
 # | 12 · head-512 attention | the accumulator's registers, a spill predicted and measured, the output-dim split and its 1.5× work | `prefill_attention` |

@@ -46,11 +46,24 @@ def _run_expert_gemms() -> None:
             K.gemma_moe_gemm(gu, wd, offs, gelu_gate=True, w_scale=sd, a_fp8=a8)
 
 
+def _run_attention_layouts() -> None:
+    """The H200's attention tiles at the real head dims in bf16, both layouts (dv-split programs and TMA): the tiny
+    model's CPU tiles are 16×16, and shared memory and registers are only tested at the sizes the card runs."""
+    gen = torch.Generator().manual_seed(1)
+    for d, hkv, window in ((512, 2, None), (256, 8, 1024)):
+        q, k, v = (torch.randn(70, h, d, generator=gen).to(torch.bfloat16) for h in (16, hkv, hkv))
+        cu = torch.tensor([0, 70], dtype=torch.int32)
+        for cfg in ((K.AttentionConfig(128, 64, 8, 1, dv_splits=2), K.AttentionConfig(64, 32, 8, 2, tma=True))
+                    if d == 512 else (K.AttentionConfig(128, 64, 8, 2), K.AttentionConfig(128, 64, 8, 2, tma=True))):
+            K.gemma_prefill_attention(q, k, v, cu, 70, window=window, config=cfg)
+
+
 def test_every_launched_kernel_compiles_for_sm90():
     with record_launches() as launches:
         _run_model(torch.bfloat16, fp8=True)
         _run_model(torch.float32, fp8=False)
         _run_expert_gemms()
+        _run_attention_layouts()
     kernels = {x.kernel.split(":")[1] for x in launches}
     assert {"_moe_gemm_kernel", "_prefill_attention_kernel", "_qkv_norm_rope_kernel"} <= kernels, kernels
     assert kernels & {"_decode_attention_kernel", "_split_decode_attention_kernel"}, kernels

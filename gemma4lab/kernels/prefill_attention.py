@@ -52,11 +52,20 @@ class AttentionConfig:
     #: Programs sharing one query tile, each producing ``D / dv_splits`` output dims (they recompute ``QKᵀ``): a
     #: smaller fp32 accumulator, so larger query tiles fit in registers at head 512.
     dv_splits: int = 1
+    #: Q, K and V tiles through TMA tensor descriptors (Hopper's asynchronous bulk copies: no per-element address
+    #: registers, multi-buffered by the pipeliner) in ``min(D, 256)``-wide column chunks (a TMA box holds at most 256
+    #: elements a dim): at head 512 one ``QKᵀ`` per tile as two chunk products, and two 256-wide accumulators — the
+    #: output-dim split inside one program, ``P`` shared. Needs ``dv_splits == 1`` and 16-byte aligned rows.
+    tma: bool = False
 
     def __post_init__(self) -> None:
         pow2(self, "block_m", "block_n", "num_warps", "dv_splits")
         if self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages must be >= 1, got {self.num_stages}")
+        if not isinstance(self.tma, bool):
+            raise TypeError(f"AttentionConfig.tma must be a bool, got {self.tma!r}")
+        if self.tma and self.dv_splits != 1:
+            raise ValueError("AttentionConfig(tma=True) computes every output dim in one program: dv_splits must be 1")
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> AttentionConfig:
@@ -77,6 +86,23 @@ def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> Attent
 
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED: tl.constexpr, SLIDING: tl.constexpr):
+    """One key tile of the online softmax: the scores ``s`` (in log2 units after ``log2 e``; masked where a row may
+    not see a key, or past the segment's end ``hi``) → ``p``, the rescale ``alpha`` of what came before, the new
+    running max and sum."""
+    s = s * 1.4426950408889634  # log2(e): softmax via exp2
+    if MASKED:
+        visible = (cols[None, :] < key_end[:, None]) & (cols < hi)[None, :]
+        if SLIDING:
+            visible = visible & (cols[None, :] > rows[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
 @triton.jit
 def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, key_end, lo, hi, window, dv0,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -101,16 +127,7 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * 1.4426950408889634  # log2(e): softmax via exp2
-        if MASKED:
-            visible = (cols[None, :] < key_end[:, None]) & kv_ok[None, :]  # kv_ok: the segment's own end
-            if SLIDING:
-                visible = visible & (cols[None, :] > rows[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED, SLIDING)
         acc = acc * alpha[:, None]
         if BLOCK_D != HEAD_DIM or MASKED:
             v = tl.load(v_head + cols64[:, None] * stride_vn + offs_dv[None, :],
@@ -126,13 +143,55 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
 
 
 @triton.jit
+def _attend_keys_tma(acc0, acc1, m_i, l_i, qa, qb, kd, vd, rows, key_end, lo, hi, window,
+                     BLOCK_N: tl.constexpr, D_CHUNK: tl.constexpr, TWO: tl.constexpr, MASKED: tl.constexpr,
+                     SLIDING: tl.constexpr, IEEE: tl.constexpr):
+    """:func:`_attend_keys` with K and V tiles from TMA descriptors (rows past the tensor read as zeros), in one or
+    two ``D_CHUNK``-wide column chunks: ``s = qa·kaᵀ (+ qb·kbᵀ)`` once, then ``P`` into both accumulators. In
+    masked segments V rows at or past ``hi`` are zeroed (they may belong to the next prompt or be unwritten cache)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in tl.range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        ka = kd.load([start, 0])
+        if IEEE:
+            s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
+        else:
+            s = tl.dot(qa, tl.trans(ka))
+        if TWO:
+            kb = kd.load([start, D_CHUNK])
+            if IEEE:
+                s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
+            else:
+                s = tl.dot(qb, tl.trans(kb), s)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED, SLIDING)
+        va = vd.load([start, 0])
+        if MASKED:
+            va = tl.where((cols < hi)[:, None], va, 0.0)
+        p = p.to(va.dtype)
+        if IEEE:
+            acc0 = tl.dot(p, va, acc0 * alpha[:, None], input_precision="ieee")
+        else:
+            acc0 = tl.dot(p, va, acc0 * alpha[:, None])
+        if TWO:
+            vb = vd.load([start, D_CHUNK])
+            if MASKED:
+                vb = tl.where((cols < hi)[:, None], vb, 0.0)
+            if IEEE:
+                acc1 = tl.dot(p, vb, acc1 * alpha[:, None], input_precision="ieee")
+            else:
+                acc1 = tl.dot(p, vb, acc1 * alpha[:, None])
+        m_i = m_new
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, cuk_ptr, key_end_ptr,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     window, n_tiles, n_rows, n_keys,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TMA: tl.constexpr, D_CHUNK: tl.constexpr,
 ):
     # (query head, output-dim slice) vary fastest: programs that share a KV tile run together (L2 reuse)
     h = tl.program_id(0) // (BLOCK_D // BLOCK_DV)
@@ -175,15 +234,42 @@ def _prefill_attention_kernel(
 
     kvh = h // GROUP
     q_head = q_ptr + h * stride_qh
-    q = tl.load(q_head + rows64[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
     # A finite start for the running max: a row whose first tile is fully masked then gets p = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     krows = rows + shift
+    if TMA:  # every output dim in this program, in D_CHUNK-wide chunks (see AttentionConfig.tma)
+        TWO: tl.constexpr = HEAD_DIM > D_CHUNK
+        qd = tl.make_tensor_descriptor(q_head, shape=[n_rows, HEAD_DIM], strides=[stride_qn, 1],
+                                       block_shape=[BLOCK_M, D_CHUNK])
+        kd = tl.make_tensor_descriptor(k_head, shape=[n_keys, HEAD_DIM], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, D_CHUNK])
+        vd = tl.make_tensor_descriptor(v_head, shape=[n_keys, HEAD_DIM], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, D_CHUNK])
+        qa = qd.load([q_lo, 0])  # rows past the prompt are read (the next prompt's, or zeros) but never stored
+        qb = qd.load([q_lo, D_CHUNK]) if TWO else qa
+        acc0 = tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D_CHUNK], dtype=tl.float32) if TWO else acc0
+        if SLIDING:
+            acc0, acc1, m_i, l_i = _attend_keys_tma(acc0, acc1, m_i, l_i, qa, qb, kd, vd, krows, key_end, kv_lo,
+                                                    interior_lo, window, BLOCK_N, D_CHUNK, TWO, True, SLIDING, IEEE)
+        acc0, acc1, m_i, l_i = _attend_keys_tma(acc0, acc1, m_i, l_i, qa, qb, kd, vd, krows, key_end, interior_lo,
+                                                interior_hi, window, BLOCK_N, D_CHUNK, TWO, False, SLIDING, IEEE)
+        acc0, acc1, m_i, l_i = _attend_keys_tma(acc0, acc1, m_i, l_i, qa, qb, kd, vd, krows, key_end, interior_hi,
+                                                kv_hi, window, BLOCK_N, D_CHUNK, TWO, True, SLIDING, IEEE)
+        offs_c = tl.arange(0, D_CHUNK)
+        o_rows = o_ptr + h * stride_oh + rows64[:, None] * stride_on
+        tl.store(o_rows + offs_c[None, :], to_dtype(acc0 / l_i[:, None], o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        if TWO:
+            tl.store(o_rows + D_CHUNK + offs_c[None, :], to_dtype(acc1 / l_i[:, None], o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+        return
+    q = tl.load(q_head + rows64[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if SLIDING:  # the window's edge
         acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, krows, key_end,
                                      kv_lo, interior_lo, window, dv0, BLOCK_N, BLOCK_D, BLOCK_DV, HEAD_DIM, True,
@@ -279,6 +365,8 @@ def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o
     if cfg.dv_splits > block_d:
         raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")
     n_tiles = triton.cdiv(max_seqlen, cfg.block_m)
+    if cfg.tma:
+        _check_tma(q, k, v, d)
     _prefill_attention_kernel[(hq * cfg.dv_splits, n_tiles, cu_seqlens.numel() - 1)](
         q, k, v, o, cu_seqlens, cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens,
         key_end if key_end is not None else cu_seqlens,
@@ -286,8 +374,43 @@ def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o
         window or 0, n_tiles, n, k.shape[0],
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
-        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=q.dtype == torch.float32, TMA=cfg.tma, D_CHUNK=min(d, TMA_BOX), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
+
+
+#: The most elements a TMA box holds along one dim.
+TMA_BOX = 256
+
+
+def _check_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int) -> None:
+    """What TMA descriptors need: a head dim that splits into whole boxes, 16-byte aligned rows and heads; and a
+    scratch allocator for the descriptors the kernel writes (a torch one, unless the caller installed their own)."""
+    if not (d <= TMA_BOX and d == triton.next_power_of_2(d) or d % TMA_BOX == 0 and d // TMA_BOX == 2):
+        raise ValueError(f"AttentionConfig(tma=True) takes a power-of-two head dim up to {TMA_BOX} or "
+                         f"{2 * TMA_BOX}, got {d}")
+    size = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or (t.stride(1) * size) % 16:
+            raise ValueError(f"AttentionConfig(tma=True) needs 16-byte aligned rows and heads: {name} has strides "
+                             f"{t.stride()} ({t.dtype}) at address {t.data_ptr():#x}")
+    _ensure_allocator()
+
+
+def _ensure_allocator() -> None:
+    try:  # Triton's context variable: keep an allocator the caller installed
+        from triton.runtime._allocation import NullAllocator, _allocator
+
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:
+        pass
+    triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for the descriptors a kernel builds on the device (inside a CUDA graph: the graph's pool)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -46,8 +46,8 @@ class Launch:
 
 
 def _describe(value) -> tuple[str, object]:
-    if isinstance(value, torch.Tensor):
-        return ("ptr", "*" + _TRITON_DTYPE[value.dtype])
+    if isinstance(value, torch.Tensor):  # aligned as a launch would specialise it (16-byte divisibility)
+        return ("ptr", "*" + _TRITON_DTYPE[value.dtype] + (":16" if value.data_ptr() % 16 == 0 else ""))
     if isinstance(value, bool) or value is None:
         return ("const", value)
     if isinstance(value, int):
@@ -117,9 +117,14 @@ def _compile_one(item: dict) -> dict:
     fn = importlib.import_module(module)
     for part in qualname.split("."):
         fn = getattr(fn, part)
-    signature, constexprs, constants = {}, {}, {}
+    signature, constexprs, constants, attrs = {}, {}, {}, {}
     for name, (kind, value) in item["args"]:
-        param = fn.params[fn.arg_names.index(name)]
+        index = fn.arg_names.index(name)
+        param = fn.params[index]
+        # the specialisation a launch makes: 16-divisible pointers and integers (not those marked do_not_specialize)
+        if not param.is_constexpr and not getattr(param, "do_not_specialize", False) and (
+                kind == "ptr" and value.endswith(":16") or kind == "int" and value % 16 == 0 and value != 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
         if param.is_constexpr or kind in ("const", "dtype"):
             if kind == "dtype":
                 value = getattr(triton.language, value)
@@ -127,14 +132,14 @@ def _compile_one(item: dict) -> dict:
             constexprs[(fn.arg_names.index(name),)] = value
             constants[name] = str(value)
         elif kind == "ptr":
-            signature[name] = value
+            signature[name] = value.removesuffix(":16")
         elif kind == "int":
             signature[name] = "i64" if not -(2**31) <= value < 2**31 else "i32"
         else:
             signature[name] = "fp32"
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=item["options"])
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=item["options"])
         return {"kernel": item["kernel"], "constants": constants, "shared_bytes": int(compiled.metadata.shared),
                 "error": None}
     except Exception as exc:  # reported per variant: one broken branch must not hide the others

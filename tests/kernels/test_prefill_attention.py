@@ -28,10 +28,10 @@ def _oracle(q, k, v, cu, **kw):
     return gemma_prefill_attention_ref(q.double(), k.double(), v.double(), cu, **kw)
 
 
-def _run(q, k, v, lengths, **kw):
+def _run(q, k, v, lengths, config=None, **kw):
     cu = _cu(lengths, q.device)
     out = torch.full_like(q, float("nan"))  # poisoned: every real element must be written
-    got = gemma_prefill_attention(q, k, v, cu, max(lengths), out=out, **kw)
+    got = gemma_prefill_attention(q, k, v, cu, max(lengths), out=out, config=config, **kw)
     assert got is out
     return got, _oracle(q, k, v, cu, **kw)
 
@@ -86,7 +86,7 @@ def test_image_blocks_on_sliding_layers(start):
     torch.testing.assert_close(ref, model_ref, rtol=1e-12, atol=1e-12)  # the kernel's form = the rule's dense form
 
 
-def _chunk_run(q, k, v, chunks, window, key_end=None):
+def _chunk_run(q, k, v, chunks, window, key_end=None, config=None):
     """Each ``(start, end, key_start)`` chunk of one prompt packed as a prompt of its own: queries ``[start, end)``,
     keys ``[key_start, end)`` (``cu_seqlens_k``) → the kernel and the float64 oracle."""
     qs = torch.cat([q[s:e] for s, e, _ in chunks])
@@ -94,7 +94,7 @@ def _chunk_run(q, k, v, chunks, window, key_end=None):
     cu, cu_k = (_cu(n, q.device) for n in ([e - s for s, e, _ in chunks], [e - lo for s, e, lo in chunks]))
     kw = dict(window=window, key_end=key_end, cu_seqlens_k=cu_k)
     out = torch.full_like(qs, float("nan"))
-    got = gemma_prefill_attention(qs, ks, vs, cu, max(e - s for s, e, _ in chunks), out=out, **kw)
+    got = gemma_prefill_attention(qs, ks, vs, cu, max(e - s for s, e, _ in chunks), out=out, config=config, **kw)
     return got, _oracle(qs, ks, vs, cu, **kw)
 
 
@@ -128,11 +128,50 @@ def test_chunk_with_an_image_after_cached_keys():
 
 @pytest.mark.parametrize("config", [AttentionConfig(16, 16, 4, 1), AttentionConfig(32, 16, 4, 1),
                                     AttentionConfig(16, 32, 4, 2), AttentionConfig(32, 16, 4, 1, dv_splits=2),
-                                    AttentionConfig(16, 16, 4, 1, dv_splits=4)], ids=str)
+                                    AttentionConfig(16, 16, 4, 1, dv_splits=4), AttentionConfig(16, 16, 4, 1, tma=True),
+                                    AttentionConfig(32, 16, 4, 2, tma=True)], ids=str)
 def test_tile_shapes_agree(config):
     q, k, v = _qkv(70, 4, 2, 32, seed=3)
     _assert(gemma_prefill_attention(q, k, v, _cu([70]), 70, window=16, config=config),
             _oracle(q, k, v, _cu([70]), window=16))
+
+
+TMA = AttentionConfig(16, 16, 4, 1, tma=True)
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_tma_head_512_in_two_chunks_packed_with_a_poisoned_neighbour(sliding):
+    """The TMA path at head 512: one QKᵀ as two 256-wide chunk products, both output halves from one P. Prompt 1's
+    last tiles read the next prompt's rows through the descriptors (a box cannot stop at a prompt's end): NaN
+    there must neither leak through the scores (masked) nor through V (zeroed), and prompt 1 must match float64."""
+    window = 16 if sliding else None
+    q, k, v = _qkv(37 + 30, 4, 2, 512, seed=8)
+    k[37:], v[37:] = float("nan"), float("nan")
+    got, ref = _run(q, k, v, [37, 30], window=window, config=TMA)
+    _assert(got[:37], ref[:37])
+
+
+def test_tma_chunks_after_cached_keys_and_image_blocks():
+    q, k, v = _qkv(60, 4, 2, 512, seed=6)
+    blocks = torch.full((60,), -1)
+    blocks[30:39] = 0
+    rule = Visibility(window=16, image_blocks=True)
+    s, e, lo = 24, 60, 24 - 16 + 1
+    _assert(*_chunk_run(q, k, v, [(s, e, lo)], 16, key_end=rule.key_end(blocks[s:e]) + (s - lo), config=TMA))
+
+
+def test_tma_settings_are_checked():
+    q, k, v = _qkv(10, 4, 2, 32)
+    with pytest.raises(ValueError, match="dv_splits must be 1"):
+        AttentionConfig(16, 16, 4, 1, dv_splits=2, tma=True)
+    with pytest.raises(TypeError, match="tma must be a bool"):
+        AttentionConfig(16, 16, 4, 1, tma=1)
+    q3, k3, v3 = _qkv(10, 4, 2, 384)
+    with pytest.raises(ValueError, match="head dim"):
+        gemma_prefill_attention(q3, k3, v3, _cu([10]), 10, config=TMA)
+    odd = torch.randn(10 * 4 * 32 + 1)[1:].view(10, 4, 32)  # 4 bytes past an aligned start
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gemma_prefill_attention(odd, k, v, _cu([10]), 10, config=TMA)
 
 
 def test_zero_tokens():
@@ -179,6 +218,34 @@ def test_gpu_bf16_small():
 def test_gpu_real_shapes_against_float64(n, sliding):
     hq, hkv, d = (16, 8, 256) if sliding else (16, 2, 512)
     _assert(*_run(*_qkv(n, hq, hkv, d, dtype=BF16, device="cuda", seed=n), [n], window=1024 if sliding else None))
+
+
+GPU_TMA = {512: AttentionConfig(64, 32, 8, 2, tma=True), 256: AttentionConfig(128, 64, 8, 2, tma=True)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1025, 4097])
+@pytest.mark.parametrize("sliding", [True, False])
+def test_gpu_tma_real_shapes_against_float64(n, sliding):
+    """The TMA layout (one QKᵀ per 64-row tile at head 512, both output halves in one program) at the real shapes."""
+    hq, hkv, d = (16, 8, 256) if sliding else (16, 2, 512)
+    _assert(*_run(*_qkv(n, hq, hkv, d, dtype=BF16, device="cuda", seed=n), [n], window=1024 if sliding else None,
+                  config=GPU_TMA[d]))
+
+
+@pytest.mark.gpu
+def test_gpu_tma_packed_image_block_and_cached_chunks():
+    lengths = [700, 1500, 1]
+    n = sum(lengths)
+    blocks = torch.full((n,), -1, device="cuda")
+    blocks[700 + 1000: 700 + 1280] = 0
+    key_end = Visibility(window=1024, image_blocks=True).key_end(blocks)
+    _assert(*_run(*_qkv(n, 16, 8, 256, dtype=BF16, device="cuda", seed=1), lengths, window=1024, key_end=key_end,
+                  config=GPU_TMA[256]))
+    _assert(*_run(*_qkv(n, 16, 2, 512, dtype=BF16, device="cuda", seed=2), lengths, config=GPU_TMA[512]))
+    q, k, v = _qkv(1501, 16, 2, 512, dtype=BF16, device="cuda", seed=11)
+    _assert(*_chunk_run(q, k, v, [(1024, 1500, 0), (1500, 1501, 0)], None,
+                        config=GPU_TMA[512]))
 
 
 @pytest.mark.gpu

@@ -187,3 +187,19 @@ def test_quantising_after_capture_drops_the_runners_pieces(fp32_model):
         got = runner.prefill([_ids()])
     assert runner.stats["recaptures"] == 1
     torch.testing.assert_close(got, model.prefill([_ids()]), rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_activations_only_up_to_their_token_limit(fp32_model, monkeypatch):
+    """Above ``Experts.FP8_ACT_MAX_TOKENS`` (a PCG bucket edge) FP8 activations stop paying (the GEMM is
+    compute-bound), so the experts run weight-only FP8 there: the same bits as a weight-only model; at or below the
+    limit the FP8 × FP8 kernel."""
+    ex, x, idx, weights = _moe_case(fp32_model, 29, 6)
+    w8, w8a8 = copy.deepcopy(ex), copy.deepcopy(ex)
+    gemma4lab.quantize_experts(w8)
+    gemma4lab.quantize_experts(w8a8, activations="fp8")
+    at_limit = w8a8(x, idx, weights, fused_gemm=True)
+    assert not torch.equal(at_limit, w8(x, idx, weights, fused_gemm=True))
+    monkeypatch.setattr(Experts, "FP8_ACT_MAX_TOKENS", x.shape[0] - 1)
+    assert torch.equal(w8a8(x, idx, weights, fused_gemm=True), w8(x, idx, weights, fused_gemm=True))
+    monkeypatch.setattr(Experts, "FP8_ACT_MAX_TOKENS", x.shape[0])
+    assert torch.equal(w8a8(x, idx, weights, fused_gemm=True), at_limit)

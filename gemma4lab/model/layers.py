@@ -175,6 +175,12 @@ class Experts(nn.Module):
     #: no row, grouped_mm catches up: 0.21 vs 0.26 ms at 93 tokens, 0.30 vs 0.27 at 189, 0.37 vs 0.30 at 256).
     #: 256 is also a PCG bucket edge, so a padded bucket never crosses it.
     MOE_GEMM_MAX_TOKENS = 256
+    #: FP8 activations (``act_fp8``) up to this many tokens; weight-only FP8 above. Quantising each row's K slices
+    #: inside the operand load pays while the GEMM streams weights and costs once it is compute-bound (H200,
+    #: results/prefill_h200_fp8a8.json: fused + PCG 12.1 against weight-only's 16.1 ms at 93 tokens, 14.5 against
+    #: 17.5 at 189, but 58.9 against 50.7 at 1453 and 459.6 against 392.4 at 11533). 1024 is a PCG bucket edge, so
+    #: a padded bucket takes the same path as the eager prompt.
+    FP8_ACT_MAX_TOKENS = 1024
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:
@@ -233,7 +239,7 @@ class Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        return self._expert_mlps(x[order // k], offs, fused_act, use_kernel), order
+        return self._expert_mlps(x[order // k], offs, fused_act, use_kernel, k=k), order
 
     def _expert_mlps(self, x: Tensor, offs: Tensor, fused_act: bool, use_kernel: bool, slots: Tensor | None = None,
                      k: int = 1) -> Tensor:
@@ -244,7 +250,9 @@ class Experts(nn.Module):
             from gemma4lab.kernels import gemma_moe_gemm
 
             up_scale, down_scale = self._scales()
-            a_fp8 = bool(getattr(self, "act_fp8", False)) and up_scale is not None
+            tokens = x.shape[0] if slots is not None else x.shape[0] // k
+            a_fp8 = (bool(getattr(self, "act_fp8", False)) and up_scale is not None
+                     and tokens <= Experts.FP8_ACT_MAX_TOKENS)
             h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=up_scale, a_fp8=a_fp8)
             return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, w_scale=down_scale, a_fp8=a_fp8)
         xs = x if slots is None else x[slots // k]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,23 @@ def test_decode_findings_say_where_a_graph_step_goes():
     text = "\n".join(report.decode_findings(doc))
     assert ("**Where a graph step goes** (batch 8 × 4096, one profiled step): 512 kernels; GPU time dense GEMM "
             "1.25 ms, expert GEMM 0.50 ms, row kernels 0.50 ms, attention 0.25 ms; idle 1.50 ms of 4.00 ms.") in text
+
+
+def test_attention_section_states_the_sweeps_end_to_end_effect():
+    """``bench-attention --sweep`` times a whole prefill under the default and the sweep's fastest tiles; the
+    section says both, the tiles and the ratio, all from the file."""
+    from gemma4lab.lab.bench.attention import best_swept
+
+    sweep = [{"layer": "full", "ms": 2.0, "block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2,
+              "dv_splits": 1, "tma": True},
+             {"layer": "full", "ms": 3.0, "block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 1,
+              "dv_splits": 2, "tma": False},
+             {"layer": "full", "error": "OutOfResources"}]
+    best = best_swept(sweep, "full")
+    assert (best.block_m, best.tma) == (64, True) and best_swept(sweep, "sliding") is None
+    doc = {"rows": [], "matmul_tflops": 700.0,
+           "end_to_end": {"tokens": 11533, "layers": 6, "full_layers": 1, "speedup": 1.25,
+                          "best": {"full": dataclasses.asdict(best), "sliding": None},
+                          "default": {"median_ms": 50.0}, "swept_best": {"median_ms": 40.0}}}
+    text = report.attention_section(doc, None)
+    assert "50.0 ms" in text and "40.0 ms" in text and "64×32, 8 warps, 2 stages, TMA" in text and "1.25×" in text

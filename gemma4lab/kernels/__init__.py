@@ -52,6 +52,7 @@ from .post_attention_block import gemma_post_attention_block, gemma_post_attenti
 from .prefill_attention import (
     AttentionConfig,
     attention_config,
+    attention_configs,
     gemma_prefill_attention,
     gemma_prefill_attention_ref,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "RouterConfig",
     "RowConfig",
     "attention_config",
+    "attention_configs",
     "combine_config",
     "decode_config",
     "elementwise_config",

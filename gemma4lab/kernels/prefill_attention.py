@@ -30,6 +30,8 @@ model keeps its 1e-5 parity.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,27 @@ class AttentionConfig:
             raise TypeError(f"AttentionConfig.tma must be a bool, got {self.tma!r}")
         if self.tma and self.dv_splits != 1:
             raise ValueError("AttentionConfig(tma=True) computes every output dim in one program: dv_splits must be 1")
+
+
+#: Per layer type, settings that replace the heuristic's for calls without ``config=`` (:func:`attention_configs`).
+_FORCED: dict[bool, AttentionConfig] = {}
+
+
+@contextmanager
+def attention_configs(full: AttentionConfig | None = None, sliding: AttentionConfig | None = None) -> Iterator[None]:
+    """Inside the block, every call without its own ``config=`` on a full (sliding) layer takes ``full``
+    (``sliding``): what ``bench-attention`` uses to time a whole model's prefill under other tiles. Not for CUDA
+    graphs captured inside it (the settings are read when a launch is made, and a replay repeats the captured one)."""
+    for name, cfg in (("full", full), ("sliding", sliding)):
+        if cfg is not None and not isinstance(cfg, AttentionConfig):
+            raise TypeError(f"{name} must be an AttentionConfig or None, got {type(cfg).__name__}")
+    saved = dict(_FORCED)
+    _FORCED.update({k: v for k, v in ((False, full), (True, sliding)) if v is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> AttentionConfig:
@@ -360,7 +383,7 @@ def _check(q, k, v, cu_seqlens, max_seqlen, window, key_end, out, cu_seqlens_k=N
 def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o, config: AttentionConfig | None,
             cu_seqlens_k=None):
     n, hq, d = q.shape
-    cfg = config or attention_config(d, q.dtype, window is not None)
+    cfg = config or _FORCED.get(window is not None) or attention_config(d, q.dtype, window is not None)
     block_d = triton.next_power_of_2(d)
     if cfg.dv_splits > block_d:
         raise ValueError(f"config.dv_splits={cfg.dv_splits} exceeds the padded head dim {block_d}")

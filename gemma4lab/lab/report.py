@@ -455,7 +455,21 @@ def attention_section(doc: Mapping[str, Any], png: str | None) -> str:
                        f"{span((r.get('triton_tflops') for r in mine), lambda v: f'{v:.0f}')} TFLOP/s, "
                        f"{span(r['flex_ms'] / r['triton_ms'] for r in mine if _num(r.get('flex_ms')))} faster than "
                        "FlexAttention.")
+    e2e = doc.get("end_to_end")
+    if isinstance(e2e, Mapping) and _num(e2e.get("speedup")):
+        tiles = "; ".join(f"{k} {_tiles(v)}" for k, v in (e2e.get("best") or {}).items() if v)
+        out.append(f"* **End to end** ({e2e['layers']} full-width layers, {e2e['full_layers']} of them full, "
+                   f"{e2e['tokens']} tokens, fused eager prefill in the same run): default tiles "
+                   f"{e2e['default']['median_ms']:.1f} ms, the sweep's fastest tiles ({tiles}) "
+                   f"{e2e['swept_best']['median_ms']:.1f} ms — {times(e2e['speedup'])}.")
     return "\n".join(out)
+
+
+def _tiles(cfg: Mapping[str, Any]) -> str:
+    """An attention setting as the sweep names it: ``block_m×block_n``, warps, stages, dv splits, TMA."""
+    splits = f", {cfg['dv_splits']} dv splits" if cfg.get("dv_splits", 1) > 1 else ""
+    return (f"{cfg['block_m']}×{cfg['block_n']}, {cfg['num_warps']} warps, {cfg['num_stages']} stage"
+            f"{'s' if cfg['num_stages'] > 1 else ''}{splits}{', TMA' if cfg.get('tma') else ''}")
 
 
 def pcg_section(doc: Mapping[str, Any], png: str | None) -> str:

@@ -271,3 +271,33 @@ def test_gpu_real_shapes_chunk_after_cached_keys(sliding):
     q, k, v = _qkv(1501, hq, hkv, d, dtype=BF16, device="cuda", seed=11)
     chunks = [(s, e, 0 if window is None else max(0, s - window + 1)) for s, e in ((1024, 1500), (1500, 1501))]
     _assert(*_chunk_run(q, k, v, chunks, window))
+
+
+def test_attention_configs_replace_the_heuristic_per_layer_type():
+    """``attention_configs`` (what bench-attention times a model under): calls without ``config=`` take the forced
+    settings of their layer type, the same function results, and the heuristic again after the block."""
+    from gemma4lab.kernels import attention_configs
+    from gemma4lab.lab.hopper_compile import record_launches
+
+    q, k, v = _qkv(40, 4, 2, 32, seed=9)
+    cu = _cu([40])
+    plain = gemma_prefill_attention(q, k, v, cu, 40, window=16)
+
+    def tiles(**kw):
+        with record_launches() as launches:
+            out = gemma_prefill_attention(q, k, v, cu, 40, **kw)
+        (launch,) = launches
+        args = dict(launch.args)
+        return out, (args["BLOCK_M"][1], args["BLOCK_N"][1], args["TMA"][1])
+
+    with attention_configs(full=AttentionConfig(32, 16, 4, 1), sliding=AttentionConfig(16, 32, 4, 1, tma=True)):
+        forced, used = tiles(window=16)
+        assert used == (16, 32, True)
+        assert tiles()[1] == (32, 16, False)
+        assert tiles(window=16, config=AttentionConfig(32, 32, 4, 1))[1] == (32, 32, False)  # an explicit one wins
+    _assert(forced, _oracle(q, k, v, cu, window=16))
+    torch.testing.assert_close(forced, plain, rtol=1e-5, atol=1e-5)
+    assert tiles(window=16)[1] == (16, 16, False)  # the interpreter's heuristic again
+    with pytest.raises(TypeError, match="AttentionConfig"):
+        with attention_configs(full=(64, 32)):
+            pass

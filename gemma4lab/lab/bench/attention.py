@@ -93,6 +93,46 @@ def measure_length(layer: str, t: int, args, dev) -> tuple[dict, list[dict]]:
     return row, sweep
 
 
+def best_swept(sweep: list[dict], layer: str) -> AttentionConfig | None:
+    """The fastest setting the sweep timed for one layer type (None if it timed none)."""
+    timed = [r for r in sweep if r["layer"] == layer and r.get("ms")]
+    if not timed:
+        return None
+    best = min(timed, key=lambda r: r["ms"])
+    return AttentionConfig(**{f.name: best[f.name] for f in dataclasses.fields(AttentionConfig) if f.name in best})
+
+
+def end_to_end(sweep: list[dict], args, dev) -> dict:
+    """The sweep's effect on a whole prefill: a full-width model of ``--e2e-layers`` layers (the real sliding/full
+    pattern, random weights, fused kernels, eager) prefills ``--e2e-tokens`` tokens under the default tiles and under
+    each layer type's fastest swept tiles (`kernels.attention_configs`), in this process; both outputs must agree
+    to bf16 attention's rounding."""
+    from gemma4lab import Fusion
+    from gemma4lab.kernels import attention_configs
+    from gemma4lab.lab.bench.common import random_prompt
+    from gemma4lab.model.config import Gemma4Config
+    from gemma4lab.model.loading import random_init
+
+    cfg = Gemma4Config.preset("26b-a4b").replace_text(num_hidden_layers=args.e2e_layers)
+    model = random_init(cfg, dtype=torch.bfloat16, device=dev, seed=0)
+    model.set_fusion(Fusion.all()).set_attention_backend("triton")
+    prompt = [random_prompt(args.e2e_tokens, cfg.text.vocab_size, seed=1, device=dev)]
+    best = {"full": best_swept(sweep, "full"), "sliding": best_swept(sweep, "sliding")}
+    res = {"tokens": args.e2e_tokens, "layers": args.e2e_layers,
+           "full_layers": sum(not cfg.text.is_sliding(i) for i in range(args.e2e_layers)),
+           "best": {k: dataclasses.asdict(v) if v else None for k, v in best.items()}}
+    default_out = model.prefill(prompt).float()
+    res["default"] = measure.time_stats(lambda: model.prefill(prompt), rep_ms=args.rep_ms)
+    with attention_configs(full=best["full"], sliding=best["sliding"]):
+        res["rel_diff"] = measure.rel_err(model.prefill(prompt).float(), default_out)
+        res["swept_best"] = measure.time_stats(lambda: model.prefill(prompt), rep_ms=args.rep_ms)
+    res["speedup"] = res["default"]["median_ms"] / res["swept_best"]["median_ms"]
+    print(f"end to end, {args.e2e_layers} layers at {args.e2e_tokens} tokens: default tiles "
+          f"{res['default']['median_ms']:.1f} ms, the sweep's best {res['swept_best']['median_ms']:.1f} ms "
+          f"({res['speedup']:.3f}x; logits differ by {res['rel_diff']:.1e})", flush=True)
+    return res
+
+
 def run(args) -> dict:
     dev = torch.device("cuda")
     out: dict = {"benchmark": "attention", "rows": [], "sweep": [],
@@ -108,6 +148,8 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
             if args.path is not None:  # after every length: a run cut short still leaves what it measured
                 measure.write_json(args.path, {**out, "complete": False})
+    if args.sweep and args.e2e_layers:
+        out["end_to_end"] = end_to_end(out["sweep"], args, dev)
     out["complete"] = True
     return out
 
@@ -120,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="SDPA's explicit mask is O(T²): skip it above this")
     p.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes at --sweep-tokens")
     p.add_argument("--sweep-tokens", type=positive_int, default=11533)
+    p.add_argument("--e2e-layers", type=int, default=6,
+                   help="with --sweep: prefill a full-width model of this many layers under the default and the "
+                        "sweep's best tiles (0: skip)")
+    p.add_argument("--e2e-tokens", type=positive_int, default=11533)
     p.add_argument("--rep-ms", type=positive_float, default=200.0)
     p.add_argument("--out", type=out_dir, default=Path("results"))
     args = p.parse_args(argv)
+    if args.e2e_layers < 0:
+        p.error(f"--e2e-layers must be >= 0 (0 skips the end-to-end prefill), got {args.e2e_layers}")
     bad = set(args.layers) - set(LAYERS)
     if bad:
         p.error(f"unknown layer type(s) {sorted(bad)}; choose from {sorted(LAYERS)}")

@@ -160,4 +160,65 @@ print("prompt:", ids[0].tolist())
 print("output:", new[0, ids.shape[1]:].tolist())
 
 # %% [markdown]
+# ## Exercises
+#
+# Every notebook ends with a few. Each exercise has a cell for your answer, a collapsed solution cell that fills in
+# only what you left as `None` (so *Run All* checks your answer if you gave one, and the solution otherwise — that is
+# how CI keeps the solutions honest), and a check, `notebook.check`, which prints a tick or stops with what the
+# answer should satisfy.
+#
+# **1. Read the map.** Count the boxes inside the green band of the decoder-layer figure — one PCG piece, everything
+# between two attention calls: how many are fused kernels of ours (blue) and how many library GEMMs (grey)? Set
+# `piece_launches`; the check counts the figure's own data, `viz.DECODER_LAYER_STAGES`.
+
+# %%
+piece_launches = None  # your answer: (fused kernels, library GEMMs), two ints
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if piece_launches is None:
+    # left to right: o_proj | post_attention_block | MLP gate|up, GELU·up, MLP down | router logits, router_topk,
+    # moe_route, moe_gemm twice (gate|up, then down), moe_combine | the MoE epilogue | q|k|v, q/k norms + RoPE
+    piece_launches = (9, 5)
+
+# %%
+piece = [op for _, _, _, op in viz.DECODER_LAYER_STAGES if op != "prefill_attention"]  # between the attentions
+fused, gemms = sum(op is not None for op in piece), sum(op is None for op in piece)
+print(f"one piece: {fused} fused kernels ({len(set(piece) - {None})} distinct ops) and {gemms} library GEMMs")
+notebook.check(tuple(piece_launches) == (fused, gemms), "the blue and the grey boxes of the green band")
+
+# %% [markdown]
+# **2. How long is the image prompt?** The image prompt above was 5 ids, one of them the image placeholder, and the
+# photo became the number of soft tokens in the figure's title. How many tokens does the model see — how many rows do
+# its logits have? Set `image_prompt_len`.
+
+# %%
+image_prompt_len = None  # your answer: an int
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if image_prompt_len is None:
+    n_soft = proc.preprocess_images(photo)["num_soft_tokens"][0]
+    image_prompt_len = len(prompt) - 1 + (1 + n_soft + 1)  # the placeholder becomes [boi] + n soft tokens + [eoi]
+
+# %%
+print(f"{len(prompt)} prompt ids -> {out.logits.shape[1]} logit rows (you said {image_prompt_len})")
+notebook.check(image_prompt_len == out.logits.shape[1] == batch["input_ids"].shape[1],
+               "the prompt's ids with the placeholder expanded, one logit row per token")
+
+# %% [markdown]
+# **3. The first new token.** Greedy generation picks, at each step, the token with the largest logit. Without
+# running `generate` again, which token does it produce first after `ids`? Compute `first_new` from `logits`, the
+# text forward's output above.
+
+# %%
+first_new = None  # your answer: an int, a token id
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if first_new is None:
+    first_new = int(logits[0, -1].argmax())  # the last prompt position's logits predict the next token
+
+# %%
+print(f"generate's first new token: {int(new[0, ids.shape[1]])} (you said {first_new})")
+notebook.check(first_new == int(new[0, ids.shape[1]]), "the argmax of the last prompt row's logits")
+
+# %% [markdown]
 # Next: `01_rmsnorm` opens the first kernel.

@@ -164,3 +164,98 @@ if DEVICE == "cuda":
     print(f"live, tiny model: {graph_ms:.2f} ms per token with graphs (prefill included, amortised), "
           f"{eager_ms / NEW_TOKENS:.2f} ms eager")
 
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`
+# (so *Run All* checks your answer if you gave one, and the solution otherwise — that is how CI keeps the solutions
+# honest), and a check.
+#
+# **1. How many soft tokens?** The processor scales an image, keeping its aspect ratio, so that its area is the
+# budget's `max_soft_tokens · 9` patches of 16×16 px, then floors each side to a multiple of 48 px: one soft token
+# is a 3×3 block of patches (`pooling_kernel_size`), 48×48 px of the resized image. The photo above became `n_img`
+# soft tokens under this config's budget, `proc.max_soft_tokens`. Predict the soft tokens of a 1920×1080 video frame
+# at the budgets 70 and 280 (the reference's default) and set `soft_tokens`. *Hint:* with `f = √(budget · 48² /
+# (H · W))`, the resized image is `⌊f·H / 48⌋ × ⌊f·W / 48⌋` blocks — does the budget get used up?
+
+# %%
+soft_tokens = None  # your answer: a dict {budget: soft tokens} for the budgets 70 and 280
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if soft_tokens is None:
+    import math
+
+    def blocks(budget, height=1080, width=1920, side=48):
+        f = math.sqrt(budget * side**2 / (height * width))  # scale the area to the budget's blocks
+        return math.floor(f * height / side) * math.floor(f * width / side)  # then floor each side to a block
+
+    soft_tokens = {budget: blocks(budget) for budget in (70, 280)}  # each side floored: under the budget
+
+# %%
+frame = PIL.Image.new("RGB", (1920, 1080))  # PIL sizes are (width, height); only the size matters here
+got = {b: gemma4lab.Gemma4Processor(cfg, max_soft_tokens=b).preprocess_images(frame)["num_soft_tokens"][0]
+       for b in (70, 280)}
+print(f"1920×1080 frame: the processor gives {got} soft tokens by budget (you said {soft_tokens})")
+notebook.check(soft_tokens == got, "the processor's count at each budget: ⌊f·H/48⌋·⌊f·W/48⌋ blocks")
+
+# %% [markdown]
+# **2. Who sees whom?** A key is visible to a query when: same prompt AND (causal: k ≤ q, OR both in the same image,
+# on sliding layers only) AND (on sliding layers: k > q − window) — `gemma4lab.attention.rule`. In this tiny config
+# the window, `cfg.text.sliding_window`, is much shorter than the image. Find the prompt rows of the first and last
+# image soft token (`image_rows`), then predict for both layer types whether the first sees the last and whether
+# the last sees the first (`sees`). The check asks `Visibility`, the rule every attention backend derives its masks
+# from, and the Triton kernel's form of it, the per-row end of the visible keys.
+
+# %%
+image_rows = None  # your answer: (first, last), two prompt rows
+sees = None  # your answer: {"sliding": (first sees last, last sees first), "full": (first sees last, last sees first)}
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if image_rows is None:
+    rows = (ids[0] == cfg.image_token_id).nonzero().flatten().tolist()
+    image_rows = (rows[0], rows[-1])
+if sees is None:
+    first, last = image_rows
+    sees = {"sliding": (True,  # one image: its tokens see each other both ways, and a later key is never too far
+                        first > last - cfg.text.sliding_window),  # but looking back, the window still holds
+            "full": (False, True)}  # full layers are causal, images included
+
+# %%
+from gemma4lab.attention import Visibility, image_block_ids
+
+block = image_block_ids(batch["mm_token_type_ids"][0].cpu())  # image id per row, -1 for text
+img = (block >= 0).nonzero().flatten().tolist()
+notebook.check(tuple(image_rows) == (img[0], img[-1]), "the rows whose mm_token_type_ids mark an image")
+first, last = image_rows
+got = {}
+for layer, sliding in (("sliding", True), ("full", False)):
+    rule = Visibility.for_layer(cfg.text, sliding)
+    got[layer] = tuple(bool(rule.visible(torch.tensor(q), torch.tensor(k), q_block=block[q], k_block=block[k]))
+                       for q, k in ((first, last), (last, first)))
+key_end = Visibility.for_layer(cfg.text, True).key_end(block)  # the Triton kernel's form, window applied apart
+print(f"window {cfg.text.sliding_window}, image rows {img[0]}..{img[-1]}: {got} (you said {sees}); "
+      f"on sliding layers row {first}'s keys end before row {int(key_end[first])}")
+notebook.check({layer: tuple(pair) for layer, pair in sees.items()} == got,
+               "what Visibility says for both pairs on both layer types")
+notebook.check(int(key_end[first]) == last + 1, "the kernel's form: the first image row's keys run to the image's end")
+
+# %% [markdown]
+# **3. Which bucket?** The runner above was given one bucket of exactly this prompt's length, so nothing was padded.
+# A server captures the default buckets once for every prompt (`pcg.default_buckets()`: 4–32 in steps of 4, 48–256
+# in steps of 16, 288–512 in steps of 32, …, up to 8192) and replays the smallest one that holds the prompt. Which
+# bucket would this prompt of `n` tokens replay, and what fraction of its rows would be padding? Set `padded`.
+
+# %%
+padded = None  # your answer: (bucket, padding fraction), an int and a float
+
+# %% jupyter={"source_hidden": true} tags=["solution"]
+if padded is None:
+    bucket = min(b for b in pcg.default_buckets() if b >= n)
+    padded = (bucket, (bucket - n) / bucket)  # the padding rows run every piece's GEMMs for nothing
+
+# %%
+server = gemma4lab.PiecewiseCudaGraphRunner(model, progress=False)  # the default buckets; nothing captured yet
+want, waste = server.bucket_for(n), server.padding_waste([n])[0]
+print(f"{n} tokens -> bucket {want}, {waste:.1%} padding (you said {padded[0]}, {padded[1]:.1%})")
+notebook.check(padded[0] == want and abs(padded[1] - waste) < 1e-9, "the smallest default bucket >= n, and its "
+               "padding rows over its size")

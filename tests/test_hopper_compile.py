@@ -56,6 +56,11 @@ def _run_attention_layouts() -> None:
         for cfg in ((K.AttentionConfig(128, 64, 8, 1, dv_splits=2), K.AttentionConfig(64, 32, 8, 2, tma=True))
                     if d == 512 else (K.AttentionConfig(128, 64, 8, 2), K.AttentionConfig(128, 64, 8, 2, tma=True))):
             K.gemma_prefill_attention(q, k, v, cu, 70, window=window, config=cfg)
+    # the vision tower's q/k/v norms with 2-D RoPE at its real head dim (72: quarters of 18, masked lanes)
+    qkv = torch.randn(40, 3 * 16 * 72, generator=gen).to(torch.bfloat16)
+    w = torch.ones(72, dtype=torch.bfloat16)
+    cos, sin = torch.ones(40, 72), torch.zeros(40, 72)
+    K.gemma_qkv_norm_rope_(qkv[:, :1152], qkv[:, 1152:2304], qkv[:, 2304:], w, w, cos, sin, axial=True)
 
 
 def test_every_launched_kernel_compiles_for_sm90():
@@ -66,6 +71,7 @@ def test_every_launched_kernel_compiles_for_sm90():
         _run_attention_layouts()
     kernels = {x.kernel.split(":")[1] for x in launches}
     assert {"_moe_gemm_kernel", "_prefill_attention_kernel", "_qkv_norm_rope_kernel"} <= kernels, kernels
+    assert any(dict(x.args).get("AXIAL") == ("const", True) for x in launches)
     assert kernels & {"_decode_attention_kernel", "_split_decode_attention_kernel"}, kernels
     results = compile_for_sm90(launches)
     assert len(results) == len(launches)

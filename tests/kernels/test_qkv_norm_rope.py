@@ -107,3 +107,35 @@ def test_gpu_real_shapes(gen, dim, hkv):
     cos, sin = (t.cuda() for t in rope_tables(gen, n, dim, proportional=dim == 512))
     K.gemma_qkv_norm_rope_(q, k, v, qw, kw, cos, sin)
     _check(buf, before, n, hq, hkv, dim, qw, kw, cos, sin, BF16)
+
+
+@pytest.mark.parametrize("dtype,n,dim", [(FP32, 7, 32), (BF16, 20, 24), (FP32, 1, 72)], ids=str)
+def test_axial_rope_of_the_vision_tower_matches_float64(gen, dtype, n, dim):
+    """``axial=True``: the vision tower's 2-D RoPE (rotate_half within each half of the head, cos/sin laid out
+    ``[x, x, y, y]``) against the model's own float64 formula (``vision.apply_axial_rope`` on the weighted norm);
+    24 and 72 (the real config's head dim) leave quarters that are not powers of two (masked lanes)."""
+    from gemma4lab.model.vision import apply_axial_rope, axial_cos_sin, axial_inv_freq
+
+    hq = hkv = 3
+    side = int(n**0.5) + 1
+    pos = torch.stack([torch.arange(n) % side, torch.arange(n) // side], -1)[None]  # [1, n, 2] (column, row)
+    cos, sin = (t[0] for t in axial_cos_sin(axial_inv_freq(dim, 100.0), pos, torch.float32))
+    buf = act(gen, n, (hq + 2 * hkv) * dim, dtype=dtype)
+    before = buf.clone()
+    qw, kw = wt(gen, dim, dtype), wt(gen, dim, dtype)
+    q, k, v = buf[:, : hq * dim], buf[:, hq * dim: 2 * hq * dim], buf[:, 2 * hq * dim:]
+    K.gemma_qkv_norm_rope_(q, k, v, qw, kw, cos, sin, axial=True)
+    orig = before.double().view(n, 3 * hq, dim)
+    c, s = cos.double()[None], sin.double()[None]
+    for i, w in ((0, qw), (1, kw)):
+        ref = apply_axial_rope(rms64(orig[:, i * hq:(i + 1) * hq], w.double())[None], c, s)[0]
+        assert_rounded(buf.view(n, 3 * hq, dim)[:, i * hq:(i + 1) * hq], ref, dtype)
+    assert_rounded(buf.view(n, 3 * hq, dim)[:, 2 * hq:], rms64(orig[:, 2 * hq:]), dtype)
+    ref_twin = before.clone()
+    K.gemma_qkv_norm_rope_ref_(ref_twin[:, : hq * dim], ref_twin[:, hq * dim: 2 * hq * dim],
+                               ref_twin[:, 2 * hq * dim:], qw, kw, cos, sin, axial=True)
+    assert_rounded(ref_twin.view(n, 3 * hq, dim), buf.view(n, 3 * hq, dim).double(), dtype, roundings=2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        K.gemma_qkv_norm_rope_(q[:, :hq * 6], None, None, qw[:6], None, cos[:, :6], sin[:, :6], axial=True)
+    with pytest.raises(TypeError, match="axial must be a bool"):
+        K.gemma_qkv_norm_rope_(q, k, v, qw, kw, cos, sin, axial=1)

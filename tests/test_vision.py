@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from gemma4lab import Fusion
 from gemma4lab.model.config import Gemma4Config, VisionConfig
 from gemma4lab.model.processor import Gemma4Processor
 from gemma4lab.model.vision import MultimodalEmbedder, VisionTower, image_features
@@ -121,6 +122,45 @@ def test_soft_tokens_match_reference_fp32(hf_model, ours, batch):
     assert out.shape == ref.shape == (sum(batch["num_soft_tokens"]), 48)
     assert out.dtype == torch.float32
     assert rel_err(out, ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("fusion", [Fusion.all(), Fusion(qkv_norm_rope=True), Fusion(post_attention=True, gelu=True),
+                                    Fusion(epilogue=True), Fusion(epilogue=True, next_norm=True)], ids=str)
+@torch.no_grad()
+def test_fused_encoder_matches_reference_fp32(hf_model, ours, batch, fusion, triton_path_only):
+    """The encoder layer with the decoder's fused kernels (q/k/v norms + 2-D RoPE in one kernel, the norm sandwiches
+    in ``norm_residual_norm``, the gated GELU, the epilogue with the next layer's input norm) against transformers'
+    tower in fp32, as tight as the unfused path: the same math, fewer roundings."""
+    tower = ours[0]
+    try:
+        tower.encoder.fusion = fusion
+        out = tower(batch["pixel_values"], batch["image_position_ids"])
+    finally:
+        tower.encoder.fusion = Fusion()
+    ref = hf_model.model.vision_tower(batch["pixel_values"], batch["image_position_ids"]).last_hidden_state
+    assert rel_err(out, ref) <= FP32_RTOL
+
+
+def test_fused_encoder_layer_launches_at_most_15_kernels(cfg, triton_path_only):
+    """#15's budget: the fused encoder layer is 7 GEMMs, attention, and 4 fused kernels (the CPU profile counts the
+    ops the layer dispatches; views launch nothing); unfused it is ~86."""
+    from gemma4lab.lab.profiling import profile_forward
+    from gemma4lab.model.vision import VisionEncoderLayer, axial_cos_sin, axial_inv_freq
+
+    layer, nxt = VisionEncoderLayer(cfg.vision), VisionEncoderLayer(cfg.vision).input_layernorm
+    x = torch.randn(1, 16, cfg.vision.hidden_size)
+    pos = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(1, 16, 2)
+    cos, sin = axial_cos_sin(axial_inv_freq(cfg.vision.head_dim, cfg.vision.rope_theta), pos, x.dtype)
+    mask, x_in = torch.ones(1, 1, 1, 16, dtype=torch.bool), nxt(x)
+    views = {"aten::view", "aten::view_as", "aten::reshape", "aten::_unsafe_view", "aten::transpose", "aten::t"}
+
+    def launches(fusion):
+        prof = profile_forward(lambda: layer(x, cos, sin, mask, fusion, x_in, nxt), warmup=1)
+        return sum(n for op, n in prof["top_kernels"] if op not in views)
+
+    fused, unfused = launches(Fusion.all()), launches(Fusion())
+    print(f"encoder layer: {fused} ops fused, {unfused} unfused")
+    assert fused <= 15 < 40 < unfused
 
 
 @torch.no_grad()

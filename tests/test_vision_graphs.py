@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
+from gemma4lab import Fusion
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.processor import Gemma4Processor
 from gemma4lab.model.vision import VisionTower
@@ -106,6 +107,29 @@ def test_gpu_graph_equals_eager_and_is_never_stale(preset):
             warnings.simplefilter("ignore")
             got = graphs(pv, ip)
         assert torch.equal(got, tower(pv, ip)) and graphs.stats["captures"] == 4
+        # the fused encoder is another program: captured again, and the graph equals the fused eager tower
+        tower.encoder.fusion = Fusion.all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = graphs(pv, ip)
+        assert torch.equal(got, tower(pv, ip)) and graphs.stats["captures"] == 5
+
+
+def test_fused_kernels_are_part_of_what_the_graphs_were_captured_over(tiny):
+    """Switching the encoder's fused kernels changes what a graph would replay: the key the graphs are checked
+    against changes with it (on a GPU the graphs are then dropped and captured again, as for a cast)."""
+    tower = _tower(tiny, "cpu", torch.float32)
+    graphs = TowerGraphs(tower)
+    before = graphs._weights_key()
+    tower.encoder.fusion = Fusion.all()
+    assert graphs._weights_key() != before
+    tower.encoder.fusion = Fusion()
+    assert graphs._weights_key() == before
+    import gemma4lab
+
+    model = gemma4lab.random_init(tiny, dtype=torch.float32, seed=0)
+    model.set_fusion("all")  # the decoder's switches reach the encoder with one call
+    assert model.model.vision_tower.encoder.fusion == Fusion.all() == model.language_model.fusion
 
 
 @pytest.mark.gpu

@@ -48,7 +48,12 @@ from .moe_gemm import (
     quantize_act_e4m3,
 )
 from .moe_route import gemma_moe_route, gemma_moe_route_ref
-from .post_attention_block import gemma_post_attention_block, gemma_post_attention_block_ref
+from .post_attention_block import (
+    gemma_norm_residual_norm,
+    gemma_norm_residual_norm_ref,
+    gemma_post_attention_block,
+    gemma_post_attention_block_ref,
+)
 from .prefill_attention import (
     AttentionConfig,
     attention_config,
@@ -62,8 +67,8 @@ from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref,
 
 #: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
 OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
-       "post_attention_block", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul", "moe_route", "moe_gemm",
-       "moe_combine", "prefill_attention", "decode_attention")
+       "post_attention_block", "norm_residual_norm", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul",
+       "moe_route", "moe_gemm", "moe_combine", "prefill_attention", "decode_attention")
 
 __all__ = [
     "INTERPRET",
@@ -98,6 +103,8 @@ __all__ = [
     "gemma_moe_gemm_ref",
     "gemma_moe_route",
     "gemma_moe_route_ref",
+    "gemma_norm_residual_norm",
+    "gemma_norm_residual_norm_ref",
     "gemma_post_attention_block",
     "gemma_post_attention_block_ref",
     "gemma_prefill_attention",

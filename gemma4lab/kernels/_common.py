@@ -170,6 +170,8 @@ def row_launch(n_rows: int, hidden: int, dtype: torch.dtype, device: torch.devic
         hit = _LAUNCH.get((hidden, dtype, streams, device))
         if hit is None:
             cfg = row_config(hidden, dtype, streams)
+            if INTERPRET:  # the CPU interpreter pays per program and per loop step, not per element: tall tiles
+                cfg = dataclasses.replace(cfg, rows=max(cfg.rows, min(256, 16384 // triton.next_power_of_2(hidden))))
             sms = num_sms(device)
             short = dataclasses.replace(cfg, programs_per_sm=4, num_stages=1)
             hit = (cfg.rows, cfg.programs_per_sm * sms, _row_meta(hidden, dtype, streams, cfg),

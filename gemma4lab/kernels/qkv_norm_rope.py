@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_rows, check_same_tokens, check_vector, compute_dtype, pow2, register, to_dtype
+from ._common import INTERPRET, check_rows, check_same_tokens, check_vector, compute_dtype, pow2, register, to_dtype
 
 
 @triton.jit
@@ -120,6 +120,8 @@ def head_config(n_rows: int, head_dim: int) -> HeadConfig:
     elements = two 16-byte bf16 vectors per thread per half; fewer tokens per program at small T (the head axis
     already gives Hq + Hk + Hv programs per token block). Every row is computed the same way whatever ``rows`` is."""
     fit = max(1, 2048 // head_dim)
+    if INTERPRET:  # the CPU interpreter pays per program, not per element: fewer, taller tiles
+        fit = 1024
     rows = min(1 << (fit.bit_length() - 1), triton.next_power_of_2(max(n_rows, 1)))  # powers of two (D = 72: 16)
     return HeadConfig(rows=rows, num_warps=4 if rows * head_dim >= 1024 else 2)
 

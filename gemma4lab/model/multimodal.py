@@ -72,6 +72,8 @@ class Gemma4ForConditionalGeneration(nn.Module):
     def set_fusion(self, fusion: Fusion | str) -> Gemma4ForConditionalGeneration:
         """Switch fused kernels on or off: a ``Fusion`` or ``"none"`` / ``"all"`` / ``"published"``."""
         self.language_model.fusion = Fusion.parse(fusion)
+        if self.model.vision_tower is not None:  # the encoder takes the decoder's switches
+            self.model.vision_tower.encoder.fusion = self.language_model.fusion
         return self
 
     def set_attention_backend(self, backend: str) -> Gemma4ForConditionalGeneration:

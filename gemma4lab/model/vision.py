@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from gemma4lab.model.config import Gemma4Config, VisionConfig
 from gemma4lab.model.layers import RMSNorm, gelu_tanh, rms_norm, rotate_half
+from gemma4lab.runtime.fusion import Fusion
 
 
 class _Linear(nn.Module):
@@ -95,13 +96,23 @@ class VisionAttention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
-        """x: [N, P, D]; key_mask: bool [N, 1, 1, P], True where a patch is real and may be attended to."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, fused_norm_rope: bool = False) -> Tensor:
+        """x: [N, P, D]; key_mask: bool [N, 1, 1, P], True where a patch is real and may be attended to.
+        ``fused_norm_rope``: the q/k/v norms and the 2-D RoPE in one kernel (``qkv_norm_rope_(axial=True)``)."""
         n, p, _ = x.shape
         shape = (n, p, -1, self.head_dim)
-        q = apply_axial_rope(self.q_norm(self.q_proj(x).view(shape)), cos, sin)
-        k = apply_axial_rope(self.k_norm(self.k_proj(x).view(shape)), cos, sin)
-        v = rms_norm(self.v_proj(x).view(shape), None, self.eps)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if fused_norm_rope:
+            from gemma4lab.kernels import gemma_qkv_norm_rope_
+
+            rows = lambda t: t.view(n * p, -1)  # noqa: E731
+            gemma_qkv_norm_rope_(rows(q), rows(k), rows(v), self.q_norm.weight, self.k_norm.weight, rows(cos),
+                                 rows(sin), self.eps, axial=True)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        else:
+            q = apply_axial_rope(self.q_norm(q.view(shape)), cos, sin)
+            k = apply_axial_rope(self.k_norm(k.view(shape)), cos, sin)
+            v = rms_norm(v.view(shape), None, self.eps)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask, scale=1.0
         )
@@ -115,8 +126,14 @@ class VisionMLP(nn.Module):
         self.up_proj = _Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = _Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused_act:
+            from gemma4lab.kernels import gemma_gelu_tanh_and_mul
+
+            i = gate.shape[-1]
+            return self.down_proj(gemma_gelu_tanh_and_mul(gate.reshape(-1, i), up.reshape(-1, i)).view_as(gate))
+        return self.down_proj(gelu_tanh(gate) * up)
 
 
 class VisionEncoderLayer(nn.Module):
@@ -132,9 +149,44 @@ class VisionEncoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, key_mask))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, fusion: Fusion | None = None,
+                x_in: Tensor | None = None, next_norm: RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        """One encoder layer: returns the residual stream and, when the fused epilogue computed it, the next layer's
+        input (``next_norm`` applied to the stream; ``x_in`` is this layer's, from the previous epilogue).
+
+        Fused (``fusion``, the decoder's switches): ``qkv_norm_rope`` the q/k/v norms and the 2-D RoPE in one kernel;
+        ``post_attention`` the residual, the post-attention norm and the pre-MLP norm in one pass
+        (``norm_residual_norm``); ``gelu`` the gated GELU; ``epilogue`` the residual and the post-MLP norm
+        (with ``next_norm``: the next layer's input norm in the same pass)."""
+        f = fusion or Fusion()
+        if x_in is None:
+            x_in = self.input_layernorm(x)
+        a = self.self_attn(x_in, cos, sin, key_mask, fused_norm_rope=f.qkv_norm_rope)
+        if f.post_attention:
+            h, mlp_in = _norm_sandwich(a, x, self.post_attention_layernorm, self.pre_feedforward_layernorm)
+        else:
+            h = x + self.post_attention_layernorm(a)
+            mlp_in = self.pre_feedforward_layernorm(h)
+        m = self.mlp(mlp_in, fused_act=f.gelu)
+        if f.epilogue and f.next_norm and next_norm is not None:
+            return _norm_sandwich(m, h, self.post_feedforward_layernorm, next_norm)
+        if f.epilogue:
+            from gemma4lab.kernels import gemma_rmsnorm_residual_scalar
+
+            one = torch.ones(1, dtype=torch.float32, device=m.device)
+            out = gemma_rmsnorm_residual_scalar(m.reshape(-1, m.shape[-1]), self.post_feedforward_layernorm.weight,
+                                                h.reshape(-1, h.shape[-1]), one, self.post_feedforward_layernorm.eps)
+            return out.view_as(h), None
+        return h + self.post_feedforward_layernorm(m), None
+
+
+def _norm_sandwich(a: Tensor, residual: Tensor, post: RMSNorm, nxt: RMSNorm) -> tuple[Tensor, Tensor]:
+    """``h = residual + post(a)`` and ``nxt(h)`` in one kernel (``norm_residual_norm``), on [N, P, D] tensors."""
+    from gemma4lab.kernels import gemma_norm_residual_norm
+
+    d = a.shape[-1]
+    h, h_next = gemma_norm_residual_norm(a.reshape(-1, d), residual.reshape(-1, d), post.weight, nxt.weight, post.eps)
+    return h.view_as(a), h_next.view_as(a)
 
 
 class VisionEncoder(nn.Module):
@@ -142,6 +194,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        #: the decoder's switches, set with them (``Gemma4ForConditionalGeneration.set_fusion``)
+        self.fusion = Fusion()
 
     def inv_freq(self, device: torch.device) -> Tensor:
         """The RoPE frequencies, computed rather than kept as a buffer: a buffer would be garbage after a meta-device
@@ -155,8 +209,10 @@ class VisionEncoder(nn.Module):
             inv_freq = self.inv_freq(positions.device)
         cos, sin = axial_cos_sin(inv_freq, positions, x.dtype)
         key_mask = ~padding[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, key_mask)
+        x_in = None
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
+            x, x_in = layer(x, cos, sin, key_mask, self.fusion, x_in, nxt)
         return x
 
 

@@ -52,10 +52,11 @@ class TowerGraphs:
         self._pool = None
 
     def _weights_key(self) -> tuple:
-        """Every tensor the graphs read by address: a parameter or buffer replaced, moved or cast changes it (a
-        ``load_state_dict`` copies in place and keeps it: the graphs then read the new values, as they should)."""
+        """What the graphs were captured over: every tensor they read by address (a parameter or buffer replaced,
+        moved or cast changes it; a ``load_state_dict`` copies in place and keeps it: the graphs then read the new
+        values, as they should) and the fused kernels the encoder runs (``set_fusion`` changes the program)."""
         ts = [*self.tower.parameters(), *self.tower.buffers()]
-        return tuple((t.data_ptr(), t.dtype) for t in ts)
+        return (self.tower.encoder.fusion, *((t.data_ptr(), t.dtype) for t in ts))
 
     def reset(self) -> None:
         """Drop every captured graph (their memory returns to the caching allocator)."""
@@ -73,8 +74,8 @@ class TowerGraphs:
         weights = self._weights_key()
         if weights != self._weights:
             if self._graphs:
-                warnings.warn("TowerGraphs: the tower's weights changed (replaced, moved or cast) since capture; the "
-                              "old graphs are dropped and captured again", stacklevel=3)
+                warnings.warn("TowerGraphs: the tower's weights (replaced, moved or cast) or its fused kernels changed "
+                              "since capture; the old graphs are dropped and captured again", stacklevel=3)
                 self.reset()
             self._weights = weights
         key = (*pixel_values.shape[:2], pixel_values.dtype, image_position_ids.dtype)

@@ -53,3 +53,21 @@ def test_gpu_matches_float64(gen, n):
     args = [t.cuda() for t in _args(gen, n, 2816, BF16)]
     for got, ref in zip(K.gemma_post_attention_block(*args), oracle_post_attention(*d(*args), BF16)):
         assert_rounded(got, ref, BF16, roundings=3)  # see test_dual_rmsnorm.GPU_ROUNDINGS
+
+
+@pytest.mark.parametrize("dtype,n,h", ROW_CASES + [(BF16, 6, 1152)], ids=str)
+def test_one_view_form_matches_float64(gen, dtype, n, h):
+    """``gemma_norm_residual_norm``: the same kernel writing ``h`` and one view, a plain layer's norm sandwich (the
+    vision encoder's, hidden 1152 in the real config)."""
+    a, r, w_post, w_next = _args(gen, n, h, dtype)[:4]
+    bufs = (nan_like(a), nan_like(a))
+    outs = K.gemma_norm_residual_norm(a, r, w_post, w_next, out=bufs)
+    assert all(o is b for o, b in zip(outs, bufs))
+    refs = oracle_post_attention(*d(a, r, w_post, w_next, w_next, w_next), dtype)[:2]
+    for got, ref in zip(outs, refs):
+        assert_rounded(got, ref, dtype)
+    for got, twin in zip(outs, K.gemma_norm_residual_norm_ref(a, r, w_post, w_next)):
+        assert_rounded(got, twin.double(), dtype, roundings=2)
+    assert [o.shape for o in K.gemma_norm_residual_norm(a[:0], r[:0], w_post, w_next)] == [(0, h)] * 2
+    with pytest.raises(ValueError, match="w_next has"):
+        K.gemma_norm_residual_norm(a, r, w_post, w_next[:-1])

@@ -60,7 +60,13 @@ def _run_attention_layouts() -> None:
     qkv = torch.randn(40, 3 * 16 * 72, generator=gen).to(torch.bfloat16)
     w = torch.ones(72, dtype=torch.bfloat16)
     cos, sin = torch.ones(40, 72), torch.zeros(40, 72)
-    K.gemma_qkv_norm_rope_(qkv[:, :1152], qkv[:, 1152:2304], qkv[:, 2304:], w, w, cos, sin, axial=True)
+    K.gemma_qkv_norm_rope_(qkv[:, :1152], qkv[:, 1152:2304], qkv[:, 2304:], w, w, cos, sin, axial=True,
+                           config=K.HeadConfig(16, 4))  # the card's tile at head dim 72 (the interpreter's is taller)
+    # the encoder's norm sandwich (hidden 1152) and gated GELU (4304 wide), as a card launches them
+    x, wn = torch.randn(40, 1152, generator=gen).to(torch.bfloat16), torch.ones(1152, dtype=torch.bfloat16)
+    K.gemma_norm_residual_norm(x, x, wn, wn, config=K.row_config(1152, torch.bfloat16, 2))
+    g = torch.randn(40, 4304, generator=gen).to(torch.bfloat16)
+    K.gemma_gelu_tanh_and_mul(g, g)
 
 
 def test_every_launched_kernel_compiles_for_sm90():

@@ -149,7 +149,11 @@ def run(args) -> dict:
             if args.path is not None:  # after every length: a run cut short still leaves what it measured
                 measure.write_json(args.path, {**out, "complete": False})
     if args.sweep and args.e2e_layers:
-        out["end_to_end"] = end_to_end(out["sweep"], args, dev)
+        try:
+            out["end_to_end"] = end_to_end(out["sweep"], args, dev)
+        except Exception as e:  # noqa: BLE001 — recorded, not hidden: the sweep above stays in the file
+            out["end_to_end_error"] = f"{type(e).__name__}: {e}"[:300]
+            print("end to end failed:", out["end_to_end_error"], flush=True)
     out["complete"] = True
     return out
 

@@ -189,3 +189,5 @@ def test_attention_section_states_the_sweeps_end_to_end_effect():
                           "default": {"median_ms": 50.0}, "swept_best": {"median_ms": 40.0}}}
     text = report.attention_section(doc, None)
     assert "50.0 ms" in text and "40.0 ms" in text and "64×32, 8 warps, 2 stages, TMA" in text and "1.25×" in text
+    failed = report.attention_section({"rows": [], "end_to_end_error": "ValueError: out of memory"}, None)
+    assert "not measured — ValueError: out of memory" in failed

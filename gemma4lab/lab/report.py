@@ -462,6 +462,8 @@ def attention_section(doc: Mapping[str, Any], png: str | None) -> str:
                    f"{e2e['tokens']} tokens, fused eager prefill in the same run): default tiles "
                    f"{e2e['default']['median_ms']:.1f} ms, the sweep's fastest tiles ({tiles}) "
                    f"{e2e['swept_best']['median_ms']:.1f} ms — {times(e2e['speedup'])}.")
+    elif doc.get("end_to_end_error"):
+        out.append(f"* **End to end**: not measured — {doc['end_to_end_error']}")
     return "\n".join(out)
 
 

@@ -110,6 +110,14 @@ def attention_config(head_dim: int, dtype: torch.dtype, sliding: bool) -> Attent
 
 # ---- kernel --------------------------------------------------------------------------------------------------------
 @triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """``a @ b (+ acc)``: exact fp32 products for fp32 inputs (IEEE), the tensor cores' default otherwise."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED: tl.constexpr, SLIDING: tl.constexpr):
     """One key tile of the online softmax: the scores ``s`` (in log2 units after ``log2 e``; masked where a row may
     not see a key, or past the segment's end ``hi``) → ``p``, the rescale ``alpha`` of what came before, the new
@@ -146,10 +154,7 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
             k = tl.load(k_head + cols64[:, None] * stride_kn + offs_d[None, :], mask=ld, other=0.0)
         else:
             k = tl.load(k_head + cols64[:, None] * stride_kn + offs_d[None, :])
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _mma(q, tl.trans(k), None, IEEE)
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED, SLIDING)
         acc = acc * alpha[:, None]
         if BLOCK_D != HEAD_DIM or MASKED:
@@ -157,10 +162,7 @@ def _attend_keys(acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn, rows, k
                         mask=kv_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
             v = tl.load(v_head + cols64[:, None] * stride_vn + offs_dv[None, :])
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = _mma(p.to(v.dtype), v, acc, IEEE)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -175,34 +177,20 @@ def _attend_keys_tma(acc0, acc1, m_i, l_i, qa, qb, kd, vd, rows, key_end, lo, hi
     offs_n = tl.arange(0, BLOCK_N)
     for start in tl.range(lo, hi, BLOCK_N):
         cols = start + offs_n
-        ka = kd.load([start, 0])
-        if IEEE:
-            s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-        else:
-            s = tl.dot(qa, tl.trans(ka))
+        s = _mma(qa, tl.trans(kd.load([start, 0])), None, IEEE)
         if TWO:
-            kb = kd.load([start, D_CHUNK])
-            if IEEE:
-                s = tl.dot(qb, tl.trans(kb), s, input_precision="ieee")
-            else:
-                s = tl.dot(qb, tl.trans(kb), s)
+            s = _mma(qb, tl.trans(kd.load([start, D_CHUNK])), s, IEEE)
         p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i, cols, rows, key_end, hi, window, MASKED, SLIDING)
         va = vd.load([start, 0])
         if MASKED:
             va = tl.where((cols < hi)[:, None], va, 0.0)
         p = p.to(va.dtype)
-        if IEEE:
-            acc0 = tl.dot(p, va, acc0 * alpha[:, None], input_precision="ieee")
-        else:
-            acc0 = tl.dot(p, va, acc0 * alpha[:, None])
+        acc0 = _mma(p, va, acc0 * alpha[:, None], IEEE)
         if TWO:
             vb = vd.load([start, D_CHUNK])
             if MASKED:
                 vb = tl.where((cols < hi)[:, None], vb, 0.0)
-            if IEEE:
-                acc1 = tl.dot(p, vb, acc1 * alpha[:, None], input_precision="ieee")
-            else:
-                acc1 = tl.dot(p, vb, acc1 * alpha[:, None])
+            acc1 = _mma(p, vb, acc1 * alpha[:, None], IEEE)
         m_i = m_new
     return acc0, acc1, m_i, l_i
 
@@ -409,7 +397,7 @@ TMA_BOX = 256
 def _check_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int) -> None:
     """What TMA descriptors need: a head dim that splits into whole boxes, 16-byte aligned rows and heads; and a
     scratch allocator for the descriptors the kernel writes (a torch one, unless the caller installed their own)."""
-    if not (d <= TMA_BOX and d == triton.next_power_of_2(d) or d % TMA_BOX == 0 and d // TMA_BOX == 2):
+    if not (d == 2 * TMA_BOX or d <= TMA_BOX and d == triton.next_power_of_2(d)):
         raise ValueError(f"AttentionConfig(tma=True) takes a power-of-two head dim up to {TMA_BOX} or "
                          f"{2 * TMA_BOX}, got {d}")
     size = q.element_size()

@@ -12,10 +12,11 @@ set of that count. What cannot be in a graph stays out, eagerly, around the repl
 * **after**: ``pooled[valid]`` (its length is data), standardisation and the cast (``VisionTower.finish``).
 
 The same ops in the same order as the eager tower, so the soft tokens are bit-identical to it (a GPU test checks).
-A graph holds the tensors it was captured with: the graphs remember the address and dtype of every parameter and
-buffer of the tower, and when any changes (``model.to(...)``, a replaced parameter) they are dropped and captured
-again, never replayed stale; a graph is keyed by ``[N, P]`` and the inputs' dtypes. Without CUDA the tower runs
-eagerly (same code, no graph), so CPU tests exercise the split.
+A graph holds the tensors and kernels it was captured with: the graphs remember the address and dtype of every
+parameter and buffer of the tower and the encoder's fused kernels, and when any changes (``model.to(...)``, a
+replaced parameter, ``set_fusion``) they are dropped and captured again, never replayed stale; a graph is keyed by
+``[N, P]`` and the inputs' dtypes. Without CUDA the tower runs eagerly (same code, no graph), so CPU tests exercise
+the split.
 """
 
 from __future__ import annotations

@@ -479,16 +479,15 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "tower_graph": measure.time_stats(graphed, rep_ms=args.rep_ms),
                "tower_graph_equal": bool(torch.equal(graphed(), tower())),
                "tower_kernels": prof["kernels"], "tower_gpu_busy_ms": prof["gpu_busy_ms"],
-               # where the graphed tower's GPU time goes, by op family (the fewest images: what fusing the encoder
-               # would have to move; the other counts repeat the same kernels on more patches)
-               "tower_graph_families": None,
                "tower_kernels_per_layer": prof["kernels"] / cfg.vision.num_hidden_layers,
                "hf_tower": measure.time_stats(lambda pv=pv, ip=ip, f=hf.get_image_features: f(pv, ip),
                                               rep_ms=args.rep_ms),
                "prompt_fused": measure.time_stats(
                    lambda ids=ids, pv=pv, ip=ip, mm=mm: model.prefill(ids, pv, ip, mm), rep_ms=args.rep_ms)}
-        if n == min(args.images):  # idle against the graphed call timed without the profiler (which slows the host)
-            row["tower_graph_families"] = family_summary(graphed, wall_ms=row["tower_graph"]["median_ms"])
+        # where the graphed tower's GPU time goes, by op family, at the fewest images (what fusing the encoder would
+        # have to move; more images repeat the same kernels); idle against the call timed without the profiler
+        row["tower_graph_families"] = (family_summary(graphed, wall_ms=row["tower_graph"]["median_ms"])
+                                       if n == min(args.images) else None)
         row["tower_x_floor"] = row["tower"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["tower_graph_x_floor"] = row["tower_graph"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]

@@ -466,6 +466,11 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
         patches = (ip != -1).all(dim=-1).sum(dim=-1).tolist()
         tower = lambda pv=pv, ip=ip: model.image_features(pv, ip)  # noqa: E731
         graphed = lambda pv=pv, ip=ip: model.image_features(pv, ip, tower=graphs)  # noqa: E731
+        model.set_fusion(Fusion.none())  # the unfused encoder first: what the fused kernels are measured against
+        prof_unfused = profile_forward(tower)
+        unfused = measure.time_stats(tower, rep_ms=args.rep_ms)
+        unfused_out = tower()
+        model.set_fusion(Fusion.all())
         prof = profile_forward(tower)
         # the text floor's experts: those a text prompt of the same length hits (the routing statistics run the
         # decoder alone, so they cannot take the image's soft tokens; a random prompt's routing is uniform anyway)
@@ -475,6 +480,8 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                "soft_tokens": int((batch["input_ids"] == cfg.image_token_id).sum()),
                "tower_floor": vision_floor(cfg, patches, copy_bw, mm_rate),
                "text_floor_ms": floors(cfg, len(ids[0]), stats["experts_hit"], copy_bw, mm_rate)["floor_ms"],
+               "tower_unfused": unfused, "tower_unfused_kernels": prof_unfused["kernels"],
+               "tower_fused_vs_unfused_rel": measure.rel_err(tower().float(), unfused_out.float()),
                "tower": measure.time_stats(tower, rep_ms=args.rep_ms),
                "tower_graph": measure.time_stats(graphed, rep_ms=args.rep_ms),
                "tower_graph_equal": bool(torch.equal(graphed(), tower())),
@@ -493,8 +500,11 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
         row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]
                                                                     + row["text_floor_ms"])
         out[str(n)] = row
-        print(f"vision, {n} image(s): tower {row['tower']['median_ms']:.1f} ms ({row['tower_x_floor']:.1f}× its "
-              f"floor), graphed {row['tower_graph']['median_ms']:.1f} ms (bit-identical: {row['tower_graph_equal']}), "
+        print(f"vision, {n} image(s): tower unfused {row['tower_unfused']['median_ms']:.1f} ms "
+              f"({row['tower_unfused_kernels'] / cfg.vision.num_hidden_layers:.0f} kernels per layer), fused "
+              f"{row['tower']['median_ms']:.1f} ms ({row['tower_x_floor']:.1f}× its "
+              f"floor, {row['tower_kernels_per_layer']:.0f} kernels per layer), "
+              f"graphed {row['tower_graph']['median_ms']:.1f} ms (bit-identical: {row['tower_graph_equal']}), "
               f"transformers {row['hf_tower']['median_ms']:.1f} ms", flush=True)
     del hf
     measure.release_memory()

@@ -1,0 +1,115 @@
+"""Experiment: the dense projections of Gemma 4 26B-A4B at few rows (decode 1–16, short prefill 93 / 189), bf16, one
+GPU — cuBLAS (``F.linear``) against ``gemma_dense_gemm`` under a grid of launch settings.
+
+Every timing is of calls captured in a CUDA graph (launch overhead removed, as in the decode graph and PCG), each
+call on a different copy of the weight so the 50 MB L2 never holds it: what a layer's stream over its weights costs.
+Weight bandwidth is reported as a fraction of the copy bandwidth measured in the same run. Each setting's output is
+checked against a float64 product before it is timed.
+
+``python experiments/dense_small_m.py --json results/runs/dense_sweep_<card>.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from gemma4lab.kernels.dense_gemm import DenseConfig, dense_config, gemma_dense_gemm
+from gemma4lab.lab import measure
+
+H = 2816
+#: (name, N, K) of every dense projection of one layer, the fused pairs a loader could concatenate, and the head
+SHAPES = [("q_sliding", 4096, H), ("kv_sliding", 2048, H), ("q_full", 8192, H), ("k_full", 1024, H),
+          ("o_sliding", H, 4096), ("o_full", H, 8192), ("gate_or_up", 2112, H), ("gate_up", 4224, H),
+          ("down", H, 2112), ("qkv_sliding", 8192, H), ("qk_full", 9216, H), ("lm_head", 262144, H)]
+
+
+def candidates(m: int, n: int, k: int) -> list[DenseConfig]:
+    """The grid at ``m`` rows: CUDA-core tiles up to 4 rows, tensor-core tiles (one row tile) from 1 row on; each
+    with no split, the split that gives ~2 programs per SM, and twice that."""
+    out = []
+    if m <= 4:
+        bm = 1 << max(0, (m - 1).bit_length())
+        for bn, bk, nw in ((16, 256, 4), (32, 128, 4), (64, 64, 4), (32, 256, 8), (16, 512, 4)):
+            out.append(DenseConfig(block_m=bm, block_n=bn, block_k=bk, mma=False, num_warps=nw, num_stages=3))
+    bm = min(256, max(16, 1 << max(0, (m - 1).bit_length())))
+    for bn, bk, ns in itertools.product((64, 128), (128, 256), (3, 4)):
+        if bm * bk > 128 * 256 and ns > 3:
+            continue
+        out.append(DenseConfig(block_m=bm, block_n=bn, block_k=bk, mma=True, num_warps=4, num_stages=ns))
+    res = []
+    for c in out:
+        tiles, steps = triton.cdiv(n, c.block_n), triton.cdiv(k, c.block_k)
+        auto = max(1, min(steps // 2, triton.cdiv(264, tiles)))
+        for s in sorted({1, auto, min(steps, 2 * auto)}):
+            res.append(DenseConfig(**{**c.__dict__, "split_k": s}))
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 93, 189])
+    p.add_argument("--shapes", nargs="+", default=[s[0] for s in SHAPES])
+    p.add_argument("--rep-ms", type=float, default=30)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    bw = measure.copy_bandwidth(dev)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    for name, n, k in (s for s in SHAPES if s[0] in args.shapes):
+        nbytes = n * k * 2
+        copies = max(1, min(16, -(-160 * 2**20 // nbytes)))  # > 3× the L2 in all
+        ws = [0.02 * torch.randn(n, k, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
+        for m in args.rows:
+            x = torch.randn(m, k, device=dev, dtype=dt, generator=gen)
+            ref = (x.double() @ ws[0].double().T)
+            tol = 4 * 2**-8 * ref.abs().max().item()
+
+            def cycling(f, ws=ws):
+                it = itertools.cycle(ws)
+                return lambda: f(next(it))
+
+            per = max(copies, 8)
+            graph = lambda fn: measure.bench_cuda_graph(fn, replays_per_graph=per, warmup_ms=5,
+                                                                   rep_ms=args.rep_ms)  # noqa: E731
+            row = {"shape": name, "n": n, "k": k, "rows": m, "weight_bytes": nbytes,
+                   "cublas_ms": graph(cycling(lambda w: F.linear(x, w))), "ours": []}
+            row["cublas_bw"] = nbytes / (row["cublas_ms"] * 1e-3) / bw
+            heur = dense_config(m, n, k)
+            for cfg in dict.fromkeys([heur, *candidates(m, n, k)]):
+                try:
+                    err = (gemma_dense_gemm(x, ws[0], config=cfg).double() - ref).abs().max().item()
+                    if err > tol:
+                        raise AssertionError(f"max error {err:.2e} > {tol:.2e}")
+                    ms = graph(cycling(lambda w, cfg=cfg: gemma_dense_gemm(x, w, config=cfg)))
+                except Exception as e:  # noqa: BLE001 — a setting that does not compile or fit is part of the sweep
+                    row["ours"].append({"config": repr(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                row["ours"].append({"config": repr(cfg), "ms": ms, "bw": nbytes / (ms * 1e-3) / bw,
+                                    "heuristic": cfg == heur})
+            timed = [r for r in row["ours"] if "ms" in r]
+            best = min(timed, key=lambda r: r["ms"]) if timed else None
+            row["best"] = best
+            rows.append(row)
+            print(f"{name:12s} N={n:6d} K={k} M={m:3d}: cuBLAS {row['cublas_ms'] * 1e3:7.1f} us "
+                  f"({row['cublas_bw']:.0%})  ours best "
+                  + (f"{best['ms'] * 1e3:7.1f} us ({best['bw']:.0%}) {best['config']}" if best else "none"),
+                  flush=True)
+            if args.json:
+                measure.write_json(args.json, {"experiment": "dense_small_m", "copy_bandwidth_Bps": bw,
+                                               "rows": rows, "complete": False})
+        del ws
+        torch.cuda.empty_cache()
+    if args.json:
+        measure.write_json(args.json, {"experiment": "dense_small_m", "copy_bandwidth_Bps": bw, "rows": rows,
+                                       "complete": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -29,18 +29,15 @@ SHAPES = [("q_sliding", 4096, H), ("kv_sliding", 2048, H), ("q_full", 8192, H), 
 
 
 def candidates(m: int, n: int, k: int) -> list[DenseConfig]:
-    """The grid at ``m`` rows: CUDA-core tiles up to 4 rows, tensor-core tiles (one row tile) from 1 row on; each
-    with no split, the split that gives ~2 programs per SM, and twice that."""
+    """The grid at ``m`` rows: one row tile, weight tiles of 64 or 128 rows, 128- or 256-deep K steps, 3 or 4 stages,
+    each with no split, the split that gives ~2 programs per SM, and twice that. (A CUDA-core product for 1–4 rows
+    was in the first sweep, 64f1e27: 3× slower than the 16-row tensor-core tile at one row, so it is gone.)"""
     out = []
-    if m <= 4:
-        bm = 1 << max(0, (m - 1).bit_length())
-        for bn, bk, nw in ((16, 256, 4), (32, 128, 4), (64, 64, 4), (32, 256, 8), (16, 512, 4)):
-            out.append(DenseConfig(block_m=bm, block_n=bn, block_k=bk, mma=False, num_warps=nw, num_stages=3))
     bm = min(256, max(16, 1 << max(0, (m - 1).bit_length())))
     for bn, bk, ns in itertools.product((64, 128), (128, 256), (3, 4)):
         if bm * bk > 128 * 256 and ns > 3:
             continue
-        out.append(DenseConfig(block_m=bm, block_n=bn, block_k=bk, mma=True, num_warps=4, num_stages=ns))
+        out.append(DenseConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=ns))
     res = []
     for c in out:
         tiles, steps = triton.cdiv(n, c.block_n), triton.cdiv(k, c.block_k)
@@ -81,7 +78,7 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "rows": m, "weight_bytes": nbytes,
                    "cublas_ms": graph(cycling(lambda w: F.linear(x, w))), "ours": []}
             row["cublas_bw"] = nbytes / (row["cublas_ms"] * 1e-3) / bw
-            heur = dense_config(m, n, k)
+            heur = dense_config(m, [n], k)
             for cfg in dict.fromkeys([heur, *candidates(m, n, k)]):
                 try:
                     err = (gemma_dense_gemm(x, ws[0], config=cfg).double() - ref).abs().max().item()

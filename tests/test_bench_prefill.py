@@ -113,6 +113,11 @@ def test_vision_part_per_image_count(result):
         assert r["tower_kernels"] > 0 and r["text_floor_ms"] > 0
         # the graphed tower (eager on CPU: no graphs to capture) gives the same soft tokens, and its time by family
         assert r["tower_graph"]["runs"] >= 3 and r["tower_graph_equal"] is True
+        # the unfused encoder timed beside the fused one: the fused switches reach the tower (15 ops an encoder
+        # layer against 78 on the CPU profile; the tiny tower's embedding, pooling and projector are the same in
+        # both), and the two agree to fp32 rounding
+        assert r["tower_unfused"]["runs"] >= 3 and r["tower_kernels"] < r["tower_unfused_kernels"] / 2
+        assert r["tower_fused_vs_unfused_rel"] < 1e-2
     fam = one["tower_graph_families"]  # profiled at the fewest images only
     assert set(fam["families_ms"]) == set(FAMILIES) and fam["families_ms"]["dense_gemm"] > 0
     assert two["tower_graph_families"] is None
@@ -125,6 +130,8 @@ def test_report_shows_the_vision_table(result):
     one = doc["vision"]["1"]
     assert f"| 1 | {sum(one['patches'])} | {one['soft_tokens']} |" in text
     assert "Where the tower's time goes" in text
+    per_layer = one["tower_kernels_per_layer"] / one["tower_kernels"]
+    assert "tower, ours unfused" in text and f"(unfused {per_layer * one['tower_unfused_kernels']:.0f})" in text
 
 
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):

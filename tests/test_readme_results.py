@@ -191,3 +191,9 @@ def test_attention_section_states_the_sweeps_end_to_end_effect():
     assert "50.0 ms" in text and "40.0 ms" in text and "64×32, 8 warps, 2 stages, TMA" in text and "1.25×" in text
     failed = report.attention_section({"rows": [], "end_to_end_error": "ValueError: out of memory"}, None)
     assert "not measured — ValueError: out of memory" in failed
+    # a later sweep run supplies the figure a full run lacks, with its own provenance; when the fastest tiles are
+    # the defaults the ratio is called what it is
+    later = {**doc, "config_full": dataclasses.asdict(best), "environment": {"git_commit": "abc1234"}}
+    text = report.attention_section({"rows": []}, None, later)
+    assert "a later run:" in text and "abc1234" in text and "run-to-run spread" in text
+    assert "run-to-run spread" not in report.attention_section(doc, None)

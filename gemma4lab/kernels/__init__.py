@@ -23,6 +23,7 @@ tuning sweeps.
 
 from ._common import INTERPRET, RowConfig, kernel_backend, row_config
 from .decode_attention import DecodeConfig, decode_config, gemma_decode_attention, gemma_decode_attention_ref
+from .dense_gemm import DENSE_MAX_ROWS, DenseConfig, dense_config, gemma_dense_gemm, gemma_dense_gemm_ref
 from .dual_rmsnorm import (
     gemma_dual_rmsnorm_residual_scalar,
     gemma_dual_rmsnorm_residual_scalar_next_norm,
@@ -68,15 +69,17 @@ from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref,
 #: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
 OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
        "post_attention_block", "norm_residual_norm", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul",
-       "moe_route", "moe_gemm", "moe_combine", "prefill_attention", "decode_attention")
+       "moe_route", "moe_gemm", "moe_combine", "prefill_attention", "decode_attention", "dense_gemm")
 
 __all__ = [
+    "DENSE_MAX_ROWS",
     "INTERPRET",
     "MOE_SWEEP",
     "OPS",
     "AttentionConfig",
     "CombineConfig",
     "DecodeConfig",
+    "DenseConfig",
     "ElementwiseConfig",
     "HeadConfig",
     "MoeConfig",
@@ -86,9 +89,12 @@ __all__ = [
     "attention_configs",
     "combine_config",
     "decode_config",
+    "dense_config",
     "elementwise_config",
     "gemma_decode_attention",
     "gemma_decode_attention_ref",
+    "gemma_dense_gemm",
+    "gemma_dense_gemm_ref",
     "gemma_dual_rmsnorm_residual_scalar",
     "gemma_dual_rmsnorm_residual_scalar_next_norm",
     "gemma_dual_rmsnorm_residual_scalar_next_norm_ref",

@@ -173,10 +173,12 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
             if _num(bw) and _num(mm) else f"Recorded on {provenance(doc)}.", ""]
     impl = doc.get("hf_experts_implementation")
     peers = any(_num(r.get(f"{c}_ms")) for r in rows for c in ("hf", "hf_compile", "hf_compile_ro"))
-    out += [f"**Uniform routing** (random router weights: every expert is hit at 93 tokens). transformers runs "
-            f"`{impl}` experts." if impl else "**Uniform routing** (random router weights)." + (
-                " transformers' experts implementation was not recorded in this file (it predates the fair-peer "
-                "benchmark)." if peers else ""), "", prefill_table(doc)]
+    timed = any(_num(r.get(f"{c}_ms")) for r in rows for c, _ in PREFILL_COLUMNS)
+    if timed or not doc.get("tag"):  # a tagged run of other parts (vision, layer) timed no column: no table
+        out += [f"**Uniform routing** (random router weights: every expert is hit at 93 tokens). transformers runs "
+                f"`{impl}` experts." if impl else "**Uniform routing** (random router weights)." + (
+                    " transformers' experts implementation was not recorded in this file (it predates the fair-peer "
+                    "benchmark)." if peers else ""), "", prefill_table(doc)]
     if any(r.get("pcg_bucket", 0) is None for r in rows):
         cap = doc.get("pcg_capture") or {}
         top = cap.get("max_tokens") or (max(cap["buckets"]) if isinstance(cap.get("buckets"), list) else "?")
@@ -227,19 +229,28 @@ def vision_table(doc: Mapping[str, Any]) -> str:
     vis = doc.get("vision")
     if not isinstance(vis, Mapping) or not vis:
         return ""
-    out = ["| images | patches | soft tokens | tower floor | tower, ours | tower, ours in a CUDA graph | "
-           "transformers' tower | kernels / encoder layer | prompt tokens | prompt, ours fused | "
-           "prompt / (text + tower floor) |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    # runs since the encoder was fused time the unfused tower too (and count its kernels)
+    unfused = any(isinstance(r.get("tower_unfused"), Mapping) for r in vis.values())
+    out = ["| images | patches | soft tokens | tower floor | " + ("tower, ours unfused | " if unfused else "")
+           + "tower, ours | tower, ours in a CUDA graph | transformers' tower | kernels / encoder layer | "
+           "prompt tokens | prompt, ours fused | prompt / (text + tower floor) |",
+           "| ---: " * (12 if unfused else 11) + "|"]
     for r in sorted(vis.values(), key=lambda r: r["images"]):
         med = lambda k, r=r: (r.get(k) or {}).get("median_ms")  # noqa: E731
+        floor = r["tower_floor"]["floor_ms"]
+        plain = f"{ms(med('tower_unfused'))} · {times(med('tower_unfused') / floor)} | " \
+            if _num(med("tower_unfused")) else ("— | " if unfused else "")
+        kernels = f"{r['tower_kernels_per_layer']:.0f}"
+        if _num(r.get("tower_unfused_kernels")) and _num(r.get("tower_kernels")) and r["tower_kernels"]:
+            per_layer = r["tower_kernels_per_layer"] / r["tower_kernels"]
+            kernels += f" (unfused {per_layer * r['tower_unfused_kernels']:.0f})"
         graphed = "—" if not _num(med("tower_graph")) else (
             f"{ms(med('tower_graph'))} · {times(r.get('tower_graph_x_floor'))}"
             + ("" if r.get("tower_graph_equal") else " (bits differ from eager!)"))
         out.append(f"| {r['images']} | {sum(r['patches'])} | {r['soft_tokens']} | "
-                   f"{ms(r['tower_floor']['floor_ms'])} | {ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
+                   f"{ms(floor)} | {plain}{ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
                    f"{graphed} | "
-                   f"{ms(med('hf_tower'))} | {r['tower_kernels_per_layer']:.0f} | {r['tokens']} | "
+                   f"{ms(med('hf_tower'))} | {kernels} | {r['tokens']} | "
                    f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |")
     return "\n".join(out)
 
@@ -435,7 +446,9 @@ def kernels_section(doc: Mapping[str, Any], png: str | None) -> str:
     return "\n".join(out)
 
 
-def attention_section(doc: Mapping[str, Any], png: str | None) -> str:
+def attention_section(doc: Mapping[str, Any], png: str | None, later: Mapping[str, Any] | None = None) -> str:
+    """``later``: a later run (``bench-attention --tokens 11533 --sweep``) whose end-to-end figure this run lacks,
+    shown with its own provenance."""
     out = _head("Prefill attention (`python -m gemma4lab bench-attention`)", "attention", png)
     out += [f"Batch 1, bf16, 16 query heads — {provenance(doc)}; bf16 matmul in the same run: "
             f"{doc.get('matmul_tflops', float('nan')):.0f} TFLOP/s. TFLOP/s count visible query–key pairs only.", "",
@@ -455,16 +468,25 @@ def attention_section(doc: Mapping[str, Any], png: str | None) -> str:
                        f"{span((r.get('triton_tflops') for r in mine), lambda v: f'{v:.0f}')} TFLOP/s, "
                        f"{span(r['flex_ms'] / r['triton_ms'] for r in mine if _num(r.get('flex_ms')))} faster than "
                        "FlexAttention.")
-    e2e = doc.get("end_to_end")
+    e2e, when, src = doc.get("end_to_end"), "", doc
+    if not isinstance(e2e, Mapping) and later is not None and isinstance(later.get("end_to_end"), Mapping):
+        e2e, when, src = later["end_to_end"], f"; a later run: {provenance(later)}", later
     if isinstance(e2e, Mapping) and _num(e2e.get("speedup")):
         tiles = "; ".join(f"{k} {_tiles(v)}" for k, v in (e2e.get("best") or {}).items() if v)
         out.append(f"* **End to end** ({e2e['layers']} full-width layers, {e2e['full_layers']} of them full, "
-                   f"{e2e['tokens']} tokens, fused eager prefill in the same run): default tiles "
+                   f"{e2e['tokens']} tokens, fused eager prefill in the sweep's run{when}): default tiles "
                    f"{e2e['default']['median_ms']:.1f} ms, the sweep's fastest tiles ({tiles}) "
-                   f"{e2e['swept_best']['median_ms']:.1f} ms — {times(e2e['speedup'])}.")
+                   f"{e2e['swept_best']['median_ms']:.1f} ms — {times(e2e['speedup'])}"
+                   + (" (the sweep's fastest tiles are the defaults: the ratio is run-to-run spread)."
+                      if all(v is None or _same_tiles(v, src.get(f"config_{k}") or {}) for k, v in
+                             (e2e.get("best") or {}).items()) else "."))
     elif doc.get("end_to_end_error"):
         out.append(f"* **End to end**: not measured — {doc['end_to_end_error']}")
     return "\n".join(out)
+
+
+def _same_tiles(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return bool(b) and all(a.get(k) == b.get(k) for k in a)
 
 
 def _tiles(cfg: Mapping[str, Any]) -> str:
@@ -704,7 +726,8 @@ def readme_results(results: Path) -> str:
         parts += [decode_section(dec, dec_png), ""]
     att, att_png = _first(results, "attention")
     if att:
-        parts += [attention_section(att, att_png), ""]
+        later = [d for d, _ in _runs(results, "attention") if d is not att and d.get("end_to_end")]
+        parts += [attention_section(att, att_png, later[-1] if later else None), ""]
     if len(parts) == 2:
         parts += ["(no recorded results yet: run the `python -m gemma4lab bench-…` commands on a GPU)", ""]
     return "\n".join(parts + [END])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gemma4lab.model.config import TextConfig
-from gemma4lab.model.layers import MLP, Experts, RMSNorm, Router, apply_rope, rms_norm
+from gemma4lab.model.layers import MLP, Experts, RMSNorm, Router, apply_rope, project, rms_norm
 from gemma4lab.runtime.fusion import Fusion
 
 
@@ -47,11 +47,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, fused: bool, dense: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor]:
+        """``dense``: at few rows the projections run as one ``dense_gemm`` launch (``layers.project``)."""
         n, d = x.shape[0], self.head_dim
-        q, k = self.q_proj(x), self.k_proj(x)
+        projs = (self.q_proj, self.k_proj) + (() if self.v_proj is None else (self.v_proj,))
+        q, k, *v = project(x, projs, dense)
         # K-as-V: the *raw* K projection is V, taken before k_norm and RoPE.
-        v = self.v_proj(x) if self.v_proj is not None else (k.clone() if fused else k)
+        v = v[0] if v else (k.clone() if fused else k)
         if fused:
             from gemma4lab.kernels import gemma_qkv_norm_rope_
 
@@ -90,7 +93,7 @@ class DecoderLayer(nn.Module):
         """``x`` is this layer's normed input when the previous layer's epilogue already computed it."""
         if x is None:
             x = self.input_layernorm(h)
-        return self.self_attn.qkv(x, cos, sin, fusion.qkv_norm_rope)
+        return self.self_attn.qkv(x, cos, sin, fusion.qkv_norm_rope, fusion.dense)
 
     def post_attention(
         self, o: Tensor, residual: Tensor, next_norm: Tensor | None, fusion: Fusion
@@ -98,7 +101,7 @@ class DecoderLayer(nn.Module):
         """Returns the new residual stream and, with ``fusion.next_norm``, ``rms(stream) · next_norm``."""
         from gemma4lab import kernels as K
 
-        a = self.self_attn.o_proj(o.reshape(o.shape[0], -1))
+        a = project(o.reshape(o.shape[0], -1), (self.self_attn.o_proj,), fusion.dense)[0]
         if self.moe and fusion.post_attention:
             h, mlp_in, experts_in, router_in = K.gemma_post_attention_block(
                 a, residual, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
@@ -110,7 +113,7 @@ class DecoderLayer(nn.Module):
             if self.moe:
                 router_in = self.router.router_input(h)
                 experts_in = self.pre_feedforward_layernorm_2(h)
-        d = self.mlp(mlp_in, fused_act=fusion.gelu)
+        d = self.mlp(mlp_in, fused_act=fusion.gelu, dense=fusion.dense)
         if not self.moe:
             if fusion.epilogue:
                 out = K.gemma_rmsnorm_residual_scalar(d, self.post_feedforward_layernorm.weight, h, self.layer_scalar,

@@ -22,6 +22,36 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     return y.type_as(x)
 
 
+def tensor_core_kernels_ok(x: Tensor) -> bool:
+    """Whether the tensor-core Triton kernels (``moe_gemm``, ``dense_gemm``) may take ``x``: on CUDA, or in fp32
+    under Triton's CPU interpreter (its bf16 ``tl.dot`` is wrong, so never bf16 there)."""
+    from gemma4lab.kernels import kernel_backend
+
+    backend = kernel_backend(x)
+    return backend == "triton" or (backend == "triton-interpreter" and x.dtype == torch.float32)
+
+
+def _plain(linear: nn.Module, x: Tensor) -> bool:
+    """A bias-free ``nn.Linear`` whose weight is x's dtype, called as itself (not an adapter or a quantised linear
+    that only looks like one): the only kind whose weight the few-row kernel may read directly."""
+    return (type(linear).forward is nn.Linear.forward and getattr(linear, "bias", None) is None
+            and isinstance(getattr(linear, "weight", None), Tensor) and linear.weight.dtype == x.dtype)
+
+
+def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Tensor, ...]:
+    """``x`` through each of ``linears`` (which share their input). With ``fused`` and at most ``DENSE_MAX_ROWS``
+    rows on a kernel path, all of them in one ``dense_gemm`` launch (decode, short prompts: a GEMM's fixed cost,
+    not its bytes, bounds it there), returned as column views of its one output; otherwise one ``F.linear`` each."""
+    if fused and x.dim() == 2 and x.stride(-1) == 1 and 0 < x.shape[0] and tensor_core_kernels_ok(x) \
+            and all(_plain(m, x) for m in linears):
+        from gemma4lab.kernels.dense_gemm import DENSE_MAX_ROWS, gemma_dense_gemm
+
+        if x.shape[0] <= DENSE_MAX_ROWS:
+            y = gemma_dense_gemm(x, [m.weight for m in linears])
+            return tuple(torch.split(y, [m.weight.shape[0] for m in linears], dim=1))
+    return tuple(m(x) for m in linears)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True) -> None:
         super().__init__()
@@ -85,13 +115,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def forward(self, x: Tensor, fused_act: bool = False, dense: bool = False) -> Tensor:
+        """``dense``: few-row projections through ``dense_gemm``, gate and up in one launch (:func:`project`)."""
+        gate, up = project(x, (self.gate_proj, self.up_proj), dense)
         if fused_act:
             from gemma4lab.kernels import gemma_gelu_tanh_and_mul
 
-            return self.down_proj(gemma_gelu_tanh_and_mul(gate, up))
-        return self.down_proj(gelu_tanh(gate) * up)
+            return project(gemma_gelu_tanh_and_mul(gate, up), (self.down_proj,), dense)[0]
+        return project(gelu_tanh(gate) * up, (self.down_proj,), dense)[0]
 
 
 def router_tail(logits: Tensor, per_expert_scale: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -223,13 +254,7 @@ class Experts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return gelu_tanh(gate) * up
 
-    @staticmethod
-    def _kernel_ok(x: Tensor) -> bool:
-        """CUDA, or fp32 under Triton's CPU interpreter (its bf16 ``tl.dot`` is wrong, so never bf16 there)."""
-        from gemma4lab.kernels import kernel_backend
-
-        backend = kernel_backend(x)
-        return backend == "triton" or (backend == "triton-interpreter" and x.dtype == torch.float32)
+    _kernel_ok = staticmethod(tensor_core_kernels_ok)
 
     def _grouped(self, x: Tensor, idx: Tensor, fused_act: bool, use_kernel: bool = False) -> tuple[Tensor, Tensor]:
         """Expert outputs in sorted order [T·k, H] and the sort order (slot index of each sorted row)."""

@@ -19,6 +19,8 @@ class Fusion:
     * ``experts``: the MoE block in four kernels: ``moe_route`` (offsets and sorted slots in one launch), the
       streaming ``moe_gemm`` twice (weights read once; the token gather and the GELU in its operand loads) for
       prompts up to ``Experts.MOE_GEMM_MAX_TOKENS`` tokens (the library grouped GEMM above), ``moe_combine``.
+    * ``dense``: at up to ``kernels.dense_gemm.DENSE_MAX_ROWS`` rows (decode, short prompts) the dense projections
+      run through ``dense_gemm``: q/k/v in one launch, gate/up in one, o, down and the tied head one each.
     * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
       norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
     """
@@ -30,6 +32,7 @@ class Fusion:
     epilogue: bool = False
     next_norm: bool = False
     experts: bool = False
+    dense: bool = False
 
     def __post_init__(self) -> None:
         if self.next_norm and not self.epilogue:

@@ -329,13 +329,14 @@ def test_plot_pcg_speedup_divides_by_the_pcg_row_of_the_same_count():
 def test_decoder_layer_diagram_names_real_kernels():
     """The 00 diagram can't drift from the package: every kernel it names is a registered op, and it shows every
     prefill kernel of a MoE layer (all but the dense layers' single-norm epilogue, the epilogue without the next
-    norm, used after the last layer, decode attention, and the vision encoder's norm sandwich)."""
+    norm, used after the last layer, decode attention, the vision encoder's norm sandwich, and the few-row dense
+    GEMM of decode and prompts of up to 16 tokens)."""
     from gemma4lab import kernels
 
     named = {op for *_, op in viz.DECODER_LAYER_STAGES if op}
     assert named <= set(kernels.OPS)
     assert set(kernels.OPS) - named == {"rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar",
-                                        "decode_attention", "norm_residual_norm"}
+                                        "decode_attention", "norm_residual_norm", "dense_gemm"}
     fig = viz.plot_decoder_layer()
     texts = {t.get_text().replace("\n", "") for t in fig.axes[0].texts}
     assert named <= texts and "GEMM" in texts

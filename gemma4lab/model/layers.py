@@ -31,19 +31,29 @@ def tensor_core_kernels_ok(x: Tensor) -> bool:
     return backend == "triton" or (backend == "triton-interpreter" and x.dtype == torch.float32)
 
 
-def _plain(linear: nn.Module, x: Tensor) -> bool:
-    """A bias-free ``nn.Linear`` whose weight is x's dtype, called as itself (not an adapter or a quantised linear
-    that only looks like one): the only kind whose weight the few-row kernel may read directly."""
-    return (type(linear).forward is nn.Linear.forward and getattr(linear, "bias", None) is None
-            and isinstance(getattr(linear, "weight", None), Tensor) and linear.weight.dtype == x.dtype)
+def _plain(linear: object, x: Tensor) -> bool:
+    """A bias-free ``nn.Linear`` whose weight is x's dtype, with no hooks, called as itself (not an adapter, a
+    quantised linear that only looks like one, or a wrapper): the only kind whose weight the few-row kernel may read
+    instead of calling it — a hook a user put on the module must still see it run."""
+    return (isinstance(linear, nn.Linear) and type(linear).forward is nn.Linear.forward
+            and linear.bias is None and isinstance(linear.weight, Tensor) and linear.weight.dtype == x.dtype
+            and not (linear._forward_hooks or linear._forward_pre_hooks or _global_module_hooks()))
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Tensor, ...]:
     """``x`` through each of ``linears`` (which share their input). With ``fused`` and at most ``DENSE_MAX_ROWS``
     rows on a kernel path, all of them in one ``dense_gemm`` launch (decode, short prompts: a GEMM's fixed cost,
     not its bytes, bounds it there), returned as column views of its one output; otherwise one ``F.linear`` each."""
-    if fused and x.dim() == 2 and x.stride(-1) == 1 and 0 < x.shape[0] and tensor_core_kernels_ok(x) \
-            and all(_plain(m, x) for m in linears):
+    # not under torch.compile: a branch on the row count would specialise the compiled graph on it (the compiled
+    # peer serves every prompt length with one graph), and the compiled model has its own GEMM choice
+    if fused and not torch.compiler.is_compiling() and x.dim() == 2 and x.stride(-1) == 1 and 0 < x.shape[0] \
+            and tensor_core_kernels_ok(x) and all(_plain(m, x) for m in linears):
         from gemma4lab.kernels.dense_gemm import DENSE_MAX_ROWS, gemma_dense_gemm
 
         if x.shape[0] <= DENSE_MAX_ROWS:

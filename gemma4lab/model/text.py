@@ -98,8 +98,8 @@ class TextModel(nn.Module):
         from gemma4lab.model.layers import tensor_core_kernels_ok
 
         w = self.embed_tokens.weight
-        if 0 < h.shape[0] <= DENSE_MAX_ROWS and h.stride(-1) == 1 and w.dtype == h.dtype \
-                and tensor_core_kernels_ok(h):
+        if not torch.compiler.is_compiling() and 0 < h.shape[0] <= DENSE_MAX_ROWS and h.stride(-1) == 1 \
+                and w.dtype == h.dtype and tensor_core_kernels_ok(h):
             return gemma_dense_gemm(h, w)
         return None
 

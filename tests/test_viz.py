@@ -424,3 +424,24 @@ def test_kernel_lines_reads_each_kernels_rows_and_skips_incomplete_ones():
                         "eager_ms": 0.02}]}
     lines = viz.kernel_lines(doc, ["gemma_post_attention_block"])
     assert len(lines) == 1 and "T=    93:     3.3 µs in a graph, 23% of copy bandwidth, 152x" in lines[0]
+
+
+def _dense_doc(fixed_us=5.0, bw=4e12):
+    """A dense sweep whose cuBLAS times lie exactly on ``fixed + bytes / bw``; the head is far off the line."""
+    rows = [{"shape": f"w{i}", "rows": 1, "weight_bytes": mb * 1e6,
+             "cublas_ms": (fixed_us + mb * 1e6 / bw * 1e6) / 1e3,
+             "best": {"ms": (fixed_us / 2 + mb * 1e6 / bw * 1e6) / 1e3}}
+            for i, mb in enumerate((6, 12, 23, 46))]
+    rows.append({"shape": "head", "rows": 1, "weight_bytes": 1.5e9, "cublas_ms": 1.0, "best": None})
+    return _doc(rows=rows, copy_bandwidth_Bps=bw)
+
+
+def test_dense_fixed_cost_recovers_the_line_and_the_plot_shows_it():
+    fit = viz.dense_fixed_cost(_dense_doc())
+    assert abs(fit["fixed_us"] - 5.0) < 1e-6 and abs(fit["bandwidth_Bps"] / 4e12 - 1) < 1e-6 and fit["points"] == 4
+    with pytest.raises(ValueError, match="at least two"):
+        viz.dense_fixed_cost(_dense_doc(), rows=8)
+    fig = viz.plot_dense_sweep(_dense_doc(), LABEL)
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert "cuBLAS (F.linear)" in labels and any(lb.startswith("cuBLAS fit: 5.0 µs") for lb in labels)
+    assert len(fig.axes[0].lines[0].get_xdata()) == 4  # the 1.5 GB head is left out of the picture

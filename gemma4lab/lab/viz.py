@@ -771,3 +771,54 @@ def plot_decode(doc: Mapping[str, Any], label: str) -> Figure:
         axes[0][0].text(0.5, 0.5, "no decode point recorded", ha="center", va="center", transform=axes[0][0].transAxes)
     fig.suptitle(f"Gemma 4 decode ({doc.get('preset', '?')}, {doc.get('layers', '?')} layers) — {label}", fontsize=9)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------------------ 13
+
+
+def dense_fixed_cost(doc: Mapping[str, Any], rows: int = 1, max_bytes: float = 1e8) -> dict[str, float]:
+    """Least-squares line ``µs = fixed + bytes / bandwidth`` through cuBLAS's times at ``rows`` rows in a dense
+    sweep (``experiments/dense_small_m.py``), over the weights below ``max_bytes`` (the layer projections, not the
+    1.5 GB head): ``fixed_us`` is what a GEMM costs whatever its size, ``bandwidth_Bps`` the slope's stream rate."""
+    pts = [(r["weight_bytes"], r["cublas_ms"] * 1e3) for r in doc.get("rows", [])
+           if r["rows"] == rows and r["weight_bytes"] < max_bytes]
+    if len(pts) < 2:
+        raise ValueError(f"a dense sweep with at least two weights below {max_bytes:.0e} bytes at {rows} rows is "
+                         f"needed, got {len(pts)}")
+    slope, fixed = np.polyfit([b for b, _ in pts], [t for _, t in pts], 1)
+    return {"fixed_us": float(fixed), "bandwidth_Bps": float(1e6 / slope) if slope > 0 else float("inf"),
+            "points": len(pts)}
+
+
+def plot_dense_sweep(doc: Mapping[str, Any], label: str, rows: int = 1) -> Figure:
+    """Each dense projection of the sweep at ``rows`` rows: cuBLAS and the best ``dense_gemm`` setting against the
+    weight's size, beside its bytes over the run's copy bandwidth and the fitted line of :func:`dense_fixed_cost`;
+    the gap between the floor and the points at small weights is a GEMM's fixed cost."""
+    mine = sorted((r for r in doc.get("rows", []) if r["rows"] == rows and r["weight_bytes"] < 1e8),
+                  key=lambda r: r["weight_bytes"])
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
+    mb = [r["weight_bytes"] / 1e6 for r in mine]
+    ax.plot(mb, [r["cublas_ms"] * 1e3 for r in mine], "C0o", label="cuBLAS (F.linear)")
+    best = [(r["weight_bytes"] / 1e6, r["best"]["ms"] * 1e3) for r in mine if isinstance(r.get("best"), Mapping)]
+    if best:
+        ax.plot(*zip(*best), "C1s", label="dense_gemm, best setting")
+    bw = doc.get("copy_bandwidth_Bps")
+    xs = np.linspace(0, max(mb, default=1) * 1.05, 50)
+    if isinstance(bw, (int, float)) and bw > 0:
+        ax.plot(xs, xs * 1e6 / bw * 1e6, "k:", label=f"bytes / copy bandwidth ({bw / 1e12:.2f} TB/s)")
+    if len(mine) >= 2:
+        fit = dense_fixed_cost(doc, rows)
+        ax.plot(xs, fit["fixed_us"] + xs * 1e6 / fit["bandwidth_Bps"] * 1e6, "C0--", alpha=0.6,
+                label=f"cuBLAS fit: {fit['fixed_us']:.1f} µs + bytes / {fit['bandwidth_Bps'] / 1e12:.2f} TB/s")
+    for r in mine:
+        ax.annotate(r["shape"], (r["weight_bytes"] / 1e6, r["cublas_ms"] * 1e3), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("weight (MB, bf16)")
+    ax.set_ylabel(f"µs per GEMM at {rows} row{'s' if rows > 1 else ''} (in a CUDA graph)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"Dense projections of Gemma 4 26B-A4B at {rows} row{'s' if rows > 1 else ''} — {label}", fontsize=9)
+    return fig

@@ -68,7 +68,7 @@ print("repo root:", ROOT)
 # | 10 · transformers, patched in place | the speed-up on the model you already have: launches before and after, what is refused, PCG under `generate` | all of them, through `patch_transformers` |
 # | 11 · the attention prologue | per-head q/k/v norms and proportional RoPE derived step by step, bytes and the floor, K-as-V | `qkv_norm_rope_` |
 # | 12 · head-512 attention | the accumulator's registers, a spill predicted and measured, the output-dim split and its 1.5× work | `prefill_attention` |
-# | 13 · decode at the memory limit | a step's bytes and floor, why one program per head idles the GPU, split-K and the exact log-sum-exp merge, packed GQA heads | `decode_attention` |
+# | 13 · decode at the memory limit | a step's bytes and floor, why one program per head idles the GPU, split-K and the exact log-sum-exp merge, packed GQA heads; a GEMM's fixed cost at one row, and q/k/v in one launch | `decode_attention`, `dense_gemm` |
 # | 14 · the post-attention block | one residual update and three normed views in one pass, why the views come from the rounded stream | `post_attention_block` |
 # | 15 · the router's tail | softmax, top-8, renormalise and scale in one launch; a launch-bound op predicted and measured, ties and NaN ids | `router_topk` |
 #

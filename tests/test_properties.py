@@ -84,6 +84,23 @@ def test_moe_gemm_matches_reference_or_refuses(counts, extra):
 
 
 @FAST
+@given(rows=st.integers(0, 20), ns=st.lists(st.integers(0, 40), min_size=0, max_size=4),
+       k=st.sampled_from([0, 1, 17, 70]),
+       k_off=st.sampled_from([0, 0, 0, 1]), dtype=st.sampled_from([torch.float32, torch.float64, torch.int32]),
+       split=st.integers(0, 5))
+def test_dense_gemm_matches_reference_or_refuses(rows, ns, k, k_off, dtype, split):
+    """Any row count, zero to four weights of any size (one of them possibly of the wrong K), any dtype, any split."""
+    x = torch.randn(rows, k).to(dtype)
+    ws = [torch.randn(n, k + (k_off if i == 0 else 0)).to(dtype) for i, n in enumerate(ns)]
+    try:
+        cfg = K.DenseConfig(block_m=16, block_n=16, block_k=16, split_k=split) if split else None
+        out = K.gemma_dense_gemm(x, ws, config=cfg)
+    except CLEAR:
+        return
+    torch.testing.assert_close(out, K.gemma_dense_gemm_ref(x, ws), rtol=1e-5, atol=1e-5)
+
+
+@FAST
 @given(lens=st.lists(st.integers(-1, 6), min_size=1, max_size=3), extra=st.integers(-1, 1),
        max_extra=st.integers(-2, 2), window=st.sampled_from([None, 3]))
 def test_attention_matches_reference_or_refuses(lens, extra, max_extra, window):

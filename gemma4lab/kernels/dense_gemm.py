@@ -249,6 +249,8 @@ def gemma_dense_gemm(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Ten
         raise ValueError(f"out must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dimension")
     if m == 0 or n == 0:
         return out
+    if x.shape[1] == 0:  # an empty sum: no weight to stream
+        return out.zero_()
     if config is not None:
         _launch(x, ws, out, config)
     else:

@@ -103,6 +103,7 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match="split_k"):
         DenseConfig(split_k=0)
     assert K.gemma_dense_gemm(x[:0], w).shape == (0, 8)
+    assert torch.equal(K.gemma_dense_gemm(x[:, :0], w[:, :0], config=DenseConfig(split_k=3)), torch.zeros(2, 8))
 
 
 @pytest.mark.gpu

@@ -46,18 +46,27 @@ def _global_module_hooks() -> bool:
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
-def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Tensor, ...]:
-    """``x`` through each of ``linears`` (which share their input). With ``fused`` and at most ``DENSE_MAX_ROWS``
-    rows on a kernel path, all of them in one ``dense_gemm`` launch (decode, short prompts: a GEMM's fixed cost,
-    not its bytes, bounds it there), returned as column views of its one output; otherwise one ``F.linear`` each."""
-    # not under torch.compile: a branch on the row count would specialise the compiled graph on it (the compiled
-    # peer serves every prompt length with one graph), and the compiled model has its own GEMM choice
-    if fused and not torch.compiler.is_compiling() and x.dim() == 2 and x.stride(-1) == 1 and 0 < x.shape[0] \
-            and tensor_core_kernels_ok(x) and all(_plain(m, x) for m in linears):
-        from gemma4lab.kernels.dense_gemm import DENSE_MAX_ROWS, gemma_dense_gemm
+def few_row_product(x: Tensor, weights: list[Tensor]) -> Tensor | None:
+    """``x @ [w0; w1; …]ᵀ`` as one ``dense_gemm`` launch when ``x`` has at most ``DENSE_MAX_ROWS`` rows on a
+    kernel path (decode, short prompts: a GEMM's fixed cost, not its bytes, bounds it there); None otherwise, and
+    the caller runs its library GEMMs. Never under torch.compile: a branch on the row count would specialise the
+    compiled graph on it (the compiled peer serves every prompt length with one graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    from gemma4lab.kernels.dense_gemm import DENSE_MAX_ROWS, gemma_dense_gemm
 
-        if x.shape[0] <= DENSE_MAX_ROWS:
-            y = gemma_dense_gemm(x, [m.weight for m in linears])
+    if x.dim() != 2 or x.stride(-1) != 1 or not 0 < x.shape[0] <= DENSE_MAX_ROWS or not tensor_core_kernels_ok(x) \
+            or any(w.dtype != x.dtype for w in weights):
+        return None
+    return gemma_dense_gemm(x, weights)
+
+
+def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Tensor, ...]:
+    """``x`` through each of ``linears`` (which share their input): with ``fused``, one :func:`few_row_product`
+    launch where it applies, returned as column views of its one output; otherwise one ``F.linear`` each."""
+    if fused and all(_plain(m, x) for m in linears):
+        y = few_row_product(x, [m.weight for m in linears])
+        if y is not None:
             return tuple(torch.split(y, [m.weight.shape[0] for m in linears], dim=1))
     return tuple(m(x) for m in linears)
 

@@ -15,7 +15,7 @@ from gemma4lab.attention import PackedBatch, Visibility
 from gemma4lab.attention.backends import choose
 from gemma4lab.model.config import TextConfig
 from gemma4lab.model.decoder import DecoderLayer, Stream, run_decoder
-from gemma4lab.model.layers import RMSNorm, rope_cos_sin, rope_inv_freq
+from gemma4lab.model.layers import RMSNorm, few_row_product, rope_cos_sin, rope_inv_freq
 from gemma4lab.runtime.fusion import Fusion
 
 
@@ -84,24 +84,13 @@ class TextModel(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """Tied head + soft cap ``30·tanh(logits/30)``, in the activation dtype as the reference does."""
-        out = (self._dense_head(h) if self.fusion.dense and h.dim() == 2 else None)
+        out = few_row_product(h, [self.embed_tokens.weight]) if self.fusion.dense else None
         if out is None:
             out = F.linear(h, self.embed_tokens.weight)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             out = torch.tanh(out / cap) * cap
         return out
-
-    def _dense_head(self, h: Tensor) -> Tensor | None:
-        """The tied head through ``dense_gemm`` at few rows (a decode step's logits: 1.48 GB streamed), else None."""
-        from gemma4lab.kernels.dense_gemm import DENSE_MAX_ROWS, gemma_dense_gemm
-        from gemma4lab.model.layers import tensor_core_kernels_ok
-
-        w = self.embed_tokens.weight
-        if not torch.compiler.is_compiling() and 0 < h.shape[0] <= DENSE_MAX_ROWS and h.stride(-1) == 1 \
-                and w.dtype == h.dtype and tensor_core_kernels_ok(h):
-            return gemma_dense_gemm(h, w)
-        return None
 
     # ---- attention ------------------------------------------------------------------------------------------------
     def backend_for(self, device: torch.device) -> str:

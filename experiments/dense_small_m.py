@@ -1,6 +1,8 @@
 """Experiment: the dense projections of Gemma 4 26B-A4B at few rows (decode 1–16, short prefill 93 / 189), bf16, one
 GPU — cuBLAS (``F.linear``) against ``gemma_dense_gemm`` under a grid of launch settings.
 
+``grouped``: the groups ``Fusion.dense`` runs as one launch (q/k/v, q/k, gate/up) against one cuBLAS GEMM each.
+
 Every timing is of calls captured in a CUDA graph (launch overhead removed, as in the decode graph and PCG), each
 call on a different copy of the weight so the 50 MB L2 never holds it: what a layer's stream over its weights costs.
 Weight bandwidth is reported as a fraction of the copy bandwidth measured in the same run. Each setting's output is
@@ -103,9 +105,49 @@ def main() -> None:
                                                "rows": rows, "complete": False})
         del ws
         torch.cuda.empty_cache()
+    grouped = time_groups(args, bw, gen, dev)
     if args.json:
         measure.write_json(args.json, {"experiment": "dense_small_m", "copy_bandwidth_Bps": bw, "rows": rows,
-                                       "complete": True})
+                                       "grouped": grouped, "complete": True})
+
+
+#: the weights the model runs as one ``dense_gemm`` launch under ``Fusion.dense`` (sizes N, all with K = 2816)
+GROUPS = {"qkv_sliding": (4096, 2048, 2048), "qk_full": (8192, 1024), "gate_up": (2112, 2112)}
+
+
+def time_groups(args, bw: float, gen: torch.Generator, dev: str = "cuda") -> list[dict]:
+    """What ``Fusion.dense`` runs against what it replaces, at the rows it serves (<= DENSE_MAX_ROWS): one
+    ``gemma_dense_gemm`` over the group's weights (the model's heuristic setting) against one cuBLAS GEMM each."""
+    from gemma4lab.kernels import DENSE_MAX_ROWS
+
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32  # fp32 for a CPU smoke run under the interpreter
+    out = []
+    for name, ns in GROUPS.items():
+        nbytes = sum(ns) * H * 2
+        copies = max(1, min(16, -(-160 * 2**20 // nbytes)))
+        sets = [[0.02 * torch.randn(n, H, device=dev, dtype=dt, generator=gen) for n in ns]
+                for _ in range(copies)]
+        for m in (r for r in args.rows if r <= DENSE_MAX_ROWS):
+            x = torch.randn(m, H, device=dev, dtype=dt, generator=gen)
+            ref = torch.cat([x.double() @ w.double().T for w in sets[0]], dim=1)
+            err = (gemma_dense_gemm(x, sets[0]).double() - ref).abs().max().item() / ref.abs().max().item()
+
+            def cycling(f, sets=sets):
+                it = itertools.cycle(sets)
+                return lambda: f(next(it))
+
+            graph = lambda fn: measure.bench_cuda_graph(fn, replays_per_graph=max(copies, 8),  # noqa: E731
+                                                        warmup_ms=5, rep_ms=args.rep_ms)
+            row = {"group": name, "n": list(ns), "k": H, "rows": m, "weight_bytes": nbytes, "rel_err": err,
+                   "cublas_ms": graph(cycling(lambda ws: [F.linear(x, w) for w in ws])),
+                   "dense_gemm_ms": graph(cycling(lambda ws: gemma_dense_gemm(x, ws)))}
+            row["speedup"] = row["cublas_ms"] / row["dense_gemm_ms"]
+            out.append(row)
+            print(f"group {name:12s} M={m:3d}: cuBLAS x{len(ns)} {row['cublas_ms'] * 1e3:6.1f} us, one dense_gemm "
+                  f"{row['dense_gemm_ms'] * 1e3:6.1f} us ({row['speedup']:.2f}x; rel err {err:.1e})", flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":

@@ -237,3 +237,26 @@ def test_reference_model_accepts_processor_output(cfg, hf_model):
     logits = hf_model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], cfg.text.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_padding_bias_is_what_sdpa_builds_from_the_boolean_mask(cfg, dtype):
+    """The encoder passes SDPA an additive bias built once per forward: the same tensor SDPA makes of the boolean
+    mask (0 / -inf in the activations' dtype), so the attention is bit-identical; its rows are 16-aligned in memory
+    (what the memory-efficient CUDA kernel would otherwise copy into in every layer)."""
+    from gemma4lab.model.vision import VisionAttention, axial_cos_sin, axial_inv_freq, key_padding_bias
+
+    padding = torch.zeros(2, 20, dtype=torch.bool)
+    padding[0, 13:] = True
+    padding[1, 19:] = True
+    bias = key_padding_bias(padding, dtype)
+    assert bias.shape == (2, 1, 1, 20) and bias.dtype == dtype and bias.stride(-2) % 16 == 0
+    expected = torch.where(~padding, 0.0, float("-inf")).to(dtype)[:, None, None, :]
+    assert torch.equal(bias, expected)
+    torch.manual_seed(0)
+    attn = VisionAttention(cfg.vision).to(dtype)
+    x = torch.randn(2, 20, cfg.vision.hidden_size, dtype=dtype)
+    pos = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij"), -1).reshape(1, 20, 2)
+    cos, sin = axial_cos_sin(axial_inv_freq(cfg.vision.head_dim, cfg.vision.rope_theta), pos.expand(2, -1, -1), dtype)
+    assert torch.equal(attn(x, cos, sin, bias), attn(x, cos, sin, ~padding[:, None, None, :]))

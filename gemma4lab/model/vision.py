@@ -97,7 +97,8 @@ class VisionAttention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, fused_norm_rope: bool = False) -> Tensor:
-        """x: [N, P, D]; key_mask: bool [N, 1, 1, P], True where a patch is real and may be attended to.
+        """x: [N, P, D]; key_mask: [N, 1, 1, P], the additive bias of :func:`key_padding_bias` (or a boolean mask,
+        True where a patch is real and may be attended to).
         ``fused_norm_rope``: the q/k/v norms and the 2-D RoPE in one kernel (``qkv_norm_rope_(axial=True)``)."""
         n, p, _ = x.shape
         shape = (n, p, -1, self.head_dim)
@@ -208,12 +209,23 @@ class VisionEncoder(nn.Module):
         if inv_freq is None:
             inv_freq = self.inv_freq(positions.device)
         cos, sin = axial_cos_sin(inv_freq, positions, x.dtype)
-        key_mask = ~padding[:, None, None, :]
+        key_mask = key_padding_bias(padding, x.dtype)
         x_in = None
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
             x, x_in = layer(x, cos, sin, key_mask, self.fusion, x_in, nxt)
         return x
+
+
+def key_padding_bias(padding: Tensor, dtype: torch.dtype) -> Tensor:
+    """The encoder's attention mask as SDPA uses it: an additive bias ``[N, 1, 1, P]``, 0 on real patches and -inf
+    on padding, in the activations' dtype — the tensor SDPA builds from a boolean mask (``where(mask, 0, -inf)``).
+    Built once per forward instead of once per layer, and stored with its last dimension padded to a multiple of
+    16 (the view keeps ``P`` columns), because the memory-efficient CUDA kernel otherwise copies an unaligned mask
+    into an aligned one in every layer: two launches a layer saved, the same numbers."""
+    n, p = padding.shape
+    bias = torch.zeros(n, 1, 1, -(-p // 16) * 16, dtype=dtype, device=padding.device)[..., :p]
+    return bias.masked_fill_(padding[:, None, None, :], float("-inf"))
 
 
 # ---- the tower --------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pow2, register, to_dtype
+from ._common import INTERPRET, pow2, register, to_dtype
 
 #: Rows up to which the model runs its dense projections through this kernel (and cuBLAS above: at 93 rows cuBLAS is
 #: faster on every shape of the sweep). 16 is also a PCG bucket edge, so a padded bucket takes the eager prompt's path.
@@ -138,15 +138,19 @@ class DenseConfig:
             raise ValueError(f"DenseConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-def dense_config(n_rows: int, ns: Sequence[int], k: int) -> DenseConfig:
+def dense_config(n_rows: int, ns: Sequence[int], k: int, *, interpreter: bool = INTERPRET) -> DenseConfig:
     """Settings for ``n_rows`` rows against weights of ``ns`` output rows and ``k`` columns, from the H200 sweep
     (``results/runs/dense_sweep_h200_64f1e27.json``, at 1 and 8 rows): 64-row weight tiles, 256-deep K steps,
     4 stages; no split once the grid has >= 40 column tiles (q, o, down, the fused pairs, the head), 6 ranges of
     128-deep steps at K = 8192 (the full layers' o_proj: 16.3 against 17.5 µs unsplit), and enough ranges for
     ~2 programs per SM below 40 tiles (k, v, gate: 7.5 against 7.8 µs). The row tile covers the rows (16 at most
-    :data:`DENSE_MAX_ROWS`) and never changes a row's bits."""
+    :data:`DENSE_MAX_ROWS`) and never changes a row's bits. Under the CPU interpreter (``interpreter``), which pays
+    per program and launch rather than per byte, one tall tile and no split instead."""
     if n_rows < 1 or k < 1 or not ns or min(ns) < 1:
         raise ValueError(f"dense_config needs positive sizes, got rows={n_rows}, N={list(ns)}, K={k}")
+    if interpreter:  # one tall tile (still one that fits an sm_90, so the compile check can take it)
+        return DenseConfig(block_m=min(256, max(16, triton.next_power_of_2(n_rows))), block_n=128, block_k=128,
+                           num_stages=1)
     block_n, block_k = 64, (128 if k >= 8192 else 256)
     tiles = sum(triton.cdiv(n, block_n) for n in ns)
     steps = triton.cdiv(k, block_k)

@@ -169,3 +169,14 @@ def test_fp8_experts_column_with_its_own_floor_and_per_layer_error(result):
     assert per["ours_fused_fp8_median"] > 10 * per["ours_fused_median"]  # the quantisation shows, fp32 rounding not
     assert len(per["ours_fused_fp8a8"]) == per["layers"]
     assert per["ours_fused_fp8a8_median"] > per["ours_fused_fp8_median"]  # activations quantised too: more error
+
+
+def test_one_layer_is_measured_as_the_model_runs_it(result):
+    """Fused, a layer's normed input comes from the previous layer's epilogue (next_norm): the one-layer part must
+    not count the unfused input norm (its pow/mean kernels) that only the first layer of a forward runs; unfused,
+    the layer norms its own input. At 12 tokens the fused layer's projections are dense_gemm launches."""
+    _, doc = result
+    entry = doc["layer"]["12"]
+    fused, unfused = dict(entry["fused_top_kernels"]), dict(entry["unfused_top_kernels"])
+    assert "aten::pow" in unfused and "aten::pow" not in fused
+    assert fused.get("gemma4lab::dense_gemm") == 4 and entry["fused_launches"] < entry["unfused_launches"]

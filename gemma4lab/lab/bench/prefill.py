@@ -534,7 +534,10 @@ def _image_prompt(model, runner, args) -> dict:
 
 
 def _layer_alone(model, args) -> dict:
-    """One MoE decoder layer (a sliding one) alone at ``args.layer_tokens``: latency and kernel launches."""
+    """One MoE decoder layer (a sliding one) alone at ``args.layer_tokens``: latency and kernel launches, as the
+    layer runs inside the model. Fused, its normed input arrives from the previous layer's epilogue (``next_norm``),
+    so it is computed once outside the timed call (a layer that normed its own input would count the ~9 unfused
+    norm kernels only the first layer of a forward runs); unfused, the layer norms its input itself."""
     from gemma4lab.attention import PackedBatch
     from gemma4lab.lab.profiling import profile_forward
     from gemma4lab.model.decoder import Stream, run_layer
@@ -545,10 +548,16 @@ def _layer_alone(model, args) -> dict:
         ctx = lm.make_context(PackedBatch.from_lengths([t], model.device))
         h = torch.randn(t, lm.config.hidden_size, device=model.device, dtype=model.dtype)
         attend = lambda i, q, k, v, ctx=ctx: lm.attend(i, q, k, v, ctx)  # noqa: E731
+        x_in = lm.layers[0].input_layernorm(h)  # what layer -1's fused epilogue would hand over
         entry = {}
         for name, fusion in (("unfused", Fusion.none()), ("fused", Fusion.all())):
-            fwd = lambda fusion=fusion, h=h, ctx=ctx, attend=attend: run_layer(lm, 0, Stream(h), ctx.cos_sin,  # noqa
-                                                                                attend, fusion)
+            x = x_in if fusion.next_norm else None
+
+            def fwd(fusion=fusion, h=h, x=x, ctx=ctx, attend=attend):
+                s = Stream(h)
+                s.set_residual(h, x)
+                return run_layer(lm, 0, s, ctx.cos_sin, attend, fusion)
+
             entry[f"{name}_ms"] = measure.bench(fwd, rep_ms=args.rep_ms)
             prof = profile_forward(fwd)
             entry.update({f"{name}_launches": prof["kernels"], f"{name}_top_kernels": prof["top_kernels"][:15],

@@ -49,6 +49,18 @@ def candidates(m: int, n: int, k: int) -> list[DenseConfig]:
     return res
 
 
+def weight_copies(nbytes: int) -> int:
+    """Copies of a weight set whose cycle is > 3x the 50 MB L2 (at most 16): every timed call streams from HBM."""
+    return max(1, min(16, -(-160 * 2**20 // nbytes)))
+
+
+def cycled_graph_ms(f, sets: list, rep_ms: float) -> float:
+    """ms per call of ``f(weights)`` inside a CUDA graph, each captured call on the next of ``sets``."""
+    it = itertools.cycle(sets)
+    return measure.bench_cuda_graph(lambda: f(next(it)), replays_per_graph=max(len(sets), 8), warmup_ms=5,
+                                    rep_ms=rep_ms)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 93, 189])
@@ -63,22 +75,13 @@ def main() -> None:
     rows = []
     for name, n, k in (s for s in SHAPES if s[0] in args.shapes):
         nbytes = n * k * 2
-        copies = max(1, min(16, -(-160 * 2**20 // nbytes)))  # > 3× the L2 in all
-        ws = [0.02 * torch.randn(n, k, device=dev, dtype=dt, generator=gen) for _ in range(copies)]
+        ws = [0.02 * torch.randn(n, k, device=dev, dtype=dt, generator=gen) for _ in range(weight_copies(nbytes))]
         for m in args.rows:
             x = torch.randn(m, k, device=dev, dtype=dt, generator=gen)
             ref = (x.double() @ ws[0].double().T)
             tol = 4 * 2**-8 * ref.abs().max().item()
-
-            def cycling(f, ws=ws):
-                it = itertools.cycle(ws)
-                return lambda: f(next(it))
-
-            per = max(copies, 8)
-            graph = lambda fn: measure.bench_cuda_graph(fn, replays_per_graph=per, warmup_ms=5,
-                                                                   rep_ms=args.rep_ms)  # noqa: E731
             row = {"shape": name, "n": n, "k": k, "rows": m, "weight_bytes": nbytes,
-                   "cublas_ms": graph(cycling(lambda w: F.linear(x, w))), "ours": []}
+                   "cublas_ms": cycled_graph_ms(lambda w, x=x: F.linear(x, w), ws, args.rep_ms), "ours": []}
             row["cublas_bw"] = nbytes / (row["cublas_ms"] * 1e-3) / bw
             heur = dense_config(m, [n], k)
             for cfg in dict.fromkeys([heur, *candidates(m, n, k)]):
@@ -86,7 +89,7 @@ def main() -> None:
                     err = (gemma_dense_gemm(x, ws[0], config=cfg).double() - ref).abs().max().item()
                     if err > tol:
                         raise AssertionError(f"max error {err:.2e} > {tol:.2e}")
-                    ms = graph(cycling(lambda w, cfg=cfg: gemma_dense_gemm(x, w, config=cfg)))
+                    ms = cycled_graph_ms(lambda w, x=x, cfg=cfg: gemma_dense_gemm(x, w, config=cfg), ws, args.rep_ms)
                 except Exception as e:  # noqa: BLE001 — a setting that does not compile or fit is part of the sweep
                     row["ours"].append({"config": repr(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
@@ -124,23 +127,15 @@ def time_groups(args, bw: float, gen: torch.Generator, dev: str = "cuda") -> lis
     out = []
     for name, ns in GROUPS.items():
         nbytes = sum(ns) * H * 2
-        copies = max(1, min(16, -(-160 * 2**20 // nbytes)))
         sets = [[0.02 * torch.randn(n, H, device=dev, dtype=dt, generator=gen) for n in ns]
-                for _ in range(copies)]
+                for _ in range(weight_copies(nbytes))]
         for m in (r for r in args.rows if r <= DENSE_MAX_ROWS):
             x = torch.randn(m, H, device=dev, dtype=dt, generator=gen)
             ref = torch.cat([x.double() @ w.double().T for w in sets[0]], dim=1)
             err = (gemma_dense_gemm(x, sets[0]).double() - ref).abs().max().item() / ref.abs().max().item()
-
-            def cycling(f, sets=sets):
-                it = itertools.cycle(sets)
-                return lambda: f(next(it))
-
-            graph = lambda fn: measure.bench_cuda_graph(fn, replays_per_graph=max(copies, 8),  # noqa: E731
-                                                        warmup_ms=5, rep_ms=args.rep_ms)
             row = {"group": name, "n": list(ns), "k": H, "rows": m, "weight_bytes": nbytes, "rel_err": err,
-                   "cublas_ms": graph(cycling(lambda ws: [F.linear(x, w) for w in ws])),
-                   "dense_gemm_ms": graph(cycling(lambda ws: gemma_dense_gemm(x, ws)))}
+                   "cublas_ms": cycled_graph_ms(lambda ws, x=x: [F.linear(x, w) for w in ws], sets, args.rep_ms),
+                   "dense_gemm_ms": cycled_graph_ms(lambda ws, x=x: gemma_dense_gemm(x, ws), sets, args.rep_ms)}
             row["speedup"] = row["cublas_ms"] / row["dense_gemm_ms"]
             out.append(row)
             print(f"group {name:12s} M={m:3d}: cuBLAS x{len(ns)} {row['cublas_ms'] * 1e3:6.1f} us, one dense_gemm "

@@ -148,9 +148,9 @@ def dense_config(n_rows: int, ns: Sequence[int], k: int, *, interpreter: bool = 
     per program and launch rather than per byte, one tall tile and no split instead."""
     if n_rows < 1 or k < 1 or not ns or min(ns) < 1:
         raise ValueError(f"dense_config needs positive sizes, got rows={n_rows}, N={list(ns)}, K={k}")
+    block_m = min(256, max(16, triton.next_power_of_2(n_rows)))
     if interpreter:  # one tall tile (still one that fits an sm_90, so the compile check can take it)
-        return DenseConfig(block_m=min(256, max(16, triton.next_power_of_2(n_rows))), block_n=128, block_k=128,
-                           num_stages=1)
+        return DenseConfig(block_m=block_m, block_n=128, block_k=128, num_stages=1)
     block_n, block_k = 64, (128 if k >= 8192 else 256)
     tiles = sum(triton.cdiv(n, block_n) for n in ns)
     steps = triton.cdiv(k, block_k)
@@ -160,8 +160,7 @@ def dense_config(n_rows: int, ns: Sequence[int], k: int, *, interpreter: bool = 
         split = 1
     else:
         split = max(1, min(steps // 2, triton.cdiv(264, tiles)))
-    return DenseConfig(block_m=min(256, max(16, triton.next_power_of_2(n_rows))), block_n=block_n, block_k=block_k,
-                       split_k=split)
+    return DenseConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
 
 def gemma_dense_gemm_ref(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -211,11 +211,11 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
                 for r in sorted(doc["vision"].values(), key=lambda r: r["images"])
                 if isinstance(r.get("tower_graph_families"), Mapping)]
         if prof:
-            n, fam, timed = prof[0]
+            n, fam, graph_ms = prof[0]
             parts = ", ".join(f"{FAMILY_LABELS.get(f, f)} {v:.2f} ms" for f, v in
                               sorted(fam["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
             # the profiler slows the host: the idle time is the timed call's latency minus the busy time
-            wall = timed if _num(timed) else fam["wall_ms"]
+            wall = graph_ms if _num(graph_ms) else fam["wall_ms"]
             out += ["", f"* **Where the tower's time goes** ({n} image{'s' if n > 1 else ''}, the graphed tower, one "
                         f"profiled call; {fam.get('source', '')}): {parts}; GPU busy {fam['busy_ms']:.2f} ms of the "
                         f"{wall:.2f} ms the graphed call takes when timed without the profiler."]
@@ -705,12 +705,8 @@ def readme_results(results: Path) -> str:
     """The whole generated results section (markers included)."""
     parts = [BEGIN, ""]
     pre, pre_png = _first(results, "prefill")
-    if pre:
-        parts += [prefill_section(pre, pre_png, _sibling(results, pre_png, "_families")), ""]
-        acc = accuracy_section(pre, _sibling(results, pre_png, "_layers"))
-        if acc:
-            parts += [acc, ""]
-        for doc, png in _tagged(results, "prefill"):
+    if pre:  # the full run, then the runs of some parts beside it, each with its accuracy section if it has one
+        for doc, png in [(pre, pre_png), *_tagged(results, "prefill")]:
             parts += [prefill_section(doc, png, _sibling(results, png, "_families")), ""]
             acc = accuracy_section(doc, _sibling(results, png, "_layers"))
             if acc:

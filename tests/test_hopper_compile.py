@@ -70,13 +70,17 @@ def _run_attention_layouts() -> None:
 
 
 def _run_dense_projections() -> None:
-    """The few-row dense GEMM in bf16 as the card runs it (the tiny model takes it in fp32 only under the
-    interpreter): three weights in one launch with 256-deep K steps, and the split path with 128-deep ones."""
+    """The few-row dense GEMM with the settings the card picks for the decoder's real shapes (the tiny model takes
+    the interpreter's), in bf16 and in fp32 (exact fp32 products: no tensor cores, other shared-memory layouts): the
+    unsplit and the split path. Small operands carry them: only the settings and the 16-byte alignment reach the
+    compiler."""
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 512, generator=gen).to(torch.bfloat16)
-    ws = [torch.randn(n, 512, generator=gen).to(torch.bfloat16) for n in (128, 64, 64)]
-    K.gemma_dense_gemm(x, ws, config=K.DenseConfig())
-    K.gemma_dense_gemm(x, ws[:1], config=K.DenseConfig(block_k=128, split_k=2))
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 512, generator=gen).to(dtype)
+        ws = [torch.randn(n, 512, generator=gen).to(dtype) for n in (128, 64, 64)]
+        for ns, k in (([4096, 2048, 2048], 2816), ([1024], 2816), ([2816], 8192)):
+            cfg = K.dense_config(1, ns, k, interpreter=False)
+            K.gemma_dense_gemm(x, ws[:len(ns)], config=cfg)
 
 
 def test_every_launched_kernel_compiles_for_sm90():

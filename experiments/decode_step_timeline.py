@@ -1,0 +1,88 @@
+"""Experiment: where a decode graph step's idle time sits. The graph step at batch 1 takes 4.22 ms at a 512-token
+context and 4.78 at 4096 (results/decode_h200.json, 3cedda3), and the whole difference is idle time (wall − busy
+0.38 → 0.88 ms), not kernel time. This profiles one replay per context with a kernel timeline and reports the gaps
+between consecutive kernels: their sum, the largest, and the sum by the kernel that follows each gap (a gap before
+a kernel is that kernel's launch latency inside the graph, or its wait for the previous one).
+
+    python experiments/decode_step_timeline.py --contexts 512 4096 --json results/runs/decode_gaps_<card>_<commit>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from gemma4lab.lab import measure
+from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.lab.profiling import profile_forward
+from gemma4lab.model.config import Gemma4Config
+from gemma4lab.model.loading import random_init
+from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
+from gemma4lab.runtime.kv_cache import KVCache
+
+
+def gaps(timeline: list[list]) -> dict:
+    """Gaps between consecutive kernels of a ``profile_forward`` timeline ([name, family, start µs, dur µs])."""
+    out, by_next, end = [], defaultdict(float), None
+    for name, fam, start, dur in timeline:
+        if end is not None and start > end:
+            out.append((start - end, name, fam))
+            by_next[name] += start - end
+        end = max(end or 0.0, start + dur)
+    out.sort(reverse=True)
+    return {"sum_us": sum(g for g, _, _ in out), "count": len(out), "largest": out[:20],
+            "by_next_kernel_us": dict(sorted(by_next.items(), key=lambda kv: -kv[1])[:20]),
+            "span_us": end, "kernels": len(timeline)}
+
+
+def runner_step(runner: DecodeGraphRunner, tok: torch.Tensor, pos: torch.Tensor):
+    return lambda: runner.step(tok, pos)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    cfg = Gemma4Config.preset("26b-a4b")
+    cfg = Gemma4Config(text=cfg.text, vision=None)
+    model = random_init(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
+    model.set_fusion("all")
+    res = {"environment": measure.environment(), "rows": {}}
+    with torch.no_grad():
+        for ctx in args.contexts:
+            runner = DecodeGraphRunner(model, max_batch=args.max_batch, max_len=ctx + 33, progress=False)
+            prompt = random_prompt(ctx, cfg.text.vocab_size, seed=ctx, device="cuda")
+            one = KVCache(runner.cache.cfg, 1, runner.cache.max_len, runner.cache.k[0].dtype, "cuda")
+            model.prefill([prompt], cache=one)
+            for dst, src in zip(runner.cache.k + runner.cache.v, one.k + one.v):
+                dst[0].copy_(src[0])
+            runner.cache.slot_pos[0].copy_(one.slot_pos[0])
+            runner.capture()
+            tok = prompt[-1:].contiguous()
+            pos = torch.full((1,), ctx, dtype=torch.long, device="cuda")
+            step = runner_step(runner, tok, pos)
+            ms = measure.bench(step, rep_ms=200)
+            prof = profile_forward(step, timeline=True)
+            row = {"step_ms": ms, "wall_ms": prof["wall_ms"], "busy_ms": prof["gpu_busy_ms"], **gaps(prof["timeline"]),
+                   "timeline": prof["timeline"]}
+            res["rows"][str(ctx)] = row
+            print(f"ctx {ctx}: step {ms} ms, busy {row['busy_ms']:.3f} ms, kernels {row['kernels']}, "
+                  f"span {row['span_us'] / 1e3:.3f} ms, gaps {row['sum_us'] / 1e3:.3f} ms in {row['count']}")
+            for g, name, fam in row["largest"][:12]:
+                print(f"   gap {g:7.1f} us before {name} ({fam})")
+            for name, us in list(row["by_next_kernel_us"].items())[:12]:
+                print(f"   {us:8.1f} us of gaps before {name}")
+            del runner, one, step
+            measure.release_memory()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()

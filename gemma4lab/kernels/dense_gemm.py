@@ -138,20 +138,25 @@ class DenseConfig:
             raise ValueError(f"DenseConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-def dense_config(n_rows: int, ns: Sequence[int], k: int, *, interpreter: bool = INTERPRET) -> DenseConfig:
+def dense_config(n_rows: int, ns: Sequence[int], k: int, *, itemsize: int = 2,
+                 interpreter: bool = INTERPRET) -> DenseConfig:
     """Settings for ``n_rows`` rows against weights of ``ns`` output rows and ``k`` columns, from the H200 sweep
     (``results/runs/dense_sweep_h200_64f1e27.json``, at 1 and 8 rows): 64-row weight tiles, 256-deep K steps,
     4 stages; no split once the grid has >= 40 column tiles (q, o, down, the fused pairs, the head), 6 ranges of
     128-deep steps at K = 8192 (the full layers' o_proj: 16.3 against 17.5 µs unsplit), and enough ranges for
     ~2 programs per SM below 40 tiles (k, v, gate: 7.5 against 7.8 µs). The row tile covers the rows (16 at most
-    :data:`DENSE_MAX_ROWS`) and never changes a row's bits. Under the CPU interpreter (``interpreter``), which pays
-    per program and launch rather than per byte, one tall tile and no split instead."""
+    :data:`DENSE_MAX_ROWS`) and never changes a row's bits. The K step is in bytes: ``itemsize`` 4 (fp32) halves it,
+    so a stage stays 40 KB and four fit shared memory (fp32 at bf16's step asked Triton 3.6 for 240 KB on the
+    H200 and the launch was refused: the GPU tests at 3cedda3). Under the CPU interpreter (``interpreter``), which
+    pays per program and launch rather than per byte, one tall tile and no split instead."""
     if n_rows < 1 or k < 1 or not ns or min(ns) < 1:
         raise ValueError(f"dense_config needs positive sizes, got rows={n_rows}, N={list(ns)}, K={k}")
+    if itemsize not in (2, 4):
+        raise ValueError(f"dense_config takes 2- or 4-byte elements, got itemsize={itemsize}")
     block_m = min(256, max(16, triton.next_power_of_2(n_rows)))
     if interpreter:  # one tall tile (still one that fits an sm_90, so the compile check can take it)
         return DenseConfig(block_m=block_m, block_n=128, block_k=128, num_stages=1)
-    block_n, block_k = 64, (128 if k >= 8192 else 256)
+    block_n, block_k = 64, (128 if k >= 8192 else 256) * 2 // itemsize
     tiles = sum(triton.cdiv(n, block_n) for n in ns)
     steps = triton.cdiv(k, block_k)
     if k >= 8192 and tiles < 64:
@@ -203,7 +208,7 @@ def _check(x: object, ws: tuple[torch.Tensor, ...], config: DenseConfig | None) 
 def _launch(x: torch.Tensor, ws: tuple[torch.Tensor, ...], out: torch.Tensor, cfg: DenseConfig | None) -> None:
     m, k = x.shape
     ns = [w.shape[0] for w in ws]
-    cfg = cfg or dense_config(m, ns, k)
+    cfg = cfg or dense_config(m, ns, k, itemsize=x.element_size())
     full = (*ws, *(ws[0],) * (MAX_WEIGHTS - len(ws)))  # unused slots: zero rows of a real tensor, never read
     n_pad = (*ns, *(0,) * (MAX_WEIGHTS - len(ns)))
     steps = triton.cdiv(k, cfg.block_k)

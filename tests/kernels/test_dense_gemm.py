@@ -74,6 +74,10 @@ def test_settings_depend_on_the_weights_not_the_rows():
     card = lambda ns, k: dense_config(1, ns, k, interpreter=False)  # noqa: E731
     assert card([4096, 2048, 2048], 2816).split_k == 1 and card([1024], 2816).split_k > 1
     assert (card([2816], 8192).block_k, card([2816], 8192).split_k) == (128, 6)
+    # fp32 takes half the K step: the same 40 KB a stage (bf16's step asked Triton 3.6 for 240 KB on the H200)
+    assert dense_config(1, [2816], 2112, itemsize=4, interpreter=False).block_k == 128
+    with pytest.raises(ValueError, match="itemsize"):
+        dense_config(1, [4], 4, itemsize=8)
     with pytest.raises(ValueError, match="positive"):
         dense_config(0, [4], 4)
 

@@ -17,31 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
 import torch
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import random_prompt
-from gemma4lab.lab.profiling import profile_forward
+from gemma4lab.lab.profiling import profile_forward, timeline_gaps
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 from gemma4lab.runtime.kv_cache import KVCache
-
-
-def gaps(timeline: list[list]) -> dict:
-    """Gaps between consecutive kernels of a ``profile_forward`` timeline ([name, family, start µs, dur µs])."""
-    out, by_next, end = [], defaultdict(float), None
-    for name, fam, start, dur in timeline:
-        if end is not None and start > end:
-            out.append((start - end, name, fam))
-            by_next[name] += start - end
-        end = max(end or 0.0, start + dur)
-    out.sort(reverse=True)
-    return {"sum_us": sum(g for g, _, _ in out), "count": len(out), "largest": out[:20],
-            "by_next_kernel_us": dict(sorted(by_next.items(), key=lambda kv: -kv[1])[:20]),
-            "span_us": end, "kernels": len(timeline)}
 
 
 def runner_step(runner: DecodeGraphRunner, tok: torch.Tensor, pos: torch.Tensor):
@@ -74,14 +59,16 @@ def main() -> None:
             step = runner_step(runner, tok, pos)
             ms = measure.bench(step, rep_ms=200)
             prof = profile_forward(step, timeline=True)
-            row = {"step_ms": ms, "wall_ms": prof["wall_ms"], "busy_ms": prof["gpu_busy_ms"], **gaps(prof["timeline"]),
-                   "timeline": prof["timeline"]}
+            # timeline rows are [name, family, start µs, duration µs]
+            g = timeline_gaps((n, a, a + d) for n, _, a, d in prof["timeline"])
+            row = {"step_ms": ms, "wall_ms": prof["wall_ms"], "busy_ms": prof["gpu_busy_ms"], "gaps": g,
+                   "kernels": len(prof["timeline"]), "timeline": prof["timeline"]}
             res["rows"][str(ctx)] = row
             print(f"ctx {ctx}: step {ms} ms, busy {row['busy_ms']:.3f} ms, kernels {row['kernels']}, "
-                  f"span {row['span_us'] / 1e3:.3f} ms, gaps {row['sum_us'] / 1e3:.3f} ms in {row['count']}")
-            for g, name, fam in row["largest"][:12]:
-                print(f"   gap {g:7.1f} us before {name} ({fam})")
-            for name, us in list(row["by_next_kernel_us"].items())[:12]:
+                  f"span {g['span_ms']:.3f} ms, gaps {g['sum_ms']:.3f} ms in {g['count']}")
+            for us, before, after in g["largest"]:
+                print(f"   gap {us:7.1f} us between {before} and {after}")
+            for name, us in g["by_next_us"].items():
                 print(f"   {us:8.1f} us of gaps before {name}")
             del runner, one, step
             measure.release_memory()

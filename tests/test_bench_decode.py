@@ -21,7 +21,7 @@ def _run(out, batches=BATCHES, contexts=CONTEXTS, steps=STEPS, device="cpu", fp8
     argv = ["--device", device, "--preset", "tiny", "--fusion", "none" if on_cpu else "all", "--dtype",
             "float32" if on_cpu else "bfloat16", "--runs", str(RUNS), "--steps", str(steps), "--batch",
             ",".join(map(str, batches)), "--context", ",".join(map(str, contexts)), "--fp8-batch", fp8,
-            "--out", str(out)]
+            "--replay-rep-ms", "5", "--out", str(out)]
     assert decode.main(argv) == 0
     return measure.read_json(out / f"decode_{measure.card_slug()}.json")
 
@@ -49,6 +49,8 @@ def test_every_point_has_both_modes_with_their_spread(result):
             assert e["tokens_per_s"] == pytest.approx(r["batch"] / e["loop_ms"] * 1e3)
             assert e["x_floor"] == e["step_ms"] / r["floor_ms"] and e["first_run_s"] > 0
         assert r["graph_speedup_loop"] == r["eager"]["loop_ms"] / r["graph"]["loop_ms"]
+        g = r["graph"]
+        assert g["replay_ms"] > 0 and g["replay_x_floor"] == g["replay_ms"] / r["floor_ms"]
     for c in CONTEXTS:
         run = doc["contexts_run"][str(c)]
         assert run["max_len"] == c + STEPS + 1 and run["max_batch"] == max(BATCHES) and run["prefill_s"] > 0

@@ -118,9 +118,10 @@ def test_vision_part_per_image_count(result):
         # both), and the two agree to fp32 rounding
         assert r["tower_unfused"]["runs"] >= 3 and r["tower_kernels"] < r["tower_unfused_kernels"] / 2
         assert r["tower_fused_vs_unfused_rel"] < 1e-2
-    fam = one["tower_graph_families"]  # profiled at the fewest images only
-    assert set(fam["families_ms"]) == set(FAMILIES) and fam["families_ms"]["dense_gemm"] > 0
-    assert two["tower_graph_families"] is None
+    for row in (one, two):  # profiled at every image count, with the gaps between kernels located
+        fam = row["tower_graph_families"]
+        assert set(fam["families_ms"]) == set(FAMILIES) and fam["families_ms"]["dense_gemm"] > 0
+        assert fam["gaps"]["count"] > 0 and len(fam["gaps"]["largest"]) > 0
 
 
 def test_report_shows_the_vision_table(result):

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.floors import FAMILIES
-from gemma4lab.lab.profiling import KERNEL_FAMILIES, family_times, idle_ms, kernel_family, time_by_family
+from gemma4lab.lab.profiling import (
+    KERNEL_FAMILIES,
+    family_times,
+    idle_ms,
+    kernel_family,
+    time_by_family,
+    timeline_gaps,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +127,23 @@ def _mixed() -> None:
     F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
+def test_timeline_gaps_locate_the_waits_between_kernels():
+    """Out-of-order spans, an overlap (no gap) and a kernel nested in a longer one (the gap after them is measured
+    from the longer one's end); templates and arguments cut from the names."""
+    spans = [("c", 30.0, 31.0), ("a(int)", 0.0, 10.0), ("b<float>", 12.0, 20.0), ("nested", 14.0, 16.0),
+             ("d", 30.5, 40.0), ("c", 45.0, 50.0)]
+    g = timeline_gaps(spans, top=2)
+    assert g["count"] == 3 and g["sum_ms"] == pytest.approx((2 + 10 + 5) / 1e3)
+    assert g["largest"] == [[10.0, "b", "c"], [5.0, "d", "c"]]
+    assert g["by_next_us"] == {"c": 15.0, "b": 2.0}
+    assert g["span_ms"] == pytest.approx(0.05)
+    assert timeline_gaps([]) == {"sum_ms": 0.0, "count": 0, "span_ms": 0.0, "largest": [], "by_next_us": {}}
+    with pytest.raises(ValueError, match="ends before"):
+        timeline_gaps([("a", 2.0, 1.0)])
+    with pytest.raises(ValueError, match="top"):
+        timeline_gaps(spans, top=-1)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxy; a GPU traces kernels instead")
 def test_time_by_family_on_cpu_counts_the_dispatched_ops():
     out = time_by_family(_mixed, warmup=1)
@@ -129,6 +153,7 @@ def test_time_by_family_on_cpu_counts_the_dispatched_ops():
     assert out["busy_ms"] == pytest.approx(sum(fams.values()))  # one thread: the ops never overlap
     assert out["busy_ms"] < out["wall_ms"] and out["idle_ms"] == out["wall_ms"] - out["busy_ms"]
     assert out["device"] == "cpu" and out["wall_source"] == "the profiled call"
+    assert out["gaps"]["count"] >= 1 and out["gaps"]["span_ms"] > 0  # host time between the dispatched ops
     timed = time_by_family(_mixed, warmup=0, wall_ms=1000.0)
     assert timed["wall_ms"] == 1000.0 and timed["idle_ms"] == 1000.0 - timed["busy_ms"]
     assert timed["wall_source"] == "timed apart"

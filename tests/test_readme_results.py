@@ -90,7 +90,8 @@ def _decode_doc() -> dict:
             "rows": {"8x4096": {"batch": 8, "context": 4096, "experts_expected": 50.25, "experts_observed": 49.5,
                                 "floor_expected": floor(2.02, 1e9), "floor_observed": floor(2.0, 1e9),
                                 "floor_basis": "observed", "floor_ms": 2.0, "eager": mode(40.0, 41.0),
-                                "graph": mode(4.0, 4.5), "tokens_equal": True, "first_mismatch": None,
+                                "graph": {**mode(4.0, 4.5), "replay_ms": 3.6, "replay_x_floor": 1.8},
+                                "tokens_equal": True, "first_mismatch": None,
                                 "graph_speedup_step": 10.0, "graph_speedup_loop": 41.0 / 4.5},
                      "16x4096": {"batch": 16, "context": 4096, "experts_expected": 82.4,
                                  "floor_expected": floor(3.5, 2e9), "floor_basis": "expected", "floor_ms": 3.5,
@@ -101,15 +102,25 @@ def test_decode_table_and_findings_from_a_synthetic_run():
     doc = _decode_doc()
     lines = report.decode_table(doc).splitlines()
     assert len(lines) == 4 and "CUDA graph ms: step / loop" in lines[0]
-    assert lines[2] == ("| 4096 | 8 | 49.5 · 50.2 | 2.00 · 2.02 | 40.00 / 41.00 | 4.00 / 4.50 | 2000 / 1778 | 2.00× "
-                        "| yes |")
-    assert lines[3] == "| 4096 | 16 | — · 82.4 | — · 3.50 | unsupported | unsupported | — / — | — | — |"
+    assert lines[2] == ("| 4096 | 8 | 49.5 · 50.2 | 2.00 · 2.02 | 40.00 / 41.00 | 4.00 / 4.50 | 3.60 (1.80×) "
+                        "| 2000 / 1778 | 2.00× | yes |")
+    assert lines[3] == "| 4096 | 16 | — · 82.4 | — · 3.50 | unsupported | unsupported | — | — / — | — | — |"
     text = "\n".join(report.decode_findings(doc))
     assert "(eager ÷ graph): 10.00× in device time per step, 9.11× in loop time" in text
     assert "500 µs per step, 11 % of the loop" in text and "at 1 of 1 points." in text
+    assert "**The replay alone** (steps queued back to back, so no host time is in it): 1.80× the floor; the step " \
+        "in the loop takes 1.11× of it" in text
     assert "eager and graph not supported** at batch × context 16×4096 (recorded, not timed): ValueError: too long" \
         in text
     assert "No CUDA graphs" not in text and "Capture**: 2.5 s" in text
+
+
+def test_the_gaps_of_a_profile_read_as_one_phrase():
+    gaps = {"sum_ms": 0.31, "count": 668, "largest": [[2.1, "_dense_gemm_kernel", "_qkv_norm_rope_kernel"]]}
+    assert report.gaps_phrase(gaps) == ("; gaps between kernels 0.31 ms in 668 (profiled), the widest 2 µs before "
+                                        "_qkv_norm_rope_kernel")
+    assert report.gaps_phrase({"sum_ms": 0.0, "count": 0, "largest": []}) == ""
+    assert report.gaps_phrase(None) == ""
 
 
 def test_readme_shows_decode_only_when_a_decode_run_exists(tmp_path):

@@ -7,7 +7,8 @@ and each fused-kernel call as one launch however many ops its CPU emulation runs
 
 :func:`time_by_family` sorts the same trace's GPU time into the op families of ``gemma4lab.lab.floors`` (expert GEMM,
 dense GEMM, attention, routing, row kernels, other), by kernel name (:data:`KERNEL_FAMILIES`), so that a profile
-stands beside its op-level floor family by family.
+stands beside its op-level floor family by family, and :func:`timeline_gaps` says where the GPU waited between
+kernels (which kernel each gap came before), so idle time is located, not only counted.
 """
 
 from __future__ import annotations
@@ -250,10 +251,39 @@ def family_times(spans: Iterable[tuple[str, float, float]], wall_ms: float) -> d
 _OPS = ("aten::", "gemma4lab::")
 
 
+def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -> dict:
+    """Where the GPU waited inside a trace: the gaps between consecutive ``(name, start_us, end_us)`` spans (in start
+    order; an overlap is no gap). ``sum_ms`` and ``count`` of all gaps; ``largest``: the ``top`` widest as ``[µs,
+    kernel before, kernel after]``; ``by_next_us``: µs of gaps summed by the kernel that follows them (a gap before a
+    kernel is its launch inside a graph, or the host queueing it, or a wait on something outside the stream);
+    ``span_ms``: first start to last end. Under the profiler the host runs slower, so gaps the host causes are
+    overstated; those inside one CUDA graph are not."""
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    ordered = sorted(((str(n), float(a), float(b)) for n, a, b in spans), key=lambda s: s[1])
+    gaps: list[tuple[float, str, str]] = []
+    by_next: dict[str, float] = {}
+    end, before = None, ""
+    for name, start, stop in ordered:
+        if stop < start:
+            raise ValueError(f"a span ends before it starts: {start} > {stop}")
+        short = _short(name)
+        if end is not None and start > end:
+            gaps.append((start - end, before, short))
+            by_next[short] = by_next.get(short, 0.0) + start - end
+        if end is None or stop >= end:
+            end, before = stop, short
+    gaps.sort(key=lambda g: -g[0])
+    return {"sum_ms": sum(g for g, _, _ in gaps) / 1e3, "count": len(gaps),
+            "span_ms": (end - ordered[0][1]) / 1e3 if ordered else 0.0,
+            "largest": [[round(g, 2), a, b] for g, a, b in gaps[:top]],
+            "by_next_us": {k: round(v, 2) for k, v in sorted(by_next.items(), key=lambda kv: -kv[1])[:top]}}
+
+
 def family_summary(fn: Callable[[], object], *, wall_ms: float | None = None) -> dict:
     """What a results file keeps of :func:`time_by_family`: ms per family, busy, idle, wall, and what was counted."""
     prof = time_by_family(fn, wall_ms=wall_ms)
-    return {k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms", "source")}
+    return {k: prof[k] for k in ("families_ms", "busy_ms", "idle_ms", "wall_ms", "source", "gaps")}
 
 
 def time_by_family(fn: Callable[[], object], *, warmup: int = 2, wall_ms: float | None = None) -> dict:
@@ -262,7 +292,8 @@ def time_by_family(fn: Callable[[], object], *, warmup: int = 2, wall_ms: float 
     ``wall_ms``: the call's latency timed apart (the profiler slows the host, so the profiled call's own wall time,
     the default, overstates idle time). GPU: every kernel, copy and memset of the trace, classified by name
     (:func:`kernel_family`). CPU, where there are no kernels: the CPU time of the ops the model dispatched (a proxy;
-    e.g. the looped experts' matmuls count as dense GEMM there), each op classified by its own name.
+    e.g. the looped experts' matmuls count as dense GEMM there), each op classified by its own name. ``gaps``: the
+    :func:`timeline_gaps` of the same spans (on CPU, between dispatched ops: host time, a proxy like the rest).
     """
     if wall_ms is not None:
         if isinstance(wall_ms, bool) or not isinstance(wall_ms, (int, float)):
@@ -271,12 +302,13 @@ def time_by_family(fn: Callable[[], object], *, warmup: int = 2, wall_ms: float 
             raise ValueError(f"wall_ms must be a finite number > 0, got {wall_ms}")
     events, profiled_ms, cuda = _record(fn, warmup)
     if cuda:
-        spans = [(kernel_family(e.name), e.time_range.start, e.time_range.end) for e in events
+        named = [(e.name, e.time_range.start, e.time_range.end) for e in events
                  if e.device_type == torch.autograd.DeviceType.CUDA]
     else:
-        spans = [(kernel_family(e.name), e.time_range.start, e.time_range.end) for e in events
+        named = [(e.name, e.time_range.start, e.time_range.end) for e in events
                  if e.name.startswith(_OPS) and not _under(e, _OPS)]  # the ops the model's code called itself
+    spans = [(kernel_family(n), a, b) for n, a, b in named]
     out = family_times(spans, profiled_ms if wall_ms is None else float(wall_ms))
-    return {**out, "device": "cuda" if cuda else "cpu", "events": len(spans),
+    return {**out, "gaps": timeline_gaps(named), "device": "cuda" if cuda else "cpu", "events": len(spans),
             "source": "GPU kernels, copies and memsets" if cuda else "CPU time of dispatched ops (no GPU: a proxy)",
             "wall_source": "the profiled call" if wall_ms is None else "timed apart"}

@@ -55,6 +55,16 @@ def sci(x: Any) -> str:
     return f"{x:.1e}" if _num(x) else "—"
 
 
+def gaps_phrase(gaps: Any) -> str:
+    """``; gaps between kernels S ms in N, the widest X µs before K`` from a ``profiling.timeline_gaps`` record (the
+    profiled call's, so host-caused gaps are overstated); empty without one."""
+    if not isinstance(gaps, Mapping) or not _num(gaps.get("sum_ms")) or not gaps.get("count"):
+        return ""
+    widest = gaps.get("largest") or []
+    tail = f", the widest {widest[0][0]:.0f} µs before {widest[0][2]}" if widest else ""
+    return f"; gaps between kernels {gaps['sum_ms']:.2f} ms in {gaps['count']} (profiled){tail}"
+
+
 def span(values: Iterable[Any], fmt: Callable[[Any], str] = times) -> str:
     """"a–b" over the finite values (one value: just it; none: —)."""
     vs = [v for v in values if _num(v)]
@@ -218,7 +228,8 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
             wall = graph_ms if _num(graph_ms) else fam["wall_ms"]
             out += ["", f"* **Where the tower's time goes** ({n} image{'s' if n > 1 else ''}, the graphed tower, one "
                         f"profiled call; {fam.get('source', '')}): {parts}; GPU busy {fam['busy_ms']:.2f} ms of the "
-                        f"{wall:.2f} ms the graphed call takes when timed without the profiler."]
+                        f"{wall:.2f} ms the graphed call takes when timed without the profiler"
+                        f"{gaps_phrase(fam.get('gaps'))}."]
     out += ["", *prefill_findings(doc)]
     return "\n".join(out)
 
@@ -548,8 +559,8 @@ def decode_table(doc: Mapping[str, Any]) -> str:
     throughput and its ratio to the floor, and whether its greedy tokens equal eager's; then the batches timed again
     with FP8 experts (``rows_fp8``; ``rows_fp8a8`` with FP8 activations into them), against their own floor."""
     head = ["context", "batch", "experts / MoE layer (seen · random)", "floor ms (seen · random)",
-            *(f"{label} ms: step / loop" for _, label in DECODE_MODES), "graph tokens/s: step / loop",
-            "graph step / floor", "graph tokens = eager"]
+            *(f"{label} ms: step / loop" for _, label in DECODE_MODES), "graph replay ms (÷ floor)",
+            "graph tokens/s: step / loop", "graph step / floor", "graph tokens = eager"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" for _ in head) + " |"]
     tagged = [*((r, "") for r in _decode_rows(doc)), *((r, " · FP8 experts") for r in _decode_rows(doc, "rows_fp8")),
               *((r, " · FP8 experts + activations") for r in _decode_rows(doc, "rows_fp8a8"))]
@@ -563,6 +574,7 @@ def decode_table(doc: Mapping[str, Any]) -> str:
         cells = [str(r["context"]), f"{r['batch']}{tag}",
                  f"{one(r.get('experts_observed'))} · {one(r.get('experts_expected'))}",
                  f"{_two(observed)} · {_two(expected)}", *(_decode_cell(r, m) for m, _ in DECODE_MODES),
+                 f"{_two(g.get('replay_ms'))} ({times(g.get('replay_x_floor'))})" if _num(g.get("replay_ms")) else "—",
                  f"{rate('step_tokens_per_s')} / {rate('tokens_per_s')}", times(g.get("x_floor")), same]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -583,6 +595,12 @@ def decode_findings(doc: Mapping[str, Any]) -> list[str]:
     if graph:
         lines.append(f"* **Against the floor**: a graph step takes {span(g.get('x_floor') for g in graph)} the "
                      f"floor of its own run, the whole loop {span(g.get('loop_x_floor') for g in graph)}.")
+        replay = [g for g in graph if _num(g.get("replay_x_floor"))]
+        if replay:
+            lines.append(f"* **The replay alone** (steps queued back to back, so no host time is in it): "
+                         f"{span(g['replay_x_floor'] for g in replay)} the floor; the step in the loop takes "
+                         f"{span(g['step_ms'] / g['replay_ms'] for g in replay)} of it — the GPU waiting while the "
+                         "host queues each replay after the loop's sync.")
         share = [g["host_ms"] / g["loop_ms"] for g in graph if _num(g.get("host_ms")) and _num(g.get("loop_ms"))]
         lines.append(f"* **Host work of the loop** (argmax, the stop check and its host sync, the loop's Python; "
                      f"the runner's input and logits copies count as step), loop − step with the graph: "
@@ -593,7 +611,7 @@ def decode_findings(doc: Mapping[str, Any]) -> list[str]:
                          sorted(prof["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
         lines.append(f"* **Where a graph step goes** (batch {r['batch']} × {r['context']}, one profiled step): "
                      f"{prof['kernels']} kernels; GPU time {fams}; idle {prof['idle_ms']:.2f} ms of "
-                     f"{prof['wall_ms']:.2f} ms.")
+                     f"{prof['wall_ms']:.2f} ms{gaps_phrase(prof.get('gaps'))}.")
     checked = [r for r in rows if r.get("tokens_equal") is not None]
     if checked:
         bad = [r for r in checked if not r["tokens_equal"]]

@@ -16,6 +16,10 @@ Each mode has two times, both over ``--runs`` (>= 3) runs of ``--steps`` steps, 
   copies, the replay and its logits copy), without the loop's host work;
 * **loop**: wall time per step of the whole loop, host work included (sampling, the stop check's host sync).
 
+and the graph a third, ``replay_ms``: steps queued back to back (``measure.bench``), so the host is always ahead and
+the time is the graph's own — the step time above also counts the GPU waiting while the host queues the replay after
+the loop's sync, which grows on a busy host.
+
 Every sequence produces one token per step, so ms per step is each sequence's time per output token and
 tokens/s = batch / time per step. Floors from the same run (``gemma4lab.lab.floors.decode_floor``): the bytes a step
 must read (non-expert weights, the distinct experts the batch touches, the KV cache its attention reads) over the
@@ -27,7 +31,8 @@ first eager run's, and the answer is recorded.
 ``graphs``: whether CUDA graphs ran), ``copy_bandwidth_Bps``, per context ``contexts_run`` (prefill and capture
 seconds, cache size) and ``rows["<batch>x<context>"]`` with ``experts_expected`` / ``experts_observed``,
 ``floor_expected`` / ``floor_observed`` (bytes by kind and ``floor_ms``), ``floor_ms``, per mode ``eager`` / ``graph``
-(``step_ms``, ``loop_ms``, ``host_ms``, ``tokens_per_s``, ``x_floor``, the spreads), ``tokens_equal`` and
+(``step_ms``, ``loop_ms``, ``host_ms``, ``tokens_per_s``, ``x_floor``, the spreads; the graph also ``replay_ms``
+and ``replay_x_floor``), ``tokens_equal`` and
 ``first_mismatch``; a point a mode could not run has ``unsupported`` (the runtime refused it: a ``ValueError``, its
 message) or ``errors`` instead of that mode's entry. ``python -m gemma4lab.lab.report`` prints the table.
 
@@ -201,15 +206,21 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
         mismatch = (_first_mismatch(reference, "eager", tokens["eager"][1:])
                     or _first_mismatch(reference, "graph", tokens["graph"]))
         row["tokens_equal"], row["first_mismatch"] = mismatch is None, mismatch
-    if "graph" in row and batch == min(args.batch) and expert_elem is None:
-        # where a graph step's time goes: GPU time by op family and the kernels it launches (one step, profiled)
-        from gemma4lab.lab.profiling import family_summary, profile_forward
-
+    if "graph" in row:
+        # the replay alone: steps queued back to back, so the host is ahead and none of its time (queueing the
+        # replay while the GPU waits, which the loop's step time counts) is in it — the graph's own cost
         tok = ids[:, -1].contiguous()
         pos = torch.full((batch,), context, dtype=torch.long, device=ids.device)
         step = lambda: runner.step(tok, pos)  # noqa: E731
-        row["graph_profile"] = {**family_summary(step, wall_ms=row["graph"]["step_ms"]),
-                                "kernels": profile_forward(step)["kernels"]}
+        row["graph"]["replay_ms"] = measure.bench(step, rep_ms=args.replay_rep_ms)
+        row["graph"]["replay_x_floor"] = row["graph"]["replay_ms"] / row["floor_ms"]
+        if batch == min(args.batch) and expert_elem is None:
+            # where a graph step's time goes: GPU time by op family, the gaps between its kernels and the kernels
+            # it launches (one step, profiled)
+            from gemma4lab.lab.profiling import family_summary, profile_forward
+
+            row["graph_profile"] = {**family_summary(step, wall_ms=row["graph"]["replay_ms"]),
+                                    "kernels": profile_forward(step)["kernels"]}
     if "eager" in row and "graph" in row:
         row["graph_speedup_step"] = row["eager"]["step_ms"] / row["graph"]["step_ms"]
         row["graph_speedup_loop"] = row["eager"]["loop_ms"] / row["graph"]["loop_ms"]
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=positive_ints, default=CONTEXTS, help="prompt tokens per sequence")
     p.add_argument("--steps", type=positive_int, default=32, help="decode steps per timed run")
     p.add_argument("--runs", type=positive_int, default=5, help=f"timed runs per point and mode (>= {MIN_RUNS})")
+    p.add_argument("--replay-rep-ms", type=float, default=100.0,
+                   help="ms of back-to-back graph replays timed per point (the replay alone, without the loop)")
     p.add_argument("--preset", default="26b-a4b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=positive_int, default=None, help="reduce depth (default: the preset's)")
     p.add_argument("--fusion", default="all", choices=["all", "none", "published"],

@@ -119,7 +119,7 @@ def _families(row: dict, fn: Callable[[], Any], latency_ms: float | None) -> dic
     prof = time_by_family(fn, wall_ms=latency_ms)
     floor = row["op_floor_by_family_ms"]
     return {**{f: {"gpu_ms": prof["families_ms"][f], "floor_ms": floor[f]} for f in FAMILIES},
-            **{k: prof[k] for k in ("idle_ms", "wall_ms", "busy_ms", "source", "wall_source")},
+            **{k: prof[k] for k in ("idle_ms", "wall_ms", "busy_ms", "source", "wall_source", "gaps")},
             "op_floor_ms": row["op_floor_ms"]}
 
 
@@ -491,10 +491,9 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                                               rep_ms=args.rep_ms),
                "prompt_fused": measure.time_stats(
                    lambda ids=ids, pv=pv, ip=ip, mm=mm: model.prefill(ids, pv, ip, mm), rep_ms=args.rep_ms)}
-        # where the graphed tower's GPU time goes, by op family, at the fewest images (what fusing the encoder would
-        # have to move; more images repeat the same kernels); idle against the call timed without the profiler
-        row["tower_graph_families"] = (family_summary(graphed, wall_ms=row["tower_graph"]["median_ms"])
-                                       if n == min(args.images) else None)
+        # where the graphed tower's GPU time goes, by op family, and where it waits between kernels (the gaps);
+        # idle against the call timed without the profiler
+        row["tower_graph_families"] = family_summary(graphed, wall_ms=row["tower_graph"]["median_ms"])
         row["tower_x_floor"] = row["tower"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["tower_graph_x_floor"] = row["tower_graph"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]

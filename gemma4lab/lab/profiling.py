@@ -267,7 +267,7 @@ def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -
     for name, start, stop in ordered:
         if stop < start:
             raise ValueError(f"a span ends before it starts: {start} > {stop}")
-        short = _short(name)
+        short = _short(name).strip()
         if end is not None and start > end:
             gaps.append((start - end, before, short))
             by_next[short] = by_next.get(short, 0.0) + start - end

@@ -256,13 +256,28 @@ if rec:
         print(f"batch 1, context {c:>5}: {r['graph']['step_ms']:.2f} ms per token, {r['graph']['x_floor']:.2f}x its "
               f"floor of {r['floor_ms']:.2f} ms")
     if 512 in b1 and 16384 in b1:
-        growth = b1[16384]["graph"]["step_ms"] - b1[512]["graph"]["step_ms"]
-        notebook.check(growth < 0.5, f"the prediction: 16384 within 0.5 ms of 512 (grew {growth:.2f} ms)")
+        def graph_own_ms(r):
+            """The graph's own time: the replay alone where the run timed it, else the profiled step's kernel time.
+            The loop's step time also counts the GPU waiting while the host queues each replay (longer on a busy
+            host), which is not what the prediction is about."""
+            g, prof = r["graph"], r.get("graph_profile") or {}
+            if "replay_ms" in g:
+                return g["replay_ms"], "the replay alone"
+            if "busy_ms" in prof:
+                return prof["busy_ms"], "the kernels' busy time"
+            return g["step_ms"], "the loop's step"
+        (short_ms, what), (long_ms, _) = graph_own_ms(b1[512]), graph_own_ms(b1[16384])
+        step_growth = b1[16384]["graph"]["step_ms"] - b1[512]["graph"]["step_ms"]
+        print(f"512 → 16384 tokens: the loop's step grew {step_growth:.2f} ms, {what} {long_ms - short_ms:.2f} ms")
+        notebook.check(long_ms - short_ms < 0.5,
+                       f"the prediction: 16384 within 0.5 ms of 512 ({what} grew {long_ms - short_ms:.2f} ms)")
 else:
     print("No recorded results/decode_*.json: run `python -m gemma4lab bench-decode` on a GPU.")
 
 # %% [markdown]
-# The step no longer grows with context: the attention reads its KV bytes at bandwidth instead of latency. What
+# The graph no longer grows with context: the attention reads its KV bytes at bandwidth instead of latency. (The
+# loop's step time can grow more than the graph does: it also counts the GPU waiting while the host queues each
+# replay after the loop's sync, which a busy host lengthens — `bench-decode` times the replay alone as well.) What
 # remains between the step and its floor is the rest of the step — ~500 small kernels whose gaps a graph does not
 # remove, and the expert GEMM at one row per expert.
 #

@@ -64,6 +64,9 @@ def test_image_positions_past_the_table_are_refused(model, tiny_config):
     batch["image_position_ids"][0, 0, 0] = tiny_config.vision.position_embedding_size
     with pytest.raises(ValueError, match="position table"):
         model(**batch)
+    batch["image_position_ids"][0, 0, 0] = -2  # below the padding marker
+    with pytest.raises(ValueError, match=r"got values in \[-2, "):
+        model(**batch)
 
 
 def test_token_types_must_match_the_ids(model, tiny_config):

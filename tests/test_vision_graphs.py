@@ -14,7 +14,7 @@ from gemma4lab import Fusion
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.processor import Gemma4Processor
 from gemma4lab.model.vision import VisionTower
-from gemma4lab.runtime.vision_graphs import TowerGraphs
+from gemma4lab.runtime.vision_graphs import TowerGraphs, tensor_addresses
 
 
 def _tower(cfg: Gemma4Config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
@@ -130,6 +130,26 @@ def test_fused_kernels_are_part_of_what_the_graphs_were_captured_over(tiny):
     model = gemma4lab.random_init(tiny, dtype=torch.float32, seed=0)
     model.set_fusion("all")  # the decoder's switches reach the encoder with one call
     assert model.model.vision_tower.encoder.fusion == Fusion.all() == model.language_model.fusion
+
+
+def test_the_key_sees_every_tensor_a_replay_would_read(tiny):
+    """The fast traversal reads the same tensors as ``parameters()`` + ``buffers()``, and the key changes when a
+    parameter is replaced, a buffer is cast or a whole submodule is swapped (all of which a stale graph would miss)."""
+    tower = _tower(tiny, "cpu", torch.float32)
+    slow = [(t.data_ptr(), t.dtype) for t in (*tower.parameters(), *tower.buffers())]
+    assert sorted(tensor_addresses(tower), key=repr) == sorted(slow, key=repr)
+    graphs = TowerGraphs(tower)
+    key = graphs._weights_key()
+    layer = tower.encoder.layers[-1]
+    layer.mlp.down_proj.linear.weight = torch.nn.Parameter(layer.mlp.down_proj.linear.weight.clone())
+    assert graphs._weights_key() != key
+    key = graphs._weights_key()
+    tower.encoder.layers[0] = type(layer)(tiny.vision)
+    assert graphs._weights_key() != key
+    key = graphs._weights_key()
+    if tiny.vision.standardize:
+        tower.std_bias.data = tower.std_bias.data.double()
+        assert graphs._weights_key() != key
 
 
 @pytest.mark.gpu

@@ -271,13 +271,18 @@ def check_pixels(pixel_values: object, image_position_ids: object, table: int) -
                         f"{pixel_values.dtype}")
     if image_position_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"image_position_ids must be int64/int32, got {image_position_ids.dtype}")
+    # the four extremes in one read per device: on a GPU each read is a host round trip with the device idle behind it
+    stats = [t for t in (pixel_values, image_position_ids) if t.numel()]
+    groups = [stats] if len({t.device for t in stats}) == 1 else [[t] for t in stats]
+    extremes = [v for g in groups if g for v in torch.stack([x.to(torch.float64) for t in g
+                                                             for x in torch.aminmax(t)]).tolist()]
     if pixel_values.numel():
-        lo, hi = float(pixel_values.min()), float(pixel_values.max())
+        lo, hi = extremes[:2]
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0.0 or hi > 1.0:
             raise ValueError(f"pixel_values must be finite and in [0, 1], got values in [{lo}, {hi}] (0..255 "
                              "pixels or a NaN? use Gemma4Processor)")
     if image_position_ids.numel():
-        lo, hi = int(image_position_ids.min()), int(image_position_ids.max())
+        lo, hi = (int(v) for v in extremes[-2:])
         if lo < -1 or hi >= table:
             raise ValueError(f"image_position_ids must be -1 (padding) or in [0, {table}), the position table of "
                              f"the vision config, got values in [{lo}, {hi}]")

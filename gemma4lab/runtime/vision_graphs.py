@@ -29,6 +29,20 @@ from torch import Tensor
 from gemma4lab.model.vision import VisionTower
 
 
+def tensor_addresses(root: torch.nn.Module) -> list[tuple[int, torch.dtype]]:
+    """``(data_ptr, dtype)`` of every parameter and buffer under ``root``, read straight from each module's
+    ``_parameters`` / ``_buffers``: the same tensors as ``parameters()`` + ``buffers()`` (a shared one repeats, which
+    changes nothing for a comparison), at a fifth of their cost — their traversal builds every name, and the check
+    runs before each replay (355 tensors for the 26B-A4B tower: 0.75 ms through ``parameters()`` on a CI core, on the
+    host path of every image prompt)."""
+    out, stack = [], [root]
+    while stack:
+        m = stack.pop()
+        out += [(t.data_ptr(), t.dtype) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
+
+
 class TowerGraphs:
     """``tower(pixel_values, image_position_ids)`` with each ``[N, P]`` captured once and replayed after (the
     signature of ``VisionTower.forward``; pass it as ``model.image_features(..., tower=graphs)``).
@@ -56,8 +70,7 @@ class TowerGraphs:
         """What the graphs were captured over: every tensor they read by address (a parameter or buffer replaced,
         moved or cast changes it; a ``load_state_dict`` copies in place and keeps it: the graphs then read the new
         values, as they should) and the fused kernels the encoder runs (``set_fusion`` changes the program)."""
-        ts = [*self.tower.parameters(), *self.tower.buffers()]
-        return (self.tower.encoder.fusion, *((t.data_ptr(), t.dtype) for t in ts))
+        return (self.tower.encoder.fusion, *tensor_addresses(self.tower))
 
     def reset(self) -> None:
         """Drop every captured graph (their memory returns to the caching allocator)."""

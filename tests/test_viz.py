@@ -384,6 +384,19 @@ def test_plot_timeline_draws_each_kernel_where_it_ran():
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"dense GEMM", "row kernels"}
 
 
+def test_gap_widths_agree_with_the_profiling_rule_and_the_histogram_splits_them():
+    from gemma4lab.lab.profiling import timeline_gaps
+
+    tl = [["c", "row_kernels", 30.0, 1.0], ["a", "dense_gemm", 0.0, 10.0], ["b", "row_kernels", 10.5, 9.5],
+          ["n", "row_kernels", 12.0, 2.0], ["d", "attention", 30.5, 9.5], ["e", "routing", 45.0, 5.0]]
+    widths = viz.gap_widths_us({"timeline": tl})
+    assert widths == [0.5, 10.0, 5.0]  # out of order in, an overlap and a nested kernel are no gap
+    assert sum(widths) / 1e3 == pytest.approx(timeline_gaps((n, a, a + d) for n, _, a, d in tl)["sum_ms"])
+    (ax,) = viz.plot_gaps({"PCG": {"timeline": tl}, "empty": {}}, LABEL).axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["PCG: 3 gaps, < 5 µs: 0.00 ms, wider: 0.01 ms", "empty: 0 gaps, < 5 µs: 0.00 ms, wider: 0.00 ms"]
+
+
 def test_plot_moe_sweep_takes_each_tiles_best_setting():
     row = lambda t, skew, a, b: {"tokens": t, "skew": skew, "gemm_grouped_mm_ms": 0.5,  # noqa: E731
                                  "gemm": [{"config": "MoeConfig(block_m=16, block_n=128)", "ms": a},

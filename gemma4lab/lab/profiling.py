@@ -251,18 +251,12 @@ def family_times(spans: Iterable[tuple[str, float, float]], wall_ms: float) -> d
 _OPS = ("aten::", "gemma4lab::")
 
 
-def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -> dict:
-    """Where the GPU waited inside a trace: the gaps between consecutive ``(name, start_us, end_us)`` spans (in start
-    order; an overlap is no gap). ``sum_ms`` and ``count`` of all gaps; ``largest``: the ``top`` widest as ``[µs,
-    kernel before, kernel after]``; ``by_next_us``: µs of gaps summed by the kernel that follows them (a gap before a
-    kernel is its launch inside a graph, or the host queueing it, or a wait on something outside the stream);
-    ``span_ms``: first start to last end. Under the profiler the host runs slower, so gaps the host causes are
-    overstated; those inside one CUDA graph are not."""
-    if top < 0:
-        raise ValueError(f"top must be >= 0, got {top}")
+def kernel_gaps(spans: Iterable[tuple[str, float, float]]) -> list[tuple[float, str, str]]:
+    """The gaps between consecutive ``(name, start_us, end_us)`` spans, in start order, as ``(µs, kernel before,
+    kernel after)``: where the GPU waited. An overlap is no gap, and a kernel nested in a longer one does not end
+    the longer one (the next gap is measured from the later end)."""
     ordered = sorted(((str(n), float(a), float(b)) for n, a, b in spans), key=lambda s: s[1])
     gaps: list[tuple[float, str, str]] = []
-    by_next: dict[str, float] = {}
     end, before = None, ""
     for name, start, stop in ordered:
         if stop < start:
@@ -270,13 +264,28 @@ def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -
         short = _short(name).strip()
         if end is not None and start > end:
             gaps.append((start - end, before, short))
-            by_next[short] = by_next.get(short, 0.0) + start - end
         if end is None or stop >= end:
             end, before = stop, short
-    gaps.sort(key=lambda g: -g[0])
-    return {"sum_ms": sum(g for g, _, _ in gaps) / 1e3, "count": len(gaps),
-            "span_ms": (end - ordered[0][1]) / 1e3 if ordered else 0.0,
-            "largest": [[round(g, 2), a, b] for g, a, b in gaps[:top]],
+    return gaps
+
+
+def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -> dict:
+    """Where the GPU waited inside a trace (:func:`kernel_gaps`), summarised: ``sum_ms`` and ``count`` of all
+    gaps; ``largest``: the ``top`` widest as ``[µs, kernel before, kernel after]``; ``by_next_us``: µs of gaps summed
+    by the kernel that follows them (a gap before a kernel is its launch inside a graph, or the host queueing it, or
+    a wait on something outside the stream); ``span_ms``: first start to last end. Under the profiler the host runs
+    slower, so gaps the host causes are overstated; those inside one CUDA graph are not."""
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    spans = [(str(n), float(a), float(b)) for n, a, b in spans]
+    gaps = kernel_gaps(spans)
+    by_next: dict[str, float] = {}
+    for width, _, after in gaps:
+        by_next[after] = by_next.get(after, 0.0) + width
+    widest = sorted(gaps, key=lambda g: -g[0])
+    span_ms = (max(b for _, _, b in spans) - min(a for _, a, _ in spans)) / 1e3 if spans else 0.0
+    return {"sum_ms": sum(g for g, _, _ in gaps) / 1e3, "count": len(gaps), "span_ms": span_ms,
+            "largest": [[round(g, 2), a, b] for g, a, b in widest[:top]],
             "by_next_us": {k: round(v, 2) for k, v in sorted(by_next.items(), key=lambda kv: -kv[1])[:top]}}
 
 

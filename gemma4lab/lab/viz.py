@@ -557,6 +557,38 @@ def plot_timeline(profiles: Mapping[str, Mapping[str, Any]], title: str, window_
     return fig
 
 
+def gap_widths_us(profile: Mapping[str, Any]) -> list[float]:
+    """The widths (µs) of the gaps between consecutive kernels of a ``profile_forward(..., timeline=True)`` result
+    (``profiling.kernel_gaps``): where the GPU waited."""
+    from gemma4lab.lab.profiling import kernel_gaps
+
+    return [w for w, _, _ in kernel_gaps((n, a, a + d) for n, _, a, d in profile.get("timeline") or [])]
+
+
+def plot_gaps(profiles: Mapping[str, Mapping[str, Any]], title: str, split_us: float = 5.0) -> Figure:
+    """How wide the GPU's waits are (05): a histogram of the gaps between kernels per implementation, on a log
+    axis, with the total time in gaps narrower and wider than ``split_us`` in the legend — inside a CUDA graph a
+    gap is the graph's own scheduling (sub-microsecond), a wide one is the host."""
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.subplots()
+    widths = {name: gap_widths_us(prof) for name, prof in profiles.items()}
+    every = [w for ws in widths.values() for w in ws if w > 0]
+    if every:
+        bins = np.logspace(np.log10(min(every)), np.log10(max(every)) + 1e-9, 40)
+        for i, (name, ws) in enumerate(widths.items()):
+            small = sum(w for w in ws if w < split_us) / 1e3
+            wide = sum(w for w in ws if w >= split_us) / 1e3
+            ax.hist([w for w in ws if w > 0], bins=bins, histtype="step", lw=1.5, color=f"C{i}",
+                    label=f"{name}: {len(ws)} gaps, < {split_us:g} µs: {small:.2f} ms, wider: {wide:.2f} ms")
+        ax.axvline(split_us, color="0.5", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set(xlabel="gap between consecutive kernels (µs)", ylabel="gaps", title=title)
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_breakdown(impls: Mapping[str, Mapping[str, Any]], tokens: int, source: str) -> Figure:
     """Per implementation at one token count (05): a stacked bar of GPU busy + GPU idle (= latency) beside the CPU's
     time inside launch calls. The idle share is the launch overhead the GPU pays; kernels are counted apart from

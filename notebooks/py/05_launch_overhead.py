@@ -119,6 +119,39 @@ else:
           "on a GPU (a CPU run has no kernels to draw, and interpreter timings say nothing about GPU gaps).")
 
 # %% [markdown]
+# ### How wide is a wait?
+#
+# Idle time has two very different sources, and their widths tell them apart. Inside a CUDA graph the GPU schedules
+# the next node itself: the **prediction** (`docs/perf_notes.md`, "Inside the graphs") is a gap of about a
+# microsecond per kernel. Everything the host does between graph replays — the eager attention calls between the
+# pieces, the setup before the first piece (id checks, the packed batch), the LM head after the last — shows up as
+# gaps of tens to hundreds of microseconds. A histogram of the gap widths on a log axis separates the two
+# populations; `gemma4lab.lab.profiling.timeline_gaps` (which every benchmark profile now records) also names the
+# kernel after each wide gap.
+
+# %%
+if "pcg_fused" in timelines:
+    display(viz.plot_gaps(timelines, f"{SOURCE}, {t0} tokens: the gaps between kernels, one forward each"))
+    graph_gaps = viz.gap_widths_us(timelines["pcg_fused"])
+    narrow = sorted(w for w in graph_gaps if w < 5.0)
+    wide_ms = sum(w for w in graph_gaps if w >= 5.0) / 1e3
+    print(f"fused + PCG: {len(narrow)} gaps under 5 µs (median {narrow[len(narrow) // 2]:.2f} µs, "
+          f"{sum(narrow) / 1e3:.2f} ms in all), {len(graph_gaps) - len(narrow)} wider ones ({wide_ms:.2f} ms)")
+    notebook.check(narrow[len(narrow) // 2] < 2.0, "a gap inside a graph is about a microsecond (the prediction)")
+    notebook.check(wide_ms > sum(narrow) / 1e3, "most of the graphed forward's idle time is host work between and "
+                   "around the graphs, not the graphs' own scheduling")
+elif timelines:
+    display(viz.plot_gaps(timelines, f"live on {DEVICE}: the gaps between kernels, one forward each"))
+else:
+    print("No kernel timeline to measure gaps on (see the cell above).")
+
+# %% [markdown]
+# On the recorded H200 forward the graph's own gaps are well under the predicted microsecond, and nearly all of the
+# idle time sits in a few dozen wide gaps outside the graphs. That decides the next step: fewer kernels per piece
+# would save little; the host work around the graphs (or capturing attention too, so there is less of it) is the
+# lever.
+
+# %% [markdown]
 # ## Breakdown per token count
 #
 # For each token count and implementation: a stacked bar of GPU busy + GPU idle (their sum is the latency), beside

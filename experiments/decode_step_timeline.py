@@ -16,17 +16,16 @@ before the input copies and the launch) — and that run shared the host with th
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from gemma4lab.lab import measure
 from gemma4lab.lab.bench.common import random_prompt
+from gemma4lab.lab.bench.decode import _prefill_rows
 from gemma4lab.lab.profiling import profile_forward, timeline_gaps
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
-from gemma4lab.runtime.kv_cache import KVCache
 
 
 def runner_step(runner: DecodeGraphRunner, tok: torch.Tensor, pos: torch.Tensor):
@@ -43,16 +42,12 @@ def main() -> None:
     cfg = Gemma4Config(text=cfg.text, vision=None)
     model = random_init(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
     model.set_fusion("all")
-    res = {"environment": measure.environment(), "rows": {}}
+    res = {"benchmark": "decode_step_timeline", "rows": {}}
     with torch.no_grad():
         for ctx in args.contexts:
             runner = DecodeGraphRunner(model, max_batch=args.max_batch, max_len=ctx + 33, progress=False)
             prompt = random_prompt(ctx, cfg.text.vocab_size, seed=ctx, device="cuda")
-            one = KVCache(runner.cache.cfg, 1, runner.cache.max_len, runner.cache.k[0].dtype, "cuda")
-            model.prefill([prompt], cache=one)
-            for dst, src in zip(runner.cache.k + runner.cache.v, one.k + one.v):
-                dst[0].copy_(src[0])
-            runner.cache.slot_pos[0].copy_(one.slot_pos[0])
+            _prefill_rows(model, [prompt], runner.cache)  # bench-decode's: the prompt's K/V into row 0
             runner.capture()
             tok = prompt[-1:].contiguous()
             pos = torch.full((1,), ctx, dtype=torch.long, device="cuda")
@@ -70,11 +65,10 @@ def main() -> None:
                 print(f"   gap {us:7.1f} us between {before} and {after}")
             for name, us in g["by_next_us"].items():
                 print(f"   {us:8.1f} us of gaps before {name}")
-            del runner, one, step
+            del runner, step
             measure.release_memory()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f)
+    if args.json:  # atomic, with card, versions, commit and date
+        measure.write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -274,8 +274,8 @@ def check_pixels(pixel_values: object, image_position_ids: object, table: int) -
     # the four extremes in one read per device: on a GPU each read is a host round trip with the device idle behind it
     stats = [t for t in (pixel_values, image_position_ids) if t.numel()]
     groups = [stats] if len({t.device for t in stats}) == 1 else [[t] for t in stats]
-    extremes = [v for g in groups if g for v in torch.stack([x.to(torch.float64) for t in g
-                                                             for x in torch.aminmax(t)]).tolist()]
+    extremes = [v for g in groups for v in torch.stack([x.to(torch.float64) for t in g
+                                                        for x in torch.aminmax(t)]).tolist()]
     if pixel_values.numel():
         lo, hi = extremes[:2]
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0.0 or hi > 1.0:

@@ -14,6 +14,8 @@ from gemma4lab.lab.floors import FAMILIES
 from gemma4lab.lab.profiling import (
     KERNEL_FAMILIES,
     family_times,
+    graph_launch_gaps,
+    host_launch_times,
     idle_ms,
     kernel_family,
     time_by_family,
@@ -142,6 +144,19 @@ def test_timeline_gaps_locate_the_waits_between_kernels():
         timeline_gaps([("a", 2.0, 1.0)])
     with pytest.raises(ValueError, match="top"):
         timeline_gaps(spans, top=-1)
+
+
+def test_graph_launch_gaps_split_the_hosts_time_around_the_replays():
+    """Setup before the first replay, the eager work between replays, the tail after the last."""
+    spans = [("aten::aminmax", 0.0, 30.0), ("cudaGraphLaunch", 100.0, 110.0), ("aten::attention", 115.0, 140.0),
+             ("cudaGraphLaunch", 150.0, 160.0), ("cudaGraphLaunch", 165.0, 175.0), ("aten::mm", 200.0, 400.0)]
+    g = graph_launch_gaps(spans)
+    assert g["launches"] == 3 and g["lead_ms"] == pytest.approx(0.1) and g["tail_ms"] == pytest.approx(0.225)
+    assert g["between_ms"] == pytest.approx({"sum": 0.045, "median": 0.04, "max": 0.04})
+    assert graph_launch_gaps([("aten::mm", 0.0, 5.0)]) == {"launches": 0, "lead_ms": None, "between_ms": None,
+                                                          "tail_ms": None}
+    # on a CPU there are no graphs to launch: the summary says so instead of inventing a split
+    assert host_launch_times(_mixed, warmup=0)["launches"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU proxy; a GPU traces kernels instead")

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -287,6 +288,33 @@ def timeline_gaps(spans: Iterable[tuple[str, float, float]], *, top: int = 12) -
     return {"sum_ms": sum(g for g, _, _ in gaps) / 1e3, "count": len(gaps), "span_ms": span_ms,
             "largest": [[round(g, 2), a, b] for g, a, b in widest[:top]],
             "by_next_us": {k: round(v, 2) for k, v in sorted(by_next.items(), key=lambda kv: -kv[1])[:top]}}
+
+
+def graph_launch_gaps(spans: Iterable[tuple[str, float, float]]) -> dict:
+    """Where the host spends a call that replays CUDA graphs, from its CPU-side ``(name, start_us, end_us)`` events:
+    ``launches`` (``cudaGraphLaunch`` calls); ``lead_ms`` from the call's first event to the first launch (setup:
+    checks, copies, the packed batch); ``between_ms``: the host's time from one launch's end to the next one's start
+    (the eager work between pieces), as ``sum`` / ``median`` / ``max``; ``tail_ms`` from the last launch's end to the
+    call's last event (the head, the result). While the host's time between two launches stays below the GPU's time
+    for a piece, the GPU never waits mid-forward: its idle time is then the lead and the tail."""
+    spans = sorted(((str(n), float(a), float(b)) for n, a, b in spans), key=lambda s: s[1])
+    launches = [(a, b) for n, a, b in spans if n == "cudaGraphLaunch"]
+    out: dict[str, Any] = {"launches": len(launches)}
+    if not spans or not launches:
+        return {**out, "lead_ms": None, "between_ms": None, "tail_ms": None}
+    between = sorted(max(0.0, nxt[0] - cur[1]) / 1e3 for cur, nxt in zip(launches, launches[1:]))
+    return {**out, "lead_ms": (launches[0][0] - spans[0][1]) / 1e3,
+            "between_ms": {"sum": sum(between), "median": between[len(between) // 2] if between else 0.0,
+                           "max": between[-1] if between else 0.0},
+            "tail_ms": (max(b for _, _, b in spans) - launches[-1][1]) / 1e3}
+
+
+def host_launch_times(fn: Callable[[], object], *, warmup: int = 2) -> dict:
+    """:func:`graph_launch_gaps` of one profiled call of ``fn`` (after ``warmup`` calls): the host's side of a
+    graphed forward (the profiler slows the host, so the figures are upper bounds)."""
+    events, _, _ = _record(fn, warmup)
+    return graph_launch_gaps((e.name, e.time_range.start, e.time_range.end) for e in events
+                             if e.device_type == torch.autograd.DeviceType.CPU)
 
 
 def family_summary(fn: Callable[[], object], *, wall_ms: float | None = None) -> dict:

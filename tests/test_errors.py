@@ -94,6 +94,22 @@ def test_placeholders_without_pixels(model, tiny_config):
     ids = torch.tensor([[2, tiny_config.image_token_id, 5]])
     with pytest.raises(ValueError, match="no pixel_values"):
         model(ids)
+    # the PCG runner learns of the placeholders from the ids' range check (one host read for both) and says the same
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
+
+    runner = PiecewiseCudaGraphRunner(model, max_tokens=8, progress=False)
+    with pytest.raises(ValueError, match="2 image placeholder tokens but no pixel_values"):
+        runner.prefill([torch.tensor([2, tiny_config.image_token_id, 5, tiny_config.image_token_id])])
+
+
+def test_the_ids_range_check_counts_the_image_placeholders(model, tiny_config):
+    img = tiny_config.image_token_id
+    _, batch = model.pack_prompts([torch.tensor([2, img, img, 5]), torch.tensor([7, img])], None)
+    assert batch.image_tokens == 3
+    _, batch = model.pack_prompts([torch.tensor([2, 5])], None)
+    assert batch.image_tokens == 0
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        model.pack_prompts([torch.tensor([2, tiny_config.text.vocab_size])], None)
 
 
 def test_fusion_switch_rejects_unknown(model):

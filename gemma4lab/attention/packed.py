@@ -23,6 +23,7 @@ class PackedBatch:
     doc_ids: Tensor  # [N] int32, which prompt a row belongs to
     block_ids: Tensor | None = None  # [N] int64, image block id or -1
     cached: list[int] | None = None  # tokens of each prompt before its rows (in the KV cache); None: all 0
+    image_tokens: int | None = None  # image placeholders among the ids, read with their range check; None: unknown
 
     def __post_init__(self) -> None:
         if self.cached is None:

@@ -85,7 +85,10 @@ class Gemma4ForConditionalGeneration(nn.Module):
         return self
 
     # ---- input checks and embedding -------------------------------------------------------------------------------
-    def _check_ids(self, input_ids: Tensor) -> None:
+    def _check_ids(self, input_ids: Tensor, count_token: int | None = None) -> int | None:
+        """Type, emptiness and range of the ids; with ``count_token``, also how many ids equal it (the image
+        placeholders), read back in the same host round trip. Returns that count (None without ``count_token``, or
+        under torch.compile, where the values are data and are not read)."""
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -93,12 +96,16 @@ class Gemma4ForConditionalGeneration(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty: a prompt needs at least one token")
         if torch.compiler.is_compiling():  # the values are data: checked on every eager call, trusted in a graph
-            return
-        lo, hi = torch.aminmax(input_ids)  # one kernel and one host read (none for ids still on the CPU)
-        lo, hi = int(lo), int(hi)
+            return None
+        stats = [*torch.aminmax(input_ids)]
+        if count_token is not None:
+            stats.append((input_ids == count_token).sum())
+        # one host read (none for ids still on the CPU): on a GPU each read is a round trip with the device idle
+        lo, hi, *count = torch.stack([x.long() for x in stats]).tolist()
         vocab = self.config.text.vocab_size
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+        return count[0] if count else None
 
     def image_features(self, pixel_values: Tensor, image_position_ids: Tensor, *,
                        tower: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
@@ -119,14 +126,16 @@ class Gemma4ForConditionalGeneration(nn.Module):
         return self.model.embed_vision(soft)
 
     def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, image_position_ids: Tensor | None, *,
-                     tower: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+                     tower: Callable[[Tensor, Tensor], Tensor] | None = None,
+                     image_tokens: int | None = None) -> Tensor:
         """Token embeddings with the image placeholders replaced by the vision tower's soft tokens (``tower``: see
-        ``image_features``). ids: [N]."""
+        ``image_features``). ids: [N]. ``image_tokens``: the placeholder count if already read (``pack_prompts``
+        reads it with the ids' range check: ``PackedBatch.image_tokens``), else it is read here."""
         cfg = self.config
         embeds = self.language_model.embed(input_ids)  # placeholders embed as padding
         if pixel_values is None and torch.compiler.is_compiling():
             return embeds  # a text prompt under torch.compile: the placeholder count is data, checked eagerly
-        n_slots = int((input_ids == cfg.image_token_id).sum())
+        n_slots = int((input_ids == cfg.image_token_id).sum()) if image_tokens is None else image_tokens
         if pixel_values is None:
             if n_slots:
                 raise ValueError(f"the prompt has {n_slots} image placeholder tokens but no pixel_values were given")
@@ -162,7 +171,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
         # ids still on the CPU (a tokenizer's) are checked there, before the copy: no device sync
         same_device = len({p.device for p in prompts}) == 1
         ids = torch.cat(list(prompts) if same_device else [p.to(self.device) for p in prompts])
-        self._check_ids(ids)
+        image_tokens = self._check_ids(ids, self.config.image_token_id)
         ids = ids.to(self.device)
         mm = None
         if mm_token_type_ids is not None:
@@ -170,7 +179,9 @@ class Gemma4ForConditionalGeneration(nn.Module):
                 raise ValueError(f"{len(mm_token_type_ids)} mm_token_type_ids rows for {len(prompts)} prompts")
             mm = torch.cat([t.reshape(-1) for t in mm_token_type_ids]).to(self.device)
             self._check_token_types(ids, mm)
-        return ids, self.packed_batch([int(p.numel()) for p in prompts], mm)
+        batch = self.packed_batch([int(p.numel()) for p in prompts], mm)
+        batch.image_tokens = image_tokens
+        return ids, batch
 
     def _check_token_types(self, ids: Tensor, mm: Tensor) -> None:
         """``mm_token_type_ids`` must mark exactly the image soft tokens (type 1), so the attention masks built from
@@ -210,7 +221,7 @@ class Gemma4ForConditionalGeneration(nn.Module):
             return chunked_prefill(self, prompts, pixel_values, image_position_ids, mm_token_type_ids,
                                    chunk_tokens=chunk_tokens, all_logits=all_logits, cache=cache)
         ids, batch = self.pack_prompts(prompts, mm_token_type_ids)
-        embeds = self.embed_inputs(ids, pixel_values, image_position_ids)
+        embeds = self.embed_inputs(ids, pixel_values, image_position_ids, image_tokens=batch.image_tokens)
         lm = self.language_model
         hidden = lm.forward_embeds(embeds, lm.make_context(batch, cache=cache))
         if not all_logits:

@@ -90,7 +90,8 @@ def chunked_prefill(
     if cache is None:
         cache = KVCache(lm.config, 1, batch.num_tokens, model.dtype, model.device)
     cache.check_fits(batch)
-    embeds = model.embed_inputs(ids, pixel_values, image_position_ids)  # the vision tower runs once, for all chunks
+    # the vision tower runs once, for all chunks
+    embeds = model.embed_inputs(ids, pixel_values, image_position_ids, image_tokens=batch.image_tokens)
     run = run_chunk or (lambda i, e, b, c: lm.forward_embeds(e, lm.make_context(b, cache=c)))
     logits = []
     for start, end in bounds:

@@ -44,7 +44,7 @@ class CompiledPieces:
         """Same contract as ``model.prefill`` for text prompts: logits of each prompt's last token (or of all)."""
         model, lm = self.model, self.lm
         ids, batch = model.pack_prompts(prompts, None)
-        embeds = model.embed_inputs(ids, None, None)
+        embeds = model.embed_inputs(ids, None, None, image_tokens=batch.image_tokens)
         ctx = lm.make_context(batch)
         s = Stream(embeds)
         compiled = self._compiled()

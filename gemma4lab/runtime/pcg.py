@@ -455,11 +455,13 @@ class PiecewiseCudaGraphRunner:
             self._announce("eager_fallbacks", f"{why}; running the eager path")
             return model.prefill(prompts, pixel_values, image_position_ids, mm_token_type_ids,
                                  all_logits=all_logits, cache=cache)
-        ids, batch = model.pack_prompts(prompts, mm_token_type_ids)
+        ids, batch = model.pack_prompts(prompts, mm_token_type_ids)  # its range check read the placeholder count too
         embeds = None
         if pixel_values is not None:
-            embeds = model.embed_inputs(ids, pixel_values, image_position_ids, tower=self.tower)
-        elif _has_image_tokens(prompts, ids, model.config.image_token_id):
+            embeds = model.embed_inputs(ids, pixel_values, image_position_ids, tower=self.tower,
+                                        image_tokens=batch.image_tokens)
+        elif (batch.image_tokens if batch.image_tokens is not None
+              else _has_image_tokens(prompts, ids, model.config.image_token_id)):
             model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
         hidden = self._forward(ids, embeds, batch, cache, pad_fill)
         # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its

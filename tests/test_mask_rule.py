@@ -190,3 +190,11 @@ def test_a_pack_of_chunks_keeps_prompts_apart(seed, sliding):
     assert torch.equal(probs > 0, want)
     mod = BACKENDS["flex"].mask_mod(batch, rule, 128, 128 * (1 + n_keys // 128))
     assert torch.equal(mod(0, 0, torch.arange(n)[:, None], torch.arange(n_keys)[None, :]), want)
+
+
+def test_a_packs_last_rows_are_built_once():
+    """Each prompt's last row in the pack, on the device; a prefill asks twice (the graphs' input, the head), so the
+    tensor is built once per batch."""
+    batch = PackedBatch.from_lengths([3, 1, 5])
+    assert batch.last_token_rows.tolist() == [2, 3, 8]
+    assert batch.last_token_rows is batch.last_token_rows

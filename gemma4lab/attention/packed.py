@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -40,10 +41,11 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
 
-    @property
+    @cached_property
     def last_token_rows(self) -> Tensor:
-        ends = torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
-        return ends
+        """Each prompt's last row, on the device: built once per batch (a host-to-device copy and a scan; a prefill
+        asks twice, for the graphs' static input and for the head). ``seq_lens`` is fixed once a batch exists."""
+        return torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
 
     def prompt_slices(self) -> list[slice]:
         """The rows of each prompt, in order (host-side: for per-prompt loops)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -41,11 +40,18 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return sum(self.seq_lens)
 
-    @cached_property
+    @property
     def last_token_rows(self) -> Tensor:
         """Each prompt's last row, on the device: built once per batch (a host-to-device copy and a scan; a prefill
-        asks twice, for the graphs' static input and for the head). ``seq_lens`` is fixed once a batch exists."""
-        return torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
+        asks twice, for the graphs' static input and for the head). ``seq_lens`` is fixed once a batch exists. Not
+        ``functools.cached_property``: its lock is a context manager torch.compile cannot trace; under compile the
+        rows are built in the graph and not kept."""
+        rows = self.__dict__.get("_last_token_rows")
+        if rows is None:
+            rows = torch.tensor(self.seq_lens, device=self.positions.device).cumsum(0) - 1
+            if not torch.compiler.is_compiling():
+                self.__dict__["_last_token_rows"] = rows
+        return rows
 
     def prompt_slices(self) -> list[slice]:
         """The rows of each prompt, in order (host-side: for per-prompt loops)."""

@@ -5,11 +5,11 @@ and the widest gaps of its kernel timeline follow the prefill's own host reads a
 splits the host's side of one prefill (``profiling.host_launch_times``: the setup before the first graph replay, the
 eager work between replays, the tail after the last) and sets it beside the GPU's idle time and gaps, with the
 prompt's ids given two ways: on the CPU, as a tokenizer hands them over (checked there, no device read), and
-already on the device (the range and placeholder checks each read back).
+already on the device (the range check reads them back once, the placeholder count with it).
 
 **Prediction:** the host's time between two replays (one eager attention call, ~30 µs unprofiled) stays far below
 a piece's GPU time at 93 tokens (~0.45 ms), so the GPU never waits mid-forward; its idle time is the lead and the
-tail — about 1.6 ms with ids on the device, less with ids on the CPU (two host reads fewer).
+tail — about 1.6 ms with ids on the device, less with ids on the CPU (a host read fewer).
 
     python experiments/prefill_host_time.py --tokens 93 189 --json results/runs/prefill_host_h200_<commit>.json
 """

@@ -300,7 +300,7 @@ def graph_launch_gaps(spans: Iterable[tuple[str, float, float]]) -> dict:
     spans = sorted(((str(n), float(a), float(b)) for n, a, b in spans), key=lambda s: s[1])
     launches = [(a, b) for n, a, b in spans if n == "cudaGraphLaunch"]
     out: dict[str, Any] = {"launches": len(launches)}
-    if not spans or not launches:
+    if not launches:
         return {**out, "lead_ms": None, "between_ms": None, "tail_ms": None}
     between = sorted(max(0.0, nxt[0] - cur[1]) / 1e3 for cur, nxt in zip(launches, launches[1:]))
     return {**out, "lead_ms": (launches[0][0] - spans[0][1]) / 1e3,

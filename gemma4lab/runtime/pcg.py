@@ -75,14 +75,6 @@ def default_buckets(max_tokens: int = 8192) -> list[int]:
     return sorted(set(out))
 
 
-def _has_image_tokens(prompts: list[Tensor], ids: Tensor, image_token_id: int) -> bool:
-    """Whether any prompt holds an image placeholder: read from the prompts while they are still on the CPU (a
-    tokenizer's ids), so a text prefill never waits for the GPU; one host read of the packed ids otherwise."""
-    if all(p.device.type == "cpu" for p in prompts):
-        return any(bool((p == image_token_id).any()) for p in prompts)
-    return bool((ids == image_token_id).any())
-
-
 def validate_buckets(buckets: list[int]) -> list[int]:
     if not isinstance(buckets, (list, tuple)) or not buckets:
         raise ValueError("buckets must be a non-empty list of token counts")
@@ -460,9 +452,8 @@ class PiecewiseCudaGraphRunner:
         if pixel_values is not None:
             embeds = model.embed_inputs(ids, pixel_values, image_position_ids, tower=self.tower,
                                         image_tokens=batch.image_tokens)
-        elif (batch.image_tokens if batch.image_tokens is not None
-              else _has_image_tokens(prompts, ids, model.config.image_token_id)):
-            model.embed_inputs(ids, None, None)  # raises the model's clear error about missing images
+        elif batch.image_tokens:  # placeholders without images: the model's clear error
+            model.embed_inputs(ids, None, None, image_tokens=batch.image_tokens)
         hidden = self._forward(ids, embeds, batch, cache, pad_fill)
         # The head runs outside the graph on exactly the rows asked for: a matmul's rounding can depend on its
         # row count, and the eager model computes logits for these rows only.

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--preset", default="26b-a4b", help="tiny + --device cpu: a smoke run (no graphs, no split)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", default=None)
+    p.add_argument("--dependent-launch", action="store_true",
+                   help="also time a runner whose pieces are captured with programmatic dependent launch")
     args = p.parse_args()
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
@@ -45,6 +47,10 @@ def main() -> None:
     model.set_fusion("all")
     runner = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False)
     runner.capture()
+    pdl = None
+    if args.dependent_launch:
+        pdl = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False, dependent_launch=True)
+        pdl.capture()
     rows = {}
     with torch.no_grad():
         for t in args.tokens:
@@ -62,6 +68,15 @@ def main() -> None:
                          f"{host['tail_ms']:.3f} ms" if b is not None else "no graph replays")
                 print(f"T={t:>5} ids on {where:>4}: {ms:.2f} ms, busy {fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f};"
                       f" host (profiled): {split}", flush=True)
+            if pdl is not None:  # the same prompt through pieces captured with dependent launch: time and bits
+                call = lambda ids=ids: pdl.prefill(ids)  # noqa: E731
+                ms_pdl = measure.bench(call, rep_ms=300)
+                fam = time_by_family(call, wall_ms=ms_pdl)
+                equal = bool(torch.equal(call(), runner.prefill(ids)))
+                rows[f"{t}_pdl"] = {"tokens": t, "ms": ms_pdl, "vs_plain": ms_pdl / ms, "busy_ms": fam["busy_ms"],
+                                    "idle_ms": fam["idle_ms"], "families_ms": fam["families_ms"], "equal": equal}
+                print(f"T={t:>5} dependent launch: {ms_pdl:.2f} ms ({ms_pdl / ms:.3f}x), busy {fam['busy_ms']:.2f}, "
+                      f"idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})
 

@@ -16,12 +16,12 @@ from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
 BATCHES, CONTEXTS, STEPS, RUNS = (1, 3), (8, 20), 4, 3  # 20 > the tiny window (16): sliding layers read a full ring
 
 
-def _run(out, batches=BATCHES, contexts=CONTEXTS, steps=STEPS, device="cpu", fp8="0") -> dict:
+def _run(out, batches=BATCHES, contexts=CONTEXTS, steps=STEPS, device="cpu", fp8="0", extra=()) -> dict:
     on_cpu = device == "cpu"
     argv = ["--device", device, "--preset", "tiny", "--fusion", "none" if on_cpu else "all", "--dtype",
             "float32" if on_cpu else "bfloat16", "--runs", str(RUNS), "--steps", str(steps), "--batch",
             ",".join(map(str, batches)), "--context", ",".join(map(str, contexts)), "--fp8-batch", fp8,
-            "--replay-rep-ms", "5", "--out", str(out)]
+            "--replay-rep-ms", "5", "--out", str(out), *extra]
     assert decode.main(argv) == 0
     return measure.read_json(out / f"decode_{measure.card_slug()}.json")
 
@@ -72,6 +72,17 @@ def test_fp8_rows_are_timed_last_against_their_own_floor(tmp_path):
     table = report.decode_table(doc).splitlines()
     assert table[2].split(" | ")[1] == "1" and table[3].split(" | ")[1] == "1 · FP8 experts"
     assert table[4].split(" | ")[1] == "1 · FP8 experts + activations"
+
+
+def test_dependent_launch_rows_beside_the_plain_graph(tmp_path):
+    """``--dependent-launch``: each point's graph again, captured with programmatic dependent launch, with its own
+    step, replay and token check (on CPU the runner steps eagerly: the plumbing, not the speed)."""
+    doc = _run(tmp_path, batches=(2,), contexts=(8,), steps=2, extra=("--dependent-launch",))
+    r = doc["rows"]["2x8"]
+    pdl, graph = r["graph_pdl"], r["graph"]
+    assert pdl["tokens_equal"] is True and pdl["first_mismatch"] is None and pdl["step_ms"] > 0
+    assert pdl["replay_vs_graph"] == pdl["replay_ms"] / graph["replay_ms"]
+    assert pdl["replay_x_floor"] == pdl["replay_ms"] / r["floor_ms"]
 
 
 def test_greedy_tokens_of_the_graph_equal_eager(result):

@@ -9,7 +9,7 @@ import torch
 
 import gemma4lab
 from gemma4lab import kernels as K
-from gemma4lab.lab.hopper_compile import SM90_SHARED_BYTES, compile_for_sm90, record_launches
+from gemma4lab.lab.hopper_compile import SM90_SHARED_BYTES, compile_for_sm90, record_launches, with_dependent_launch
 from gemma4lab.model.quantize import quantize_fp8_per_channel, set_fp8_activations
 
 pytestmark = pytest.mark.usefixtures("triton_path_only")
@@ -95,6 +95,9 @@ def test_every_launched_kernel_compiles_for_sm90():
     assert {"_moe_gemm_kernel", "_prefill_attention_kernel", "_qkv_norm_rope_kernel"} <= kernels, kernels
     assert any(dict(x.args).get("AXIAL") == ("const", True) for x in launches)
     assert kernels & {"_decode_attention_kernel", "_split_decode_attention_kernel"}, kernels
+    pdl = with_dependent_launch(launches)  # every kernel of the package takes PDL; each variant compiles with it too
+    assert {x.kernel.split(":")[1] for x in pdl} == kernels, kernels - {x.kernel.split(":")[1] for x in pdl}
+    launches = launches | pdl
     results = compile_for_sm90(launches)
     assert len(results) == len(launches)
     failed = [f"{r.kernel} {r.constants}\n{r.error}" for r in results if r.error]

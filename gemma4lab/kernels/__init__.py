@@ -19,9 +19,13 @@ wrappers check shapes, dtypes, devices and strides from metadata (no host sync, 
 torch.compile), return empty results for zero tokens without a launch, take ``out=`` buffers where a kernel has
 outputs of the activations' shape, and ``config=`` (each family's launch-setting type) to override the heuristic in
 tuning sweeps.
+
+``with dependent_launch():`` launches every kernel with programmatic dependent launch on Hopper (each waits at its
+top for the previous kernel, then lets the next one launch; the dense GEMM asks L2 for its first weight tiles
+before it waits): used when capturing CUDA graphs (``DecodeGraphRunner(dependent_launch=True)``).
 """
 
-from ._common import INTERPRET, RowConfig, kernel_backend, row_config
+from ._common import INTERPRET, RowConfig, dependent_launch, kernel_backend, row_config
 from .decode_attention import DecodeConfig, decode_config, gemma_decode_attention, gemma_decode_attention_ref
 from .dense_gemm import DENSE_MAX_ROWS, DenseConfig, dense_config, gemma_dense_gemm, gemma_dense_gemm_ref
 from .dual_rmsnorm import (
@@ -122,6 +126,7 @@ __all__ = [
     "gemma_router_topk",
     "gemma_router_topk_ref",
     "head_config",
+    "dependent_launch",
     "kernel_backend",
     "moe_config",
     "quantize_act_e4m3",

@@ -41,6 +41,67 @@ INTERPRET: bool = type(empty_kernel).__name__ == "InterpretedFunction"
 EMULATE_BF16_RTNE = tl.constexpr(INTERPRET)
 
 
+# ---- programmatic dependent launch (Hopper and later) ------------------------------------------------------------
+#
+# A kernel launched with PDL may start while the kernel before it in the stream is still running: its programs get
+# resident, read what the previous kernel cannot have written (weights) and then block in ``griddepcontrol.wait``
+# until that kernel has finished and its writes are visible. Each of the package's kernels, when ``PDL`` is on,
+# waits at its top (after loading only static weights) and at once lets the next kernel launch
+# (:func:`wait_and_release`), so every transition between two of them overlaps a launch and a prologue with the
+# previous kernel's tail. Safe by construction: no kernel reads or writes an activation before its wait, and a wait
+# returns only once the previous grid has completed, which waited for its own predecessor in turn.
+
+_DEPENDENT_LAUNCH = [False]
+
+
+class dependent_launch:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """``with dependent_launch():`` launches the package's kernels on CUDA devices of compute capability >= 9 with
+    programmatic dependent launch (captured into CUDA graphs as programmatic edges); off by default.
+    ``dependent_launch(False)`` turns it off inside an enabled block."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"dependent_launch takes a bool, got {enabled!r}")
+        self.enabled, self._saved = enabled, []
+
+    def __enter__(self) -> "dependent_launch":
+        self._saved.append(_DEPENDENT_LAUNCH[0])
+        _DEPENDENT_LAUNCH[0] = self.enabled
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _DEPENDENT_LAUNCH[0] = self._saved.pop()
+
+
+@cache
+def _supports_pdl(device: torch.device) -> bool:
+    return not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_meta(t: torch.Tensor) -> dict:
+    """Launch arguments for a kernel taking a ``PDL`` constexpr: on when :class:`dependent_launch` is active and
+    ``t`` is on a CUDA device that supports it (Triton then sets the launch attribute too)."""
+    if not (_DEPENDENT_LAUNCH[0] and t.is_cuda and _supports_pdl(t.device)):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def wait_and_release(PDL: tl.constexpr):
+    """With ``PDL``: block until the previous kernel's writes are visible, then let the next kernel launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (no registers, no wait): a weight stream started before
+    :func:`wait_and_release` returns."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
 def kernel_backend(t: torch.Tensor) -> str:
     """Which implementation a call with activations ``t`` runs: ``"triton"`` (CUDA), ``"triton-interpreter"``
     (``TRITON_INTERPRET=1`` set before import; CPU or CUDA tensors) or ``"torch-reference"`` (anything else)."""

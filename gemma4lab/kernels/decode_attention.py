@@ -78,7 +78,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, num_sms, pow2, register, to_dtype
+from ._common import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    compute_dtype,
+    num_sms,
+    pdl_meta,
+    pow2,
+    register,
+    to_dtype,
+    wait_and_release,
+)
 
 
 @triton.jit
@@ -101,7 +111,9 @@ def _decode_attention_kernel(
     stride_sb, n_slots, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_and_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -145,10 +157,12 @@ def _split_decode_attention_kernel(
     stride_sb, n_slots, window,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SLIDING: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (sequence, KV head, split): the ``GROUP`` query rows of the KV head against slots ``[lo, end)``. With one
     split ``o`` is the output ``[B, Hq, D]``, else the fp32 partials ``[B, Hq, SPLITS, D]`` and ``ml`` their
     ``(m, l)`` pairs ``[B, Hq, SPLITS, 2]``."""
+    wait_and_release(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -213,8 +227,10 @@ def _combine_decode_attention_kernel(
     part_ptr, ml_ptr, o_ptr,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh, stride_ob, stride_oh,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, SB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One (sequence, query head, ``BLOCK_DC`` output dims): the splits' partials by the log-sum-exp rule."""
+    wait_and_release(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -358,6 +374,7 @@ def _launch(q, k_cache, v_cache, positions, slot_pos, window: int | None, o, con
             q, k_cache, v_cache, o, positions, sp, q.stride(0), q.stride(1), *kv_strides, o.stride(0), o.stride(1),
             sp_stride, n_slots, window or 0,
             GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n, SLIDING=sliding, num_warps=cfg.num_warps,
+            **pdl_meta(q),
         )
         return
     splits = cfg.num_splits(n_slots, b * hkv, num_sms(q.device))
@@ -372,7 +389,7 @@ def _launch(q, k_cache, v_cache, positions, slot_pos, window: int | None, o, con
         *ml_strides, sp_stride, n_slots, window or 0,
         GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         SPLITS=splits, MIN_CHUNK=-(-cfg.min_split_slots // cfg.block_n) * cfg.block_n, SLIDING=sliding,
-        IEEE=q.dtype == torch.float32, STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        IEEE=q.dtype == torch.float32, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_meta(q),
     )
     if splits == 1:
         return
@@ -381,7 +398,7 @@ def _launch(q, k_cache, v_cache, positions, slot_pos, window: int | None, o, con
     _combine_decode_attention_kernel[(b, hq, triton.cdiv(d, block_dc))](
         part, ml, o, *part_strides, *ml_strides, o.stride(0), o.stride(1),
         SPLITS=splits, BLOCK_S=block_s, SB=min(block_s, max(1, 2048 // block_dc)), HEAD_DIM=d, BLOCK_DC=block_dc,
-        num_warps=4,
+        num_warps=4, **pdl_meta(q),
     )
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2, register, to_dtype
+from ._common import INTERPRET, pdl_meta, pow2, prefetch_l2, register, to_dtype, wait_and_release
 
 #: Rows up to which the model runs its dense projections through this kernel (and cuBLAS above: at 93 rows cuBLAS is
 #: faster on every shape of the sweep). 16 is also a PCG bucket edge, so a padded bucket takes the eager prompt's path.
@@ -61,6 +61,8 @@ def _dense_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch: the first K steps of the weights are fetched before the wait
+    PREFETCH_K: tl.constexpr,  # with PDL: columns of each weight row asked of L2 before the wait (a 64-wide multiple)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -86,6 +88,11 @@ def _dense_gemm_kernel(
     w_base = w_ptr + w_rows[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if PDL:  # the weights are no kernel's output: start streaming them while the previous kernel finishes
+        lines = k_lo + tl.arange(0, PREFETCH_K // 64) * 64  # one 128-byte line of bf16 per 64 columns
+        prefetch_l2(w_ptr + tl.where(mask_n, w_rows, 0)[:, None].to(tl.int64) * stride_wn
+                    + tl.minimum(lines, k_hi - 1)[None, :])
+    wait_and_release(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output tile, transposed
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -101,8 +108,9 @@ def _dense_gemm_kernel(
 
 
 @triton.jit
-def _split_sum_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(ws_ptr, out_ptr, MN, N, stride_om, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """``out = Σ_s ws[s]`` in the order s = 0, 1, …: one rounding, the same bits on every run."""
+    wait_and_release(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -127,6 +135,8 @@ class DenseConfig:
     num_warps: int = 4
     num_stages: int = 4
     split_sum_block: int = 1024
+    #: K steps of its weight rows a program asks L2 for before waiting on the previous kernel (dependent launch only)
+    prefetch_steps: int = 2
 
     def __post_init__(self) -> None:
         pow2(self, "block_m", "block_n", "block_k", "num_warps", "split_sum_block")
@@ -136,6 +146,9 @@ class DenseConfig:
             raise ValueError(f"DenseConfig.split_k must be an int >= 1, got {self.split_k!r}")
         if self.num_stages < 1:
             raise ValueError(f"DenseConfig.num_stages must be >= 1, got {self.num_stages}")
+        if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
+                or self.prefetch_steps < 0:
+            raise ValueError(f"DenseConfig.prefetch_steps must be an int >= 0, got {self.prefetch_steps!r}")
 
 
 def dense_config(n_rows: int, ns: Sequence[int], k: int, *, itemsize: int = 2,
@@ -217,7 +230,8 @@ def _launch(x: torch.Tensor, ws: tuple[torch.Tensor, ...], out: torch.Tensor, cf
     n_total = sum(ns)
     grid = (sum(triton.cdiv(n, cfg.block_n) for n in ns), split, triton.cdiv(m, cfg.block_m))
     extra = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if x.is_cuda else {}
-    meta = dict(IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
+    meta = dict(IEEE=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                PREFETCH_K=max(64, cfg.prefetch_steps * cfg.block_k), **extra, **pdl_meta(x))
     strides = [w.stride(0) for w in full]
     if split == 1:
         _dense_gemm_kernel[grid](x, *full, out, m, *n_pad, k, x.stride(0), *strides, out.stride(0), 0, k_per_split,
@@ -227,7 +241,8 @@ def _launch(x: torch.Tensor, ws: tuple[torch.Tensor, ...], out: torch.Tensor, cf
     _dense_gemm_kernel[grid](x, *full, ws_buf, m, *n_pad, k, x.stride(0), *strides, n_total, m * n_total,
                              k_per_split, **meta)
     _split_sum_kernel[(triton.cdiv(m * n_total, cfg.split_sum_block),)](
-        ws_buf, out, m * n_total, n_total, out.stride(0), SPLIT=split, BLOCK=cfg.split_sum_block)
+        ws_buf, out, m * n_total, n_total, out.stride(0), SPLIT=split, BLOCK=cfg.split_sum_block,
+        **pdl_meta(x))
 
 
 def _triton(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,

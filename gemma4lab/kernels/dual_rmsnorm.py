@@ -23,6 +23,7 @@ from ._common import (
     load_tile,
     load_weight,
     out_tuple,
+    pdl_meta,
     register,
     rms_inv,
     rms_inv_ref,
@@ -30,6 +31,7 @@ from ._common import (
     row_launch,
     store_tile,
     tile_offsets,
+    wait_and_release,
 )
 
 
@@ -37,12 +39,13 @@ from ._common import (
 def _dual_rmsnorm_kernel(x1_ptr, w1_ptr, x2_ptr, w2_ptr, w3_ptr, r_ptr, s_ptr, wn_ptr, o_ptr, n_ptr, n_rows,
                          stride_x1, stride_x2, stride_r, stride_o, stride_n, eps,
                          H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
-                         HAS_NEXT: tl.constexpr):
+                         HAS_NEXT: tl.constexpr, PDL: tl.constexpr):
     w1 = load_weight(w1_ptr, H, BLOCK)
     w2 = load_weight(w2_ptr, H, BLOCK)
     w3 = load_weight(w3_ptr, H, BLOCK)
     if HAS_NEXT:
         wn = load_weight(wn_ptr, H, BLOCK)
+    wait_and_release(PDL)
     scalar = tl.load(s_ptr).to(tl.float32)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)
@@ -70,7 +73,7 @@ def _launch(x1, weight1, x2, weight2, weight3, residual, scalar, next_weight, ou
     nw, no = (next_weight, next_out) if has_next else (weight3, out)  # unused placeholders when HAS_NEXT=False
     _dual_rmsnorm_kernel[grid](x1, weight1, x2, weight2, weight3, residual, scalar, nw, out, no, n, x1.stride()[0],
                                x2.stride()[0], residual.stride()[0], out.stride()[0], no.stride()[0], eps,
-                               HAS_NEXT=has_next, **meta)
+                               HAS_NEXT=has_next, **meta, **pdl_meta(x1))
 
 
 def _triton(x1: torch.Tensor, weight1: torch.Tensor, x2: torch.Tensor, weight2: torch.Tensor, weight3: torch.Tensor,

@@ -17,14 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, check_rows, check_same_tokens, num_sms, pow2, register, to_dtype
+from ._common import (
+    check_out,
+    check_rows,
+    check_same_tokens,
+    num_sms,
+    pdl_meta,
+    pow2,
+    register,
+    to_dtype,
+    wait_and_release,
+)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
 def _gelu_tanh_mul_kernel(g_ptr, u_ptr, o_ptr, n_elem, stride_g, stride_u, stride_o, INTER: tl.constexpr,
-                          BLOCK: tl.constexpr, EVEN: tl.constexpr, BIG: tl.constexpr):
+                          BLOCK: tl.constexpr, EVEN: tl.constexpr, BIG: tl.constexpr, PDL: tl.constexpr):
+    wait_and_release(PDL)
     if BIG:  # more than 2**31 elements: 64-bit flat indices
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
@@ -74,7 +85,8 @@ def _launch(gate, up, out, config: ElementwiseConfig | None) -> None:
     cfg = config or elementwise_config(n_elem, gate.device)
     _gelu_tanh_mul_kernel[(triton.cdiv(n_elem, cfg.block),)](
         gate, up, out, n_elem, gate.stride(0), up.stride(0), out.stride(0), INTER=inter, BLOCK=cfg.block,
-        EVEN=n_elem % cfg.block == 0, BIG=n_elem + cfg.block >= 2**31, num_warps=cfg.num_warps)
+        EVEN=n_elem % cfg.block == 0, BIG=n_elem + cfg.block >= 2**31, num_warps=cfg.num_warps,
+        **pdl_meta(gate))
 
 
 def _triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import host_values, pow2, register, to_dtype
+from ._common import host_values, pdl_meta, pow2, register, to_dtype, wait_and_release
 
 
 @triton.jit
@@ -31,7 +31,9 @@ def _moe_combine_kernel(
     stride_o,
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_and_release(PDL)
     t = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -73,7 +75,7 @@ def _launch(ys, positions, weights, out, config: CombineConfig | None) -> None:
     cfg = config or combine_config(h)
     extra = {"num_warps": cfg.num_warps} if ys.is_cuda else {}
     _moe_combine_kernel[(t,)](ys, positions, weights, out, ys.shape[0], h, ys.stride(0), out.stride(0), TOP_K=k,
-                              BLOCK=triton.next_power_of_2(h), **extra)
+                              BLOCK=triton.next_power_of_2(h), **extra, **pdl_meta(ys))
 
 
 def _triton(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:

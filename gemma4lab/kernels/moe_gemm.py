@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import host_values, pow2, register, to_dtype, to_e4m3
+from ._common import host_values, pdl_meta, pow2, register, to_dtype, to_e4m3, wait_and_release
 
 
 @triton.jit
@@ -99,20 +99,33 @@ def _moe_gemm_kernel(
     W_SCALED: tl.constexpr,  # FP8 weights: widened to the activation dtype on load, scaled per output in the epilogue
     A_FP8: tl.constexpr,  # with W_SCALED and SWAP_AB: activations quantised to e4m3 per row and K step, FP8 × FP8 MMA
     SWAP_AB: tl.constexpr,  # accumulate yᵀ = w · aᵀ: the weight tile is the MMA's wide side, the rows its narrow one
-    COLUMNS_FIRST: tl.constexpr,  # grid (column tiles, experts): neighbouring programs stream one expert's weights
+    COLUMNS_FIRST: tl.constexpr,  # grid (column tiles, slots): neighbouring programs stream one expert's weights
+    E: tl.constexpr,  # experts
+    E_POW2: tl.constexpr,  # E rounded up to a power of two (the width of the expert lookup)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_and_release(PDL)  # the offsets and rows come from the kernels before: nothing is read ahead of the wait
     if COLUMNS_FIRST:
         pid_n = tl.program_id(0)
-        e = tl.program_id(1)
+        slot = tl.program_id(1)
     else:
-        e = tl.program_id(0)
+        slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-    # Device-side guard: an expert's rows clamped to [0, M), so bad offsets can never read or write out of bounds.
-    end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), M)
-    start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
+    # Program slot s serves the s-th expert that has rows (the grid has min(M, E) slots, not E: at one decode token
+    # 8 of 128 experts are hit, and 120 x (column tiles) programs that only find an empty expert and exit still hold
+    # their shared memory and SM slots). Every program reads all E offsets once and ranks the experts with rows.
+    # Device-side guard: every expert's rows are clamped to [0, M), so bad offsets never read or write out of bounds.
+    es = tl.arange(0, E_POW2)
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + es, mask=es < E, other=0), 0), M)
+    starts = tl.minimum(tl.maximum(tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0), 0), ends)
+    has_rows = (ends > starts) & (es < E)
+    mine = has_rows & (tl.cumsum(has_rows.to(tl.int32), axis=0) == slot + 1)
+    e = tl.sum(tl.where(mine, es, 0), axis=0)  # 0 when fewer than slot + 1 experts have rows; then start == end
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    start = tl.sum(tl.where(mine, starts, 0), axis=0)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
@@ -383,12 +396,14 @@ def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)
-    _moe_gemm_kernel[(tiles, e) if cfg.columns_first else (e, tiles)](
+    slots = min(m, e)  # at most this many experts have rows
+    _moe_gemm_kernel[(tiles, slots) if cfg.columns_first else (slots, tiles)](
         a, w, offsets, row_index if gather else offsets, w_scale if w_scale is not None else offsets, out, m,
         a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k,
         GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, A_FP8=a_fp8,
         SWAP_AB=cfg.swap_ab,
-        COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra)
+        COLUMNS_FIRST=cfg.columns_first, E=e, E_POW2=triton.next_power_of_2(e), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra, **pdl_meta(a))
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, host_values, out_tuple, register
+from ._common import check_out, host_values, out_tuple, pdl_meta, register, wait_and_release
 from .moe_gemm import MoeConfig, moe_config
 
 
 @triton.jit
-def _moe_route_kernel(ids_ptr, offs_ptr, slot_ptr, pos_ptr, n_slots, E, BLOCK: tl.constexpr):
+def _moe_route_kernel(ids_ptr, offs_ptr, slot_ptr, pos_ptr, n_slots, E, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_and_release(PDL)
     e = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     # pass 1: valid ids below e (the first sorted row of expert e) and equal to e (its rows)
@@ -76,7 +77,8 @@ def _launch(ids, offsets, sorted_slot, position, config: MoeConfig | None) -> No
     cfg = config or moe_config(ids.numel(), n_exp)
     extra = {"num_warps": cfg.route_warps} if ids.is_cuda else {}
     _moe_route_kernel[(n_exp,)](ids, offsets, sorted_slot, position, ids.numel(), n_exp,
-                                BLOCK=min(cfg.route_block, triton.next_power_of_2(ids.numel())), **extra)
+                                BLOCK=min(cfg.route_block, triton.next_power_of_2(ids.numel())), **extra,
+                                **pdl_meta(ids))
 
 
 def _triton(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor) -> None:

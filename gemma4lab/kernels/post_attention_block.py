@@ -23,6 +23,7 @@ from ._common import (
     load_tile,
     load_weight,
     out_tuple,
+    pdl_meta,
     register,
     rms_inv,
     rms_inv_ref,
@@ -30,6 +31,7 @@ from ._common import (
     row_launch,
     store_tile,
     tile_offsets,
+    wait_and_release,
 )
 
 
@@ -37,7 +39,7 @@ from ._common import (
 def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr, m_ptr, e_ptr, router_ptr, n_rows,
                            stride_a, stride_r, stride_h, stride_m, stride_e, stride_router, eps, root,
                            H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
-                           VIEWS: tl.constexpr):
+                           VIEWS: tl.constexpr, PDL: tl.constexpr):
     """``VIEWS`` = 3: the MoE layer's three FFN inputs; 1: ``mlp_in`` only (the norm sandwich of a plain layer, e.g.
     the vision encoder's: ``h = r + rms(a)·w_post``, then the next sub-block's input ``rms(h)·w``)."""
     wpa = load_weight(wpa_ptr, H, BLOCK)
@@ -45,6 +47,7 @@ def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr,
     if VIEWS == 3:
         w2 = load_weight(w2_ptr, H, BLOCK)
         ws = load_weight(ws_ptr, H, BLOCK)
+    wait_and_release(PDL)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)
         a = load_tile(a_ptr, rows, stride_a, cols, mask, H, BLOCK, ROWS)
@@ -71,7 +74,7 @@ def _launch(attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, 
     _post_attention_kernel[grid](attn_out, residual, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, h, mlp_in,
                                  experts_in, router_in, n, attn_out.stride()[0], residual.stride()[0], h.stride()[0],
                                  mlp_in.stride()[0], experts_in.stride()[0], router_in.stride()[0], eps,
-                                 hidden ** -0.5, VIEWS=3, **meta)
+                                 hidden ** -0.5, VIEWS=3, **meta, **pdl_meta(attn_out))
 
 
 def _triton(attn_out: torch.Tensor, residual: torch.Tensor, w_post_attn: torch.Tensor, w_pre_ff: torch.Tensor,
@@ -138,7 +141,7 @@ def _launch_one_view(a, residual, w_post, w_next, eps: float, h, next_in, config
     grid, meta = row_launch(n, hidden, a.dtype, a.device, 2, config)
     _post_attention_kernel[grid](a, residual, w_post, w_next, w_next, w_next, h, next_in, next_in, next_in, n,
                                  a.stride()[0], residual.stride()[0], h.stride()[0], next_in.stride()[0],
-                                 next_in.stride()[0], next_in.stride()[0], eps, 1.0, VIEWS=1, **meta)
+                                 next_in.stride()[0], next_in.stride()[0], eps, 1.0, VIEWS=1, **meta, **pdl_meta(a))
 
 
 def _triton_one_view(a: torch.Tensor, residual: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor,

@@ -38,7 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, SUPPORTED_DTYPES, compute_dtype, host_values, pow2, register, to_dtype
+from ._common import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    compute_dtype,
+    host_values,
+    pdl_meta,
+    pow2,
+    register,
+    to_dtype,
+    wait_and_release,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -203,7 +213,9 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, HAS_KEY_END: tl.constexpr,
     IEEE: tl.constexpr, TMA: tl.constexpr, D_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_and_release(PDL)
     # (query head, output-dim slice) vary fastest: programs that share a KV tile run together (L2 reuse)
     h = tl.program_id(0) // (BLOCK_D // BLOCK_DV)
     dv0 = tl.program_id(0) % (BLOCK_D // BLOCK_DV) * BLOCK_DV
@@ -386,7 +398,7 @@ def _launch(q, k, v, cu_seqlens, max_seqlen: int, window: int | None, key_end, o
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=block_d, BLOCK_DV=block_d // cfg.dv_splits, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SLIDING=window is not None, HAS_KEY_END=key_end is not None,
         IEEE=q.dtype == torch.float32, TMA=cfg.tma, D_CHUNK=min(d, TMA_BOX), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **pdl_meta(q),
     )
 
 

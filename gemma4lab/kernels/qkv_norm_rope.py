@@ -22,7 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_rows, check_same_tokens, check_vector, compute_dtype, pow2, register, to_dtype
+from ._common import (
+    INTERPRET,
+    check_rows,
+    check_same_tokens,
+    check_vector,
+    compute_dtype,
+    pdl_meta,
+    pow2,
+    register,
+    to_dtype,
+    wait_and_release,
+)
 
 
 @triton.jit
@@ -84,7 +95,9 @@ def _head(x_ptr, x_off, w_ptr, c_ptr, s_ptr, c_off, s_off, row_mask, eps, D: tl.
 @triton.jit
 def _qkv_norm_rope_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, c_ptr, s_ptr, n_rows, n_q, n_k, n_v,
                           stride_q, stride_k, stride_v, stride_c, stride_s, eps, D: tl.constexpr,
-                          P: tl.constexpr, PART: tl.constexpr, AXIAL: tl.constexpr, ROWS: tl.constexpr):
+                          P: tl.constexpr, PART: tl.constexpr, AXIAL: tl.constexpr, ROWS: tl.constexpr,
+                          PDL: tl.constexpr):
+    wait_and_release(PDL)
     pid = tl.program_id(0)
     n_heads = n_q + n_k + n_v
     head = pid % n_heads  # heads fastest: a token block's cos/sin rows stay hot in L2 across its heads
@@ -143,7 +156,7 @@ def _launch(q, k, v, q_weight, k_weight, cos, sin, eps: float, config: HeadConfi
     _qkv_norm_rope_kernel[grid](q, k_, v_, q_weight, kw, cos, sin, n, n_q, n_k, n_v, q.stride(0), k_.stride(0),
                                 v_.stride(0), cos.stride(0), sin.stride(0), eps, D=d, P=d // (4 if axial else 2),
                                 PART=triton.next_power_of_2(d // (4 if axial else 2)), AXIAL=axial, ROWS=cfg.rows,
-                                num_warps=cfg.num_warps)
+                                num_warps=cfg.num_warps, **pdl_meta(q))
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, q_weight: torch.Tensor,

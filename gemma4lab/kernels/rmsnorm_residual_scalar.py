@@ -15,19 +15,23 @@ from ._common import (
     compute_dtype,
     load_tile,
     load_weight,
+    pdl_meta,
     register,
     rms_inv,
     rms_inv_ref,
     row_launch,
     store_tile,
     tile_offsets,
+    wait_and_release,
 )
 
 
 @triton.jit
 def _rmsnorm_residual_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, o_ptr, n_rows, stride_x, stride_r, stride_o, eps,
-                                    H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
+                                    H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+                                    PDL: tl.constexpr):
     w = load_weight(w_ptr, H, BLOCK)
+    wait_and_release(PDL)
     scalar = tl.load(s_ptr).to(tl.float32)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)
@@ -40,7 +44,7 @@ def _rmsnorm_residual_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, o_ptr, n_rows, s
 def _launch(x, weight, residual, scalar, eps: float, out, config: RowConfig | None) -> None:
     grid, meta = row_launch(x.shape[0], x.shape[1], x.dtype, x.device, 2, config)
     _rmsnorm_residual_scalar_kernel[grid](x, weight, residual, scalar, out, x.shape[0], x.stride()[0],
-                                          residual.stride()[0], out.stride()[0], eps, **meta)
+                                          residual.stride()[0], out.stride()[0], eps, **meta, **pdl_meta(x))
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, eps: float,

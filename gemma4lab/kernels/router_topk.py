@@ -16,12 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_out, check_rows, check_vector, out_tuple, pow2, register
+from ._common import check_out, check_rows, check_vector, out_tuple, pdl_meta, pow2, register, wait_and_release
 
 
 @triton.jit
 def _router_topk_kernel(l_ptr, scale_ptr, w_ptr, id_ptr, n_rows, stride_l, stride_w, stride_id, E: tl.constexpr,
-                        E_BLOCK: tl.constexpr, K: tl.constexpr, K_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                        E_BLOCK: tl.constexpr, K: tl.constexpr, K_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                        PDL: tl.constexpr):
+    wait_and_release(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     rows = rows.to(tl.int64)
@@ -76,7 +78,7 @@ def _launch(logits, per_expert_scale, top_k: int, weights, ids, config: RouterCo
     _router_topk_kernel[(triton.cdiv(n, cfg.rows),)](
         logits, per_expert_scale, weights, ids, n, logits.stride(0), weights.stride(0), ids.stride(0), E=n_exp,
         E_BLOCK=triton.next_power_of_2(n_exp), K=top_k, K_BLOCK=triton.next_power_of_2(top_k), ROWS=cfg.rows,
-        num_warps=cfg.num_warps)
+        num_warps=cfg.num_warps, **pdl_meta(logits))
 
 
 def _triton(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int, weights: torch.Tensor,

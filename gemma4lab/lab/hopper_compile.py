@@ -29,7 +29,7 @@ import torch
 #: sm_90's largest shared memory a block may use (227 KB, opt-in); a kernel above it fails at launch.
 SM90_SHARED_BYTES = 232_448
 #: Launch keywords that are compile options rather than kernel arguments.
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -83,6 +83,19 @@ def record_launches() -> Iterator[set[Launch]]:
         yield launches
     finally:
         InterpretedFunction.run = original
+
+
+def with_dependent_launch(launches: set[Launch]) -> set[Launch]:
+    """The same variants as a card launches them under ``kernels.dependent_launch()``: ``PDL`` on and the launch
+    option set (a CPU run records ``PDL=False``: the interpreter has no dependent launch)."""
+    out = set()
+    for x in launches:
+        args = dict(x.args)
+        if args.get("PDL") == ("const", False):
+            args["PDL"] = ("const", True)
+            options = tuple(sorted({**dict(x.options), "launch_pdl": True}.items()))
+            out.add(Launch(x.kernel, tuple(args.items()), options))
+    return out
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model, *, max_batch: int = 4, max_len: int = 2048, use_graphs: bool | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, dependent_launch: bool = False) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -34,6 +34,9 @@ class DecodeGraphRunner:
         self.max_len = max_len
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.progress = progress
+        #: capture the kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``): each
+        #: kernel of the step starts while the one before finishes; takes effect at the next capture
+        self.dependent_launch = dependent_launch
         self.cache = KVCache(self.lm.config, max_batch, max_len, model.dtype, self.device)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
@@ -43,14 +46,19 @@ class DecodeGraphRunner:
         self._lock = threading.RLock()
         self.capture_s = 0.0
 
-    def capture(self, pool=None) -> float:
+    def capture(self, pool=None, batches: list[int] | None = None) -> float:
+        """Capture the step for ``batches`` (default: every size up to ``max_batch``); returns the seconds taken."""
+        if batches is not None and not all(isinstance(b, int) and 1 <= b <= self.max_batch for b in batches):
+            raise ValueError(f"batches must be ints in [1, {self.max_batch}], got {batches!r}")
         with self._lock:
-            return self._capture(pool)
+            return self._capture(pool, batches)
 
-    def _capture(self, pool=None) -> float:
+    def _capture(self, pool=None, batches: list[int] | None = None) -> float:
         if not self.use_graphs:
             return 0.0
         from tqdm.auto import tqdm
+
+        from gemma4lab.kernels import dependent_launch
 
         self._check_program()
         self._key = program_key(self.lm)
@@ -59,8 +67,9 @@ class DecodeGraphRunner:
         pool = pool or torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # The warm-up steps write K/V at the static positions, which may hold a prefilled prompt: undo that.
-        with self.cache.preserved(self.positions):
-            for bsz in tqdm(range(self.max_batch, 0, -1), desc="capturing decode graphs", disable=not self.progress):
+        sizes = sorted(batches, reverse=True) if batches else range(self.max_batch, 0, -1)
+        with self.cache.preserved(self.positions), dependent_launch(self.dependent_launch):
+            for bsz in tqdm(sizes, desc="capturing decode graphs", disable=not self.progress):
                 tok, pos = self.tokens[:bsz], self.positions[:bsz]
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):

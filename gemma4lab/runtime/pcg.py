@@ -192,6 +192,7 @@ class PiecewiseCudaGraphRunner:
         max_prompts: int = 16,
         use_graphs: bool | None = None,
         progress: bool = True,
+        dependent_launch: bool = False,
     ) -> None:
         self.model = model
         self.lm = model.language_model
@@ -203,6 +204,8 @@ class PiecewiseCudaGraphRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("use_graphs=True needs the model on a CUDA device")
         self.progress = progress
+        #: capture the pieces' kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``)
+        self.dependent_launch = dependent_launch
         self.stats = {"replays": 0, "chunked_prefills": 0, "eager_fallbacks": 0, "padded_tokens": 0,
                       "real_tokens": 0, "recaptures": 0}
         self._warned: set[str] = set()
@@ -324,6 +327,12 @@ class PiecewiseCudaGraphRunner:
             return self._capture_graphs()
 
     def _capture_graphs(self) -> CaptureReport:
+        from gemma4lab.kernels import dependent_launch
+
+        with dependent_launch(self.dependent_launch):
+            return self._capture_buckets()
+
+    def _capture_buckets(self) -> CaptureReport:
         from tqdm.auto import tqdm
 
         # so that the reserved-memory delta is the graph pool alone: unreachable tensors collected *now*, not by a gc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import BF16, FP32, UNIT, assert_rounded
+from support import BF16, FP32, UNIT, assert_rounded, nan_like
 
 import gemma4lab.kernels as K
 
@@ -97,6 +97,19 @@ def test_experts_with_several_row_tiles(block_m, swap_ab, columns_first):
     y = K.gemma_moe_gemm(a, w, offs, config=cfg)
     _assert_gemm(y, oracle(a, w, offs), FP32, a.shape[1])
     _assert_gelu_gemm(K.gemma_moe_gemm(y, wd, offs, gelu_gate=True, config=cfg), y, wd, offs, FP32)
+
+
+@pytest.mark.parametrize("columns_first", [False, True])
+def test_programs_run_for_the_experts_with_rows_only(columns_first):
+    """The grid has min(rows, experts) slots and slot s serves the s-th expert with rows: with 4 rows over 9
+    experts (hit: 1, 4 twice, 8 — the last expert), one slot stays idle and every row is still written (the output
+    starts as NaN), in both grid orders."""
+    a, w, _, offs = _case([0, 1, 0, 0, 2, 0, 0, 0, 1])
+    cfg = K.MoeConfig(block_m=16, block_n=32, block_k=32, swap_ab=True, columns_first=columns_first)
+    out = nan_like(torch.empty(a.shape[0], w.shape[1], dtype=a.dtype))
+    K.moe_gemm.op(a, w, offs, None, 1, False, None, False, out)
+    _assert_gemm(out, oracle(a, w, offs), FP32, a.shape[1])
+    _assert_gemm(K.gemma_moe_gemm(a, w, offs, config=cfg), oracle(a, w, offs), FP32, a.shape[1])
 
 
 def test_swapped_gather_matches_float64():

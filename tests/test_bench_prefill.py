@@ -118,6 +118,13 @@ def test_vision_part_per_image_count(result):
     assert r["tower"]["runs"] >= 3 and r["hf_tower"]["runs"] >= 3 and r["prompt_fused"]["runs"] >= 3
     assert r["tower_x_floor"] == r["tower"]["median_ms"] / r["tower_floor"]["floor_ms"]
     assert r["tower_kernels"] > 0 and r["text_floor_ms"] > 0
+    # the whole prompt, fused eager and fused + PCG (eager pieces on CPU), each against text + tower floor; the PCG
+    # prompt's logits beside the eager one's (fp32 here: rounding apart at most)
+    assert r["prompt_pcg"]["runs"] >= 3 and r["prompt_pcg_bucket"] >= r["tokens"]
+    prompt_floor = r["tower_floor"]["floor_ms"] + r["text_floor_ms"]
+    assert r["prompt_x_floor"] == r["prompt_pcg"]["median_ms"] / prompt_floor
+    assert r["prompt_fused_x_floor"] == r["prompt_fused"]["median_ms"] / prompt_floor
+    assert 0 <= r["prompt_pcg_vs_eager_rel"] < 1e-5
     # the graphed tower (eager on CPU: no graphs to capture) gives the same soft tokens, and its time by family
     assert r["tower_graph"]["runs"] >= 3 and r["tower_graph_equal"] is True
     # the unfused encoder timed beside the fused one: the fused switches reach the tower (15 ops an encoder layer
@@ -139,6 +146,8 @@ def test_report_shows_the_vision_table(result):
     assert "Where the tower's time goes" in text
     per_layer = one["tower_kernels_per_layer"] / one["tower_kernels"]
     assert "tower, ours unfused" in text and f"(unfused {per_layer * one['tower_unfused_kernels']:.0f})" in text
+    assert "prompt, ours fused + PCG" in text
+    assert f"{report.ms(one['prompt_pcg']['median_ms'])} · {report.times(one['prompt_x_floor'])} |" in text
 
 
 def test_a_run_cut_short_leaves_what_it_measured(tmp_path, monkeypatch):

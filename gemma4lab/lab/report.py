@@ -236,16 +236,23 @@ def prefill_section(doc: Mapping[str, Any], png: str | None, families_png: str |
 
 def vision_table(doc: Mapping[str, Any]) -> str:
     """``bench-prefill --parts vision``: the tower + projector per image count against its floor from the model's
-    math, beside transformers' tower on the same weights, and the whole image prompt against text + tower floors."""
+    math, beside transformers' tower on the same weights, and the whole image prompt against text + tower floors.
+
+    Runs that time the graphed prompt too (``prompt_pcg``) show it beside the fused eager one, each with its ratio
+    to text + tower floor (``prompt_x_floor`` is the PCG prompt's there, ``prompt_fused_x_floor`` the eager one's);
+    in older runs ``prompt_x_floor`` is the fused eager prompt's, shown as it was."""
     vis = doc.get("vision")
     if not isinstance(vis, Mapping) or not vis:
         return ""
     # runs since the encoder was fused time the unfused tower too (and count its kernels)
     unfused = any(isinstance(r.get("tower_unfused"), Mapping) for r in vis.values())
-    out = ["| images | patches | soft tokens | tower floor | " + ("tower, ours unfused | " if unfused else "")
-           + "tower, ours | tower, ours in a CUDA graph | transformers' tower | kernels / encoder layer | "
-           "prompt tokens | prompt, ours fused | prompt / (text + tower floor) |",
-           "| ---: " * (12 if unfused else 11) + "|"]
+    pcg = any(isinstance(r.get("prompt_pcg"), Mapping) for r in vis.values())
+    prompt_cols = ("prompt, ours fused · / (text + tower floor) | prompt, ours fused + PCG · / (text + tower floor) |"
+                   if pcg else "prompt, ours fused | prompt / (text + tower floor) |")
+    header = ("| images | patches | soft tokens | tower floor | " + ("tower, ours unfused | " if unfused else "")
+              + "tower, ours | tower, ours in a CUDA graph | transformers' tower | kernels / encoder layer | "
+              "prompt tokens | " + prompt_cols)
+    out = [header, "| ---: " * (header.count("|") - 1) + "|"]
     for r in sorted(vis.values(), key=lambda r: r["images"]):
         med = lambda k, r=r: (r.get(k) or {}).get("median_ms")  # noqa: E731
         floor = r["tower_floor"]["floor_ms"]
@@ -261,8 +268,11 @@ def vision_table(doc: Mapping[str, Any]) -> str:
         out.append(f"| {r['images']} | {sum(r['patches'])} | {r['soft_tokens']} | "
                    f"{ms(floor)} | {plain}{ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
                    f"{graphed} | "
-                   f"{ms(med('hf_tower'))} | {kernels} | {r['tokens']} | "
-                   f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |")
+                   f"{ms(med('hf_tower'))} | {kernels} | {r['tokens']} | " + (
+                       f"{ms(med('prompt_fused'))} · {times(r.get('prompt_fused_x_floor'))} | "
+                       + (f"{ms(med('prompt_pcg'))} · {times(r.get('prompt_x_floor'))} |" if _num(med("prompt_pcg"))
+                          else "— |")
+                       if pcg else f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |"))
     return "\n".join(out)
 
 

@@ -449,18 +449,25 @@ def _photo_prompt(model, images: int, soft_tokens: int | None = None) -> tuple[d
 
 def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
     """The vision path per image count: the tower + projector alone (ours and transformers' on the same weights),
-    the whole image prompt (fused eager), the kernels the tower launches, and the floors from the same run — the
-    tower's from its math (``floors.vision_floor``) and the text decoder's for the prompt's length."""
+    the whole image prompt (fused eager, and fused + PCG: the text graphs and the tower's), the kernels the tower
+    launches, and the floors from the same run — the tower's from its math (``floors.vision_floor``) and the text
+    decoder's for the prompt's length. ``prompt_x_floor`` is the PCG prompt's ratio to text + tower floor,
+    ``prompt_fused_x_floor`` the eager one's."""
     from gemma4lab.lab import routing
     from gemma4lab.lab.floors import vision_floor
     from gemma4lab.lab.profiling import family_summary, profile_forward
-    from gemma4lab.runtime.vision_graphs import TowerGraphs
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
     cfg, out = model.config, {}
     hf = hf_twin(model)
-    graphs = TowerGraphs(model.model.vision_tower)
+    batches = {n: _photo_prompt(model, n, getattr(args, "image_soft_tokens", None))[0] for n in args.images}
+    # one runner whose largest bucket holds the longest prompt (each prompt is one bucket's replay, never chunked);
+    # its tower graphs are the ones the graphed tower is timed with, so each [images, patches] is captured once
+    runner = PiecewiseCudaGraphRunner(model, max_tokens=max(int(b["input_ids"].shape[1]) for b in batches.values()),
+                                      progress=False)
+    graphs = runner.tower
     for n in args.images:
-        batch, _ = _photo_prompt(model, n, getattr(args, "image_soft_tokens", None))
+        batch = batches[n]
         pv, ip = batch["pixel_values"], batch["image_position_ids"]
         ids, mm = [batch["input_ids"][0]], [batch["mm_token_type_ids"][0]]
         patches = (ip != -1).all(dim=-1).sum(dim=-1).tolist()
@@ -491,21 +498,32 @@ def _vision(model, args, copy_bw: float, mm_rate: float) -> dict:
                                               rep_ms=args.rep_ms),
                "prompt_fused": measure.time_stats(
                    lambda ids=ids, pv=pv, ip=ip, mm=mm: model.prefill(ids, pv, ip, mm), rep_ms=args.rep_ms)}
+        # the graphed prompt: its first call captures (every bucket, and this image count's tower), out of the timing;
+        # its logits are compared with the eager fused prefill's by relative error, not bit for bit
+        pcg_prompt = lambda ids=ids, pv=pv, ip=ip, mm=mm: runner.prefill(ids, pv, ip, mm)  # noqa: E731
+        row["prompt_pcg_vs_eager_rel"] = measure.rel_err(pcg_prompt().float(), model.prefill(ids, pv, ip, mm).float())
+        row["prompt_pcg"] = measure.time_stats(pcg_prompt, rep_ms=args.rep_ms)
+        row["prompt_pcg_bucket"] = runner.bucket_for(len(ids[0]))
         # where the graphed tower's GPU time goes, by op family, and where it waits between kernels (the gaps);
         # idle against the call timed without the profiler
         row["tower_graph_families"] = family_summary(graphed, wall_ms=row["tower_graph"]["median_ms"])
         row["tower_x_floor"] = row["tower"]["median_ms"] / row["tower_floor"]["floor_ms"]
         row["tower_graph_x_floor"] = row["tower_graph"]["median_ms"] / row["tower_floor"]["floor_ms"]
-        row["prompt_x_floor"] = row["prompt_fused"]["median_ms"] / (row["tower_floor"]["floor_ms"]
-                                                                    + row["text_floor_ms"])
+        prompt_floor = row["tower_floor"]["floor_ms"] + row["text_floor_ms"]
+        row["prompt_fused_x_floor"] = row["prompt_fused"]["median_ms"] / prompt_floor
+        row["prompt_x_floor"] = row["prompt_pcg"]["median_ms"] / prompt_floor
         out[str(n)] = row
         print(f"vision, {n} image(s): tower unfused {row['tower_unfused']['median_ms']:.1f} ms "
               f"({row['tower_unfused_kernels'] / cfg.vision.num_hidden_layers:.0f} kernels per layer), fused "
               f"{row['tower']['median_ms']:.1f} ms ({row['tower_x_floor']:.1f}× its "
               f"floor, {row['tower_kernels_per_layer']:.0f} kernels per layer), "
               f"graphed {row['tower_graph']['median_ms']:.1f} ms (bit-identical: {row['tower_graph_equal']}), "
-              f"transformers {row['hf_tower']['median_ms']:.1f} ms", flush=True)
+              f"transformers {row['hf_tower']['median_ms']:.1f} ms; prompt of {row['tokens']} tokens: fused eager "
+              f"{row['prompt_fused']['median_ms']:.1f} ms ({row['prompt_fused_x_floor']:.2f}× text + tower floor), "
+              f"PCG {row['prompt_pcg']['median_ms']:.1f} ms ({row['prompt_x_floor']:.2f}×, logits "
+              f"{row['prompt_pcg_vs_eager_rel']:.1e} rel. from eager's)", flush=True)
     del hf
+    runner = graphs = None  # its graphs and static buffers go before the next part
     measure.release_memory()
     return out
 

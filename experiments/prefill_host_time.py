@@ -35,8 +35,8 @@ def main() -> None:
     p.add_argument("--preset", default="26b-a4b", help="tiny + --device cpu: a smoke run (no graphs, no split)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", default=None)
-    p.add_argument("--dependent-launch", action="store_true",
-                   help="also time a runner whose pieces are captured with programmatic dependent launch")
+    p.add_argument("--launch-ab", action="store_true",
+                   help="also time a runner whose pieces are captured with programmatic dependent launch flipped")
     args = p.parse_args()
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
@@ -48,8 +48,9 @@ def main() -> None:
     runner = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False)
     runner.capture()
     pdl = None
-    if args.dependent_launch:
-        pdl = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False, dependent_launch=True)
+    if args.launch_ab:
+        pdl = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False,
+                                       dependent_launch=not runner.dependent_launch)
         pdl.capture()
     rows = {}
     with torch.no_grad():
@@ -73,10 +74,12 @@ def main() -> None:
                 ms_pdl = measure.bench(call, rep_ms=300)
                 fam = time_by_family(call, wall_ms=ms_pdl)
                 equal = bool(torch.equal(call(), runner.prefill(ids)))
-                rows[f"{t}_pdl"] = {"tokens": t, "ms": ms_pdl, "vs_plain": ms_pdl / ms, "busy_ms": fam["busy_ms"],
-                                    "idle_ms": fam["idle_ms"], "families_ms": fam["families_ms"], "equal": equal}
-                print(f"T={t:>5} dependent launch: {ms_pdl:.2f} ms ({ms_pdl / ms:.3f}x), busy {fam['busy_ms']:.2f}, "
-                      f"idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
+                rows[f"{t}_ab"] = {"tokens": t, "dependent_launch": pdl.dependent_launch, "ms": ms_pdl,
+                                   "vs_runner": ms_pdl / ms, "busy_ms": fam["busy_ms"], "idle_ms": fam["idle_ms"],
+                                   "families_ms": fam["families_ms"], "equal": equal}
+                state = "on" if pdl.dependent_launch else "off"
+                print(f"T={t:>5} dependent launch {state}: {ms_pdl:.2f} ms ({ms_pdl / ms:.3f}x), busy "
+                      f"{fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})
 

@@ -25,8 +25,10 @@ def test_the_switch_nests_and_restores():
         K.dependent_launch("yes")
 
 
-def test_the_runner_takes_batches_it_holds():
+def test_the_runners_default_to_it_where_supported():
     model = gemma4lab.random_init("tiny", dtype=torch.float32, seed=0)
+    assert not K.dependent_launch_supported(torch.device("cpu"))
+    assert DecodeGraphRunner(model, max_batch=2, max_len=32, progress=False).dependent_launch is False
     runner = DecodeGraphRunner(model, max_batch=2, max_len=32, progress=False, dependent_launch=True)
     assert runner.dependent_launch is True
     with pytest.raises(ValueError, match=r"\[1, 2\]"):
@@ -70,8 +72,10 @@ def test_gpu_decode_graph_with_dependent_launch_equals_the_plain_graph(cuda_mode
     """The decode step captured with dependent launch (programmatic edges in the graph) replays the plain graph's
     logits bit for bit, at batch 1 and 3, and its greedy tokens are the eager model's."""
     prompt = torch.randint(3, 400, (3, 21), generator=torch.Generator().manual_seed(2)).cuda()
-    plain = DecodeGraphRunner(cuda_model, max_batch=3, max_len=64, progress=False)
+    plain = DecodeGraphRunner(cuda_model, max_batch=3, max_len=64, progress=False, dependent_launch=False)
     pdl = DecodeGraphRunner(cuda_model, max_batch=3, max_len=64, progress=False, dependent_launch=True)
+    assert DecodeGraphRunner(cuda_model, max_batch=1, max_len=8, progress=False).dependent_launch \
+        is K.dependent_launch_supported(cuda_model.device)
     for b in (1, 3):
         want = plain.generate(prompt[:b], max_new_tokens=6)
         got = pdl.generate(prompt[:b], max_new_tokens=6)

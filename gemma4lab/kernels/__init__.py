@@ -22,10 +22,11 @@ tuning sweeps.
 
 ``with dependent_launch():`` launches every kernel with programmatic dependent launch on Hopper (each waits at its
 top for the previous kernel, then lets the next one launch; the dense GEMM asks L2 for its first weight tiles
-before it waits): used when capturing CUDA graphs (``DecodeGraphRunner(dependent_launch=True)``).
+before it waits). The graph runners capture with it wherever it is supported (``dependent_launch_supported``):
+measured on the H200, bit-identical and 3–6 % faster decode steps (``bench-decode --launch-ab``).
 """
 
-from ._common import INTERPRET, RowConfig, dependent_launch, kernel_backend, row_config
+from ._common import INTERPRET, RowConfig, dependent_launch, dependent_launch_supported, kernel_backend, row_config
 from .decode_attention import DecodeConfig, decode_config, gemma_decode_attention, gemma_decode_attention_ref
 from .dense_gemm import DENSE_MAX_ROWS, DenseConfig, dense_config, gemma_dense_gemm, gemma_dense_gemm_ref
 from .dual_rmsnorm import (
@@ -52,6 +53,7 @@ from .moe_gemm import (
     moe_config,
     quantize_act_e4m3,
 )
+from .moe_mlp import MLP_BLOCK_I, MlpConfig, gemma_moe_mlp, gemma_moe_mlp_ref
 from .moe_route import gemma_moe_route, gemma_moe_route_ref
 from .post_attention_block import (
     gemma_norm_residual_norm,
@@ -73,11 +75,12 @@ from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref,
 #: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
 OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
        "post_attention_block", "norm_residual_norm", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul",
-       "moe_route", "moe_gemm", "moe_combine", "prefill_attention", "decode_attention", "dense_gemm")
+       "moe_route", "moe_gemm", "moe_mlp", "moe_combine", "prefill_attention", "decode_attention", "dense_gemm")
 
 __all__ = [
     "DENSE_MAX_ROWS",
     "INTERPRET",
+    "MLP_BLOCK_I",
     "MOE_SWEEP",
     "OPS",
     "AttentionConfig",
@@ -86,6 +89,7 @@ __all__ = [
     "DenseConfig",
     "ElementwiseConfig",
     "HeadConfig",
+    "MlpConfig",
     "MoeConfig",
     "RouterConfig",
     "RowConfig",
@@ -111,6 +115,8 @@ __all__ = [
     "gemma_moe_combine_ref",
     "gemma_moe_gemm",
     "gemma_moe_gemm_ref",
+    "gemma_moe_mlp",
+    "gemma_moe_mlp_ref",
     "gemma_moe_route",
     "gemma_moe_route_ref",
     "gemma_norm_residual_norm",
@@ -127,6 +133,7 @@ __all__ = [
     "gemma_router_topk_ref",
     "head_config",
     "dependent_launch",
+    "dependent_launch_supported",
     "kernel_backend",
     "moe_config",
     "quantize_act_e4m3",

@@ -74,14 +74,16 @@ class dependent_launch:  # noqa: N801 - used as a context manager, like torch.no
 
 
 @cache
-def _supports_pdl(device: torch.device) -> bool:
-    return not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Compiled Triton on a CUDA device of compute capability >= 9 (Hopper): where :class:`dependent_launch` acts."""
+    device = torch.device(device)
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_meta(t: torch.Tensor) -> dict:
     """Launch arguments for a kernel taking a ``PDL`` constexpr: on when :class:`dependent_launch` is active and
     ``t`` is on a CUDA device that supports it (Triton then sets the launch attribute too)."""
-    if not (_DEPENDENT_LAUNCH[0] and t.is_cuda and _supports_pdl(t.device)):
+    if not (_DEPENDENT_LAUNCH[0] and t.is_cuda and dependent_launch_supported(t.device)):
         return {"PDL": False}
     return {"PDL": True, "launch_pdl": True}
 

@@ -77,6 +77,23 @@ def _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE: tl.constexpr, dtype: tl.con
 
 
 @triton.jit
+def expert_of_slot(offs_ptr, slot, M, E: tl.constexpr, E_POW2: tl.constexpr):
+    """(expert, first row, end row) of the ``slot``-th expert that has rows; an empty range past the last one.
+
+    The expert kernels' grids have min(rows, E) slots, not E: at one decode token 8 of 128 experts are hit, and
+    120 × (column tiles) programs that only find an empty expert and exit still hold shared memory and SM slots.
+    Every program reads all E offsets once and ranks the experts with rows. Device-side guard: every expert's rows
+    are clamped to [0, M), so bad offsets never read or write out of bounds."""
+    es = tl.arange(0, E_POW2)
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + es, mask=es < E, other=0), 0), M)
+    starts = tl.minimum(tl.maximum(tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0), 0), ends)
+    has_rows = (ends > starts) & (es < E)
+    mine = has_rows & (tl.cumsum(has_rows.to(tl.int32), axis=0) == slot + 1)
+    e = tl.sum(tl.where(mine, es, 0), axis=0)  # 0 when fewer than slot + 1 experts have rows; then start == end
+    return e, tl.sum(tl.where(mine, starts, 0), axis=0), tl.sum(tl.where(mine, ends, 0), axis=0)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr,  # [A_ROWS, K] activations (or [A_ROWS, 2K] gate|up when GELU_GATE)
     w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
@@ -114,18 +131,7 @@ def _moe_gemm_kernel(
     else:
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-    # Program slot s serves the s-th expert that has rows (the grid has min(M, E) slots, not E: at one decode token
-    # 8 of 128 experts are hit, and 120 x (column tiles) programs that only find an empty expert and exit still hold
-    # their shared memory and SM slots). Every program reads all E offsets once and ranks the experts with rows.
-    # Device-side guard: every expert's rows are clamped to [0, M), so bad offsets never read or write out of bounds.
-    es = tl.arange(0, E_POW2)
-    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + es, mask=es < E, other=0), 0), M)
-    starts = tl.minimum(tl.maximum(tl.load(offs_ptr + es - 1, mask=(es > 0) & (es < E), other=0), 0), ends)
-    has_rows = (ends > starts) & (es < E)
-    mine = has_rows & (tl.cumsum(has_rows.to(tl.int32), axis=0) == slot + 1)
-    e = tl.sum(tl.where(mine, es, 0), axis=0)  # 0 when fewer than slot + 1 experts have rows; then start == end
-    end = tl.sum(tl.where(mine, ends, 0), axis=0)
-    start = tl.sum(tl.where(mine, starts, 0), axis=0)
+    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts

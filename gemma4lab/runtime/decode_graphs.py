@@ -24,7 +24,7 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model, *, max_batch: int = 4, max_len: int = 2048, use_graphs: bool | None = None,
-                 progress: bool = True, dependent_launch: bool = False) -> None:
+                 progress: bool = True, dependent_launch: bool | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -35,8 +35,12 @@ class DecodeGraphRunner:
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.progress = progress
         #: capture the kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``): each
-        #: kernel of the step starts while the one before finishes; takes effect at the next capture
-        self.dependent_launch = dependent_launch
+        #: kernel of the step starts while the one before finishes (H200: 3.88 -> 3.67 ms a batch-1 step, the same
+        #: tokens). Default: wherever the device supports it; takes effect at the next capture
+        from gemma4lab.kernels import dependent_launch_supported
+
+        self.dependent_launch = (dependent_launch_supported(self.device) if dependent_launch is None
+                                 else dependent_launch)
         self.cache = KVCache(self.lm.config, max_batch, max_len, model.dtype, self.device)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)

@@ -192,7 +192,7 @@ class PiecewiseCudaGraphRunner:
         max_prompts: int = 16,
         use_graphs: bool | None = None,
         progress: bool = True,
-        dependent_launch: bool = False,
+        dependent_launch: bool | None = None,
     ) -> None:
         self.model = model
         self.lm = model.language_model
@@ -204,8 +204,12 @@ class PiecewiseCudaGraphRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("use_graphs=True needs the model on a CUDA device")
         self.progress = progress
-        #: capture the pieces' kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``)
-        self.dependent_launch = dependent_launch
+        #: capture the pieces' kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``;
+        #: H200: 0.8 / 1.5 % faster at 93 / 189 tokens, the same logits). Default: wherever the device supports it
+        from gemma4lab.kernels import dependent_launch_supported
+
+        self.dependent_launch = (dependent_launch_supported(self.device) if dependent_launch is None
+                                 else dependent_launch)
         self.stats = {"replays": 0, "chunked_prefills": 0, "eager_fallbacks": 0, "padded_tokens": 0,
                       "real_tokens": 0, "recaptures": 0}
         self._warned: set[str] = set()

@@ -102,3 +102,14 @@ def rope_tables(gen, n, dim, proportional=False, dtype=FP32):
         ang = torch.cat((ang, ang), -1)
         return ang.cos().to(dtype), ang.sin().to(dtype)
     return act(gen, n, dim).to(dtype), act(gen, n, dim).to(dtype)  # arbitrary tables test the arithmetic harder
+
+
+def routed_case(t, k, n_experts, h=96, i=40, seed=0, dtype=FP32, device="cpu", skew=1.0):
+    """Token rows and router-like ids (k distinct experts per token; ``skew`` > 1 favours low expert numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    pref = torch.rand(t, n_experts, generator=g) ** skew * torch.arange(n_experts, 0, -1) ** (skew - 1)
+    ids = pref.topk(k, dim=-1).indices
+    x = torch.randn(t, h, generator=g).to(dtype)
+    w = (0.1 * torch.randn(n_experts, 2 * i, h, generator=g)).to(dtype)
+    wd = (0.1 * torch.randn(n_experts, h, i, generator=g)).to(dtype)
+    return [v.to(device) for v in (x, ids, w, wd)]

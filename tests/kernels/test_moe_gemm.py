@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import BF16, FP32, UNIT, assert_rounded, nan_like
+from support import BF16, FP32, UNIT, assert_rounded, nan_like, routed_case
 
 import gemma4lab.kernels as K
 
@@ -63,22 +63,11 @@ def test_matches_float64(counts):
     _assert_gelu_gemm(y2, y, wd, offs, FP32)
 
 
-def _routed_case(t, k, n_experts, h=96, i=40, seed=0, dtype=FP32, device="cpu", skew=1.0):
-    """Token rows and router-like ids (k distinct experts per token; ``skew`` > 1 favours low expert numbers)."""
-    g = torch.Generator().manual_seed(seed)
-    pref = torch.rand(t, n_experts, generator=g) ** skew * torch.arange(n_experts, 0, -1) ** (skew - 1)
-    ids = pref.topk(k, dim=-1).indices
-    x = torch.randn(t, h, generator=g).to(dtype)
-    w = (0.1 * torch.randn(n_experts, 2 * i, h, generator=g)).to(dtype)
-    wd = (0.1 * torch.randn(n_experts, h, i, generator=g)).to(dtype)
-    return [v.to(device) for v in (x, ids, w, wd)]
-
-
 @pytest.mark.parametrize("t,k,n_experts,skew", [(37, 2, 8, 1.0), (1, 2, 8, 1.0), (93, 8, 16, 1.0), (60, 3, 8, 3.0)])
 def test_gather_matches_float64_on_gathered_rows(t, k, n_experts, skew):
     """``row_index`` (moe_route's sorted slots) gathers token ``slot // k`` in the operand load: the product equals
     the float64 product of the gathered rows, ``x[argsort(ids) // k]``, which the kernel never materialises."""
-    x, ids, w, wd = _routed_case(t, k, n_experts, skew=skew)
+    x, ids, w, wd = routed_case(t, k, n_experts, skew=skew)
     offs, slots, _ = K.gemma_moe_route(ids, n_experts)
     y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=k)
     gathered = x[torch.argsort(ids.reshape(-1), stable=True) // k]
@@ -114,7 +103,7 @@ def test_programs_run_for_the_experts_with_rows_only(columns_first):
 
 def test_swapped_gather_matches_float64():
     """The swapped orientation with the token gather in its operand load (the gate/up GEMM's model path)."""
-    x, ids, w, wd = _routed_case(37, 2, 8)
+    x, ids, w, wd = routed_case(37, 2, 8)
     offs, slots, _ = K.gemma_moe_route(ids, 8)
     cfg = K.MoeConfig(block_m=16, block_n=32, block_k=32, swap_ab=True, columns_first=True)
     y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=2, config=cfg)
@@ -178,7 +167,7 @@ def test_gpu_real_shapes_against_float64(dtype, counts):
 def test_gpu_gather_real_shapes_against_float64(dtype, t, skew):
     """The model's path at real shapes: moe_route, then the gate/up GEMM gathering token rows, then the down GEMM;
     189 and 512 tokens and skew 3 give experts several row tiles."""
-    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=skew)
+    x, ids, w, wd = routed_case(t, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=skew)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
     y = K.gemma_moe_gemm(x, w, offs, row_index=slots, top_k=8)
     _assert_gemm(y, oracle(x[slots.long() // 8], w, offs), dtype, 2816)
@@ -191,7 +180,7 @@ def test_gpu_rows_do_not_depend_on_the_row_tile(dtype):
     """Every row tile gives the same bits for the same rows, so a per-size table of settings may switch tiles: PCG
     pads a prompt to its bucket, which can move the row count across a size boundary, and its rows must still equal
     the eager run's (the 1025-token PCG bug came from a row result that depended on the launch shape)."""
-    x, ids, w, wd = _routed_case(189, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=3.0)
+    x, ids, w, wd = routed_case(189, 8, 128, h=2816, i=704, dtype=dtype, device="cuda", skew=3.0)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
     # every row tile with one K step, per MMA orientation; 2 stages so fp32's 128-row tiles fit in shared memory
     for swap in (False, True):
@@ -240,7 +229,7 @@ def test_fp8_weights_match_float64_of_the_dequantized_weights(counts, swap_ab):
 
 
 def test_fp8_gather_path_matches_float64():
-    x, ids, w, wd = _routed_case(37, 2, 8)
+    x, ids, w, wd = routed_case(37, 2, 8)
     q, s = _fp8(w)
     offs, slots, _ = K.gemma_moe_route(ids, 8)
     y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=2, w_scale=s)
@@ -268,7 +257,7 @@ def test_fp8_bad_input():
 def test_gpu_fp8_real_shapes_against_float64(t):
     """bf16 activations, FP8 weights at H = 2816, I = 704, 128 experts, through the model's settings (1453 tokens:
     the 64-row tiles FP8 takes at long prompts, where bf16 hands over to grouped_mm)."""
-    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
+    x, ids, w, wd = routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
     (q, s), (qd, sd) = _fp8(w), _fp8(wd)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
     y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s)
@@ -334,7 +323,7 @@ def _assert_a_fp8(got, a_rows, q, s, offs, dtype, gelu=False):
 def test_fp8_activations_match_float64_of_their_quantisation(dtype, t, k, n_experts):
     """Gather (gate/up) and GELU (down) paths with K = 300 and 140: several 128-wide scale blocks and a masked
     tail; bf16 and fp32 activations (the interpreter multiplies FP8 × FP8 exactly, as the tensor cores do)."""
-    x, ids, w, wd = _routed_case(t, k, n_experts, h=300, i=140, dtype=dtype)
+    x, ids, w, wd = routed_case(t, k, n_experts, h=300, i=140, dtype=dtype)
     (q, s), (qd, sd) = _fp8(w), _fp8(wd)
     offs, slots, _ = K.gemma_moe_route(ids, n_experts)
     y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=k, w_scale=s, a_fp8=True)
@@ -399,7 +388,7 @@ def test_gpu_fp8_activations_real_shapes(t):
     test's, whose per-term maximum would not fit in memory here), plus one e4m3 step on the elements whose scaled
     value lies within 2⁻¹⁷ (relative) of a rounding boundary: fp32's error in the kernel's division and GELU can
     move those across it, as the first H200 run showed (a worst excess of 2.7 at 93 tokens under the bare bound)."""
-    x, ids, w, wd = _routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
+    x, ids, w, wd = routed_case(t, 8, 128, h=2816, i=704, dtype=BF16, device="cuda")
     (q, s), (qd, sd) = _fp8(w), _fp8(wd)
     offs, slots, _ = K.gemma_moe_route(ids, 128)
     y = K.gemma_moe_gemm(x, q, offs, row_index=slots, top_k=8, w_scale=s, a_fp8=True)

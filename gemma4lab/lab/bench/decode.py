@@ -221,8 +221,10 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
 
             row["graph_profile"] = {**family_summary(step, wall_ms=row["graph"]["replay_ms"]),
                                     "kernels": profile_forward(step)["kernels"]}
-    if args.dependent_launch and "graph" in row:
-        _dependent_launch_point(model, runner, row, ids, lg, saved, args, reference, step)
+    if "graph" in row:
+        row["graph"]["dependent_launch"] = runner.dependent_launch
+        if args.launch_ab:
+            _launch_ab_point(model, runner, row, ids, lg, saved, args, reference, step)
     if "eager" in row and "graph" in row:
         row["graph_speedup_step"] = row["eager"]["step_ms"] / row["graph"]["step_ms"]
         row["graph_speedup_loop"] = row["eager"]["loop_ms"] / row["graph"]["loop_ms"]
@@ -234,30 +236,32 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
     return row
 
 
-def _dependent_launch_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
-                            reference: Tensor | None, step) -> None:
-    """The graph mode again with its kernels captured under programmatic dependent launch (``graph_pdl``): the loop's
-    step, the replay alone, and its greedy tokens against the eager ones; then the plain graph is captured back."""
-    batch = ids.shape[0]
+def _launch_ab_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
+                     reference: Tensor | None, step) -> None:
+    """The graph mode again, captured with programmatic dependent launch flipped (``graph_ab``; the runner's own
+    setting is ``graph.dependent_launch``): the loop's step, the replay alone, and its greedy tokens against the
+    eager ones; then the runner's setting is captured back."""
+    batch, own = ids.shape[0], runner.dependent_launch
     try:
-        runner.dependent_launch = True
+        runner.dependent_launch = not own
         runner.capture(batches=[batch])
         entry, runs, _ = _mode(model, runner.step, ids, lg, runner.cache, saved, args, reference)
         entry["replay_ms"] = measure.bench(step, rep_ms=args.replay_rep_ms)
         for key, ms in (("x_floor", "step_ms"), ("loop_x_floor", "loop_ms"), ("replay_x_floor", "replay_ms")):
             entry[key] = entry[ms] / row["floor_ms"]
         entry["replay_vs_graph"] = entry["replay_ms"] / row["graph"]["replay_ms"]
+        entry["dependent_launch"] = not own
         if reference is not None:
-            mismatch = _first_mismatch(reference, "graph_pdl", runs)
+            mismatch = _first_mismatch(reference, "graph_ab", runs)
             entry["tokens_equal"], entry["first_mismatch"] = mismatch is None, mismatch
-        row["graph_pdl"] = entry
-        print(f"   pdl B={batch:>3}: step {entry['step_ms']:.2f} ms, replay {entry['replay_ms']:.2f} ms "
-              f"({entry['replay_vs_graph']:.3f}x the plain graph's), tokens equal: {entry.get('tokens_equal')}",
-              flush=True)
+        row["graph_ab"] = entry
+        print(f"    B={batch:>3} dependent launch {'on' if not own else 'off'}: step {entry['step_ms']:.2f} ms, "
+              f"replay {entry['replay_ms']:.2f} ms ({entry['replay_vs_graph']:.3f}x the graph's), tokens equal: "
+              f"{entry.get('tokens_equal')}", flush=True)
     except Exception as e:  # recorded, not fatal
-        _record_failure(row, "graph_pdl", e)
+        _record_failure(row, "graph_ab", e)
     finally:
-        runner.dependent_launch = False
+        runner.dependent_launch = own
         runner.capture(batches=[batch])
 
 
@@ -343,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=positive_int, default=5, help=f"timed runs per point and mode (>= {MIN_RUNS})")
     p.add_argument("--replay-rep-ms", type=float, default=100.0,
                    help="ms of back-to-back graph replays timed per point (the replay alone, without the loop)")
-    p.add_argument("--dependent-launch", action="store_true",
-                   help="also time each point's graph captured with programmatic dependent launch (graph_pdl)")
+    p.add_argument("--launch-ab", action="store_true",
+                   help="also time each point's graph captured with programmatic dependent launch flipped (graph_ab; "
+                        "the runner captures with it wherever the card supports it)")
     p.add_argument("--preset", default="26b-a4b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=positive_int, default=None, help="reduce depth (default: the preset's)")
     p.add_argument("--fusion", default="all", choices=["all", "none", "published"],

@@ -44,8 +44,6 @@ def _run_expert_gemms() -> None:
                                    (q_gu, s_gu, q_dn, s_dn, True)):
             gu = K.gemma_moe_gemm(x, wg, offs, row_index=slots, top_k=2, w_scale=sg, a_fp8=a8)
             K.gemma_moe_gemm(gu, wd, offs, gelu_gate=True, w_scale=sd, a_fp8=a8)
-        for cfg in K.moe_mlp.MLP_SWEEP:  # the one-launch expert MLP of decode, every setting the card sweeps
-            K.gemma_moe_mlp(x, w_gu, w_dn, offs, slots, 2, config=cfg)
 
 
 def _run_attention_layouts() -> None:

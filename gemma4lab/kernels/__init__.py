@@ -53,7 +53,6 @@ from .moe_gemm import (
     moe_config,
     quantize_act_e4m3,
 )
-from .moe_mlp import MLP_BLOCK_I, MlpConfig, gemma_moe_mlp, gemma_moe_mlp_ref
 from .moe_route import gemma_moe_route, gemma_moe_route_ref
 from .post_attention_block import (
     gemma_norm_residual_norm,
@@ -75,12 +74,11 @@ from .router_topk import RouterConfig, gemma_router_topk, gemma_router_topk_ref,
 #: The registered ops, ``torch.ops.gemma4lab.<name>``: one per kernel.
 OPS = ("rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar", "dual_rmsnorm_residual_scalar_next_norm",
        "post_attention_block", "norm_residual_norm", "qkv_norm_rope_", "router_topk", "gelu_tanh_and_mul",
-       "moe_route", "moe_gemm", "moe_mlp", "moe_combine", "prefill_attention", "decode_attention", "dense_gemm")
+       "moe_route", "moe_gemm", "moe_combine", "prefill_attention", "decode_attention", "dense_gemm")
 
 __all__ = [
     "DENSE_MAX_ROWS",
     "INTERPRET",
-    "MLP_BLOCK_I",
     "MOE_SWEEP",
     "OPS",
     "AttentionConfig",
@@ -89,7 +87,6 @@ __all__ = [
     "DenseConfig",
     "ElementwiseConfig",
     "HeadConfig",
-    "MlpConfig",
     "MoeConfig",
     "RouterConfig",
     "RowConfig",
@@ -115,8 +112,6 @@ __all__ = [
     "gemma_moe_combine_ref",
     "gemma_moe_gemm",
     "gemma_moe_gemm_ref",
-    "gemma_moe_mlp",
-    "gemma_moe_mlp_ref",
     "gemma_moe_route",
     "gemma_moe_route_ref",
     "gemma_norm_residual_norm",

@@ -30,7 +30,6 @@ def _moe_combine_kernel(
     stride_y,
     stride_o,
     TOP_K: tl.constexpr,
-    SLICES: tl.constexpr,  # > 1: ys holds fp32 partial rows [M, SLICES · H] (moe_mlp), summed in order and rounded
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -45,33 +44,14 @@ def _moe_combine_kernel(
         ok = (p >= 0) & (p < M)  # device-side guard: a bad position reads row 0 with weight 0, never out of bounds
         p = tl.where(ok, p, 0)
         w = tl.where(ok, w, 0.0)
-        if SLICES == 1:
-            y = tl.load(ys_ptr + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        else:  # the routed row's slices in a fixed order, then its one rounding (the down GEMM's store)
-            y = tl.zeros((BLOCK,), dtype=tl.float32)
-            for s in range(SLICES):
-                y += tl.load(ys_ptr + p * stride_y + s * H + cols, mask=mask, other=0.0)
-            y = to_dtype(y, out_ptr.dtype.element_ty).to(tl.float32)
-        acc += w * y
+        acc += w * tl.load(ys_ptr + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_o + cols, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemma_moe_combine_ref(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, slices: int = 1,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``slices`` > 1: ``ys`` holds fp32 partial rows ``[M, slices · H]``, each row's slices summed in order and
-    rounded to ``out_dtype`` before it is weighted (fp64 partials stay fp64: the reference's reference)."""
+def gemma_moe_combine_ref(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     t, k = weights.shape
-    out_dtype = out_dtype or ys.dtype
-    if slices > 1:
-        acc = torch.float64 if ys.dtype == torch.float64 else torch.float32
-        parts = ys.to(acc).unflatten(1, (slices, -1))
-        rows = parts[:, 0].clone()
-        for s in range(1, slices):
-            rows += parts[:, s]
-        ys = rows if ys.dtype == torch.float64 else rows.to(out_dtype)
     y = ys[positions.long()].view(t, k, -1)
-    acc = torch.float64 if ys.dtype == torch.float64 else torch.float32
-    return (y.to(acc) * weights[..., None].to(acc)).sum(1).to(out_dtype)
+    return (y.float() * weights[..., None].float()).sum(1).to(ys.dtype)
 
 
 @dataclass(frozen=True)
@@ -91,11 +71,11 @@ def combine_config(hidden: int) -> CombineConfig:
 
 def _launch(ys, positions, weights, out, config: CombineConfig | None) -> None:
     t, k = weights.shape
-    h = out.shape[1]
+    h = ys.shape[1]
     cfg = config or combine_config(h)
     extra = {"num_warps": cfg.num_warps} if ys.is_cuda else {}
     _moe_combine_kernel[(t,)](ys, positions, weights, out, ys.shape[0], h, ys.stride(0), out.stride(0), TOP_K=k,
-                              SLICES=ys.shape[1] // h, BLOCK=triton.next_power_of_2(h), **extra, **pdl_meta(ys))
+                              BLOCK=triton.next_power_of_2(h), **extra, **pdl_meta(ys))
 
 
 def _triton(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
@@ -103,19 +83,17 @@ def _triton(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, ou
 
 
 def _torch(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(gemma_moe_combine_ref(ys, positions, weights, ys.shape[1] // out.shape[1], out.dtype))
+    out.copy_(gemma_moe_combine_ref(ys, positions, weights))
 
 
 op = register("moe_combine(Tensor ys, Tensor positions, Tensor weights, Tensor(a!) out) -> ()", _triton,
               _torch)
 
 
-def gemma_moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, *, slices: int = 1,
-                      out_dtype: torch.dtype | None = None, config: CombineConfig | None = None) -> torch.Tensor:
+def gemma_moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, *,
+                      config: CombineConfig | None = None) -> torch.Tensor:
     """``out[t] = Σ_j weights[t, j] · ys[positions[t·k + j]]`` in fp32, one rounding: un-sorts and weights the
-    expert outputs in one pass, with no ``[T, k, H]`` fp32 intermediate (1.5 GB at 8192 tokens) and no atomics.
-    ``slices`` > 1: ``ys`` is ``moe_mlp``'s fp32 partials ``[M, slices · H]``; each routed row is the sum of its
-    slices in order, rounded to ``out_dtype`` (the model's dtype) before it is weighted."""
+    expert outputs in one pass, with no ``[T, k, H]`` fp32 intermediate (1.5 GB at 8192 tokens) and no atomics."""
     if not all(isinstance(x, torch.Tensor) for x in (ys, positions, weights)):
         raise TypeError("moe_combine takes tensors ys, positions, weights")
     if ys.dim() != 2 or weights.dim() != 2 or positions.dim() != 1 or positions.numel() != weights.numel():
@@ -128,19 +106,12 @@ def gemma_moe_combine(ys: torch.Tensor, positions: torch.Tensor, weights: torch.
                         f"{weights.dtype}")
     if not (ys.device == positions.device == weights.device):
         raise ValueError("ys, positions and weights must be on one device")
-    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1 or ys.shape[1] % slices:
-        raise ValueError(f"slices must be a positive int dividing ys' {ys.shape[1]} columns, got {slices!r}")
-    if slices > 1 and ys.dtype != torch.float32:
-        raise TypeError(f"sliced partials are float32 (moe_mlp's output), got {ys.dtype}")
-    out_dtype = out_dtype or ys.dtype
-    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
     if host_values(positions) and positions.numel():
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= ys.shape[0]:
             raise ValueError(f"positions must index the {ys.shape[0]} rows of ys, got values in [{lo}, {hi}]")
     t, k = weights.shape
-    out = torch.empty(t, ys.shape[1] // slices, dtype=out_dtype, device=ys.device)
+    out = torch.empty(t, ys.shape[1], dtype=ys.dtype, device=ys.device)
     if t == 0:
         return out
     if config is not None:

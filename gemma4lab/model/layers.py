@@ -203,9 +203,8 @@ class Experts(nn.Module):
 
     Fused (``fused_gemm``): ``moe_route`` (one launch: offsets, sorted slots, their inverse) → ``moe_gemm`` gate/up
     gathering the token rows in its operand load → ``moe_gemm`` down with the GELU in its operand load →
-    ``moe_combine`` (un-sort, weight, sum in fp32): four launches; up to ``MOE_MLP_MAX_TOKENS`` tokens three, the
-    two GEMMs and the GELU being one ``moe_mlp`` launch whose slices the combine sums. Unfused: argsort, count,
-    cumsum, gather, two grouped matmuls, the activation, the inverse scatter and the weighted sum.
+    ``moe_combine`` (un-sort, weight, sum in fp32): four launches. Unfused: argsort, count, cumsum, gather, two
+    grouped matmuls, the activation, the inverse scatter and the weighted sum.
     """
 
     def __init__(self, cfg: TextConfig) -> None:
@@ -232,11 +231,6 @@ class Experts(nn.Module):
     #: 17.5 at 189, but 58.9 against 50.7 at 1453 and 459.6 against 392.4 at 11533). 1024 is a PCG bucket edge, so
     #: a padded bucket takes the same path as the eager prompt.
     FP8_ACT_MAX_TOKENS = 1024
-    #: At or below this many tokens (decode steps, the shortest prompts) bf16/fp16/fp32 experts run as one launch,
-    #: gate/up, GELU and down together (``moe_mlp``; its slices summed by ``moe_combine``): one ramp and one tail
-    #: over the chosen experts' weights instead of two. 16 is a PCG bucket edge, so a padded bucket takes the eager
-    #: prompt's path.
-    MOE_MLP_MAX_TOKENS = 16
 
     def forward(self, x: Tensor, idx: Tensor, weights: Tensor, fused_act: bool = False,
                 fused_gemm: bool = False) -> Tensor:
@@ -268,14 +262,6 @@ class Experts(nn.Module):
         from gemma4lab.kernels import gemma_moe_combine, gemma_moe_route
 
         offs, slots, positions = gemma_moe_route(idx, self.num_experts)
-        # never under torch.compile: a branch on the token count would specialise the compiled graph on it
-        if use_kernel and not torch.compiler.is_compiling() and x.shape[0] <= self.MOE_MLP_MAX_TOKENS \
-                and self._scales()[0] is None:
-            from gemma4lab.kernels.moe_mlp import gemma_moe_mlp, mlp_slices
-
-            parts = gemma_moe_mlp(x, self.gate_up_proj, self.down_proj, offs, slots, idx.shape[1])
-            return gemma_moe_combine(parts, positions, weights.float().contiguous(),
-                                     slices=mlp_slices(self.down_proj.shape[2]), out_dtype=x.dtype)
         ys = self._expert_mlps(x, offs, fused_act, use_kernel, slots, idx.shape[1])
         return gemma_moe_combine(ys, positions, weights.float().contiguous())
 

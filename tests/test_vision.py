@@ -318,11 +318,15 @@ def test_varlen_layout_sorts_padding_anywhere_to_the_end():
     ("cpu", torch.float32, 72, True, False),
 ])
 def test_the_path_rule(device, dtype, head_dim, available, varlen):
-    """One rule picks the path, a pure function of (device type, dtype, head dim, availability); ``encoder_mask``
-    builds what it picks, told the device type and availability, so the CUDA decision is checked here on CPU."""
+    """One rule picks the path, a pure function of (device type, dtype, head dim, availability, images);
+    ``encoder_mask`` builds what it picks, told the device type and availability, so the CUDA decision is checked
+    here on CPU. One image always takes the bias (no faster with varlen on the H200, and fewer launches)."""
     from gemma4lab.model.vision import encoder_mask, key_padding_bias, use_varlen
 
     assert use_varlen(device, dtype, head_dim, available) is varlen
+    assert use_varlen(device, dtype, head_dim, available, images=1) is False
+    one = torch.zeros(1, 9, dtype=torch.bool)
+    assert not encoder_mask(one, dtype, head_dim, device_type=device, available=available).varlen
     padding = torch.zeros(2, 9, dtype=torch.bool)
     padding[0, 6:] = True
     m = encoder_mask(padding, dtype, head_dim, device_type=device, available=available)
@@ -376,7 +380,7 @@ def test_varlen_plumbing_matches_the_bias_path_for_any_padding_placement(ours, b
     padding = (ip_s == -1).all(dim=-1)
     assert (padding[:, :-1] & ~padding[:, 1:]).any(), "the shuffle should put padding before real patches"
     bias_suffix, bias_shuffled = tower(pv, ip), tower(pv_s, ip_s)
-    monkeypatch.setattr(vision, "use_varlen", lambda *args: True)
+    monkeypatch.setattr(vision, "use_varlen", lambda *args, **kwargs: True)
     monkeypatch.setattr(vision, "varlen_attention", lambda: _reference_varlen)
     assert vision.encoder_mask(padding, torch.float32, tower.cfg.head_dim).varlen
     assert rel_err(tower(pv_s, ip_s), bias_shuffled) <= FP32_RTOL
@@ -494,7 +498,7 @@ def test_gpu_tower_varlen_matches_the_bias_path(monkeypatch):
         truth = truth_tower(x, pos).double()
         varlen = tower(x, pos)
         with monkeypatch.context() as m:
-            m.setattr(vision, "use_varlen", lambda *args: False)
+            m.setattr(vision, "use_varlen", lambda *args, **kwargs: False)
             sdpa = tower(x, pos)
         err_varlen, err_sdpa = rel_err(varlen, truth), rel_err(sdpa, truth)
         print(f"{name}: soft tokens vs float64: flash varlen {err_varlen:.2e}, SDPA + bias (bf16) {err_sdpa:.2e}")

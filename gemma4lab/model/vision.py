@@ -306,10 +306,13 @@ def varlen_available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def use_varlen(device_type: str, dtype: torch.dtype, head_dim: int, available: bool) -> bool:
-    """The path rule, a pure function: flash varlen attention on CUDA in bf16/fp16 (flash's dtypes) at a head dim
-    flash takes (a multiple of 8, at most 256; 72 in the 26B-A4B tower) where ``available``; SDPA + bias everywhere
-    else, which keeps fp32 on any device bit-for-bit what it was (transformers parity relies on it).
+def use_varlen(device_type: str, dtype: torch.dtype, head_dim: int, available: bool, images: int = 2) -> bool:
+    """The path rule, a pure function: flash varlen attention for two or more images on CUDA in bf16/fp16 (flash's
+    dtypes) at a head dim flash takes (a multiple of 8, at most 256; 72 in the 26B-A4B tower) where ``available``;
+    SDPA + bias everywhere else, which keeps fp32 on any device bit-for-bit what it was (transformers parity relies
+    on it). One image takes the bias too: there varlen measured no faster (below) and costs launches — its layout
+    (~20 small ones a forward) and one more a layer (the tower measured 15.7 kernels a layer with it at one image,
+    against 13.8 without: the issue's budget is 15).
 
     Why varlen on the GPU: SDPA with a mask cannot take its flash backend, and the bias path computes every
     (query, key) pair of the padded [P, P] block only to zero the padded ones; varlen computes the real × real
@@ -320,7 +323,7 @@ def use_varlen(device_type: str, dtype: torch.dtype, head_dim: int, available: b
     varlen (head dim 72 runs flash's 96 kernel) 4.55 ms and 13.14 ms — the same for one image (wave quantisation
     eats the ~17 % of pairs skipped), 16 % less for four. Where SDPA with a mask falls to the memory-efficient
     kernel (no cuDNN attention), flash is the larger gain."""
-    return (available and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return (available and images >= 2 and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
             and head_dim % 8 == 0 and head_dim <= 256)
 
 
@@ -334,7 +337,7 @@ def encoder_mask(padding: Tensor, dtype: torch.dtype, head_dim: int, *, device_t
         device_type = padding.device.type
     if available is None:
         available = varlen_available(padding.device)
-    if use_varlen(device_type, dtype, head_dim, available):
+    if use_varlen(device_type, dtype, head_dim, available, images=padding.shape[0]):
         return varlen_layout(padding)
     return EncoderMask(bias=key_padding_bias(padding, dtype))
 

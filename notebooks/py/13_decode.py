@@ -29,7 +29,9 @@
 # - why one program per (sequence, head) leaves an H200 idle at batch 1, and how many programs split-K gives;
 # - the log-sum-exp rule that merges partial softmaxes exactly, in any order of splits;
 # - how packing the query heads of one KV head into one program reads each KV byte once;
-# - why a projection at one row costs more than its bytes, and why fewer GEMMs beat a faster one.
+# - why a projection at one row costs more than its bytes, and why fewer GEMMs beat a faster one;
+# - how programmatic dependent launch starts each kernel while the one before finishes, and the one rule that keeps
+#   it correct.
 
 # %% tags=["parameters"]
 DEVICE = "cpu"  # "cuda" for compiled kernels
@@ -281,6 +283,82 @@ else:
 # remains between the step and its floor is the rest of the step — ~500 small kernels whose gaps a graph does not
 # remove, and the expert GEMM at one row per expert.
 #
+# ## Launching a kernel before the last one ends
+#
+# Inside a CUDA graph a kernel starts only when the one before has finished: its programs are scheduled, load their
+# first tiles and only then stream — and the previous kernel's last programs run alone on a mostly idle GPU. A step
+# of ~670 kernels pays that handover ~670 times. Hopper's *programmatic dependent launch* (PDL) lets kernel N+1 be
+# launched while kernel N still runs: N+1's programs become resident, do whatever cannot depend on N, then block in
+# `griddepcontrol.wait` until N has finished and its writes are visible. The rule that keeps it correct is one line:
+# **nothing an earlier kernel writes (or reads) is touched before the wait.** Weights are no kernel's output, so the
+# dense GEMM may ask L2 for its first weight tiles before it waits. Every kernel of the package starts with:
+
+# %%
+import inspect
+
+from gemma4lab.kernels import _common, dependent_launch_supported
+
+print(inspect.getsource(_common.wait_and_release.fn))  # .fn: the Python function under @triton.jit
+
+# %% [markdown]
+# `with gemma4lab.kernels.dependent_launch():` launches the package's kernels with PDL (Triton's `launch_pdl`), and
+# both graph runners capture with it wherever the card supports it (compute capability >= 9). **Prediction** for
+# batch 1: a kernel timeline of the replayed step without PDL (`experiments/decode_step_timeline.py`, H200, 9099cde)
+# showed a gap of ~0.45 µs between consecutive kernels; if PDL hides about that much per handover (the launch; part
+# of each prologue on top, part of each gap left), a step of the recorded run's kernels saves about:
+
+# %%
+kernels_per_step = 670
+if rec:
+    prof = next((r.get("graph_profile") for r in doc["rows"].values() if r.get("graph_profile")), None)
+    kernels_per_step = prof["kernels"] if prof else kernels_per_step
+predicted_ms = kernels_per_step * 0.45e-3
+print(f"{kernels_per_step} kernels × 0.45 µs ≈ {predicted_ms:.2f} ms a step")
+
+# %% [markdown]
+# The H200 A/B (`bench-decode --launch-ab`: each point's graph captured again with PDL flipped, in the same process,
+# its greedy tokens checked against eager):
+
+# %%
+ab = viz.load_recorded("decode_launch_ab", RESULTS / "runs")
+if ab:
+    abdoc, ablabel = ab
+    print(ablabel)
+    for r in sorted(abdoc["rows"].values(), key=lambda r: (r["batch"], r["context"])):
+        other = r.get("graph_ab") or r.get("graph_pdl")  # the recorded run (bc31625) named it graph_pdl
+        with_pdl, without = (other, r["graph"]) if other.get("dependent_launch", True) else (r["graph"], other)
+        saved = without["replay_ms"] - with_pdl["replay_ms"]
+        print(f"batch {r['batch']} × {r['context']:>5}: replay {without['replay_ms']:.2f} → {with_pdl['replay_ms']:.2f} ms "
+              f"(−{saved:.2f} ms, {with_pdl['replay_ms'] / without['replay_ms']:.3f}×); tokens equal: {other['tokens_equal']}")
+        if r["batch"] == 1:
+            notebook.check(0.5 * predicted_ms < saved < 2 * predicted_ms,
+                           f"the prediction within 2× (predicted {predicted_ms:.2f} ms, measured {saved:.2f} ms)")
+        notebook.check(other["tokens_equal"], "the same greedy tokens with and without PDL")
+else:
+    print("No recorded results/runs/decode_launch_ab_*.json: run `python -m gemma4lab bench-decode --launch-ab` "
+          "on a GPU.")
+
+# %% [markdown]
+# Live: on a Hopper GPU the tiny model's decode graph, captured with and without PDL, gives the same logits bit for
+# bit (a kernel that read its input before the wait would race the kernel before it, and differ).
+
+# %%
+if dependent_launch_supported(torch.device(DEVICE)):
+    from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
+
+    tiny = gemma4lab.random_init("tiny", dtype=torch.bfloat16, device=DEVICE, seed=5).set_fusion("all")
+    prompt = torch.randint(3, 400, (1, 21), generator=g).to(DEVICE)
+    outs = []
+    for pdl in (False, True):
+        runner = DecodeGraphRunner(tiny, max_batch=1, max_len=64, progress=False, dependent_launch=pdl)
+        tokens = runner.generate(prompt, max_new_tokens=6)
+        outs.append(runner.step(tokens[:, -1], torch.tensor([tokens.shape[1] - 1], device=DEVICE)))
+    notebook.check(torch.equal(outs[0], outs[1]), "the decode graph with PDL gives the same logits bit for bit")
+else:
+    print(f"{DEVICE}: no programmatic dependent launch here (it needs compiled Triton on compute capability >= 9); "
+          "the recorded A/B above is the measurement.")
+
+# %% [markdown]
 # ## Exercises
 #
 # Each exercise has a cell for your answer, a collapsed solution cell that fills in only what you left as `None`,

@@ -44,12 +44,14 @@ EMULATE_BF16_RTNE = tl.constexpr(INTERPRET)
 # ---- programmatic dependent launch (Hopper and later) ------------------------------------------------------------
 #
 # A kernel launched with PDL may start while the kernel before it in the stream is still running: its programs get
-# resident, read what the previous kernel cannot have written (weights) and then block in ``griddepcontrol.wait``
-# until that kernel has finished and its writes are visible. Each of the package's kernels, when ``PDL`` is on,
-# waits at its top (after loading only static weights) and at once lets the next kernel launch
+# resident and then block in ``griddepcontrol.wait`` until that kernel has finished and its writes are visible.
+# Each of the package's kernels, when ``PDL`` is on, waits first thing and at once lets the next kernel launch
 # (:func:`wait_and_release`), so every transition between two of them overlaps a launch and a prologue with the
-# previous kernel's tail. Safe by construction: no kernel reads or writes an activation before its wait, and a wait
-# returns only once the previous grid has completed, which waited for its own predecessor in turn.
+# previous kernel's tail. Safe by construction: no kernel loads anything before its wait (even a weight may have
+# been written by the kernel just before, e.g. a cast), and a wait returns only once the previous grid has
+# completed, which waited for its own predecessor in turn. The one thing done earlier is the dense GEMM's L2
+# prefetch of its weight rows (:func:`prefetch_l2`): a hint that fills L2, where any write is already coherent, and
+# never a register.
 
 _DEPENDENT_LAUNCH = [False]
 

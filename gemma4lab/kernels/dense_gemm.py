@@ -88,7 +88,7 @@ def _dense_gemm_kernel(
     w_base = w_ptr + w_rows[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if PDL:  # the weights are no kernel's output: start streaming them while the previous kernel finishes
+    if PDL:  # start the weight stream while the previous kernel finishes: an L2 hint, never a register (safe)
         lines = k_lo + tl.arange(0, PREFETCH_K // 64) * 64  # one 128-byte line of bf16 per 64 columns
         prefetch_l2(w_ptr + tl.where(mask_n, w_rows, 0)[:, None].to(tl.int64) * stride_wn
                     + tl.minimum(lines, k_hi - 1)[None, :])

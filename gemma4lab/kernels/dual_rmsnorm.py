@@ -40,12 +40,12 @@ def _dual_rmsnorm_kernel(x1_ptr, w1_ptr, x2_ptr, w2_ptr, w3_ptr, r_ptr, s_ptr, w
                          stride_x1, stride_x2, stride_r, stride_o, stride_n, eps,
                          H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
                          HAS_NEXT: tl.constexpr, PDL: tl.constexpr):
+    wait_and_release(PDL)
     w1 = load_weight(w1_ptr, H, BLOCK)
     w2 = load_weight(w2_ptr, H, BLOCK)
     w3 = load_weight(w3_ptr, H, BLOCK)
     if HAS_NEXT:
         wn = load_weight(wn_ptr, H, BLOCK)
-    wait_and_release(PDL)
     scalar = tl.load(s_ptr).to(tl.float32)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)

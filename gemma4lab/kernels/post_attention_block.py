@@ -42,12 +42,12 @@ def _post_attention_kernel(a_ptr, r_ptr, wpa_ptr, w1_ptr, w2_ptr, ws_ptr, h_ptr,
                            VIEWS: tl.constexpr, PDL: tl.constexpr):
     """``VIEWS`` = 3: the MoE layer's three FFN inputs; 1: ``mlp_in`` only (the norm sandwich of a plain layer, e.g.
     the vision encoder's: ``h = r + rms(a)·w_post``, then the next sub-block's input ``rms(h)·w``)."""
+    wait_and_release(PDL)
     wpa = load_weight(wpa_ptr, H, BLOCK)
     w1 = load_weight(w1_ptr, H, BLOCK)
     if VIEWS == 3:
         w2 = load_weight(w2_ptr, H, BLOCK)
         ws = load_weight(ws_ptr, H, BLOCK)
-    wait_and_release(PDL)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)
         a = load_tile(a_ptr, rows, stride_a, cols, mask, H, BLOCK, ROWS)

@@ -30,8 +30,8 @@ from ._common import (
 def _rmsnorm_residual_scalar_kernel(x_ptr, w_ptr, r_ptr, s_ptr, o_ptr, n_rows, stride_x, stride_r, stride_o, eps,
                                     H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
                                     PDL: tl.constexpr):
-    w = load_weight(w_ptr, H, BLOCK)
     wait_and_release(PDL)
+    w = load_weight(w_ptr, H, BLOCK)
     scalar = tl.load(s_ptr).to(tl.float32)
     for blk in tl.range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         rows, cols, mask = tile_offsets(blk, n_rows, H, BLOCK, ROWS)

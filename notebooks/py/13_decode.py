@@ -290,8 +290,10 @@ else:
 # of ~670 kernels pays that handover ~670 times. Hopper's *programmatic dependent launch* (PDL) lets kernel N+1 be
 # launched while kernel N still runs: N+1's programs become resident, do whatever cannot depend on N, then block in
 # `griddepcontrol.wait` until N has finished and its writes are visible. The rule that keeps it correct is one line:
-# **nothing an earlier kernel writes (or reads) is touched before the wait.** Weights are no kernel's output, so the
-# dense GEMM may ask L2 for its first weight tiles before it waits. Every kernel of the package starts with:
+# **nothing an earlier kernel writes (or reads) is touched before the wait** — not even a weight, which a cast just
+# before may have written. The one thing the dense GEMM does earlier is ask L2 for its first weight tiles
+# (`prefetch.global.L2`): a hint that fills the cache, never a register, so it cannot read a stale value. Every
+# kernel of the package starts with:
 
 # %%
 import inspect

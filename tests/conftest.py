@@ -26,7 +26,8 @@ from gemma4lab import Gemma4Config
 
 #: Files whose module fixtures take minutes on 2 CPU cores: collected first, so that ``--dist loadfile`` starts them
 #: before the many short files and the suite does not end waiting for one of them (``./dev test``: under 10 minutes).
-LONG_FILES = ("test_bench_prefill.py", "test_bench_prefill_compile.py", "test_hf_patch.py", "test_notebooks.py")
+LONG_FILES = ("test_bench_prefill.py", "test_bench_prefill_compile.py", "test_bench_prefill_vision.py",
+              "test_hf_patch.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(config, items):

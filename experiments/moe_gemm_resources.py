@@ -43,7 +43,7 @@ def compile_sm90(fn, signature: dict, constants: dict, num_warps: int, num_stage
 
 def gemm(cfg: MoeConfig, gather: bool) -> dict:
     consts = dict(GATHER=gather, TOP_K=8, GELU_GATE=not gather, IEEE=False, W_SCALED=False, A_FP8=False,
-                  SWAP_AB=cfg.swap_ab, E=128, E_POW2=128, PDL=False,
+                  SWAP_AB=cfg.swap_ab, E=128, E_POW2=128, COMPACT=False, PDL=False,
                   COLUMNS_FIRST=cfg.columns_first, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
     sig = {"a_ptr": "*bf16", "w_ptr": "*bf16", "offs_ptr": "*i32", "idx_ptr": "*i32", "scale_ptr": "*fp32",
            "out_ptr": "*bf16",

@@ -152,6 +152,25 @@ def test_the_key_sees_every_tensor_a_replay_would_read(tiny):
         assert graphs._weights_key() != key
 
 
+def test_the_key_walks_the_modules_again_only_after_a_registration(tiny):
+    """Between registrations the key reads its cached tensor list (no walk of the tower's modules); a parameter,
+    buffer or submodule registered anywhere makes the next key walk again, and a cast in place (``.data =``, as
+    ``.to()`` does) is seen without one, by address and dtype."""
+    tower = _tower(tiny, "cpu", torch.float32)
+    graphs = TowerGraphs(tower)
+    graphs._weights_key()
+    cached = graphs._tensors
+    graphs._weights_key()
+    assert graphs._tensors is cached  # nothing registered: not walked again
+    key = graphs._weights_key()
+    lin = tower.encoder.layers[0].mlp.up_proj.linear
+    lin.weight.data = lin.weight.data.double()  # storage swapped in place: no registration, the key still changes
+    assert graphs._tensors is cached and graphs._weights_key() != key
+    torch.nn.Linear(2, 2)  # a registration anywhere (here in an unrelated module) invalidates the cached list
+    graphs._weights_key()
+    assert graphs._tensors is not cached
+
+
 @pytest.mark.gpu
 def test_gpu_pcg_image_prompt_uses_the_tower_graph():
     from gemma4lab.model.loading import random_init

@@ -26,7 +26,15 @@ before it waits). The graph runners capture with it wherever it is supported (``
 measured on the H200, bit-identical and 3–6 % faster decode steps (``bench-decode --launch-ab``).
 """
 
-from ._common import INTERPRET, RowConfig, dependent_launch, dependent_launch_supported, kernel_backend, row_config
+from ._common import (
+    INTERPRET,
+    RowConfig,
+    dependent_launch,
+    dependent_launch_setting,
+    dependent_launch_supported,
+    kernel_backend,
+    row_config,
+)
 from .decode_attention import DecodeConfig, decode_config, gemma_decode_attention, gemma_decode_attention_ref
 from .dense_gemm import DENSE_MAX_ROWS, DenseConfig, dense_config, gemma_dense_gemm, gemma_dense_gemm_ref
 from .dual_rmsnorm import (
@@ -128,6 +136,7 @@ __all__ = [
     "gemma_router_topk_ref",
     "head_config",
     "dependent_launch",
+    "dependent_launch_setting",
     "dependent_launch_supported",
     "kernel_backend",
     "moe_config",

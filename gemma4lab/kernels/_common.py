@@ -82,6 +82,11 @@ def dependent_launch_supported(device: torch.device) -> bool:
     return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def dependent_launch_setting(requested: bool | None, device: torch.device) -> bool:
+    """A graph runner's ``dependent_launch`` argument resolved: as given, or (None) wherever ``device`` supports it."""
+    return dependent_launch_supported(device) if requested is None else requested
+
+
 def pdl_meta(t: torch.Tensor) -> dict:
     """Launch arguments for a kernel taking a ``PDL`` constexpr: on when :class:`dependent_launch` is active and
     ``t`` is on a CUDA device that supports it (Triton then sets the launch attribute too)."""

@@ -92,12 +92,11 @@ def with_dependent_launch(launches: set[Launch]) -> set[Launch]:
     (the dense GEMM's L2 prefetch, sized by its K step, is the one that varies; its largest K step is kept), and
     compiling each variant twice doubles the check's time."""
     chosen: dict[str, Launch] = {}
+    block_k = lambda launch: dict(launch.args).get("BLOCK_K", ("", 0))[1]  # noqa: E731
     for x in sorted(launches, key=repr):
-        args = dict(x.args)
-        if args.get("PDL") != ("const", False):
+        if dict(x.args).get("PDL") != ("const", False):
             continue
-        prev = chosen.get(x.kernel)
-        if prev is None or dict(x.args).get("BLOCK_K", ("", 0))[1] > dict(prev.args).get("BLOCK_K", ("", 0))[1]:
+        if x.kernel not in chosen or block_k(x) > block_k(chosen[x.kernel]):
             chosen[x.kernel] = x
     out = set()
     for x in chosen.values():

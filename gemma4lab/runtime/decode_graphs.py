@@ -37,10 +37,9 @@ class DecodeGraphRunner:
         #: capture the kernels with programmatic dependent launch (``gemma4lab.kernels.dependent_launch``): each
         #: kernel of the step starts while the one before finishes (H200: 3.88 -> 3.67 ms a batch-1 step, the same
         #: tokens). Default: wherever the device supports it; takes effect at the next capture
-        from gemma4lab.kernels import dependent_launch_supported
+        from gemma4lab.kernels import dependent_launch_setting
 
-        self.dependent_launch = (dependent_launch_supported(self.device) if dependent_launch is None
-                                 else dependent_launch)
+        self.dependent_launch = dependent_launch_setting(dependent_launch, self.device)
         self.cache = KVCache(self.lm.config, max_batch, max_len, model.dtype, self.device)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)

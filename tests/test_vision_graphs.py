@@ -9,29 +9,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import random_vision_tower
 
 from gemma4lab import Fusion
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.processor import Gemma4Processor
 from gemma4lab.model.vision import VisionTower
-from gemma4lab.runtime.vision_graphs import TowerGraphs, tensor_addresses
+from gemma4lab.runtime.vision_graphs import TowerGraphs, module_tensors
 
 
 def _tower(cfg: Gemma4Config, device: str = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
-    torch.manual_seed(0)
-    tower = VisionTower(cfg.vision)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in tower.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.4 + 0.2)
-            elif "position_embedding" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        if cfg.vision.standardize:
-            tower.std_bias.copy_(torch.randn(tower.std_bias.shape, generator=g))
-    return tower.to(device=device, dtype=dtype).eval()
+    return random_vision_tower(cfg.vision, device, dtype)
 
 
 def _images(cfg: Gemma4Config, sizes: list[tuple[int, int]], seed: int, max_soft_tokens: int | None = None) -> dict:
@@ -137,7 +125,7 @@ def test_the_key_sees_every_tensor_a_replay_would_read(tiny):
     parameter is replaced, a buffer is cast or a whole submodule is swapped (all of which a stale graph would miss)."""
     tower = _tower(tiny, "cpu", torch.float32)
     slow = [(t.data_ptr(), t.dtype) for t in (*tower.parameters(), *tower.buffers())]
-    assert sorted(tensor_addresses(tower), key=repr) == sorted(slow, key=repr)
+    assert sorted(((t.data_ptr(), t.dtype) for t in module_tensors(tower)), key=repr) == sorted(slow, key=repr)
     graphs = TowerGraphs(tower)
     key = graphs._weights_key()
     layer = tower.encoder.layers[-1]

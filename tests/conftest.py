@@ -40,6 +40,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def random_vision_tower(vcfg, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A vision tower with random weights at the scales a trained one has (norm weights around 0.4, position
+    embeddings of 0.5, matrices of unit output scale, a random standardisation bias): what the tower tests run."""
+    from gemma4lab.model.vision import VisionTower
+
+    torch.manual_seed(0)
+    tower = VisionTower(vcfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.4 + 0.2)
+            elif "position_embedding" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        if vcfg.standardize:
+            tower.std_bias.copy_(torch.randn(tower.std_bias.shape, generator=g))
+    return tower.to(device=device, dtype=dtype).eval()
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere fails."""
     out64, ref64 = out.double(), ref.double()

@@ -13,6 +13,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_vision_tower
 
 from gemma4lab import Fusion
 from gemma4lab.model.config import Gemma4Config, VisionConfig
@@ -472,17 +473,7 @@ def test_gpu_tower_varlen_matches_the_bias_path(monkeypatch):
 
     _varlen_or_skip()
     vc = dataclasses.replace(Gemma4Config.preset("26b-a4b").vision, num_hidden_layers=2)
-    torch.manual_seed(0)
-    tower = VisionTower(vc)
-    g = torch.Generator().manual_seed(1)
-    for name, p in tower.named_parameters():
-        if p.ndim == 1:
-            p.copy_(torch.rand(p.shape, generator=g) * 0.4 + 0.2)
-        elif "position_embedding" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-    tower = tower.cuda().bfloat16().eval()
+    tower = random_vision_tower(vc, "cuda", torch.bfloat16)
     truth_tower = copy.deepcopy(tower).double()
     cfg = dataclasses.replace(Gemma4Config.preset("26b-a4b"), vision=vc)
     rng = np.random.default_rng(0)

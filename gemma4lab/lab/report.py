@@ -265,14 +265,16 @@ def vision_table(doc: Mapping[str, Any]) -> str:
         graphed = "—" if not _num(med("tower_graph")) else (
             f"{ms(med('tower_graph'))} · {times(r.get('tower_graph_x_floor'))}"
             + ("" if r.get("tower_graph_equal") else " (bits differ from eager!)"))
+        if not pcg:
+            prompt = f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |"
+        else:
+            graphed_prompt = (f"{ms(med('prompt_pcg'))} · {times(r.get('prompt_x_floor'))}"
+                              if _num(med("prompt_pcg")) else "—")
+            prompt = f"{ms(med('prompt_fused'))} · {times(r.get('prompt_fused_x_floor'))} | {graphed_prompt} |"
         out.append(f"| {r['images']} | {sum(r['patches'])} | {r['soft_tokens']} | "
                    f"{ms(floor)} | {plain}{ms(med('tower'))} · {times(r.get('tower_x_floor'))} | "
                    f"{graphed} | "
-                   f"{ms(med('hf_tower'))} | {kernels} | {r['tokens']} | " + (
-                       f"{ms(med('prompt_fused'))} · {times(r.get('prompt_fused_x_floor'))} | "
-                       + (f"{ms(med('prompt_pcg'))} · {times(r.get('prompt_x_floor'))} |" if _num(med("prompt_pcg"))
-                          else "— |")
-                       if pcg else f"{ms(med('prompt_fused'))} | {times(r.get('prompt_x_floor'))} |"))
+                   f"{ms(med('hf_tower'))} | {kernels} | {r['tokens']} | {prompt}")
     return "\n".join(out)
 
 

@@ -353,7 +353,8 @@ def varlen_layout(padding: Tensor) -> EncoderMask:
     itself takes any placement (patch embedding, RoPE and pooling go by position, the bias masks keys wherever
     they are), so the sort makes varlen exact for any placement instead of silently wrong for another one.
     Cost: some twenty small launches once per forward (the bias took two) and three row gathers of the
-    activations; none per layer, and within the timing noise of the graphed tower."""
+    activations; with them the one-image tower measured 15.7 kernels a layer against 13.8 on the bias path (which
+    is why one image keeps the bias: :func:`use_varlen`)."""
     n, p = padding.shape
     real = ~padding
     count = real.sum(dim=1, keepdim=True)  # [N, 1] real patches per image

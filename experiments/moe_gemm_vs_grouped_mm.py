@@ -97,8 +97,8 @@ def main() -> None:
             def fused_block(cfg=None):
                 offs, slots, pos = gemma_moe_route(ids, E)
                 h = gemma_moe_gemm(x, wk, offs, row_index=slots, top_k=TOP_K, w_scale=sk, a_fp8=a8, config=cfg)
-                return gemma_moe_combine(gemma_moe_gemm(h, wdk, offs, gelu_gate=True, top_k=TOP_K, w_scale=sdk,
-                                                        a_fp8=a8, config=cfg), pos, weights)
+                return gemma_moe_combine(gemma_moe_gemm(h, wdk, offs, gelu_gate=True, w_scale=sdk, a_fp8=a8,
+                                                        config=cfg), pos, weights)
 
             offs, slots, _ = gemma_moe_route(ids, E)
             xs = x[slots.long() // TOP_K]
@@ -112,8 +112,7 @@ def main() -> None:
             hit = int((torch.bincount(flat, minlength=E) > 0).sum())  # the weights a GEMM must read: experts hit
             up_bytes = hit * (w[0].numel() * elem + w.shape[1] * scale_b)
             down_bytes = hit * (wd[0].numel() * elem + wd.shape[1] * scale_b)
-            heur = (moe_config(t * TOP_K, E, False, args.fp8, a8, TOP_K),
-                    moe_config(t * TOP_K, E, True, args.fp8, a8, TOP_K))
+            heur = (moe_config(t * TOP_K, E, False, args.fp8, a8), moe_config(t * TOP_K, E, True, args.fp8, a8))
             res = {"tokens": t, "skew": skew, "busiest_expert_rows": busiest, "experts_hit": hit,
                    "heuristic": repr(heur[0]), "heuristic_down": repr(heur[1]),
                    "block_fused_ms": graph(fused_block), "block_unfused_ms": graph(unfused_block),

@@ -54,8 +54,6 @@ from .gelu_tanh_mul import (
 from .moe_combine import CombineConfig, combine_config, gemma_moe_combine, gemma_moe_combine_ref
 from .moe_gemm import (
     ACT_QUANT_K,
-    GEMV_MAX_TOKENS,
-    MOE_GEMV_SWEEP,
     MOE_SWEEP,
     MoeConfig,
     gemma_moe_gemm,
@@ -90,8 +88,6 @@ __all__ = [
     "DENSE_MAX_ROWS",
     "INTERPRET",
     "MOE_SWEEP",
-    "MOE_GEMV_SWEEP",
-    "GEMV_MAX_TOKENS",
     "OPS",
     "AttentionConfig",
     "CombineConfig",

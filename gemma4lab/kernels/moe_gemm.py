@@ -16,6 +16,14 @@ Two uses per MoE layer:
 * ``moe_gemm(gate_up, down_proj, offsets, gelu_gate=True)``: the activation ``gelu_tanh(gate) · up`` is computed
   while loading the A operand, so the separate GELU kernel and its round trip disappear.
 
+**The down GEMM's weights before its wait** (programmatic dependent launch, ``prefetch_steps``): the down GEMM's
+input comes from the gate/up GEMM just before it, but *which* weights it reads is decided by the offsets that
+``moe_route`` wrote two launches back. The gate/up GEMM releases its dependant only after its own wait has seen
+``moe_route`` complete, so a down-GEMM program that starts early reads the offsets, asks L2 for its expert's weight
+tile, then waits. Only an L2 hint is issued before the wait — if the offsets were stale the hint would be wasted,
+never a result wrong — and the program reads the offsets again after it. The gate/up GEMM cannot do the same: its
+offsets come from the launch right before it.
+
 Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
 ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
 
@@ -48,7 +56,7 @@ layer 0.24 ms at 93 tokens; from ~1000 tokens the in-load quantisation costs mor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -56,7 +64,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import host_values, pdl_meta, pow2, register, to_dtype, to_e4m3, wait_and_release
+from ._common import host_values, pdl_meta, pow2, prefetch_l2, register, to_dtype, to_e4m3, wait_and_release
 
 
 @triton.jit
@@ -133,18 +141,25 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,  # with PDL: 64-column lines of each weight row asked of L2 before the wait (pow2)
     PDL: tl.constexpr,
 ):
-    wait_and_release(PDL)  # the offsets and rows come from the kernels before: nothing is read ahead of the wait
     if COLUMNS_FIRST:
         pid_n = tl.program_id(0)
         slot = tl.program_id(1)
     else:
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
-    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
+    if PDL and PREFETCH_LINES > 0:  # the down GEMM: its offsets were written two launches back (module docstring)
+        pe, ps, pend = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
+        if pend > ps:  # an L2 hint, never a register: stale offsets would only waste the hint
+            lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, K - 1)  # one 128-byte bf16 line per 64 columns
+            prefetch_l2(w_ptr + pe.to(tl.int64) * stride_we + tl.where(mask_n, cols_n, 0)[:, None].to(tl.int64)
+                        * stride_wn + lines[None, :])
+    wait_and_release(PDL)  # the rows come from the kernel before: nothing but the hint's offsets is read before it
+    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
     for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -192,98 +207,6 @@ def _moe_gemm_kernel(
         tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _a_row(a_ptr, src, ks, mask_k, K, GELU_GATE: tl.constexpr, A_FP8: tl.constexpr, QUANT_K: tl.constexpr,
-           dtype: tl.constexpr):
-    """One routed row's K step as fp32 ``[BLOCK_K]``, rounded as the GEMM's operand is: the (gathered) row, or
-    ``gelu_tanh(gate) · up`` in the activation dtype; with ``A_FP8`` each ``QUANT_K`` slice through e4m3 at its own
-    absmax scale (:func:`quantize_act_e4m3`'s rule), kept in fp32 (there is no tensor core to hand FP8 to)."""
-    if GELU_GATE:
-        g = tl.load(a_ptr + src + ks, mask=mask_k, other=0.0).to(tl.float32)
-        u = tl.load(a_ptr + src + K + ks, mask=mask_k, other=0.0).to(tl.float32)
-        a = _gelu_tanh(g) * u
-        if not A_FP8:
-            a = to_dtype(a, dtype).to(tl.float32)
-    else:
-        a = tl.load(a_ptr + src + ks, mask=mask_k, other=0.0).to(tl.float32)
-    if A_FP8:
-        blocks = tl.reshape(a, (a.shape[0] // QUANT_K, QUANT_K))
-        s = tl.max(tl.abs(blocks), axis=1) / 448.0
-        s = tl.where(s > 0, s, 1.0)
-        a = tl.reshape(to_e4m3(blocks / s[:, None]).to(tl.float32) * s[:, None], (a.shape[0],))
-    return a
-
-
-@triton.jit
-def _moe_gemv_kernel(
-    a_ptr,  # [A_ROWS, K] activations (or [A_ROWS, 2K] gate|up when GELU_GATE)
-    w_ptr,  # [E, N, K] expert weights, y = a @ w[e]ᵀ
-    offs_ptr,  # [E] int32 inclusive cumulative row counts
-    idx_ptr,  # [M] int32 routed slot of each sorted row (GATHER), else unused
-    scale_ptr,  # [E, N] fp32 per-output-channel scales of FP8 weights (W_SCALED), else unused
-    out_ptr,  # [M, N] rows sorted by expert
-    M,
-    A_ROWS,
-    N,
-    K,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_om,
-    GATHER: tl.constexpr,
-    TOP_K: tl.constexpr,
-    GELU_GATE: tl.constexpr,
-    W_SCALED: tl.constexpr,
-    A_FP8: tl.constexpr,
-    QUANT_K: tl.constexpr,  # the K width of one activation scale (A_FP8)
-    E: tl.constexpr,
-    E_POW2: tl.constexpr,
-    COMPACT: tl.constexpr,
-    ROWS: tl.constexpr,  # rows per pass over the weights: >= the rows any expert holds, so one pass streams them
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """The few-token schedule (see :class:`MoeConfig`'s ``gemv``): a program streams ``BLOCK_N`` rows of one
-    expert's weights through registers with plain vector loads (no shared memory, so many programs share an SM and
-    keep many loads in flight) and forms each routed row's dot products on the CUDA cores. A row's result is
-    computed alone (its own reduction of each K step, added in K order), so it never depends on ``ROWS`` or on
-    the other rows of the launch."""
-    wait_and_release(PDL)  # the offsets and rows come from the kernels before: nothing is read ahead of the wait
-    pid_n = tl.program_id(0)  # column tiles first: neighbouring programs stream neighbouring rows of one expert
-    slot = tl.program_id(1)
-    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < N
-    w_rows = w_ptr + e.to(tl.int64) * stride_we + cols.to(tl.int64) * stride_wn
-    sel = tl.arange(0, ROWS)
-    for m0 in range(start, end, ROWS):  # one pass unless an expert holds more than ROWS rows
-        rows = m0 + sel
-        mask_m = rows < end
-        if GATHER:  # a bad index reads row 0, never out of bounds
-            srcs = tl.load(idx_ptr + rows, mask=mask_m, other=0) // TOP_K
-            srcs = tl.where((srcs >= 0) & (srcs < A_ROWS), srcs, 0)
-        else:
-            srcs = tl.where(mask_m, rows, 0)
-        srcs = srcs.to(tl.int64) * stride_am
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask_k = ks < K
-            w = tl.load(w_rows[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            w = w.to(tl.float32)
-            for r in tl.static_range(ROWS):
-                src = tl.sum(tl.where(sel == r, srcs, 0), axis=0)
-                # a row past the expert's end reads row 0 (a valid address) and is never stored
-                a = _a_row(a_ptr, src, ks, mask_k, K, GELU_GATE, A_FP8, QUANT_K, out_ptr.dtype.element_ty)
-                part = tl.sum(w * a[None, :], axis=1)
-                acc += tl.where(sel[:, None] == r, part[None, :], 0.0)
-        if W_SCALED:  # the channel's scale factors out of the K sum
-            acc = acc * tl.load(scale_ptr + e * N + cols, mask=mask_n, other=0.0)[None, :]
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 @dataclass(frozen=True)
 class MoeConfig:
     """Launch settings of the MoE kernels. Expert GEMM: one program per (expert, ``block_n`` output columns),
@@ -295,10 +218,8 @@ class MoeConfig:
     neighbouring slices of one expert's weights rather than one slice of every expert. Routing (``moe_route``): one
     program per expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the
     first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s.
-
-    ``gemv``: the few-token schedule (``_moe_gemv_kernel``): no tensor cores and no shared memory; a program streams
-    ``block_n`` weight rows of one expert in ``block_k``-wide vector loads and multiplies them with up to
-    ``block_m`` routed rows on the CUDA cores (grid always column tiles first; ``swap_ab`` does not apply)."""
+    ``prefetch_steps`` (the down GEMM, under dependent launch only): K steps of its weight tile a program asks L2 for
+    before it waits on the gate/up GEMM (see the module docstring)."""
 
     block_m: int = 16
     block_n: int = 128
@@ -309,17 +230,18 @@ class MoeConfig:
     columns_first: bool = False
     route_block: int = 1024
     route_warps: int = 4
-    gemv: bool = False
+    prefetch_steps: int = 0
 
     def __post_init__(self) -> None:
         pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps")
         if self.num_stages < 1:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
-        for name in ("swap_ab", "columns_first", "gemv"):
+        if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
+                or self.prefetch_steps < 0:
+            raise ValueError(f"MoeConfig.prefetch_steps must be an int >= 0, got {self.prefetch_steps!r}")
+        for name in ("swap_ab", "columns_first"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MoeConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.gemv and self.swap_ab:
-            raise ValueError("MoeConfig: the gemv schedule has no MMA to swap; swap_ab must be False with gemv=True")
 
 
 #: The H200 sweep's settings (see the module docstring). gate/up: 32-row swapped tiles of 64 weight rows, 128-deep K
@@ -330,9 +252,9 @@ class MoeConfig:
 #: (the row tile only groups rows; ``tests/kernels/test_moe_gemm.py`` checks it on the GPU): PCG pads prompts.
 _SETTINGS = {"gate_up": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
              "down": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True,
-                               columns_first=True),
+                               columns_first=True, prefetch_steps=11),
              "down_many_rows": MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4,
-                                         swap_ab=True)}
+                                         swap_ab=True, prefetch_steps=11)}
 #: mean routed rows per expert from which the down GEMM takes the 32-row tile
 DOWN_WIDE_TILE_ROWS = 16
 #: FP8 weights have no library grouped GEMM to hand over to above ``Experts.MOE_GEMM_MAX_TOKENS`` (torch's is
@@ -350,30 +272,16 @@ _FP8_MANY_ROWS = {"gate_up": MoeConfig(block_m=64, block_n=64, block_k=128, num_
 #: rows with the :data:`ACT_QUANT_K`-deep K step the activation scales are defined on.
 FP8_ACT_SETTING = MoeConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3, swap_ab=True,
                             columns_first=True)
-#: Up to this many tokens the expert GEMMs take the ``gemv`` schedule. At one token the two tensor-core GEMMs moved
-#: the 8 chosen experts' 95 MB at 67 % of copy bandwidth (results/runs/moe_mlp_decode_h200_00372a6_refuted.json, in a
-#: CUDA graph on L2-cold weights): 176 programs of 180–360 KB each, two per SM at most (shared memory), so few bytes
-#: are in flight and the SMs that hold two set the time. 4 is a PCG bucket edge, so a padded bucket takes the eager
-#: prompt's path; a token's experts are distinct, so no expert holds more rows than there are tokens.
-GEMV_MAX_TOKENS = 4
-#: The gemv schedule's settings (``block_m`` is set per call: the token count rounded up to a power of two).
-_GEMV = {"gate_up": MoeConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=1, gemv=True),
-         "down": MoeConfig(block_m=1, block_n=16, block_k=256, num_warps=4, num_stages=1, gemv=True)}
 
 
 @lru_cache(maxsize=512)
 def moe_config(n_rows: int, n_experts: int, gelu_gate: bool = False, fp8_weights: bool = False,
-               fp8_acts: bool = False, top_k: int = 1) -> MoeConfig:
+               fp8_acts: bool = False) -> MoeConfig:
     """Settings for ``n_rows`` routed rows (``tokens × top_k``) over ``n_experts`` experts, for the gate/up GEMM or
-    (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`): up to
-    :data:`GEMV_MAX_TOKENS` tokens the gemv schedule (:data:`_GEMV`) in every dtype; FP8 weights at long prompts
-    take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`; FP8 activations :data:`FP8_ACT_SETTING` otherwise."""
-    if n_rows < 0 or n_experts < 1 or top_k < 1:
-        raise ValueError(f"moe_config needs n_rows >= 0, n_experts >= 1 and top_k >= 1, got {n_rows}, {n_experts}, "
-                         f"{top_k}")
-    tokens = -(-n_rows // top_k)
-    if tokens <= GEMV_MAX_TOKENS:
-        return replace(_GEMV["down" if gelu_gate else "gate_up"], block_m=triton.next_power_of_2(max(tokens, 1)))
+    (``gelu_gate``) the down GEMM with the GELU in its operand load (see :data:`_SETTINGS`); FP8 weights at long
+    prompts take the 64-row tiles of :data:`FP8_WIDE_TILE_ROWS`; FP8 activations :data:`FP8_ACT_SETTING` always."""
+    if n_rows < 0 or n_experts < 1:
+        raise ValueError(f"moe_config needs n_rows >= 0 and n_experts >= 1, got {n_rows}, {n_experts}")
     if fp8_acts:
         return FP8_ACT_SETTING
     if fp8_weights and n_rows >= FP8_WIDE_TILE_ROWS * n_experts:
@@ -404,11 +312,6 @@ def _sweep() -> tuple[MoeConfig, ...]:
 
 #: Candidate settings for the H200 sweep (see :func:`_sweep`); :func:`moe_config`'s are among them.
 MOE_SWEEP: tuple[MoeConfig, ...] = _sweep()
-#: Candidates of the gemv schedule (``experiments/moe_decode_stream.py --sweep``): weight rows per program, K step,
-#: warps, and whether the compiler pipelines the loads (``num_stages``); ``block_m`` is set per call.
-MOE_GEMV_SWEEP: tuple[MoeConfig, ...] = tuple(
-    MoeConfig(block_m=1, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, gemv=True)
-    for bn in (8, 16, 32) for bk in (256, 512) for nw in (4, 8) for ns in (1, 3))
 
 
 #: Weight dtypes the kernel widens on load and scales per output channel (``w_scale``): FP8 e4m3, the format
@@ -492,11 +395,9 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     if a_fp8:
         if w.dtype not in SCALED_WEIGHT_DTYPES:
             raise ValueError(f"a_fp8 (FP8 × FP8 on the tensor cores) needs FP8 weights, got {w.dtype}")
-        if config is not None and not (config.gemv and config.block_k % ACT_QUANT_K == 0) \
-                and (not config.swap_ab or config.block_k != ACT_QUANT_K):
+        if config is not None and (not config.swap_ab or config.block_k != ACT_QUANT_K):
             raise ValueError(f"a_fp8 quantises each row's {ACT_QUANT_K}-wide K step: the setting must have "
-                             f"swap_ab=True and block_k={ACT_QUANT_K}, or gemv=True and a block_k that is a multiple "
-                             f"of {ACT_QUANT_K}, got {config}")
+                             f"swap_ab=True and block_k={ACT_QUANT_K}, got {config}")
     if a.is_cuda and a.dtype == torch.float64:
         raise TypeError("moe_gemm accumulates in fp32 on the GPU and takes bfloat16, float16 or float32; float64 is "
                         "for references: gemma_moe_gemm_ref computes it")
@@ -525,30 +426,30 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     return m
 
 
+def _prefetch_lines(cfg: MoeConfig, k: int) -> int:
+    """64-column lines of each weight row the down GEMM's programs ask L2 for before their wait: ``prefetch_steps``
+    K steps, at most K, rounded up to a power of two (the repeats past K hint the last line again)."""
+    cols = min(cfg.prefetch_steps * cfg.block_k, k)
+    return triton.next_power_of_2(triton.cdiv(cols, 64)) if cols > 0 else 0
+
+
 def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp8: bool, out,
             config: MoeConfig | None) -> None:
     e, n, k = w.shape
     m = out.shape[0]
-    cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES, a_fp8, top_k)
+    cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES, a_fp8)
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)
     slots = min(m, e)  # at most this many experts have rows
-    if cfg.gemv:
-        _moe_gemv_kernel[(tiles, slots)](
-            a, w, offsets, row_index if gather else offsets, w_scale if w_scale is not None else offsets, out, m,
-            a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k,
-            GELU_GATE=gelu_gate, W_SCALED=w_scale is not None, A_FP8=a_fp8, QUANT_K=ACT_QUANT_K, E=e,
-            E_POW2=triton.next_power_of_2(e), COMPACT=m < e, ROWS=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, **extra, **pdl_meta(a))
-        return
     _moe_gemm_kernel[(tiles, slots) if cfg.columns_first else (slots, tiles)](
         a, w, offsets, row_index if gather else offsets, w_scale if w_scale is not None else offsets, out, m,
         a.shape[0], n, k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATHER=gather, TOP_K=top_k,
         GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, A_FP8=a_fp8,
         SWAP_AB=cfg.swap_ab,
         COLUMNS_FIRST=cfg.columns_first, E=e, E_POW2=triton.next_power_of_2(e), COMPACT=m < e, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra, **pdl_meta(a))
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=_prefetch_lines(cfg, k) if gelu_gate else 0,
+        **extra, **pdl_meta(a))
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,
@@ -573,8 +474,7 @@ def gemma_moe_gemm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, g
     (``w`` float8_e4m3fn) take ``w_scale [E, N]``: ``w[e, n, :] ≈ w_scale[e, n] · q[e, n, :]``; the output keeps
     the activations' dtype. ``a_fp8`` (FP8 weights only): the activations are quantised to e4m3 too, per row and
     :data:`ACT_QUANT_K` columns, inside the operand load, so the tensor cores multiply FP8 × FP8
-    (:func:`quantize_act_e4m3` is the exact rule). ``top_k`` also tells the schedule how many tokens the rows are
-    (``rows / top_k``; :func:`moe_config`), with or without ``row_index``: pass the model's top-k to both GEMMs."""
+    (:func:`quantize_act_e4m3` is the exact rule)."""
     m = _check(a, w, offsets, gelu_gate, row_index, top_k, w_scale, a_fp8, config)
     out = torch.empty(m, w.shape[1], dtype=a.dtype, device=a.device)
     if m == 0:

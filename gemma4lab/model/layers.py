@@ -298,8 +298,7 @@ class Experts(nn.Module):
             a_fp8 = (bool(getattr(self, "act_fp8", False)) and up_scale is not None
                      and tokens <= Experts.FP8_ACT_MAX_TOKENS)
             h = gemma_moe_gemm(x, self.gate_up_proj, offs, row_index=slots, top_k=k, w_scale=up_scale, a_fp8=a_fp8)
-            # top_k: the down GEMM gathers nothing, but its schedule is chosen by tokens (rows // top_k), as gate/up's
-            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, top_k=k, w_scale=down_scale, a_fp8=a_fp8)
+            return gemma_moe_gemm(h, self.down_proj, offs, gelu_gate=True, w_scale=down_scale, a_fp8=a_fp8)
         xs = x if slots is None else x[slots // k]
         gate_up, down = self._dense_weights(x.dtype)
         h = self._act(_grouped_mm(xs, gate_up.transpose(-2, -1), offs), fused_act)

@@ -17,6 +17,7 @@ tail — about 1.6 ms with ids on the device, less with ids on the CPU (a host r
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--launch-ab", action="store_true",
                    help="also time a runner whose pieces are captured with programmatic dependent launch flipped")
+    p.add_argument("--branches-ab", action="store_true",
+                   help="then time every prompt again with Fusion.branches flipped (the pieces captured anew)")
     args = p.parse_args()
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
@@ -52,7 +55,7 @@ def main() -> None:
         pdl = PiecewiseCudaGraphRunner(model, max_tokens=max(512, *args.tokens), progress=False,
                                        dependent_launch=not runner.dependent_launch)
         pdl.capture()
-    rows = {}
+    rows, logits = {}, {}
     with torch.no_grad():
         for t in args.tokens:
             for where in dict.fromkeys(("cpu", args.device)):
@@ -69,6 +72,7 @@ def main() -> None:
                          f"{host['tail_ms']:.3f} ms" if b is not None else "no graph replays")
                 print(f"T={t:>5} ids on {where:>4}: {ms:.2f} ms, busy {fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f};"
                       f" host (profiled): {split}", flush=True)
+            logits[t] = runner.prefill(ids)
             if pdl is not None:  # the same prompt through pieces captured with dependent launch: time and bits
                 call = lambda ids=ids: pdl.prefill(ids)  # noqa: E731
                 ms_pdl = measure.bench(call, rep_ms=300)
@@ -80,6 +84,25 @@ def main() -> None:
                 state = "on" if pdl.dependent_launch else "off"
                 print(f"T={t:>5} dependent launch {state}: {ms_pdl:.2f} ms ({ms_pdl / ms:.3f}x), busy "
                       f"{fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
+        if args.branches_ab:  # the dense MLP beside the experts on a second stream, or after them on one
+            own = model.language_model.fusion
+            model.set_fusion(replace(own, branches=not own.branches))
+            runner.capture()
+            for t in args.tokens:
+                ids = [random_prompt(t, cfg.text.vocab_size, seed=t, device=args.device)]
+                call = lambda ids=ids: runner.prefill(ids)  # noqa: E731
+                ms_b = measure.bench(call, rep_ms=300)
+                fam = time_by_family(call, wall_ms=ms_b)
+                equal = bool(torch.equal(call(), logits[t]))
+                base = rows[f"{t}_{args.device}"]["ms"]
+                rows[f"{t}_branches_ab"] = {"tokens": t, "branches": not own.branches, "ms": ms_b,
+                                            "vs_runner": ms_b / base, "busy_ms": fam["busy_ms"],
+                                            "idle_ms": fam["idle_ms"], "families_ms": fam["families_ms"],
+                                            "equal": equal}
+                print(f"T={t:>5} branches {'on' if not own.branches else 'off'}: {ms_b:.2f} ms ({ms_b / base:.3f}x), "
+                      f"busy {fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}",
+                      flush=True)
+            model.set_fusion(own)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})
 

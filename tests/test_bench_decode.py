@@ -74,17 +74,20 @@ def test_fp8_rows_are_timed_last_against_their_own_floor(tmp_path):
     assert table[4].split(" | ")[1] == "1 · FP8 experts + activations"
 
 
-def test_launch_ab_rows_beside_the_graph(tmp_path):
-    """``--launch-ab``: each point's graph again, captured with programmatic dependent launch flipped, with its own
-    step, replay and token check (on CPU the runner steps eagerly and has no dependent launch: the plumbing, not
-    the speed)."""
-    doc = _run(tmp_path, batches=(2,), contexts=(8,), steps=2, extra=("--launch-ab",))
+def test_launch_and_branches_ab_rows_beside_the_graph(tmp_path):
+    """``--launch-ab`` / ``--branches-ab``: each point's graph again, captured with programmatic dependent launch
+    (or ``Fusion.branches``) flipped, with its own step, replay and token check (on CPU the runner steps eagerly,
+    with neither dependent launch nor a second stream: the plumbing, not the speed)."""
+    doc = _run(tmp_path, batches=(2,), contexts=(8,), steps=2, extra=("--launch-ab", "--branches-ab"))
     r = doc["rows"]["2x8"]
-    pdl, graph = r["graph_ab"], r["graph"]
-    assert graph["dependent_launch"] is False and pdl["dependent_launch"] is True
-    assert pdl["tokens_equal"] is True and pdl["first_mismatch"] is None and pdl["step_ms"] > 0
-    assert pdl["replay_vs_graph"] == pdl["replay_ms"] / graph["replay_ms"]
-    assert pdl["replay_x_floor"] == pdl["replay_ms"] / r["floor_ms"]
+    graph = r["graph"]
+    assert graph["dependent_launch"] is False and graph["branches"] is False
+    for key, setting in (("graph_ab", "dependent_launch"), ("graph_branches_ab", "branches")):
+        ab = r[key]
+        assert ab[setting] is True, key
+        assert ab["tokens_equal"] is True and ab["first_mismatch"] is None and ab["step_ms"] > 0
+        assert ab["replay_vs_graph"] == ab["replay_ms"] / graph["replay_ms"]
+        assert ab["replay_x_floor"] == ab["replay_ms"] / r["floor_ms"]
 
 
 def test_greedy_tokens_of_the_graph_equal_eager(result):

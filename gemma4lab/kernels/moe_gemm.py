@@ -16,13 +16,15 @@ Two uses per MoE layer:
 * ``moe_gemm(gate_up, down_proj, offsets, gelu_gate=True)``: the activation ``gelu_tanh(gate) · up`` is computed
   while loading the A operand, so the separate GELU kernel and its round trip disappear.
 
-**The down GEMM's weights before its wait** (programmatic dependent launch, ``prefetch_steps``): the down GEMM's
-input comes from the gate/up GEMM just before it, but *which* weights it reads is decided by the offsets that
-``moe_route`` wrote two launches back. The gate/up GEMM releases its dependant only after its own wait has seen
-``moe_route`` complete, so a down-GEMM program that starts early reads the offsets, asks L2 for its expert's weight
-tile, then waits. Only an L2 hint is issued before the wait — if the offsets were stale the hint would be wasted,
-never a result wrong — and the program reads the offsets again after it. The gate/up GEMM cannot do the same: its
-offsets come from the launch right before it.
+**Two levers refuted at one to four tokens** (H200, each in a CUDA graph on L2-cold weights,
+``experiments/moe_decode_stream.py``): at one token each GEMM alone takes ~5–6 µs more than its stream whatever the
+kernel — gate/up 20.4 µs (74 % of copy bandwidth), down 13.9 µs (54 %) — a cost per launch (ramp, tail, node
+gap), not the stream. A CUDA-core ``gemv`` schedule (no shared memory, many programs an SM) matched the tensor
+cores at one token and lost up to 1.9× at 2–4 (``results/runs/moe_decode_stream_h200_4f83638_gemv_refuted.json``);
+an L2 prefetch of the down GEMM's weights before its dependent-launch wait (its offsets are two launches old) made
+the pair slower, 33.1 → 35.2–37.7 µs at one token, and the batch-8 decode step with it
+(``results/runs/moe_decode_stream_h200_10f468f_prefetch_refuted.json``). The pair streams at 68 / 71 / 85 / 88 /
+91 / 100 % of copy bandwidth at 1 / 2 / 3 / 4 / 8 / 16 tokens.
 
 Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
 ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.
@@ -64,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import host_values, pdl_meta, pow2, prefetch_l2, register, to_dtype, to_e4m3, wait_and_release
+from ._common import host_values, pdl_meta, pow2, register, to_dtype, to_e4m3, wait_and_release
 
 
 @triton.jit
@@ -141,25 +143,18 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr,  # with PDL: 64-column lines of each weight row asked of L2 before the wait (pow2)
     PDL: tl.constexpr,
 ):
+    wait_and_release(PDL)  # the offsets and rows come from the kernels before: nothing is read ahead of the wait
     if COLUMNS_FIRST:
         pid_n = tl.program_id(0)
         slot = tl.program_id(1)
     else:
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
+    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
-    if PDL and PREFETCH_LINES > 0:  # the down GEMM: its offsets were written two launches back (module docstring)
-        pe, ps, pend = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
-        if pend > ps:  # an L2 hint, never a register: stale offsets would only waste the hint
-            lines = tl.minimum(tl.arange(0, PREFETCH_LINES) * 64, K - 1)  # one 128-byte bf16 line per 64 columns
-            prefetch_l2(w_ptr + pe.to(tl.int64) * stride_we + tl.where(mask_n, cols_n, 0)[:, None].to(tl.int64)
-                        * stride_wn + lines[None, :])
-    wait_and_release(PDL)  # the rows come from the kernel before: nothing but the hint's offsets is read before it
-    e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
     w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
     for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -217,9 +212,7 @@ class MoeConfig:
     ``columns_first`` orders the grid by column tile within an expert, so programs that run at the same time stream
     neighbouring slices of one expert's weights rather than one slice of every expert. Routing (``moe_route``): one
     program per expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the
-    first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s.
-    ``prefetch_steps`` (the down GEMM, under dependent launch only): K steps of its weight tile a program asks L2 for
-    before it waits on the gate/up GEMM (see the module docstring)."""
+    first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s."""
 
     block_m: int = 16
     block_n: int = 128
@@ -230,15 +223,11 @@ class MoeConfig:
     columns_first: bool = False
     route_block: int = 1024
     route_warps: int = 4
-    prefetch_steps: int = 0
 
     def __post_init__(self) -> None:
         pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps")
         if self.num_stages < 1:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
-        if isinstance(self.prefetch_steps, bool) or not isinstance(self.prefetch_steps, int) \
-                or self.prefetch_steps < 0:
-            raise ValueError(f"MoeConfig.prefetch_steps must be an int >= 0, got {self.prefetch_steps!r}")
         for name in ("swap_ab", "columns_first"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MoeConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -252,9 +241,9 @@ class MoeConfig:
 #: (the row tile only groups rows; ``tests/kernels/test_moe_gemm.py`` checks it on the GPU): PCG pads prompts.
 _SETTINGS = {"gate_up": MoeConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4, swap_ab=True),
              "down": MoeConfig(block_m=16, block_n=128, block_k=64, num_warps=4, num_stages=4, swap_ab=True,
-                               columns_first=True, prefetch_steps=11),
+                               columns_first=True),
              "down_many_rows": MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4,
-                                         swap_ab=True, prefetch_steps=11)}
+                                         swap_ab=True)}
 #: mean routed rows per expert from which the down GEMM takes the 32-row tile
 DOWN_WIDE_TILE_ROWS = 16
 #: FP8 weights have no library grouped GEMM to hand over to above ``Experts.MOE_GEMM_MAX_TOKENS`` (torch's is
@@ -426,13 +415,6 @@ def _check(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, gelu_gate: b
     return m
 
 
-def _prefetch_lines(cfg: MoeConfig, k: int) -> int:
-    """64-column lines of each weight row the down GEMM's programs ask L2 for before their wait: ``prefetch_steps``
-    K steps, at most K, rounded up to a power of two (the repeats past K hint the last line again)."""
-    cols = min(cfg.prefetch_steps * cfg.block_k, k)
-    return triton.next_power_of_2(triton.cdiv(cols, 64)) if cols > 0 else 0
-
-
 def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp8: bool, out,
             config: MoeConfig | None) -> None:
     e, n, k = w.shape
@@ -448,8 +430,7 @@ def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp
         GELU_GATE=gelu_gate, IEEE=a.dtype == torch.float32, W_SCALED=w_scale is not None, A_FP8=a_fp8,
         SWAP_AB=cfg.swap_ab,
         COLUMNS_FIRST=cfg.columns_first, E=e, E_POW2=triton.next_power_of_2(e), COMPACT=m < e, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH_LINES=_prefetch_lines(cfg, k) if gelu_gate else 0,
-        **extra, **pdl_meta(a))
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **extra, **pdl_meta(a))
 
 
 def _triton(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, row_index: torch.Tensor | None, top_k: int,

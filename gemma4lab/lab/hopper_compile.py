@@ -86,22 +86,17 @@ def record_launches() -> Iterator[set[Launch]]:
 
 
 def with_dependent_launch(launches: set[Launch]) -> set[Launch]:
-    """For each kernel that takes ``PDL``, one recorded variant as a card launches it under
+    """For each kernel that takes ``PDL``, its largest recorded variant as a card launches it under
     ``kernels.dependent_launch()``: ``PDL`` on and the launch option set (a CPU run records ``PDL=False``: the
     interpreter has no dependent launch). One variant a kernel: the PDL instructions are the same in every variant
     (the dense GEMM's L2 prefetch, sized by its K step, is the one that varies; its largest K step is kept), and
-    compiling each variant twice doubles the check's time. The expert GEMM's prefetch before the wait exists only
-    in its down-GEMM variants (``PREFETCH_LINES`` > 0): those are preferred, then the largest K step."""
+    compiling each variant twice doubles the check's time."""
     chosen: dict[str, Launch] = {}
-
-    def rank(launch: Launch) -> tuple:
-        args = dict(launch.args)
-        return args.get("PREFETCH_LINES", ("", 0))[1], args.get("BLOCK_K", ("", 0))[1]
-
+    block_k = lambda launch: dict(launch.args).get("BLOCK_K", ("", 0))[1]  # noqa: E731
     for x in sorted(launches, key=repr):
         if dict(x.args).get("PDL") != ("const", False):
             continue
-        if x.kernel not in chosen or rank(x) > rank(chosen[x.kernel]):
+        if x.kernel not in chosen or block_k(x) > block_k(chosen[x.kernel]):
             chosen[x.kernel] = x
     out = set()
     for x in chosen.values():

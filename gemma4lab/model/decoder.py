@@ -27,6 +27,19 @@ from gemma4lab.model.config import TextConfig
 from gemma4lab.model.layers import MLP, Experts, RMSNorm, Router, apply_rope, project, rms_norm
 from gemma4lab.runtime.fusion import Fusion
 
+_BRANCH_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def branch_stream(t: Tensor) -> torch.cuda.Stream | None:
+    """The second stream that the dense MLP runs on beside the router and the experts (``Fusion.branches``): one per
+    device, created on first use (the runners' warm-up runs eagerly before any capture); None on the CPU and while
+    torch.compile traces (its graph has one stream)."""
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return None
+    if t.device not in _BRANCH_STREAMS:
+        _BRANCH_STREAMS[t.device] = torch.cuda.Stream(device=t.device)
+    return _BRANCH_STREAMS[t.device]
+
 
 class Attention(nn.Module):
     """Projections and per-head norms of one attention layer; the attention itself is the model's job."""
@@ -113,7 +126,14 @@ class DecoderLayer(nn.Module):
             if self.moe:
                 router_in = self.router.router_input(h)
                 experts_in = self.pre_feedforward_layernorm_2(h)
-        d = self.mlp(mlp_in, fused_act=fusion.gelu, dense=fusion.dense)
+        side = branch_stream(mlp_in) if fusion.branches and self.moe else None
+        if side is None:
+            d = self.mlp(mlp_in, fused_act=fusion.gelu, dense=fusion.dense)
+        else:  # fork: the dense MLP streams its weights while the router and the experts stream theirs
+            main = torch.cuda.current_stream(mlp_in.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                d = self.mlp(mlp_in, fused_act=fusion.gelu, dense=fusion.dense)
         if not self.moe:
             if fusion.epilogue:
                 out = K.gemma_rmsnorm_residual_scalar(d, self.post_feedforward_layernorm.weight, h, self.layer_scalar,
@@ -128,6 +148,8 @@ class DecoderLayer(nn.Module):
         else:
             weights, idx = self.router.tail(logits)
         m = self.experts(experts_in, idx, weights, fused_act=fusion.gelu, fused_gemm=fusion.experts)
+        if side is not None:  # join. No record_stream: mlp_in and d are freed on this stream after the join, and
+            main.wait_stream(side)  # the side stream's next use of their blocks comes after a later fork from it
         w1 = self.post_feedforward_layernorm_1.weight
         w2 = self.post_feedforward_layernorm_2.weight
         w3 = self.post_feedforward_layernorm.weight

@@ -23,6 +23,9 @@ class Fusion:
       run through ``dense_gemm``: q/k/v in one launch, gate/up in one, o, down and the tied head one each.
     * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
       norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
+    * ``branches``: not a kernel but a schedule: on a CUDA device the dense MLP runs on a second stream beside the
+      router and the experts (two branches of the captured graph; the same kernels, so the same bits). Each branch's
+      launches pay a ramp and a tail; side by side, one branch streams while the other starts or drains.
     """
 
     qkv_norm_rope: bool = False
@@ -33,6 +36,7 @@ class Fusion:
     next_norm: bool = False
     experts: bool = False
     dense: bool = False
+    branches: bool = False
 
     def __post_init__(self) -> None:
         if self.next_norm and not self.epilogue:

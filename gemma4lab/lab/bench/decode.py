@@ -46,6 +46,9 @@ from __future__ import annotations
 import argparse
 import time
 import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +226,11 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
                                     "kernels": profile_forward(step)["kernels"]}
     if "graph" in row:
         row["graph"]["dependent_launch"] = runner.dependent_launch
+        row["graph"]["branches"] = model.language_model.fusion.branches
         if args.launch_ab:
             _launch_ab_point(model, runner, row, ids, lg, saved, args, reference, step)
+        if args.branches_ab:
+            _branches_ab_point(model, runner, row, ids, lg, saved, args, reference, step)
     if "eager" in row and "graph" in row:
         row["graph_speedup_step"] = row["eager"]["step_ms"] / row["graph"]["step_ms"]
         row["graph_speedup_loop"] = row["eager"]["loop_ms"] / row["graph"]["loop_ms"]
@@ -236,33 +242,64 @@ def _point(model, runner, prompts: list[Tensor], logits: Tensor, saved: list[Ten
     return row
 
 
-def _launch_ab_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
-                     reference: Tensor | None, step) -> None:
-    """The graph mode again, captured with programmatic dependent launch flipped (``graph_ab``; the runner's own
-    setting is ``graph.dependent_launch``): the loop's step, the replay alone, and its greedy tokens against the
-    eager ones; then the runner's setting is captured back."""
-    batch, own = ids.shape[0], runner.dependent_launch
+def _ab_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
+              reference: Tensor | None, step, key: str, label: str, flip: Callable[[bool], dict]) -> None:
+    """The graph mode again with one setting flipped (``flip(True)`` returns what it set; ``flip(False)`` restores
+    the runner's own), captured anew: the loop's step, the replay alone and its greedy tokens against the eager
+    ones, recorded under ``row[key]``; then the own setting is restored and captured back."""
+    batch = ids.shape[0]
     try:
-        runner.dependent_launch = not own
-        runner.capture(batches=[batch])
+        with warnings.catch_warnings():  # the recapture after a settings change is the point here, not news
+            warnings.simplefilter("ignore")
+            setting = flip(True)
+            runner.capture(batches=[batch])
         entry, runs, _ = _mode(model, runner.step, ids, lg, runner.cache, saved, args, reference)
         entry["replay_ms"] = measure.bench(step, rep_ms=args.replay_rep_ms)
-        for key, ms in (("x_floor", "step_ms"), ("loop_x_floor", "loop_ms"), ("replay_x_floor", "replay_ms")):
-            entry[key] = entry[ms] / row["floor_ms"]
+        for k, ms in (("x_floor", "step_ms"), ("loop_x_floor", "loop_ms"), ("replay_x_floor", "replay_ms")):
+            entry[k] = entry[ms] / row["floor_ms"]
         entry["replay_vs_graph"] = entry["replay_ms"] / row["graph"]["replay_ms"]
-        entry["dependent_launch"] = not own
+        entry.update(setting)
         if reference is not None:
-            mismatch = _first_mismatch(reference, "graph_ab", runs)
+            mismatch = _first_mismatch(reference, key, runs)
             entry["tokens_equal"], entry["first_mismatch"] = mismatch is None, mismatch
-        row["graph_ab"] = entry
-        print(f"    B={batch:>3} dependent launch {'on' if not own else 'off'}: step {entry['step_ms']:.2f} ms, "
-              f"replay {entry['replay_ms']:.2f} ms ({entry['replay_vs_graph']:.3f}x the graph's), tokens equal: "
-              f"{entry.get('tokens_equal')}", flush=True)
+        row[key] = entry
+        print(f"    B={batch:>3} {label}: step {entry['step_ms']:.2f} ms, replay {entry['replay_ms']:.2f} ms "
+              f"({entry['replay_vs_graph']:.3f}x the graph's), tokens equal: {entry.get('tokens_equal')}", flush=True)
     except Exception as e:  # recorded, not fatal
-        _record_failure(row, "graph_ab", e)
+        _record_failure(row, key, e)
     finally:
-        runner.dependent_launch = own
-        runner.capture(batches=[batch])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flip(False)
+            runner.capture(batches=[batch])
+
+
+def _launch_ab_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
+                     reference: Tensor | None, step) -> None:
+    """``graph_ab``: captured with programmatic dependent launch flipped (the runner's own setting is
+    ``graph.dependent_launch``)."""
+    own = runner.dependent_launch
+
+    def flip(on: bool) -> dict:
+        runner.dependent_launch = (not own) if on else own
+        return {"dependent_launch": runner.dependent_launch}
+
+    _ab_point(model, runner, row, ids, lg, saved, args, reference, step, "graph_ab",
+              f"dependent launch {'on' if not own else 'off'}", flip)
+
+
+def _branches_ab_point(model, runner, row: dict, ids: Tensor, lg: Tensor, saved: list[Tensor], args,
+                       reference: Tensor | None, step) -> None:
+    """``graph_branches_ab``: captured with ``Fusion.branches`` flipped (the dense MLP beside the experts on a second
+    stream, or after them on one; the model's own setting is ``graph.branches``)."""
+    own = model.language_model.fusion
+
+    def flip(on: bool) -> dict:
+        model.set_fusion(replace(own, branches=not own.branches) if on else own)
+        return {"branches": model.language_model.fusion.branches}
+
+    _ab_point(model, runner, row, ids, lg, saved, args, reference, step, "graph_branches_ab",
+              f"branches {'on' if not own.branches else 'off'}", flip)
 
 
 def _context(model, context: int, copy_bw: float, args, res: dict, batches: tuple[int, ...] | None = None,
@@ -350,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch-ab", action="store_true",
                    help="also time each point's graph captured with programmatic dependent launch flipped (graph_ab; "
                         "the runner captures with it wherever the card supports it)")
+    p.add_argument("--branches-ab", action="store_true",
+                   help="also time each point's graph captured with Fusion.branches flipped (graph_branches_ab: the "
+                        "dense MLP beside the experts on a second stream, or after them on one)")
     p.add_argument("--preset", default="26b-a4b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=positive_int, default=None, help="reduce depth (default: the preset's)")
     p.add_argument("--fusion", default="all", choices=["all", "none", "published"],

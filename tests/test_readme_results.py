@@ -180,6 +180,11 @@ def test_decode_findings_say_where_a_graph_step_goes():
     text = "\n".join(report.decode_findings(doc))
     assert ("**Where a graph step goes** (batch 8 × 4096, one profiled step): 512 kernels; GPU time dense GEMM "
             "1.25 ms, expert GEMM 0.50 ms, row kernels 0.50 ms, attention 0.25 ms; idle 1.50 ms of 4.00 ms.") in text
+    # captured on two streams (Fusion.branches): the family sums overlap, and the line says why
+    doc["rows"]["8x4096"]["graph"]["branches"] = True
+    text = "\n".join(report.decode_findings(doc))
+    assert ("idle 1.50 ms of 4.00 ms — the dense MLP runs on a second stream beside the experts: the families "
+            "overlap") in text
 
 
 def test_attention_section_states_the_sweeps_end_to_end_effect():

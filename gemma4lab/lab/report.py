@@ -621,13 +621,16 @@ def decode_findings(doc: Mapping[str, Any]) -> list[str]:
         prof = r["graph_profile"]
         fams = ", ".join(f"{FAMILY_LABELS.get(f, f)} {v:.2f} ms" for f, v in
                          sorted(prof["families_ms"].items(), key=lambda kv: -kv[1]) if _num(v) and v > 0)
-        pdl = (r.get("graph") or {}).get("dependent_launch")
+        graph = r.get("graph") or {}
+        pdl, two = graph.get("dependent_launch"), graph.get("branches")
+        why = " and ".join(w for w, on in (("captured with dependent launch, so each kernel's span starts when it "
+                                            "launches early and waits for the one before", pdl),
+                                           ("the dense MLP runs on a second stream beside the experts", two)) if on)
         lines.append(f"* **Where a graph step goes** (batch {r['batch']} × {r['context']}, one profiled step): "
                      f"{prof['kernels']} kernels; GPU time {fams}; idle {prof['idle_ms']:.2f} ms of "
                      f"{prof['wall_ms']:.2f} ms{gaps_phrase(prof.get('gaps'))}"
-                     + (" — captured with dependent launch, so each kernel's span starts when it launches early and "
-                        "waits for the one before: the families overlap and their sum overstates the step (idle "
-                        "and busy, from the union of spans, stand)." if pdl else "."))
+                     + (f" — {why}: the families overlap and their sum overstates the step (idle and busy, from the "
+                        "union of spans, stand)." if why else "."))
     checked = [r for r in rows if r.get("tokens_equal") is not None]
     if checked:
         bad = [r for r in checked if not r["tokens_equal"]]

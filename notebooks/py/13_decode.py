@@ -21,7 +21,8 @@
 # bandwidth. This notebook computes that floor, shows why the first attention kernel for decode was latency-bound
 # (too few programs, each reading too much), derives the fix — split the keys, merge the partial softmaxes exactly —
 # checks the merge in float64 and the package's kernel against it, then turns to the dense projections — where a
-# prediction from bytes alone fails and says what to change — and reads the H200's measurement.
+# prediction from bytes alone fails and says what to change — reads the H200's measurement, and ends with the two
+# schedules that attack what a launch costs: dependent launch and two streams.
 #
 # **What you will learn**
 #
@@ -31,7 +32,8 @@
 # - how packing the query heads of one KV head into one program reads each KV byte once;
 # - why a projection at one row costs more than its bytes, and why fewer GEMMs beat a faster one;
 # - how programmatic dependent launch starts each kernel while the one before finishes, and the one rule that keeps
-#   it correct.
+#   it correct;
+# - why the dense MLP and the experts of a layer run side by side on two streams, and what that hides.
 
 # %% tags=["parameters"]
 DEVICE = "cpu"  # "cuda" for compiled kernels
@@ -359,6 +361,105 @@ if dependent_launch_supported(torch.device(DEVICE)):
 else:
     print(f"{DEVICE}: no programmatic dependent launch here (it needs compiled Triton on compute capability >= 9); "
           "the recorded A/B above is the measurement.")
+
+# %% [markdown]
+# ## Two streams: the dense MLP beside the experts
+#
+# PDL shortens each handover, but a decode step still pays every launch's ramp and tail in turn. How much is that?
+# The expert GEMMs answer it: timed alone in a CUDA graph on weights that L2 cannot hold
+# (`experiments/moe_decode_stream.py`), each takes longer than its bytes over the copy bandwidth, by about the same
+# few microseconds whatever the kernel — two schedules built to shrink it (a CUDA-core GEMV, an L2 prefetch before
+# the PDL wait) were measured and refuted (`docs/perf_notes.md`). A cost per launch that one stream cannot hide:
+
+# %%
+
+from gemma4lab.lab import measure
+
+stream = None
+for path in sorted((RESULTS / "runs").glob("moe_decode_stream_*.json")):
+    d = measure.read_json(path)
+    if d and "gate_up_alone" in d["rows"][0]["paths"]:
+        stream = d
+        break
+excess_us = None
+if stream:
+    one = next(r for r in stream["rows"] if r["tokens"] == 1)
+    bw = stream["copy_bandwidth_Bps"]
+    excess = {}
+    for gemm in ("gate_up", "down"):
+        ms, nbytes = one["paths"][f"{gemm}_alone"]["ms"], one[f"{gemm}_bytes"]
+        excess[gemm] = ms * 1e3 - nbytes / bw * 1e6
+        print(f"one token, {gemm:>7}: {ms * 1e3:5.1f} µs alone, its {nbytes / 1e6:.1f} MB move in "
+              f"{nbytes / bw * 1e6:4.1f} µs → {excess[gemm]:.1f} µs above the stream")
+    excess_us = sum(excess.values()) / len(excess)
+    print(f"{viz.env_label(stream)}\nmean cost per launch above the stream: {excess_us:.1f} µs")
+else:
+    print("No recorded results/runs/moe_decode_stream_*.json: run `python experiments/moe_decode_stream.py` on a GPU.")
+
+# %% [markdown]
+# Which launches must wait for which? In a MoE layer the dense MLP and the MoE block both read the post-attention
+# stream, and only the epilogue needs both results (`gemma4_architecture.md`: `d = mlp(…)`, `m = experts(…)`,
+# then `rms(rms(d) + rms(m))`). So `Fusion.branches` forks the dense MLP onto a second CUDA stream and joins before
+# the epilogue: eagerly two streams, in a captured graph two branches. The kernels are the same, so the bits are
+# too. The dense branch's launches at one row (counted on this device, one fused-kernel call counting once, views
+# left out):
+
+# %%
+layer0 = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE, seed=0).language_model.layers[0]
+x1 = torch.randn(1, layer0.mlp.gate_proj.in_features, dtype=dtype, device=DEVICE)
+summary = profile_forward(lambda: layer0.mlp(x1, fused_act=True, dense=True), warmup=0)
+# on CPU the profile also lists ATen views (aten::split_with_sizes), which launch nothing on a GPU: left out
+dense_launches = sum(n for name, n in summary["top_kernels"] if not name.startswith("aten::"))
+print(f"dense MLP at one row: {dense_launches} launches (gate|up in one GEMM, the GELU product, down)")
+
+# %% [markdown]
+# **Prediction:** side by side, the dense branch's launch costs hide under the expert branch's stream (its bytes do
+# not: they still share the memory system), so a batch-1 step saves about layers × dense launches × the cost per
+# launch above.
+
+# %%
+ab_branches = viz.load_recorded("decode_branches_ab", RESULTS / "runs")
+if ab_branches and excess_us is not None:
+    bdoc, blabel = ab_branches
+    predicted_branch_ms = real.num_hidden_layers * dense_launches * excess_us * 1e-3
+    print(f"predicted: {real.num_hidden_layers} × {dense_launches} × {excess_us:.1f} µs ≈ {predicted_branch_ms:.2f} ms"
+          f"\n{blabel}")
+    for r in sorted(bdoc["rows"].values(), key=lambda r: r["batch"]):
+        other = r["graph_branches_ab"]
+        two, one_stream = (other, r["graph"]) if other["branches"] else (r["graph"], other)
+        saved = one_stream["replay_ms"] - two["replay_ms"]
+        print(f"batch {r['batch']} × {r['context']}: replay {one_stream['replay_ms']:.2f} → {two['replay_ms']:.2f} ms "
+              f"(−{saved:.2f} ms); tokens equal: {other['tokens_equal']}")
+        if r["batch"] == 1:
+            notebook.check(0.5 * predicted_branch_ms < saved < 2 * predicted_branch_ms,
+                           f"the prediction within 2× (predicted {predicted_branch_ms:.2f} ms, measured {saved:.2f} ms)")
+        notebook.check(other["tokens_equal"], "the same greedy tokens with one stream and with two")
+else:
+    print("No recorded results/runs/decode_branches_ab_*.json (or no expert-stream file): run "
+          "`python -m gemma4lab bench-decode --branches-ab` on a GPU.")
+
+# %% [markdown]
+# The prediction counts every dense launch's cost as hidden; the measurement saves less, because the two branches
+# also compete for the same bandwidth and the MoE branch's own launches are still in a row. Live on a GPU, the tiny
+# model's decode graph with two branches gives the one-stream graph's logits bit for bit:
+
+# %%
+if torch.device(DEVICE).type == "cuda":
+    from dataclasses import replace
+
+    from gemma4lab.runtime.decode_graphs import DecodeGraphRunner
+
+    prompt2 = torch.randint(3, 400, (1, 21), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    outs2 = []
+    for branches in (False, True):
+        tiny2 = gemma4lab.random_init("tiny", dtype=torch.bfloat16, device=DEVICE, seed=5)
+        tiny2.set_fusion(replace(gemma4lab.Fusion.all(), branches=branches))
+        runner = DecodeGraphRunner(tiny2, max_batch=1, max_len=64, progress=False)
+        tokens = runner.generate(prompt2, max_new_tokens=6)
+        outs2.append(runner.step(tokens[:, -1], torch.tensor([tokens.shape[1] - 1], device=DEVICE)))
+    notebook.check(torch.equal(outs2[0], outs2[1]), "two branches give the one-stream graph's logits bit for bit")
+else:
+    print(f"{DEVICE}: one stream only (a second stream needs CUDA); the recorded A/B above is the measurement.")
 
 # %% [markdown]
 # ## Exercises

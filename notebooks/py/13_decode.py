@@ -324,16 +324,23 @@ print(f"{kernels_per_step} kernels × 0.45 µs ≈ {predicted_ms:.2f} ms a step"
 # its greedy tokens checked against eager):
 
 # %%
+def ab_points(doc, key, setting):
+    """Each recorded point as (row, its graph with ``setting`` on, with it off, ms saved by it): the runner's own
+    graph and its A/B twin ``row[key]``, captured again with the setting flipped in the same process."""
+    for r in sorted(doc["rows"].values(), key=lambda r: (r["batch"], r["context"])):
+        other = r.get(key) or r.get("graph_pdl")  # the PDL run (bc31625) named its twin graph_pdl
+        on, off = (other, r["graph"]) if other.get(setting, True) else (r["graph"], other)
+        yield r, on, off, off["replay_ms"] - on["replay_ms"]
+
+
 ab = viz.load_recorded("decode_launch_ab", RESULTS / "runs")
 if ab:
     abdoc, ablabel = ab
     print(ablabel)
-    for r in sorted(abdoc["rows"].values(), key=lambda r: (r["batch"], r["context"])):
-        other = r.get("graph_ab") or r.get("graph_pdl")  # the recorded run (bc31625) named it graph_pdl
-        with_pdl, without = (other, r["graph"]) if other.get("dependent_launch", True) else (r["graph"], other)
-        saved = without["replay_ms"] - with_pdl["replay_ms"]
+    for r, with_pdl, without, saved in ab_points(abdoc, "graph_ab", "dependent_launch"):
         print(f"batch {r['batch']} × {r['context']:>5}: replay {without['replay_ms']:.2f} → {with_pdl['replay_ms']:.2f} ms "
-              f"(−{saved:.2f} ms, {with_pdl['replay_ms'] / without['replay_ms']:.3f}×); tokens equal: {other['tokens_equal']}")
+              f"(−{saved:.2f} ms, {with_pdl['replay_ms'] / without['replay_ms']:.3f}×)")
+        other = r.get("graph_ab") or r.get("graph_pdl")
         if r["batch"] == 1:
             notebook.check(0.5 * predicted_ms < saved < 2 * predicted_ms,
                            f"the prediction within 2× (predicted {predicted_ms:.2f} ms, measured {saved:.2f} ms)")
@@ -424,12 +431,10 @@ if ab_branches and excess_us is not None:
     predicted_branch_ms = real.num_hidden_layers * dense_launches * excess_us * 1e-3
     print(f"predicted: {real.num_hidden_layers} × {dense_launches} × {excess_us:.1f} µs ≈ {predicted_branch_ms:.2f} ms"
           f"\n{blabel}")
-    for r in sorted(bdoc["rows"].values(), key=lambda r: r["batch"]):
-        other = r["graph_branches_ab"]
-        two, one_stream = (other, r["graph"]) if other["branches"] else (r["graph"], other)
-        saved = one_stream["replay_ms"] - two["replay_ms"]
+    for r, two, one_stream, saved in ab_points(bdoc, "graph_branches_ab", "branches"):
         print(f"batch {r['batch']} × {r['context']}: replay {one_stream['replay_ms']:.2f} → {two['replay_ms']:.2f} ms "
-              f"(−{saved:.2f} ms); tokens equal: {other['tokens_equal']}")
+              f"(−{saved:.2f} ms)")
+        other = r["graph_branches_ab"]
         if r["batch"] == 1:
             notebook.check(0.5 * predicted_branch_ms < saved < 2 * predicted_branch_ms,
                            f"the prediction within 2× (predicted {predicted_branch_ms:.2f} ms, measured {saved:.2f} ms)")

@@ -62,7 +62,9 @@ print(gemma4lab.Fusion.__doc__)
 # On a GPU these are kernel launches. On CPU they are dispatched ATen ops, each of which would be at least one
 # kernel; a fused-kernel call counts once, however many tensor ops the Triton interpreter needs to emulate it (the
 # wrappers mark their calls with a `gemma4lab::` profiler range). Run with `DEVICE = "cuda"` for real launch counts,
-# or see the recorded `launches_per_layer` in `results/pcg_*.json` (notebook 05).
+# or see the recorded `launches_per_layer` in `results/pcg_*.json` (notebook 05). One switch is not a fusion:
+# `branches` runs the dense MLP on a second CUDA stream beside the experts, so it saves time, not launches (its bar
+# stays at the unfused count; notebook 13 measures what it saves).
 
 # %%
 model = gemma4lab.random_init("tiny", dtype=dtype, device=DEVICE)

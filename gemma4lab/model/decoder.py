@@ -27,18 +27,21 @@ from gemma4lab.model.config import TextConfig
 from gemma4lab.model.layers import MLP, Experts, RMSNorm, Router, apply_rope, project, rms_norm
 from gemma4lab.runtime.fusion import Fusion
 
-_BRANCH_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_BRANCH_STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
 def branch_stream(t: Tensor) -> torch.cuda.Stream | None:
-    """The second stream that the dense MLP runs on beside the router and the experts (``Fusion.branches``): one per
-    device, created on first use (the runners' warm-up runs eagerly before any capture); None on the CPU and while
+    """The second stream that the dense MLP runs on beside the router and the experts (``Fusion.branches``), for the
+    stream the caller runs on: one per (device, current stream), created on first use. Per current stream, so that
+    two threads on two streams never share one: a block the dense MLP allocated and one thread freed could otherwise
+    be handed to the other thread's branch before the first thread's epilogue has read it. None on the CPU and while
     torch.compile traces (its graph has one stream)."""
     if not t.is_cuda or torch.compiler.is_compiling():
         return None
-    if t.device not in _BRANCH_STREAMS:
-        _BRANCH_STREAMS[t.device] = torch.cuda.Stream(device=t.device)
-    return _BRANCH_STREAMS[t.device]
+    key = (t.device, torch.cuda.current_stream(t.device).stream_id)
+    if key not in _BRANCH_STREAMS:
+        _BRANCH_STREAMS[key] = torch.cuda.Stream(device=t.device)
+    return _BRANCH_STREAMS[key]
 
 
 class Attention(nn.Module):
@@ -149,7 +152,7 @@ class DecoderLayer(nn.Module):
             weights, idx = self.router.tail(logits)
         m = self.experts(experts_in, idx, weights, fused_act=fusion.gelu, fused_gemm=fusion.experts)
         if side is not None:  # join. No record_stream: mlp_in and d are freed on this stream after the join, and
-            main.wait_stream(side)  # the side stream's next use of their blocks comes after a later fork from it
+            main.wait_stream(side)  # the side stream (this stream's own) reuses their blocks only after a later fork
         w1 = self.post_feedforward_layernorm_1.weight
         w2 = self.post_feedforward_layernorm_2.weight
         w3 = self.post_feedforward_layernorm.weight

@@ -117,8 +117,12 @@ def test_decode_table_and_findings_from_a_synthetic_run():
 
 def test_the_gaps_of_a_profile_read_as_one_phrase():
     gaps = {"sum_ms": 0.31, "count": 668, "largest": [[2.1, "_dense_gemm_kernel", "_qkv_norm_rope_kernel"]]}
-    assert report.gaps_phrase(gaps) == ("; gaps between kernels 0.31 ms in 668 (profiled), the widest 2 µs before "
-                                        "_qkv_norm_rope_kernel")
+    assert report.gaps_phrase(gaps) == ("; in one profiled call, gaps between kernels 0.31 ms in 668, the widest 2 µs "
+                                        "between _dense_gemm_kernel and _qkv_norm_rope_kernel")
+    # after a copy the host queued (a graph runner's inputs): the host's time, which the profiler stretches
+    gaps["largest"] = [[759.0, "Memcpy DtoD", "void elementwise_kernel_with_index"]]
+    assert report.gaps_phrase(gaps).endswith("the widest 759 µs between Memcpy DtoD and void "
+                                             "elementwise_kernel_with_index (host time: the profiler slows it)")
     assert report.gaps_phrase({"sum_ms": 0.0, "count": 0, "largest": []}) == ""
     assert report.gaps_phrase(None) == ""
 

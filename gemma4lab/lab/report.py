@@ -56,13 +56,19 @@ def sci(x: Any) -> str:
 
 
 def gaps_phrase(gaps: Any) -> str:
-    """``; gaps between kernels S ms in N, the widest X µs before K`` from a ``profiling.timeline_gaps`` record (the
-    profiled call's, so host-caused gaps are overstated); empty without one."""
+    """``; in one profiled call, gaps between kernels S ms in N, the widest X µs between A and K`` from a
+    ``profiling.timeline_gaps`` record; empty without one. The profiler slows the host, so a gap the host causes
+    (after a copy the host queued, before a graph's first kernel) is wider there than in the unprofiled timing that
+    the idle time comes from: the phrase says so when the widest gap follows a copy."""
     if not isinstance(gaps, Mapping) or not _num(gaps.get("sum_ms")) or not gaps.get("count"):
         return ""
     widest = gaps.get("largest") or []
-    tail = f", the widest {widest[0][0]:.0f} µs before {widest[0][2]}" if widest else ""
-    return f"; gaps between kernels {gaps['sum_ms']:.2f} ms in {gaps['count']} (profiled){tail}"
+    tail = ""
+    if widest:
+        us, before, after = widest[0][:3]
+        host = " (host time: the profiler slows it)" if str(before).startswith("Memcpy") else ""
+        tail = f", the widest {us:.0f} µs between {before} and {after}{host}"
+    return f"; in one profiled call, gaps between kernels {gaps['sum_ms']:.2f} ms in {gaps['count']}{tail}"
 
 
 def span(values: Iterable[Any], fmt: Callable[[Any], str] = times) -> str:

@@ -22,6 +22,7 @@ import triton
 
 from gemma4lab.kernels.dense_gemm import DenseConfig, dense_config, gemma_dense_gemm
 from gemma4lab.lab import measure
+from gemma4lab.lab.measure import bench_cuda_graph_cycled as graph_ms
 
 H = 2816
 #: (name, N, K) of every dense projection of one layer, the fused pairs a loader could concatenate, and the head
@@ -54,13 +55,6 @@ def weight_copies(nbytes: int) -> int:
     return max(1, min(16, -(-160 * 2**20 // nbytes)))
 
 
-def cycled_graph_ms(f, sets: list, rep_ms: float) -> float:
-    """ms per call of ``f(weights)`` inside a CUDA graph, each captured call on the next of ``sets``."""
-    it = itertools.cycle(sets)
-    return measure.bench_cuda_graph(lambda: f(next(it)), replays_per_graph=max(len(sets), 8), warmup_ms=5,
-                                    rep_ms=rep_ms)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 93, 189])
@@ -81,7 +75,7 @@ def main() -> None:
             ref = (x.double() @ ws[0].double().T)
             tol = 4 * 2**-8 * ref.abs().max().item()
             row = {"shape": name, "n": n, "k": k, "rows": m, "weight_bytes": nbytes,
-                   "cublas_ms": cycled_graph_ms(lambda w, x=x: F.linear(x, w), ws, args.rep_ms), "ours": []}
+                   "cublas_ms": graph_ms(lambda w, x=x: F.linear(x, w), ws, rep_ms=args.rep_ms), "ours": []}
             row["cublas_bw"] = nbytes / (row["cublas_ms"] * 1e-3) / bw
             heur = dense_config(m, [n], k)
             for cfg in dict.fromkeys([heur, *candidates(m, n, k)]):
@@ -89,7 +83,7 @@ def main() -> None:
                     err = (gemma_dense_gemm(x, ws[0], config=cfg).double() - ref).abs().max().item()
                     if err > tol:
                         raise AssertionError(f"max error {err:.2e} > {tol:.2e}")
-                    ms = cycled_graph_ms(lambda w, x=x, cfg=cfg: gemma_dense_gemm(x, w, config=cfg), ws, args.rep_ms)
+                    ms = graph_ms(lambda w, x=x, cfg=cfg: gemma_dense_gemm(x, w, config=cfg), ws, rep_ms=args.rep_ms)
                 except Exception as e:  # noqa: BLE001 — a setting that does not compile or fit is part of the sweep
                     row["ours"].append({"config": repr(cfg), "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
@@ -134,8 +128,8 @@ def time_groups(args, bw: float, gen: torch.Generator, dev: str = "cuda") -> lis
             ref = torch.cat([x.double() @ w.double().T for w in sets[0]], dim=1)
             err = (gemma_dense_gemm(x, sets[0]).double() - ref).abs().max().item() / ref.abs().max().item()
             row = {"group": name, "n": list(ns), "k": H, "rows": m, "weight_bytes": nbytes, "rel_err": err,
-                   "cublas_ms": cycled_graph_ms(lambda ws, x=x: [F.linear(x, w) for w in ws], sets, args.rep_ms),
-                   "dense_gemm_ms": cycled_graph_ms(lambda ws, x=x: gemma_dense_gemm(x, ws), sets, args.rep_ms)}
+                   "cublas_ms": graph_ms(lambda ws, x=x: [F.linear(x, w) for w in ws], sets, rep_ms=args.rep_ms),
+                   "dense_gemm_ms": graph_ms(lambda ws, x=x: gemma_dense_gemm(x, ws), sets, rep_ms=args.rep_ms)}
             row["speedup"] = row["cublas_ms"] / row["dense_gemm_ms"]
             out.append(row)
             print(f"group {name:12s} M={m:3d}: cuBLAS x{len(ns)} {row['cublas_ms'] * 1e3:6.1f} us, one dense_gemm "

@@ -18,7 +18,6 @@ before its dependent-launch wait (``results/runs/moe_decode_stream_h200_10f468f_
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 
@@ -29,11 +28,9 @@ E, H, INTER, TOP_K = 128, 2816, 704, 8
 
 
 def graph_ms(f, sets: list, rep_ms: float, pdl: bool = False) -> float:
-    """ms per call of ``f(weights)`` inside a CUDA graph, each captured call on the next of ``sets``."""
-    it = itertools.cycle(sets)
+    """``measure.bench_cuda_graph_cycled``, the calls captured with or without dependent launch."""
     with K.dependent_launch(pdl):
-        return measure.bench_cuda_graph(lambda: f(next(it)), replays_per_graph=max(len(sets), 8), warmup_ms=5,
-                                        rep_ms=rep_ms)
+        return measure.bench_cuda_graph_cycled(f, sets, rep_ms=rep_ms)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -145,6 +146,14 @@ def bench_cuda_graph(fn: Callable[[], object], *, replays_per_graph: int = 20, w
     graph.replay()
     torch.cuda.synchronize()
     return bench(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms, device="cuda") / replays_per_graph
+
+
+def bench_cuda_graph_cycled(fn: Callable[[Any], object], sets: list, *, rep_ms: float = 100) -> float:
+    """ms per call of ``fn(s)`` inside a CUDA graph whose captured calls take the next of ``sets`` in turn (at least
+    8 calls a graph): with copies of a weight set whose cycle outgrows L2, every timed call streams from HBM, as a
+    model's step does."""
+    it = itertools.cycle(sets)
+    return bench_cuda_graph(lambda: fn(next(it)), replays_per_graph=max(len(sets), 8), warmup_ms=5, rep_ms=rep_ms)
 
 
 # ---- machine roofs --------------------------------------------------------------------------------------------

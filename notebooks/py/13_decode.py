@@ -324,27 +324,27 @@ print(f"{kernels_per_step} kernels × 0.45 µs ≈ {predicted_ms:.2f} ms a step"
 # its greedy tokens checked against eager):
 
 # %%
-def ab_points(doc, key, setting):
-    """Each recorded point as (row, its graph with ``setting`` on, with it off, ms saved by it): the runner's own
-    graph and its A/B twin ``row[key]``, captured again with the setting flipped in the same process."""
+def check_ab(doc, key, setting, predicted_ms, tokens_check):
+    """A recorded A/B (``bench-decode --launch-ab`` / ``--branches-ab``): each point's graph and its twin
+    ``row[key]``, captured again in the same process with ``setting`` flipped. Prints each replay without → with the
+    setting, checks the batch-1 saving against ``predicted_ms`` (within 2×) and the twin's greedy tokens."""
     for r in sorted(doc["rows"].values(), key=lambda r: (r["batch"], r["context"])):
-        other = r.get(key) or r.get("graph_pdl")  # the PDL run (bc31625) named its twin graph_pdl
-        on, off = (other, r["graph"]) if other.get(setting, True) else (r["graph"], other)
-        yield r, on, off, off["replay_ms"] - on["replay_ms"]
+        twin = r.get(key) or r.get("graph_pdl")  # the PDL run (bc31625) named its twin graph_pdl
+        on, off = (twin, r["graph"]) if twin.get(setting, True) else (r["graph"], twin)
+        saved = off["replay_ms"] - on["replay_ms"]
+        print(f"batch {r['batch']} × {r['context']:>5}: replay {off['replay_ms']:.2f} → {on['replay_ms']:.2f} ms "
+              f"(−{saved:.2f} ms, {on['replay_ms'] / off['replay_ms']:.3f}×)")
+        if r["batch"] == 1:
+            notebook.check(0.5 * predicted_ms < saved < 2 * predicted_ms,
+                           f"the prediction within 2× (predicted {predicted_ms:.2f} ms, measured {saved:.2f} ms)")
+        notebook.check(twin["tokens_equal"], tokens_check)
 
 
 ab = viz.load_recorded("decode_launch_ab", RESULTS / "runs")
 if ab:
     abdoc, ablabel = ab
     print(ablabel)
-    for r, with_pdl, without, saved in ab_points(abdoc, "graph_ab", "dependent_launch"):
-        print(f"batch {r['batch']} × {r['context']:>5}: replay {without['replay_ms']:.2f} → {with_pdl['replay_ms']:.2f} ms "
-              f"(−{saved:.2f} ms, {with_pdl['replay_ms'] / without['replay_ms']:.3f}×)")
-        other = r.get("graph_ab") or r.get("graph_pdl")
-        if r["batch"] == 1:
-            notebook.check(0.5 * predicted_ms < saved < 2 * predicted_ms,
-                           f"the prediction within 2× (predicted {predicted_ms:.2f} ms, measured {saved:.2f} ms)")
-        notebook.check(other["tokens_equal"], "the same greedy tokens with and without PDL")
+    check_ab(abdoc, "graph_ab", "dependent_launch", predicted_ms, "the same greedy tokens with and without PDL")
 else:
     print("No recorded results/runs/decode_launch_ab_*.json: run `python -m gemma4lab bench-decode --launch-ab` "
           "on a GPU.")
@@ -431,14 +431,8 @@ if ab_branches and excess_us is not None:
     predicted_branch_ms = real.num_hidden_layers * dense_launches * excess_us * 1e-3
     print(f"predicted: {real.num_hidden_layers} × {dense_launches} × {excess_us:.1f} µs ≈ {predicted_branch_ms:.2f} ms"
           f"\n{blabel}")
-    for r, two, one_stream, saved in ab_points(bdoc, "graph_branches_ab", "branches"):
-        print(f"batch {r['batch']} × {r['context']}: replay {one_stream['replay_ms']:.2f} → {two['replay_ms']:.2f} ms "
-              f"(−{saved:.2f} ms)")
-        other = r["graph_branches_ab"]
-        if r["batch"] == 1:
-            notebook.check(0.5 * predicted_branch_ms < saved < 2 * predicted_branch_ms,
-                           f"the prediction within 2× (predicted {predicted_branch_ms:.2f} ms, measured {saved:.2f} ms)")
-        notebook.check(other["tokens_equal"], "the same greedy tokens with one stream and with two")
+    check_ab(bdoc, "graph_branches_ab", "branches", predicted_branch_ms,
+             "the same greedy tokens with one stream and with two")
 else:
     print("No recorded results/runs/decode_branches_ab_*.json (or no expert-stream file): run "
           "`python -m gemma4lab bench-decode --branches-ab` on a GPU.")

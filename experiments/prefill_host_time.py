@@ -29,6 +29,18 @@ from gemma4lab.model.loading import random_init
 from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
 
+def flipped_row(call, tokens: int, base_ms: float, reference: torch.Tensor, setting: str, value: bool) -> dict:
+    """One prompt again with ``setting`` flipped to ``value`` (``call`` prefills it): its time against the runner's
+    ``base_ms``, GPU busy and idle by family, and whether its logits equal ``reference`` bit for bit."""
+    ms = measure.bench(call, rep_ms=300)
+    fam = time_by_family(call, wall_ms=ms)
+    equal = bool(torch.equal(call(), reference))
+    print(f"T={tokens:>5} {setting.replace('_', ' ')} {'on' if value else 'off'}: {ms:.2f} ms ({ms / base_ms:.3f}x), "
+          f"busy {fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
+    return {"tokens": tokens, setting: value, "ms": ms, "vs_runner": ms / base_ms, "busy_ms": fam["busy_ms"],
+            "idle_ms": fam["idle_ms"], "families_ms": fam["families_ms"], "equal": equal}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[93, 189])
@@ -74,34 +86,17 @@ def main() -> None:
                       f" host (profiled): {split}", flush=True)
             logits[t] = runner.prefill(ids)
             if pdl is not None:  # the same prompt through pieces captured with dependent launch: time and bits
-                call = lambda ids=ids: pdl.prefill(ids)  # noqa: E731
-                ms_pdl = measure.bench(call, rep_ms=300)
-                fam = time_by_family(call, wall_ms=ms_pdl)
-                equal = bool(torch.equal(call(), runner.prefill(ids)))
-                rows[f"{t}_ab"] = {"tokens": t, "dependent_launch": pdl.dependent_launch, "ms": ms_pdl,
-                                   "vs_runner": ms_pdl / ms, "busy_ms": fam["busy_ms"], "idle_ms": fam["idle_ms"],
-                                   "families_ms": fam["families_ms"], "equal": equal}
-                state = "on" if pdl.dependent_launch else "off"
-                print(f"T={t:>5} dependent launch {state}: {ms_pdl:.2f} ms ({ms_pdl / ms:.3f}x), busy "
-                      f"{fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}", flush=True)
+                rows[f"{t}_ab"] = flipped_row(lambda ids=ids: pdl.prefill(ids), t, rows[f"{t}_{args.device}"]["ms"],
+                                              logits[t], "dependent_launch", pdl.dependent_launch)
         if args.branches_ab:  # the dense MLP beside the experts on a second stream, or after them on one
             own = model.language_model.fusion
             model.set_fusion(replace(own, branches=not own.branches))
             runner.capture()
             for t in args.tokens:
                 ids = [random_prompt(t, cfg.text.vocab_size, seed=t, device=args.device)]
-                call = lambda ids=ids: runner.prefill(ids)  # noqa: E731
-                ms_b = measure.bench(call, rep_ms=300)
-                fam = time_by_family(call, wall_ms=ms_b)
-                equal = bool(torch.equal(call(), logits[t]))
-                base = rows[f"{t}_{args.device}"]["ms"]
-                rows[f"{t}_branches_ab"] = {"tokens": t, "branches": not own.branches, "ms": ms_b,
-                                            "vs_runner": ms_b / base, "busy_ms": fam["busy_ms"],
-                                            "idle_ms": fam["idle_ms"], "families_ms": fam["families_ms"],
-                                            "equal": equal}
-                print(f"T={t:>5} branches {'on' if not own.branches else 'off'}: {ms_b:.2f} ms ({ms_b / base:.3f}x), "
-                      f"busy {fam['busy_ms']:.2f}, idle {fam['idle_ms']:.2f}; logits bit-identical: {equal}",
-                      flush=True)
+                rows[f"{t}_branches_ab"] = flipped_row(lambda ids=ids: runner.prefill(ids), t,
+                                                       rows[f"{t}_{args.device}"]["ms"], logits[t], "branches",
+                                                       not own.branches)
             model.set_fusion(own)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})

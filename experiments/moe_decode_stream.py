@@ -22,6 +22,7 @@ import argparse
 import torch
 
 import gemma4lab.kernels as K
+from gemma4lab.kernels.moe_pair import PairConfig, gemma_moe_pair, pair_config, sync_size
 from gemma4lab.lab import measure
 
 E, H, INTER, TOP_K = 128, 2816, 704, 8
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 93])
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--rep-ms", type=float, default=20)
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
@@ -72,16 +74,39 @@ def main() -> None:
             o, s, q = K.gemma_moe_route(ids, E)
             return K.gemma_moe_combine(pair(ws, o, s), q, rw)
 
+        n_sync = sync_size(t * TOP_K, E)
+
+        def one_launch(ws, cfg=None):  # counters zeroed by a memset of their own here
+            sync = torch.zeros(n_sync, dtype=torch.int32, device=dev)
+            return gemma_moe_pair(x, ws[0], ws[1], offs, slots, top_k=TOP_K, up_scale=ws[2], down_scale=ws[3],
+                                  sync=sync, config=cfg)
+
+        def block_one_launch(ws):  # as the model runs it: moe_route zeroes the counters in its launch
+            sync = torch.empty(n_sync, dtype=torch.int32, device=dev)
+            o, s, q = K.gemma_moe_route(ids, E, sync=sync)
+            y = gemma_moe_pair(x, ws[0], ws[1], o, s, top_k=TOP_K, up_scale=ws[2], down_scale=ws[3], sync=sync)
+            return K.gemma_moe_combine(y, q, rw)
+
         row = {"tokens": t, "experts_hit": hit, "gate_up_bytes": up_bytes, "down_bytes": down_bytes,
                "gate_up_setting": repr(up_cfg), "down_setting": repr(down_cfg), "paths": {}}
         paths = row["paths"]
-        for name, f in (("pair", pair), ("block", block)):
+        for name, f in (("pair", pair), ("block", block), ("one_launch", one_launch),
+                        ("block_one_launch", block_one_launch)):
             for pdl in (False, True):
                 ms = graph_ms(f, sets, args.rep_ms, pdl)
                 paths[f"{name}{'_pdl' if pdl else ''}"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+        base = pair_config(t * TOP_K, E)
+        for pps in args.programs_per_sm:
+            cfg = PairConfig(base.up, base.down, pps)
+            ms = graph_ms(lambda ws, c=cfg: one_launch(ws, c), sets, args.rep_ms, True)
+            paths[f"one_launch_pdl_{pps}_per_sm"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+        same = torch.equal(one_launch(sets[0]), pair(sets[0]))
+        row["one_launch_bits_equal_pair"] = same
         ms = graph_ms(pair, fp8_sets, args.rep_ms, True)
         fp8_bytes = nbytes // 2 + hit * (2 * INTER + H) * 4  # FP8 weights and their fp32 channel scales
         paths["pair_fp8_pdl"] = {"ms": ms, "bw": fp8_bytes / (ms * 1e-3) / bw}
+        ms = graph_ms(one_launch, fp8_sets, args.rep_ms, True)
+        paths["one_launch_fp8_pdl"] = {"ms": ms, "bw": fp8_bytes / (ms * 1e-3) / bw}
         h = K.gemma_moe_gemm(x, sets[0][0], offs, row_index=slots, top_k=TOP_K, config=up_cfg)
         for gemm, f, nb in (("gate_up", lambda ws: K.gemma_moe_gemm(x, ws[0], offs, row_index=slots, top_k=TOP_K,
                                                                       config=up_cfg), up_bytes),
@@ -90,7 +115,7 @@ def main() -> None:
             ms = graph_ms(f, sets, args.rep_ms)
             paths[f"{gemm}_alone"] = {"ms": ms, "bw": nb / (ms * 1e-3) / bw}
         rows.append(row)
-        print(f"T={t:>2} ({hit} experts, {nbytes / 1e6:.1f} MB)", flush=True)
+        print(f"T={t:>2} ({hit} experts, {nbytes / 1e6:.1f} MB), one launch = pair bit for bit: {same}", flush=True)
         for k, v in paths.items():
             print(f"    {k}: {v['ms'] * 1e3:.1f} µs ({v['bw']:.0%})", flush=True)
     if args.json:  # atomic, with card, versions, commit and date

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+import triton.language as tl
 
 import gemma4lab.kernels as K
 from gemma4lab.kernels.moe_pair import PairConfig, gemma_moe_pair, pair_config, sync_size
@@ -32,6 +34,29 @@ def graph_ms(f, sets: list, rep_ms: float, pdl: bool = False) -> float:
     """``measure.bench_cuda_graph_cycled``, the calls captured with or without dependent launch."""
     with K.dependent_launch(pdl):
         return measure.bench_cuda_graph_cycled(f, sets, rep_ms=rep_ms)
+
+
+READ_CHUNK = 16384  # elements a read-only program streams per table entry (32 KB of bf16)
+
+
+@triton.jit
+def _read_kernel(up_ptr, down_ptr, table_ptr, n_chunks, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Only the stream: sums the weight chunks of the table (gate/up offsets >= 0, down offsets as -1 - offset)."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        entry = tl.load(table_ptr + c)
+        base = tl.where(entry >= 0, up_ptr + entry, down_ptr + (-1 - entry))
+        for i in tl.range(0, CHUNK, BLOCK, num_stages=4):
+            acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def read_only(ws, table, programs_per_sm: int):
+    """One launch that reads the hit experts' weights and nothing else: the floor any one-launch pair can reach."""
+    programs = min(table.numel(), programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
+    out = torch.empty(programs * 2048, device=table.device)
+    _read_kernel[(programs,)](ws[0], ws[1], table, table.numel(), out, CHUNK=READ_CHUNK, BLOCK=2048, num_warps=8)
+    return out
 
 
 def main() -> None:
@@ -97,9 +122,20 @@ def main() -> None:
                 paths[f"{name}{'_pdl' if pdl else ''}"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
         base = pair_config(t * TOP_K, E)
         for pps in args.programs_per_sm:
-            cfg = PairConfig(base.up, base.down, pps)
-            ms = graph_ms(lambda ws, c=cfg: one_launch(ws, c), sets, args.rep_ms, True)
-            paths[f"one_launch_pdl_{pps}_per_sm"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+            for pf in (False, True):
+                for st in (False, True):
+                    cfg = PairConfig(base.up, base.down, pps, prefetch=pf, first_static=st)
+                    ms = graph_ms(lambda ws, c=cfg: one_launch(ws, c), sets, args.rep_ms, True)
+                    paths[f"one_launch_pdl_{pps}_per_sm{'_prefetch' if pf else ''}{'_static' if st else ''}"] = {
+                        "ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+        hit_ids = ids.unique()
+        table = torch.cat([(hit_ids[:, None] * (2 * INTER * H) + torch.arange(0, 2 * INTER * H, READ_CHUNK,
+                                                                                 device=dev)).reshape(-1),
+                           -1 - (hit_ids[:, None] * (H * INTER) + torch.arange(0, H * INTER, READ_CHUNK,
+                                                                                device=dev)).reshape(-1)])
+        for pps in (1, 2, 4):
+            ms = graph_ms(lambda ws, p=pps: read_only(ws, table, p), sets, args.rep_ms, True)
+            paths[f"read_only_{pps}_per_sm"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
         same = torch.equal(one_launch(sets[0]), pair(sets[0]))
         row["one_launch_bits_equal_pair"] = same
         ms = graph_ms(pair, fp8_sets, args.rep_ms, True)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms, pdl_meta, register, wait_and_release
+from ._common import num_sms, pdl_meta, prefetch_l2, register, wait_and_release
 from .moe_gemm import (
     SCALED_WEIGHT_DTYPES,
     MoeConfig,
@@ -86,12 +86,17 @@ def _moe_pair_kernel(
     DN_BM: tl.constexpr,
     DN_BN: tl.constexpr,
     DN_BK: tl.constexpr,
+    PREFETCH: tl.constexpr,  # a down tile that must wait asks L2 for its weight tile first
+    FIRST_STATIC: tl.constexpr,  # a program's first tile is its program id (no ticket), later ones by ticket
     PDL: tl.constexpr,
 ):
     wait_and_release(PDL)  # the offsets, rows and zeroed counters come from the kernels before
     n_up = SLOTS * UP_TILES
     total = n_up + SLOTS * DOWN_TILES
-    t = tl.atomic_add(sync_ptr, 1)
+    if FIRST_STATIC:
+        t = tl.program_id(0)
+    else:
+        t = tl.atomic_add(sync_ptr, 1)
     while t < total:
         if t < n_up:  # a gate/up tile: slot-major, so the first experts finish first
             slot = t // UP_TILES
@@ -107,12 +112,21 @@ def _moe_pair_kernel(
             e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
             if end > start:
                 done = tl.atomic_add(sync_ptr + 1 + slot, 0, sem="acquire")
+                if PREFETCH:
+                    if done < UP_TILES:
+                        rows_n = (d % DOWN_TILES) * DN_BN + tl.arange(0, DN_BN)
+                        lines = tl.minimum(tl.arange(0, 16) * 64, INTER - 1)  # 128-byte lines of bf16, K <= 1024
+                        prefetch_l2(wd_ptr + e.to(tl.int64) * stride_de
+                                    + tl.minimum(rows_n, H - 1).to(tl.int64)[:, None] * stride_dn + lines[None, :])
                 while done < UP_TILES:
                     done = tl.atomic_add(sync_ptr + 1 + slot, 0, sem="acquire")
             expert_tile(h_ptr, wd_ptr, idx_ptr, sd_ptr, out_ptr, e, start, end, d % DOWN_TILES, M, H, INTER, stride_hm,
                         stride_de, stride_dn, stride_om, False, 1, True, IEEE, W_SCALED, A_FP8, DN_SWAP, DN_BM,
                         DN_BN, DN_BK, ".cg")
-        t = tl.atomic_add(sync_ptr, 1)
+        if FIRST_STATIC:
+            t = tl.num_programs(0) + tl.atomic_add(sync_ptr, 1)
+        else:
+            t = tl.atomic_add(sync_ptr, 1)
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,8 @@ class PairConfig:
     up: MoeConfig
     down: MoeConfig
     programs_per_sm: int = 2
+    prefetch: bool = False
+    first_static: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.up, MoeConfig) or not isinstance(self.down, MoeConfig):
@@ -173,7 +189,8 @@ def _launch(x, w_up, w_down, offsets, row_index, top_k: int, up_scale, down_scal
         w_down.stride(0), w_down.stride(1), h.stride(0), out.stride(0), slots, up_tiles, down_tiles, TOP_K=top_k,
         IEEE=x.dtype == torch.float32, W_SCALED=scaled, A_FP8=a_fp8, E=e, E_POW2=triton.next_power_of_2(e),
         COMPACT=m < e, UP_SWAP=cfg.up.swap_ab, UP_BM=cfg.up.block_m, UP_BN=cfg.up.block_n, UP_BK=cfg.up.block_k,
-        DN_SWAP=cfg.down.swap_ab, DN_BM=cfg.down.block_m, DN_BN=cfg.down.block_n, DN_BK=cfg.down.block_k, **extra,
+        DN_SWAP=cfg.down.swap_ab, DN_BM=cfg.down.block_m, DN_BN=cfg.down.block_n, DN_BK=cfg.down.block_k,
+        PREFETCH=cfg.prefetch and x.is_cuda, FIRST_STATIC=cfg.first_static and x.is_cuda, **extra,
         **pdl_meta(x))
 
 

@@ -7,10 +7,17 @@ Every timing is of calls captured in a CUDA graph, each captured call on the nex
 without and with programmatic dependent launch; each GEMM alone; the pair on FP8 weights.
 
 What it found (H200): at one token each GEMM alone takes ~5–6 µs more than its stream, whatever the kernel — a cost
-per launch (ramp, tail, node gap). Two levers tried against it were refuted and removed: a CUDA-core gemv schedule
-(``results/runs/moe_decode_stream_h200_4f83638_gemv_refuted.json``) and an L2 prefetch of the down GEMM's weights
-before its dependent-launch wait (``results/runs/moe_decode_stream_h200_10f468f_prefetch_refuted.json``); see
-``gemma4lab/kernels/moe_gemm.py``'s docstring.
+per launch (ramp, tail, node gap). Three levers tried against it were refuted and removed: a CUDA-core gemv schedule
+(``results/runs/moe_decode_stream_h200_4f83638_gemv_refuted.json``), an L2 prefetch of the down GEMM's weights
+before its dependent-launch wait (``results/runs/moe_decode_stream_h200_10f468f_prefetch_refuted.json``) and both
+GEMMs in one persistent launch whose down tiles wait on their expert's gate/up tiles
+(``results/runs/moe_decode_stream_h200_d029e36_one_launch_refuted.json``); see ``gemma4lab/kernels/moe_gemm.py``'s
+docstring.
+
+**The floor of one launch** (``read_only``): a kernel that only reads the hit experts' weights — no arithmetic, no
+second launch — timed the same way, over a sweep of programs per SM and load widths (the best is kept), and a
+device copy of the same bytes. No expert path made of launches can beat it; it says how much of the gap to copy
+bandwidth at one or two tokens is the launch itself.
 
 ``python experiments/moe_decode_stream.py --json results/runs/moe_decode_stream_<card>.json``
 """
@@ -24,7 +31,6 @@ import triton
 import triton.language as tl
 
 import gemma4lab.kernels as K
-from gemma4lab.kernels.moe_pair import PairConfig, gemma_moe_pair, pair_config, sync_size
 from gemma4lab.lab import measure
 
 E, H, INTER, TOP_K = 128, 2816, 704, 8
@@ -36,27 +42,39 @@ def graph_ms(f, sets: list, rep_ms: float, pdl: bool = False) -> float:
         return measure.bench_cuda_graph_cycled(f, sets, rep_ms=rep_ms)
 
 
-READ_CHUNK = 16384  # elements a read-only program streams per table entry (32 KB of bf16)
-
-
 @triton.jit
-def _read_kernel(up_ptr, down_ptr, table_ptr, n_chunks, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _read_kernel(up_ptr, down_ptr, table_ptr, n_chunks, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 STAGES: tl.constexpr):
     """Only the stream: sums the weight chunks of the table (gate/up offsets >= 0, down offsets as -1 - offset)."""
     acc = tl.zeros((BLOCK,), tl.float32)
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         entry = tl.load(table_ptr + c)
         base = tl.where(entry >= 0, up_ptr + entry, down_ptr + (-1 - entry))
-        for i in tl.range(0, CHUNK, BLOCK, num_stages=4):
+        for i in tl.range(0, CHUNK, BLOCK, num_stages=STAGES):
             acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
     tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
 
 
-def read_only(ws, table, programs_per_sm: int):
-    """One launch that reads the hit experts' weights and nothing else: the floor any one-launch pair can reach."""
+def read_chunks(ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Element offsets of ``chunk``-long pieces of every hit expert's gate/up and (encoded -1 - offset) down weights."""
+    hit = ids.unique()[:, None]
+    up = hit * (2 * INTER * H) + torch.arange(0, 2 * INTER * H, chunk, device=ids.device)
+    down = hit * (H * INTER) + torch.arange(0, H * INTER, chunk, device=ids.device)
+    return torch.cat([up.reshape(-1), -1 - down.reshape(-1)])
+
+
+def read_only(ws, table: torch.Tensor, chunk: int, programs_per_sm: int, block: int, stages: int) -> torch.Tensor:
+    """One launch that reads the hit experts' weights and nothing else: the floor of any one-launch expert path."""
     programs = min(table.numel(), programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
-    out = torch.empty(programs * 2048, device=table.device)
-    _read_kernel[(programs,)](ws[0], ws[1], table, table.numel(), out, CHUNK=READ_CHUNK, BLOCK=2048, num_warps=8)
+    out = torch.empty(programs * block, device=table.device)
+    _read_kernel[(programs,)](ws[0], ws[1], table, table.numel(), out, CHUNK=chunk, BLOCK=block, STAGES=stages,
+                              num_warps=8)
     return out
+
+
+#: (chunk elements, programs per SM, load width, pipeline stages) of the read-only sweep
+READ_SWEEP = [(16384, p, b, s) for p in (4, 8, 16) for b, s in ((2048, 4), (4096, 3), (8192, 2))] \
+    + [(4096, p, 2048, 2) for p in (8, 16)]
 
 
 def main() -> None:
@@ -64,7 +82,6 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 93])
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--rep-ms", type=float, default=20)
-    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
@@ -99,50 +116,29 @@ def main() -> None:
             o, s, q = K.gemma_moe_route(ids, E)
             return K.gemma_moe_combine(pair(ws, o, s), q, rw)
 
-        n_sync = sync_size(t * TOP_K, E)
-
-        def one_launch(ws, cfg=None):  # counters zeroed by a memset of their own here
-            sync = torch.zeros(n_sync, dtype=torch.int32, device=dev)
-            return gemma_moe_pair(x, ws[0], ws[1], offs, slots, top_k=TOP_K, up_scale=ws[2], down_scale=ws[3],
-                                  sync=sync, config=cfg)
-
-        def block_one_launch(ws):  # as the model runs it: moe_route zeroes the counters in its launch
-            sync = torch.empty(n_sync, dtype=torch.int32, device=dev)
-            o, s, q = K.gemma_moe_route(ids, E, sync=sync)
-            y = gemma_moe_pair(x, ws[0], ws[1], o, s, top_k=TOP_K, up_scale=ws[2], down_scale=ws[3], sync=sync)
-            return K.gemma_moe_combine(y, q, rw)
-
         row = {"tokens": t, "experts_hit": hit, "gate_up_bytes": up_bytes, "down_bytes": down_bytes,
                "gate_up_setting": repr(up_cfg), "down_setting": repr(down_cfg), "paths": {}}
         paths = row["paths"]
-        for name, f in (("pair", pair), ("block", block), ("one_launch", one_launch),
-                        ("block_one_launch", block_one_launch)):
+        for name, f in (("pair", pair), ("block", block)):
             for pdl in (False, True):
                 ms = graph_ms(f, sets, args.rep_ms, pdl)
                 paths[f"{name}{'_pdl' if pdl else ''}"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
-        base = pair_config(t * TOP_K, E)
-        for pps in args.programs_per_sm:
-            for pf in (False, True):
-                for st in (False, True):
-                    cfg = PairConfig(base.up, base.down, pps, prefetch=pf, first_static=st)
-                    ms = graph_ms(lambda ws, c=cfg: one_launch(ws, c), sets, args.rep_ms, True)
-                    paths[f"one_launch_pdl_{pps}_per_sm{'_prefetch' if pf else ''}{'_static' if st else ''}"] = {
-                        "ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
-        hit_ids = ids.unique()
-        table = torch.cat([(hit_ids[:, None] * (2 * INTER * H) + torch.arange(0, 2 * INTER * H, READ_CHUNK,
-                                                                                 device=dev)).reshape(-1),
-                           -1 - (hit_ids[:, None] * (H * INTER) + torch.arange(0, H * INTER, READ_CHUNK,
-                                                                                device=dev)).reshape(-1)])
-        for pps in (1, 2, 4):
-            ms = graph_ms(lambda ws, p=pps: read_only(ws, table, p), sets, args.rep_ms, True)
-            paths[f"read_only_{pps}_per_sm"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
-        same = torch.equal(one_launch(sets[0]), pair(sets[0]))
-        row["one_launch_bits_equal_pair"] = same
+        best = None
+        for chunk, pps, blk, stages in READ_SWEEP:
+            table = read_chunks(ids, chunk)
+            ms = graph_ms(lambda ws, tb=table, c=chunk, p=pps, b=blk, s=stages: read_only(ws, tb, c, p, b, s), sets,
+                          args.rep_ms)
+            if best is None or ms < best[0]:
+                best = (ms, f"chunk {chunk}, {pps} programs/SM, {blk}-wide loads, {stages} stages")
+        paths["read_only"] = {"ms": best[0], "bw": nbytes / (best[0] * 1e-3) / bw, "setting": best[1]}
+        copies = [(torch.empty(nbytes // 2, dtype=torch.uint8, device=dev),
+                   torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)) for _ in range(8)]
+        ms = graph_ms(lambda c: c[1].copy_(c[0]), copies, args.rep_ms)  # nbytes of traffic: half read, half written
+        paths["copy_same_bytes"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+        del copies
         ms = graph_ms(pair, fp8_sets, args.rep_ms, True)
         fp8_bytes = nbytes // 2 + hit * (2 * INTER + H) * 4  # FP8 weights and their fp32 channel scales
         paths["pair_fp8_pdl"] = {"ms": ms, "bw": fp8_bytes / (ms * 1e-3) / bw}
-        ms = graph_ms(one_launch, fp8_sets, args.rep_ms, True)
-        paths["one_launch_fp8_pdl"] = {"ms": ms, "bw": fp8_bytes / (ms * 1e-3) / bw}
         h = K.gemma_moe_gemm(x, sets[0][0], offs, row_index=slots, top_k=TOP_K, config=up_cfg)
         for gemm, f, nb in (("gate_up", lambda ws: K.gemma_moe_gemm(x, ws[0], offs, row_index=slots, top_k=TOP_K,
                                                                       config=up_cfg), up_bytes),
@@ -151,9 +147,9 @@ def main() -> None:
             ms = graph_ms(f, sets, args.rep_ms)
             paths[f"{gemm}_alone"] = {"ms": ms, "bw": nb / (ms * 1e-3) / bw}
         rows.append(row)
-        print(f"T={t:>2} ({hit} experts, {nbytes / 1e6:.1f} MB), one launch = pair bit for bit: {same}", flush=True)
+        print(f"T={t:>2} ({hit} experts, {nbytes / 1e6:.1f} MB)", flush=True)
         for k, v in paths.items():
-            print(f"    {k}: {v['ms'] * 1e3:.1f} µs ({v['bw']:.0%})", flush=True)
+            print(f"    {k}: {v['ms'] * 1e3:.1f} µs ({v['bw']:.0%}) {v.get('setting', '')}", flush=True)
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "moe_decode_stream", "copy_bandwidth_Bps": bw, "rows": rows})
 

@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="every block_m x (block_n, block_k, warps, stages) of a grid")
     args = p.parse_args()
     route = compile_sm90(_moe_route_kernel, {"ids_ptr": "*i64", "offs_ptr": "*i32", "slot_ptr": "*i32",
-                                             "pos_ptr": "*i32", "sync_ptr": "*i32", "n_slots": "i32", "n_sync": "i32",
-                                             "E": "i32", "BLOCK": "constexpr"},
+                                             "pos_ptr": "*i32", "n_slots": "i32", "E": "i32", "BLOCK": "constexpr"},
                          {"BLOCK": MoeConfig().route_block}, MoeConfig().route_warps, 1)
     print(f"moe_route: {route}")
     cfgs = MOE_SWEEP if not args.all else [

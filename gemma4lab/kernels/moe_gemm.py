@@ -77,17 +77,13 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE: tl.constexpr, dtype: tl.constexpr, A_CACHE: tl.constexpr):
-    """The A operand ``[BLOCK_M, BLOCK_K]`` of one K step: the (gathered) rows, or ``gelu_tanh(gate) · up``.
-    ``A_CACHE=".cg"`` reads through L2 only (rows another program of the same launch wrote: L1 is not coherent)."""
+def _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE: tl.constexpr, dtype: tl.constexpr):
+    """The A operand ``[BLOCK_M, BLOCK_K]`` of one K step: the (gathered) rows, or ``gelu_tanh(gate) · up``."""
     if GELU_GATE:
-        g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-                    cache_modifier=A_CACHE).to(tl.float32)
-        u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-                    cache_modifier=A_CACHE).to(tl.float32)
+        g = tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        u = tl.load(a_row + K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         return to_dtype(_gelu_tanh(g) * u, dtype)
-    return tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-                   cache_modifier=A_CACHE).to(dtype)
+    return tl.load(a_row + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(dtype)
 
 
 @triton.jit
@@ -115,63 +111,6 @@ def expert_of_slot(offs_ptr, slot, M, E: tl.constexpr, E_POW2: tl.constexpr, COM
         end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), M)
         start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
     return e, start, end
-
-
-@triton.jit
-def expert_tile(a_ptr, w_ptr, idx_ptr, scale_ptr, out_ptr, e, start, end, pid_n, A_ROWS, N, K, stride_am,
-                stride_we, stride_wn, stride_om, GATHER: tl.constexpr, TOP_K: tl.constexpr,
-                GELU_GATE: tl.constexpr, IEEE: tl.constexpr, W_SCALED: tl.constexpr, A_FP8: tl.constexpr,
-                SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                A_CACHE: tl.constexpr):
-    """Output columns ``[pid_n·BLOCK_N, +BLOCK_N)`` of expert ``e``'s sorted rows ``[start, end)``: the one tile
-    body of the expert GEMM (``moe_gemm``) and of the one-launch pair (``moe_pair``), so both write the same bits."""
-    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols_n < N
-    w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
-    for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
-        rows = m0 + tl.arange(0, BLOCK_M)
-        mask_m = rows < end
-        if GATHER:  # the token gather rides on the operand load; a bad index reads row 0, never out of bounds
-            src = tl.load(idx_ptr + rows, mask=mask_m, other=0) // TOP_K
-            src = tl.where((src >= 0) & (src < A_ROWS), src, 0)
-        else:
-            src = rows
-        a_row = a_ptr + src[:, None].to(tl.int64) * stride_am
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols_n[None, :]
-        if SWAP_AB:
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                mask_k = ks < K
-                w = tl.load(w_base[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                if A_FP8:  # each row's K step scaled to e4m3's range: the weight tile reaches the MMA untouched
-                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, tl.float32, A_CACHE)
-                    a_scale = tl.max(tl.abs(a), axis=1) / 448.0
-                    a_scale = tl.where(a_scale > 0, a_scale, 1.0)
-                    acc_t += tl.dot(w, tl.trans(to_e4m3(a / a_scale[:, None]))) * a_scale[None, :]
-                else:
-                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty, A_CACHE)
-                    w = w.to(out_ptr.dtype.element_ty)  # exact for FP8 (e4m3 fits bf16); a no-op otherwise
-                    if IEEE:
-                        acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
-                    else:
-                        acc_t = tl.dot(w, tl.trans(a), acc_t)
-            acc = tl.trans(acc_t)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                mask_k = ks < K
-                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty, A_CACHE)
-                w = tl.load(w_base[None, :] + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                w = w.to(out_ptr.dtype.element_ty)
-                if IEEE:
-                    acc = tl.dot(a, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, w, acc)
-        if W_SCALED:  # y = Σ_k a·(s_n·q_nk) = s_n · Σ_k a·q_nk: the channel's scale factors out of the K sum
-            acc = acc * tl.load(scale_ptr + e * N + cols_n, mask=mask_n, other=0.0)[None, :]
-        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -214,9 +153,53 @@ def _moe_gemm_kernel(
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
     e, start, end = expert_of_slot(offs_ptr, slot, M, E, E_POW2, COMPACT)
-    expert_tile(a_ptr, w_ptr, idx_ptr, scale_ptr, out_ptr, e, start, end, pid_n, A_ROWS, N, K, stride_am, stride_we,
-                stride_wn, stride_om, GATHER, TOP_K, GELU_GATE, IEEE, W_SCALED, A_FP8, SWAP_AB, BLOCK_M, BLOCK_N,
-                BLOCK_K, "")
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols_n < N
+    w_base = w_ptr + e.to(tl.int64) * stride_we + cols_n.to(tl.int64) * stride_wn  # [BLOCK_N] row starts
+    for m0 in range(start, end, BLOCK_M):  # one iteration unless the expert has more than BLOCK_M rows
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < end
+        if GATHER:  # the token gather rides on the operand load; a bad index reads row 0, never out of bounds
+            src = tl.load(idx_ptr + rows, mask=mask_m, other=0) // TOP_K
+            src = tl.where((src >= 0) & (src < A_ROWS), src, 0)
+        else:
+            src = rows
+        a_row = a_ptr + src[:, None].to(tl.int64) * stride_am
+        out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols_n[None, :]
+        if SWAP_AB:
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask_k = ks < K
+                w = tl.load(w_base[:, None] + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                if A_FP8:  # each row's K step scaled to e4m3's range: the weight tile reaches the MMA untouched
+                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, tl.float32)
+                    a_scale = tl.max(tl.abs(a), axis=1) / 448.0
+                    a_scale = tl.where(a_scale > 0, a_scale, 1.0)
+                    acc_t += tl.dot(w, tl.trans(to_e4m3(a / a_scale[:, None]))) * a_scale[None, :]
+                else:
+                    a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
+                    w = w.to(out_ptr.dtype.element_ty)  # exact for FP8 (e4m3 fits bf16); a no-op otherwise
+                    if IEEE:
+                        acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision="ieee")
+                    else:
+                        acc_t = tl.dot(w, tl.trans(a), acc_t)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask_k = ks < K
+                a = _a_tile(a_row, ks, mask_m, mask_k, K, GELU_GATE, out_ptr.dtype.element_ty)
+                w = tl.load(w_base[None, :] + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                w = w.to(out_ptr.dtype.element_ty)
+                if IEEE:
+                    acc = tl.dot(a, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc)
+        if W_SCALED:  # y = Σ_k a·(s_n·q_nk) = s_n · Σ_k a·q_nk: the channel's scale factors out of the K sum
+            acc = acc * tl.load(scale_ptr + e * N + cols_n, mask=mask_n, other=0.0)[None, :]
+        tl.store(out, to_dtype(acc, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,10 @@ from .moe_gemm import MoeConfig, moe_config
 
 
 @triton.jit
-def _moe_route_kernel(ids_ptr, offs_ptr, slot_ptr, pos_ptr, sync_ptr, n_slots, n_sync, E, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
+def _moe_route_kernel(ids_ptr, offs_ptr, slot_ptr, pos_ptr, n_slots, E, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_and_release(PDL)
     e = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
-    if e == 0:  # the one-launch expert pair's counters (moe_pair), zeroed for the launch after this one
-        for r0 in range(0, n_sync, BLOCK):
-            tl.store(sync_ptr + r0 + lanes, tl.zeros((BLOCK,), tl.int32), mask=r0 + lanes < n_sync)
     # pass 1: valid ids below e (the first sorted row of expert e) and equal to e (its rows)
     before = tl.zeros((), dtype=tl.int32)
     mine = tl.zeros((), dtype=tl.int32)
@@ -76,43 +72,34 @@ def gemma_moe_route_ref(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     return offsets, order.to(torch.int32), position.to(torch.int32)
 
 
-def _launch(ids, offsets, sorted_slot, position, sync, config: MoeConfig | None) -> None:
+def _launch(ids, offsets, sorted_slot, position, config: MoeConfig | None) -> None:
     n_exp = offsets.shape[0]
     cfg = config or moe_config(ids.numel(), n_exp)
     extra = {"num_warps": cfg.route_warps} if ids.is_cuda else {}
-    n_sync = 0 if sync is None else sync.numel()
-    _moe_route_kernel[(n_exp,)](ids, offsets, sorted_slot, position, offsets if sync is None else sync, ids.numel(),
-                                n_sync, n_exp,
+    _moe_route_kernel[(n_exp,)](ids, offsets, sorted_slot, position, ids.numel(), n_exp,
                                 BLOCK=min(cfg.route_block, triton.next_power_of_2(ids.numel())), **extra,
                                 **pdl_meta(ids))
 
 
-def _triton(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor,
-            sync: torch.Tensor | None = None) -> None:
-    _launch(ids, offsets, sorted_slot, position, sync, None)
+def _triton(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor) -> None:
+    _launch(ids, offsets, sorted_slot, position, None)
 
 
-def _torch(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor,
-           sync: torch.Tensor | None = None) -> None:
+def _torch(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor) -> None:
     for out, ref in zip((offsets, sorted_slot, position), gemma_moe_route_ref(ids, offsets.shape[0])):
         out.copy_(ref)
-    if sync is not None:
-        sync.zero_()
 
 
-op = register("moe_route(Tensor ids, Tensor(a!) offsets, Tensor(b!) sorted_slot, Tensor(c!) position, "
-              "Tensor(d!)? sync=None) -> ()", _triton, _torch)
+op = register("moe_route(Tensor ids, Tensor(a!) offsets, Tensor(b!) sorted_slot, Tensor(c!) position) -> ()",
+              _triton, _torch)
 
 
 def gemma_moe_route(ids: torch.Tensor, n_experts: int, *, out: tuple[torch.Tensor, ...] | None = None,
-                    config: MoeConfig | None = None,
-                    sync: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    config: MoeConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ids [T, k]`` (int32/int64 expert ids, e.g. from ``gemma_router_topk``) → int32 ``(offsets [E],
     sorted_slot [T·k], position [T·k])``: ``offsets[e]`` = rows of experts ``<= e``, ``sorted_slot`` = the slots
     ``t·k + j`` ordered by expert then slot (``argsort(ids.flatten(), stable=True)``), ``position`` its inverse. One
-    launch. ``out`` may pass the three buffers; ``config`` overrides the route fields of :func:`moe_config`;
-    ``sync`` (a contiguous int32 tensor on the ids' device) is zeroed in the same launch: the counters of the
-    one-launch expert pair that follows (``gemma_moe_pair``), so it needs no memset of its own."""
+    launch. ``out`` may pass the three buffers; ``config`` overrides the route fields of :func:`moe_config`."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
@@ -134,16 +121,10 @@ def gemma_moe_route(ids: torch.Tensor, n_experts: int, *, out: tuple[torch.Tenso
                  for i, (o, shape) in enumerate(zip(out_tuple("out", out, 3), shapes)))
     if any(not o.is_contiguous() for o in outs):
         raise ValueError("moe_route's out buffers must be contiguous")
-    if sync is not None and (not isinstance(sync, torch.Tensor) or sync.dtype != torch.int32 or sync.device != dev
-                             or not sync.is_contiguous()):
-        raise ValueError(f"sync must be a contiguous int32 tensor on {dev}, got "
-                         f"{getattr(sync, 'dtype', type(sync).__name__)} on {getattr(sync, 'device', None)}")
     if n == 0:
         outs[0].zero_()
-        if sync is not None:
-            sync.zero_()
     elif config is not None:
-        _launch(ids, *outs, sync, config)
+        _launch(ids, *outs, config)
     else:
-        op(ids, *outs, sync)
+        op(ids, *outs)
     return outs

@@ -77,11 +77,25 @@ READ_SWEEP = [(16384, p, b, s) for p in (4, 8, 16) for b, s in ((2048, 4), (4096
     + [(4096, p, 2048, 2) for p in (8, 16)]
 
 
+_M = K.MoeConfig
+#: tilings of the few-token sweep: narrower weight tiles (more programs over the same bytes), deeper or shallower K
+#: steps, more warps; the model's settings first
+TILE_SWEEP_UP = [K.moe_config(8, E), _M(32, 32, 128, 4, 4, swap_ab=True), _M(32, 32, 256, 4, 3, swap_ab=True),
+                 _M(32, 64, 256, 4, 3, swap_ab=True), _M(32, 64, 128, 4, 6, swap_ab=True),
+                 _M(32, 128, 128, 8, 4, swap_ab=True), _M(16, 64, 128, 4, 4, swap_ab=True, columns_first=True)]
+TILE_SWEEP_DOWN = [K.moe_config(8, E, True), _M(16, 64, 64, 4, 4, swap_ab=True, columns_first=True),
+                   _M(16, 32, 64, 4, 4, swap_ab=True, columns_first=True),
+                   _M(16, 64, 128, 4, 3, swap_ab=True, columns_first=True),
+                   _M(16, 128, 64, 4, 6, swap_ab=True, columns_first=True),
+                   _M(16, 256, 64, 8, 4, swap_ab=True, columns_first=True)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 93])
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--rep-ms", type=float, default=20)
+    p.add_argument("--tile-sweep", action="store_true", help="each GEMM alone under other tilings")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev, dt = "cuda", torch.bfloat16
@@ -146,6 +160,22 @@ def main() -> None:
                              down_bytes)):
             ms = graph_ms(f, sets, args.rep_ms)
             paths[f"{gemm}_alone"] = {"ms": ms, "bw": nb / (ms * 1e-3) / bw}
+        if args.tile_sweep:  # each GEMM alone under other tilings: does spreading the stream over more programs help?
+            row["tile_sweep"] = []
+            for gemm, tiles in (("gate_up", TILE_SWEEP_UP), ("down", TILE_SWEEP_DOWN)):
+                for cfg in tiles:
+                    if gemm == "gate_up":
+                        f = (lambda ws, c=cfg: K.gemma_moe_gemm(x, ws[0], offs, row_index=slots, top_k=TOP_K, config=c))
+                        nb = up_bytes
+                    else:
+                        f = (lambda ws, c=cfg: K.gemma_moe_gemm(h, ws[1], offs, gelu_gate=True, config=c))
+                        nb = down_bytes
+                    ms = graph_ms(f, sets, args.rep_ms)
+                    row["tile_sweep"].append({"gemm": gemm, "setting": repr(cfg), "ms": ms,
+                                              "bw": nb / (ms * 1e-3) / bw})
+                    print(f"    {gemm} alone, {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
+                          f"s{cfg.num_stages}{' swap' if cfg.swap_ab else ''}{' cf' if cfg.columns_first else ''}: "
+                          f"{ms * 1e3:.1f} µs ({nb / (ms * 1e-3) / bw:.0%})", flush=True)
         rows.append(row)
         print(f"T={t:>2} ({hit} experts, {nbytes / 1e6:.1f} MB)", flush=True)
         for k, v in paths.items():

@@ -14,10 +14,14 @@ GEMMs in one persistent launch whose down tiles wait on their expert's gate/up t
 (``results/runs/moe_decode_stream_h200_d029e36_one_launch_refuted.json``); see ``gemma4lab/kernels/moe_gemm.py``'s
 docstring.
 
-**The floor of one launch** (``read_only``): a kernel that only reads the hit experts' weights — no arithmetic, no
-second launch — timed the same way, over a sweep of programs per SM and load widths (the best is kept), and a
-device copy of the same bytes. No expert path made of launches can beat it; it says how much of the gap to copy
-bandwidth at one or two tokens is the launch itself.
+**What one launch of the same bytes does** (``read_only``, ``copy_same_bytes``): a kernel that only reads the hit
+experts' weights — no arithmetic, no second launch — over a sweep of programs per SM and load widths (the best is
+kept), and a device copy whose read and write traffic equals those bytes, timed the same way. H200
+(``results/runs/moe_decode_stream_h200_f237754_one_launch_floor.json``): the copy 91 / 96 / 97 / 99 % of copy
+bandwidth at 1 / 2 / 3 / 4 tokens, the read-only kernel 74 / 83 / 86 / 88 %, the two GEMMs 67 / 70 / 83 / 87 % — so
+at one or two tokens the memory system and one launch's cost leave room; the GEMMs' way of streaming does not use
+it. ``--tile-sweep`` times each GEMM alone under other tilings
+(``results/runs/moe_decode_tiles_h200_198377c.json``: none moves it).
 
 ``python experiments/moe_decode_stream.py --json results/runs/moe_decode_stream_<card>.json``
 """

@@ -16,7 +16,7 @@ Two uses per MoE layer:
 * ``moe_gemm(gate_up, down_proj, offsets, gelu_gate=True)``: the activation ``gelu_tanh(gate) · up`` is computed
   while loading the A operand, so the separate GELU kernel and its round trip disappear.
 
-**Three levers refuted at one to four tokens** (H200, each in a CUDA graph on L2-cold weights,
+**Four levers refuted at one to four tokens** (H200, each in a CUDA graph on L2-cold weights,
 ``experiments/moe_decode_stream.py``): at one token each GEMM alone takes ~5–6 µs more than its stream whatever the
 kernel — gate/up 20.4 µs (74 % of copy bandwidth), down 13.9 µs (54 %) — and no other tiling of either moves it
 (narrower, deeper or wider weight tiles, more stages or warps: gate/up 19.9–24.1 µs, down 13.8–24.4 µs;
@@ -30,9 +30,10 @@ expert's finished gate/up tiles, handed out by ticket so no wait can deadlock, t
 no launch cost where it was meant to: the routed block 39.1 against 39.8 µs at one token, 59.8 against 64.3 at two,
 97.3 / 101.1 at four, level at eight and 236.6 / 228.6 at sixteen
 (``results/runs/moe_decode_stream_h200_d029e36_one_launch_refuted.json``; removed: +4–7 % at 2–4 tokens only, for a
-spin-waiting kernel in the decode path). The pair streams at 67 / 70 / 83 / 87 / 89 / 97 % of copy bandwidth at
-1 / 2 / 3 / 4 / 8 / 16 tokens, while one device copy moving the same bytes reaches 91 / 96 / 97 / 99 % at 1 / 2 /
-3 / 4 tokens and a read-only kernel of exactly these weights 74 / 83 / 86 / 88 %
+spin-waiting kernel in the decode path); split-K (1–8 K ranges, fp32 partials) made each GEMM alone slower at 1, 2
+and 4 tokens (``results/runs/moe_split_k_h200_3315c53_refuted.json``). The pair streams at 67 / 70 / 83 / 87 / 89 /
+97 % of copy bandwidth at 1 / 2 / 3 / 4 / 8 / 16 tokens, while one device copy moving the same bytes reaches 91 / 96
+/ 97 / 99 % at 1 / 2 / 3 / 4 tokens and a read-only kernel of exactly these weights 74 / 83 / 86 / 88 %
 (``results/runs/moe_decode_stream_h200_f237754_one_launch_floor.json``): the gap at one token is the GEMMs' way of
 streaming (short per-program streams, the down GEMM's 704-deep K), not the memory system.
 

@@ -154,6 +154,11 @@ def main() -> None:
         ms = graph_ms(lambda c: c[1].copy_(c[0]), copies, args.rep_ms)  # nbytes of traffic: half read, half written
         paths["copy_same_bytes"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
         del copies
+        # a copy's writes may still sit in the 50 MB L2 when it ends; a library reduction only reads
+        bufs = [torch.empty(nbytes // 2, dtype=dt, device=dev).fill_(0.01) for _ in range(8)]
+        ms = graph_ms(lambda b: b.sum(dtype=torch.float32), bufs, args.rep_ms)
+        paths["sum_same_bytes"] = {"ms": ms, "bw": nbytes / (ms * 1e-3) / bw}
+        del bufs
         ms = graph_ms(pair, fp8_sets, args.rep_ms, True)
         fp8_bytes = nbytes // 2 + hit * (2 * INTER + H) * 4  # FP8 weights and their fp32 channel scales
         paths["pair_fp8_pdl"] = {"ms": ms, "bw": fp8_bytes / (ms * 1e-3) / bw}

@@ -14,14 +14,15 @@ GEMMs in one persistent launch whose down tiles wait on their expert's gate/up t
 (``results/runs/moe_decode_stream_h200_d029e36_one_launch_refuted.json``); see ``gemma4lab/kernels/moe_gemm.py``'s
 docstring.
 
-**What one launch of the same bytes does** (``read_only``, ``copy_same_bytes``): a kernel that only reads the hit
-experts' weights — no arithmetic, no second launch — over a sweep of programs per SM and load widths (the best is
-kept), and a device copy whose read and write traffic equals those bytes, timed the same way. H200
-(``results/runs/moe_decode_stream_h200_f237754_one_launch_floor.json``): the copy 91 / 96 / 97 / 99 % of copy
-bandwidth at 1 / 2 / 3 / 4 tokens, the read-only kernel 74 / 83 / 86 / 88 %, the two GEMMs 67 / 70 / 83 / 87 % — so
-at one or two tokens the memory system and one launch's cost leave room; the GEMMs' way of streaming does not use
-it. ``--tile-sweep`` times each GEMM alone under other tilings
-(``results/runs/moe_decode_tiles_h200_198377c.json``: none moves it).
+**What one launch of the same bytes does** (``read_only``, ``sum_same_bytes``, ``copy_same_bytes``): a Triton
+kernel that only reads the hit experts' weights — no arithmetic, no second launch — over a sweep of programs per SM
+and load widths (the best is kept), PyTorch's sum over as many bytes, and a device copy whose read and write traffic
+equals them, timed the same way. H200 (``results/runs/moe_decode_stream_h200_2049ad4_one_launch_floor.json``): the
+read kernel 74 / 83 / 86 / 88 % of copy bandwidth at 1 / 2 / 3 / 4 tokens, the sum 74 / 75 / 87 / 91 %, the two
+GEMMs 68 / 70 / 83 / 87 %; the copy shows 91 / 96 / 97 / 99 % only because up to 50 MB of its writes can still sit in
+L2 when it ends. So at one token no single launch reads these bytes faster than ~74 %, and the pair is at 91 % of
+that. ``--tile-sweep`` times each GEMM alone under other tilings (``results/runs/moe_decode_tiles_h200_198377c.json``:
+none moves it).
 
 ``python experiments/moe_decode_stream.py --json results/runs/moe_decode_stream_<card>.json``
 """

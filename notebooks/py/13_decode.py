@@ -375,8 +375,10 @@ else:
 # PDL shortens each handover, but a decode step still pays every launch's ramp and tail in turn. How much is that?
 # The expert GEMMs answer it: timed alone in a CUDA graph on weights that L2 cannot hold
 # (`experiments/moe_decode_stream.py`), each takes longer than its bytes over the copy bandwidth, by about the same
-# few microseconds whatever the kernel — two schedules built to shrink it (a CUDA-core GEMV, an L2 prefetch before
-# the PDL wait) were measured and refuted (`docs/perf_notes.md`). A cost per launch that one stream cannot hide:
+# few microseconds whatever the tiling — four levers built to shrink it (a CUDA-core GEMV, an L2 prefetch before
+# the PDL wait, both GEMMs in one launch, split-K) were measured and refuted, and a kernel that only *reads* the
+# same bytes in one launch pays much the same (74 % of copy bandwidth at one token; `docs/perf_notes.md`). A cost
+# per launch — ramp and tail — that one stream cannot hide:
 
 # %%
 

@@ -3,13 +3,14 @@ more, shorter programs bring the GEMMs to the rate a device copy reaches on the 
 
 At one token each expert GEMM is 176 programs (8 experts × 22 weight tiles) pulling 180–360 KB each through a
 4-stage pipeline, and streams at 52 % (down) and 74 % (gate/up) of copy bandwidth. Measured on an H200 (3315c53,
-``results/runs/moe_split_k_h200_3315c53_refuted.json``): every split is slower than none at 1, 2 and 4 tokens — the
-shorter each program's stream, the larger its ramp's share. (One launch that only reads the pair's bytes reaches 74 %
-at one token: ``results/runs/moe_decode_stream_h200_2049ad4_one_launch_floor.json``.) Here each program takes
-one weight tile and one of ``SPLIT`` K ranges and writes fp32 partial sums (``[SPLIT, rows, N]``): what a model would
-add in a fixed order in the next kernel's operand load (the down GEMM's for gate/up, the combine's for down). Only
-the GEMMs are timed, each alone in a CUDA graph on L2-cold weights, as ``moe_decode_stream.py`` times them; the
-partial sums are checked against float64.
+``results/runs/moe_split_k_h200_3315c53_refuted.json``): no split is faster than none beyond noise (gate/up at two
+tokens 34.2 against 34.7 µs with two ranges; every other split slower) — the shorter each program's stream, the
+larger its ramp's share. (One launch that only reads the pair's bytes reaches 74 % at one token:
+``results/runs/moe_decode_stream_h200_2049ad4_one_launch_floor.json``.) Here each program takes one weight tile and
+one of ``SPLIT`` K ranges and writes fp32 partial sums (``[SPLIT, rows, N]``): what a model would add in a fixed
+order in the next kernel's operand load (the down GEMM's for gate/up, the combine's for down). Only the GEMMs are
+timed, each alone in a CUDA graph on L2-cold weights, as ``moe_decode_stream.py`` times them; the partial sums are
+checked against float64.
 
 ``python experiments/moe_split_k.py --json results/runs/moe_split_k_<card>.json``
 """

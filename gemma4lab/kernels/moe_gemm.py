@@ -30,13 +30,13 @@ expert's finished gate/up tiles, handed out by ticket so no wait can deadlock, t
 no launch cost where it was meant to: the routed block 39.1 against 39.8 µs at one token, 59.8 against 64.3 at two,
 97.3 / 101.1 at four, level at eight and 236.6 / 228.6 at sixteen
 (``results/runs/moe_decode_stream_h200_d029e36_one_launch_refuted.json``; removed: +4–7 % at 2–4 tokens only, for a
-spin-waiting kernel in the decode path); split-K (1–8 K ranges, fp32 partials) made each GEMM alone slower at 1, 2
-and 4 tokens (``results/runs/moe_split_k_h200_3315c53_refuted.json``). The pair streams at 67 / 70 / 83 / 87 / 89 /
-97 % of copy bandwidth at 1 / 2 / 3 / 4 / 8 / 16 tokens; one launch that only reads the same bytes — a Triton read
-kernel (best of 11 settings) or PyTorch's sum — reaches 74 % at one token, 75–83 % at two and 86–87 % at three
-(``results/runs/moe_decode_stream_h200_2049ad4_one_launch_floor.json``; a device copy of the same traffic shows
-91–96 % only because its last writes can still sit in the 50 MB L2 when it ends). At one token the pair already
-moves its bytes at 91 % of the rate of one launch that does nothing else.
+spin-waiting kernel in the decode path); split-K (1–8 K ranges, fp32 partials) made each GEMM alone slower at 1 and
+4 tokens and no faster at 2 (``results/runs/moe_split_k_h200_3315c53_refuted.json``). The pair streams at 67 / 70 /
+83 / 87 / 89 / 97 % of copy bandwidth at 1 / 2 / 3 / 4 / 8 / 16 tokens; one launch that only reads the same bytes —
+a Triton read kernel (best of 11 settings) or PyTorch's sum — reaches 74 % at one token, 75–83 % at two and 86–87 %
+at three (``results/runs/moe_decode_stream_h200_2049ad4_one_launch_floor.json``; a device copy of the same traffic
+shows 91–96 % only because its last writes can still sit in the 50 MB L2 when it ends). At one token the pair
+already moves its bytes at 91 % of the rate of one launch that does nothing else.
 
 Rows are sorted by expert; ``offsets[e]`` is the end row (inclusive cumulative count) of expert ``e``, the layout
 ``torch.nn.functional.grouped_mm`` takes. No host synchronisation: CUDA-graph safe.

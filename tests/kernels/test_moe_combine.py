@@ -27,9 +27,12 @@ def oracle(ys, positions, w):
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
-def test_unsorts_and_weights_in_fp32(dtype):
-    ys, positions, w = _case(7, 3, 200, dtype)
-    assert_rounded(K.gemma_moe_combine(ys, positions, w), oracle(ys, positions, w), dtype)
+@pytest.mark.parametrize("t", [7, 130])  # 130: several tokens a program under the interpreter, and a masked tail
+def test_unsorts_and_weights_in_fp32(dtype, t):
+    ys, positions, w = _case(t, 3, 200, dtype)
+    out = torch.full((t, 200), float("nan"), dtype=dtype)  # poisoned: every token row must be written
+    torch.ops.gemma4lab.moe_combine(ys, positions, w, out)
+    assert_rounded(out, oracle(ys, positions, w), dtype)
 
 
 def test_rejects():

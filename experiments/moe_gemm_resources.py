@@ -57,8 +57,9 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="every block_m x (block_n, block_k, warps, stages) of a grid")
     args = p.parse_args()
     route = compile_sm90(_moe_route_kernel, {"ids_ptr": "*i64", "offs_ptr": "*i32", "slot_ptr": "*i32",
-                                             "pos_ptr": "*i32", "n_slots": "i32", "E": "i32", "BLOCK": "constexpr"},
-                         {"BLOCK": MoeConfig().route_block}, MoeConfig().route_warps, 1)
+                                             "pos_ptr": "*i32", "n_slots": "i32", "E": "i32", "EXPERTS": "constexpr",
+                                             "BLOCK": "constexpr", "PDL": "constexpr"},
+                         {"EXPERTS": 1, "BLOCK": MoeConfig().route_block, "PDL": False}, MoeConfig().route_warps, 1)
     print(f"moe_route: {route}")
     cfgs = MOE_SWEEP if not args.all else [
         MoeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)

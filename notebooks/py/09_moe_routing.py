@@ -141,7 +141,9 @@ print("rows per expert:", torch.diff(offsets, prepend=offsets.new_zeros(1)).toli
 #
 # `gemma_moe_route` is the same idea grown up: it also writes the inverse permutation (where each slot's result
 # lands, for the combine), guards ids out of range on the device, and is registered as `torch.ops.gemma4lab.moe_route`
-# so CUDA graphs and `torch.compile` see one op. Its kernel:
+# so CUDA graphs and `torch.compile` see one op. On a GPU each program ranks one expert (`EXPERTS = 1`: 128 programs
+# scanning the same ids side by side); under the CPU interpreter, which pays per operation, one program ranks every
+# expert at once with `[EXPERTS, BLOCK]` comparisons — the same counts and the same rows. Its kernel:
 
 # %%
 from gemma4lab.kernels import moe_route as route_module

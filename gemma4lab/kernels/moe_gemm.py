@@ -70,6 +70,7 @@ layer 0.24 ms at 93 tokens; from ~1000 tokens the in-load quantisation costs mor
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -78,7 +79,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import host_values, pdl_meta, pow2, register, to_dtype, to_e4m3, wait_and_release
+from ._common import INTERPRET, host_values, pdl_meta, pow2, register, to_dtype, to_e4m3, wait_and_release
 
 
 @triton.jit
@@ -432,6 +433,8 @@ def _launch(a, w, offsets, row_index, top_k: int, gelu_gate: bool, w_scale, a_fp
     e, n, k = w.shape
     m = out.shape[0]
     cfg = config or moe_config(m, e, gelu_gate, w.dtype in SCALED_WEIGHT_DTYPES, a_fp8)
+    if INTERPRET and config is None:  # the CPU interpreter pays per program: one weight tile covers all N columns
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, triton.next_power_of_2(n)))
     extra = {} if not a.is_cuda else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     gather = row_index is not None
     tiles = triton.cdiv(n, cfg.block_n)

@@ -157,11 +157,20 @@ def bench_cuda_graph_cycled(fn: Callable[[Any], object], sets: list, *, rep_ms: 
 
 
 # ---- machine roofs --------------------------------------------------------------------------------------------
-def copy_bandwidth(device: str | torch.device, nbytes: int = 2**30, *, warmup_ms: float = 25,
+#: Roof measurements off a GPU (CPU runs of the benchmarks: tests, notebooks) use small problems — there the roofs
+#: only have to exist for the pipeline to be checked, and an 8192³ matmul costs a 2-core CI machine seconds per call.
+CPU_ROOF_MATMUL_N = 1024
+CPU_ROOF_COPY_BYTES = 2**26
+
+
+def copy_bandwidth(device: str | torch.device, nbytes: int | None = None, *, warmup_ms: float = 25,
                    rep_ms: float = 100) -> float:
-    """Bytes/s of a device-to-device copy of ``nbytes``, counting the read and the write (median): the practical
-    bandwidth roof that the fused kernels are compared against."""
+    """Bytes/s of a device-to-device copy of ``nbytes`` (default 1 GiB on a GPU, :data:`CPU_ROOF_COPY_BYTES`
+    elsewhere), counting the read and the write (median): the practical bandwidth roof that the fused kernels are
+    compared against."""
     dev = _device(device)
+    if nbytes is None:
+        nbytes = 2**30 if dev.type == "cuda" else CPU_ROOF_COPY_BYTES
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), warmup_ms=warmup_ms, rep_ms=rep_ms, device=dev)
@@ -182,10 +191,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def matmul_rate(device: str | torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16, *,
+def matmul_rate(device: str | torch.device, n: int | None = None, dtype: torch.dtype = torch.bfloat16, *,
                 warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """FLOP/s of an ``n x n x n`` matmul on random data (2 n^3 flops): the compute roof."""
+    """FLOP/s of an ``n x n x n`` matmul on random data (2 n^3 flops): the compute roof. ``n`` defaults to 8192 on
+    a GPU and :data:`CPU_ROOF_MATMUL_N` elsewhere."""
     dev = _device(device)
+    if n is None:
+        n = 8192 if dev.type == "cuda" else CPU_ROOF_MATMUL_N
     gen = torch.Generator(device=dev).manual_seed(0)
     a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)

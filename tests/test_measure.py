@@ -33,6 +33,15 @@ def test_bench_cuda_graph_needs_cuda():
         measure.bench_cuda_graph(lambda: None)
 
 
+def test_cpu_timing_call_counts():
+    """At least three timed calls, after one warm-up call unless the caller has just made one (``warm``)."""
+    calls = []
+    for warm, expected in ((False, 4), (True, 3)):
+        calls.clear()
+        st = measure.time_stats(lambda: calls.append(1), warmup_ms=0, rep_ms=0, device="cpu", warm=warm)
+        assert len(calls) == expected and st["runs"] == 3
+
+
 def test_roofs_on_cpu():
     assert measure.copy_bandwidth("cpu", nbytes=2**16, warmup_ms=0, rep_ms=1) > 0
     assert measure.matmul_rate("cpu", n=32, dtype=torch.float32, warmup_ms=0, rep_ms=1) > 0

@@ -36,12 +36,13 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 def time_stats(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100,
-               device: str | torch.device | None = None) -> dict[str, float]:
+               device: str | torch.device | None = None, warm: bool = False) -> dict[str, float]:
     """Milliseconds per call of ``fn`` over repeated runs: ``median_ms``, ``min_ms``, ``max_ms``, the 20 / 80 %
     quantiles ``q20_ms`` / ``q80_ms`` and ``runs`` (at least 3). CUDA (default when available):
     ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). CPU: a ``perf_counter`` loop (at least 1
-    warm-up and 3 timed calls, however slow ``fn`` is). Result files record all of these, so a reader sees the
-    spread of a number and not only its centre."""
+    warm-up and 3 timed calls, however slow ``fn`` is; ``warm``: the caller has just called ``fn``, so the one
+    forced warm-up call is skipped — a whole-model forward under the CPU interpreter takes seconds). Result files
+    record all of these, so a reader sees the spread of a number and not only its centre."""
     dev = _device(device)
     if dev.type == "cuda":
         once = _cuda_call_ms(fn)
@@ -54,7 +55,8 @@ def time_stats(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float
                 fn()
             times = [_cuda_call_ms(fn) for _ in range(max(3, round(rep_ms / once)))]
     else:
-        fn()
+        if not warm:
+            fn()
         stop = time.perf_counter() + warmup_ms / 1e3
         while time.perf_counter() < stop:
             fn()

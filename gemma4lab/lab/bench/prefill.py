@@ -101,7 +101,7 @@ def _timed(row: dict, col: str, make: Callable[[], Callable[[], Any]], rep_ms: f
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
-        return {**measure.time_stats(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms), "first_call_s": first}
+        return {**measure.time_stats(fn, warmup_ms=rep_ms / 4, rep_ms=rep_ms, warm=True), "first_call_s": first}
 
     stats = _try(row, f"{col}_stats", go)
     if stats is not None:

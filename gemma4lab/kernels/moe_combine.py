@@ -60,23 +60,26 @@ def gemma_moe_combine_ref(ys: torch.Tensor, positions: torch.Tensor, weights: to
 
 @dataclass(frozen=True)
 class CombineConfig:
-    """Launch of the combine kernel: one program per token, ``num_warps`` warps over its ``next_pow2(H)`` lanes."""
+    """Launch of the combine kernel: ``rows`` tokens a program (one on a GPU), ``num_warps`` warps over each
+    token's ``next_pow2(H)`` lanes. A token's sum is the same operations in the same order whatever ``rows`` is."""
 
     num_warps: int
+    rows: int = 1
 
     def __post_init__(self) -> None:
-        pow2(self, "num_warps")
+        pow2(self, "num_warps", "rows")
+
+
+#: Tokens per program under the CPU interpreter: it runs each program's operations one after another in Python, so
+#: 64 tokens a program cut a 24-token combine from ~38 to a few ms.
+INTERPRET_ROWS = 64
 
 
 def combine_config(hidden: int) -> CombineConfig:
-    """4 warps up to 4096 lanes (hidden 2816 → 4096: 32 bf16 per thread, four 16-byte loads per slot), 8 above."""
-    return CombineConfig(num_warps=4 if triton.next_power_of_2(hidden) <= 4096 else 8)
-
-
-#: Tokens per program under the CPU interpreter (one per program on a GPU): the interpreter runs each program's
-#: operations one after another in Python, so 64 tokens a program cut a 24-token combine from ~38 to a few ms.
-#: A token's sum is the same operations in the same order either way.
-INTERPRET_ROWS = 64
+    """4 warps up to 4096 lanes (hidden 2816 → 4096: 32 bf16 per thread, four 16-byte loads per slot), 8 above; one
+    token a program, :data:`INTERPRET_ROWS` under the CPU interpreter."""
+    return CombineConfig(num_warps=4 if triton.next_power_of_2(hidden) <= 4096 else 8,
+                         rows=INTERPRET_ROWS if INTERPRET else 1)
 
 
 def _launch(ys, positions, weights, out, config: CombineConfig | None) -> None:
@@ -84,10 +87,9 @@ def _launch(ys, positions, weights, out, config: CombineConfig | None) -> None:
     h = ys.shape[1]
     cfg = config or combine_config(h)
     extra = {"num_warps": cfg.num_warps} if ys.is_cuda else {}
-    rows = INTERPRET_ROWS if INTERPRET else 1
-    _moe_combine_kernel[(triton.cdiv(t, rows),)](ys, positions, weights, out, t, ys.shape[0], h, ys.stride(0),
-                                                 out.stride(0), TOP_K=k, ROWS=rows, BLOCK=triton.next_power_of_2(h),
-                                                 **extra, **pdl_meta(ys))
+    _moe_combine_kernel[(triton.cdiv(t, cfg.rows),)](ys, positions, weights, out, t, ys.shape[0], h, ys.stride(0),
+                                                     out.stride(0), TOP_K=k, ROWS=cfg.rows,
+                                                     BLOCK=triton.next_power_of_2(h), **extra, **pdl_meta(ys))
 
 
 def _triton(ys: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:

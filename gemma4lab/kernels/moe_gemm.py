@@ -224,8 +224,9 @@ class MoeConfig:
     its narrow (N) side — on Hopper that is a ``wgmma`` with N = ``block_m`` instead of a 16-row ``mma``.
     ``columns_first`` orders the grid by column tile within an expert, so programs that run at the same time stream
     neighbouring slices of one expert's weights rather than one slice of every expert. Routing (``moe_route``): one
-    program per expert scanning the ids ``route_block`` at a time with ``route_warps`` warps. The defaults are the
-    first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for A/B timing against :func:`moe_config`'s."""
+    program per ``route_experts`` experts (one on a GPU) scanning the ids ``route_block`` at a time with
+    ``route_warps`` warps. The defaults are the first H200 setting (16-row tile, 128-deep K steps, 3 stages), kept for
+    A/B timing against :func:`moe_config`'s."""
 
     block_m: int = 16
     block_n: int = 128
@@ -236,9 +237,10 @@ class MoeConfig:
     columns_first: bool = False
     route_block: int = 1024
     route_warps: int = 4
+    route_experts: int = 1
 
     def __post_init__(self) -> None:
-        pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps")
+        pow2(self, "block_m", "block_n", "block_k", "num_warps", "route_block", "route_warps", "route_experts")
         if self.num_stages < 1:
             raise ValueError(f"MoeConfig.num_stages must be >= 1, got {self.num_stages}")
         for name in ("swap_ab", "columns_first"):

@@ -21,6 +21,8 @@ below the four to eight kernels it replaces.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -75,21 +77,22 @@ def gemma_moe_route_ref(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     return offsets, order.to(torch.int32), position.to(torch.int32)
 
 
-#: Experts per program under the CPU interpreter (one per program on a GPU): the interpreter pays per operation and
-#: per program, so one program ranking every expert at once (``[experts, BLOCK]`` compares) cut a 24-token routing
-#: from ~27 ms to a few. Each expert's rows are counted and written the same way either way.
-INTERPRET_EXPERTS = 256
+#: Experts per program under the CPU interpreter (``MoeConfig.route_experts``; one on a GPU), which pays per
+#: operation and per program: one program ranking every expert at once (``[experts, BLOCK]`` compares) cut a
+#: 24-token routing from ~27 ms to a few.
+INTERPRET_ROUTE_EXPERTS = 256
 
 
 def _launch(ids, offsets, sorted_slot, position, config: MoeConfig | None) -> None:
     n_exp = offsets.shape[0]
     cfg = config or moe_config(ids.numel(), n_exp)
+    if INTERPRET and config is None:
+        cfg = dataclasses.replace(cfg, route_experts=min(triton.next_power_of_2(n_exp), INTERPRET_ROUTE_EXPERTS))
     extra = {"num_warps": cfg.route_warps} if ids.is_cuda else {}
-    experts = min(triton.next_power_of_2(n_exp), INTERPRET_EXPERTS) if INTERPRET else 1
-    _moe_route_kernel[(triton.cdiv(n_exp, experts),)](ids, offsets, sorted_slot, position, ids.numel(), n_exp,
-                                                      EXPERTS=experts,
-                                                      BLOCK=min(cfg.route_block, triton.next_power_of_2(ids.numel())),
-                                                      **extra, **pdl_meta(ids))
+    block = min(cfg.route_block, triton.next_power_of_2(ids.numel()))
+    _moe_route_kernel[(triton.cdiv(n_exp, cfg.route_experts),)](ids, offsets, sorted_slot, position, ids.numel(),
+                                                                n_exp, EXPERTS=cfg.route_experts, BLOCK=block,
+                                                                **extra, **pdl_meta(ids))
 
 
 def _triton(ids: torch.Tensor, offsets: torch.Tensor, sorted_slot: torch.Tensor, position: torch.Tensor) -> None:

@@ -35,6 +35,13 @@ def test_unsorts_and_weights_in_fp32(dtype, t):
     assert_rounded(out, oracle(ys, positions, w), dtype)
 
 
+@pytest.mark.parametrize("rows", [1, 4])  # the GPU's one token a program; a part-filled last program
+def test_other_tokens_per_program(rows):
+    ys, positions, w = _case(7, 3, 200, FP32)
+    got = K.gemma_moe_combine(ys, positions, w, config=K.CombineConfig(num_warps=4, rows=rows))
+    assert_rounded(got, oracle(ys, positions, w), FP32)
+
+
 def test_rejects():
     ys, positions, w = _case(7, 3, 200, FP32)
     with pytest.raises(ValueError, match="positions"):

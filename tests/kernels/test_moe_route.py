@@ -70,16 +70,14 @@ def test_small_blocks_carry_counts_across_iterations(gen):
 
 @pytest.mark.parametrize("experts_per_program", [1, 2, 4])
 @pytest.mark.parametrize("case", ["odd T", "empty experts", "T*k > one block"])
-def test_the_gpus_one_expert_a_program_layout(gen, monkeypatch, case, experts_per_program):
+def test_the_gpus_one_expert_a_program_layout(gen, case, experts_per_program):
     """Under the interpreter one program ranks every expert; a GPU runs one program per expert. Both layouts (and
     those between) give the same routing, the invalid-slot and tail marking done by the right program."""
-    from gemma4lab.kernels import moe_route
-
-    monkeypatch.setattr(moe_route, "INTERPRET_EXPERTS", experts_per_program)
     ids = CASES[case](gen)
     e = N_EXPERTS.get(case, 8) - (1 if experts_per_program == 4 else 0)  # 7 or 15 experts: a part-filled program
     ids = torch.where(ids >= e, ids % e, ids)
-    _assert_route(ids, e, K.gemma_moe_route(ids, e, out=poisoned(e, ids.numel())))
+    cfg = K.MoeConfig(route_experts=experts_per_program)
+    _assert_route(ids, e, K.gemma_moe_route(ids, e, out=poisoned(e, ids.numel()), config=cfg))
 
 
 def test_zero_tokens():
@@ -100,20 +98,22 @@ def test_rejects_out_of_range_ids():
         K.gemma_moe_route(torch.zeros(4, 2, dtype=torch.int64), 8, out=poisoned(8, 7))
 
 
-@pytest.mark.parametrize("experts_per_program", [1, 256])  # the GPU's layout, the interpreter's
-def test_out_of_range_ids_never_written_out_of_bounds(gen, monkeypatch, experts_per_program):
+@pytest.mark.parametrize("gpu_layout", [False, True])  # the interpreter's setting; one expert a program
+def test_out_of_range_ids_never_written_out_of_bounds(gen, gpu_layout):
     """Past the wrapper's host check (the op itself, as a GPU caller would reach it): an invalid id belongs to no
     expert, its position is -1, the sorted tail is -1, and nothing outside the buffers is touched."""
-    from gemma4lab.kernels import moe_route
-
-    monkeypatch.setattr(moe_route, "INTERPRET_EXPERTS", experts_per_program)
     ids = _distinct(gen, 30, 2, 8)
     ids[3, 1], ids[17, 0], ids[29, 1] = -1, 8, 1 << 40
     valid = ((ids >= 0) & (ids < 8)).reshape(-1)
     n, n_valid = ids.numel(), int(valid.sum())
     guard = 5  # poisoned cells on both sides of every output
     bufs = [torch.full((m + 2 * guard,), POISON, dtype=torch.int32) for m in (8, n, n)]
-    torch.ops.gemma4lab.moe_route(ids, *(b[guard:-guard] for b in bufs))
+    if gpu_layout:  # the launch the op makes, with a given setting (the op itself takes none)
+        from gemma4lab.kernels.moe_route import _launch
+
+        _launch(ids, *(b[guard:-guard] for b in bufs), K.MoeConfig(route_experts=1))
+    else:
+        torch.ops.gemma4lab.moe_route(ids, *(b[guard:-guard] for b in bufs))
     for b in bufs:
         assert (b[:guard] == POISON).all() and (b[-guard:] == POISON).all(), "wrote outside its buffer"
     offs, slot, pos = (b[guard:-guard].long() for b in bufs)

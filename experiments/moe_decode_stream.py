@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 import gemma4lab.kernels as K
+from gemma4lab.kernels._common import num_sms
 from gemma4lab.lab import measure
 
 E, H, INTER, TOP_K = 128, 2816, 704, 8
@@ -70,7 +71,7 @@ def read_chunks(ids: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def read_only(ws, table: torch.Tensor, chunk: int, programs_per_sm: int, block: int, stages: int) -> torch.Tensor:
     """One launch that reads the hit experts' weights and nothing else: the floor of any one-launch expert path."""
-    programs = min(table.numel(), programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count)
+    programs = min(table.numel(), programs_per_sm * num_sms(table.device))
     out = torch.empty(programs * block, device=table.device)
     _read_kernel[(programs,)](ws[0], ws[1], table, table.numel(), out, CHUNK=chunk, BLOCK=block, STAGES=stages,
                               num_warps=8)

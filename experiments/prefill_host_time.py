@@ -17,7 +17,7 @@ tail — about 1.6 ms with ids on the device, less with ids on the CPU (a host r
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -26,6 +26,7 @@ from gemma4lab.lab.bench.common import random_prompt
 from gemma4lab.lab.profiling import host_launch_times, time_by_family
 from gemma4lab.model.config import Gemma4Config
 from gemma4lab.model.loading import random_init
+from gemma4lab.runtime.fusion import Fusion
 from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
 
 
@@ -50,9 +51,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--launch-ab", action="store_true",
                    help="also time a runner whose pieces are captured with programmatic dependent launch flipped")
-    p.add_argument("--branches-ab", action="store_true",
-                   help="then time every prompt again with Fusion.branches flipped (the pieces captured anew)")
+    p.add_argument("--flip", nargs="+", default=[], choices=[f.name for f in fields(Fusion)],
+                   help="then time every prompt again with each of these Fusion switches flipped in turn (the pieces "
+                        "captured anew), e.g. dense (the packed q/k/v and gate/up GEMMs) or branches")
+    p.add_argument("--branches-ab", action="store_true", help="the same as --flip branches")
     args = p.parse_args()
+    flips = list(dict.fromkeys(args.flip + (["branches"] if args.branches_ab else [])))
     cfg = Gemma4Config.preset(args.preset)
     if args.layers:
         cfg = cfg.replace_text(num_hidden_layers=args.layers)
@@ -88,16 +92,18 @@ def main() -> None:
             if pdl is not None:  # the same prompt through pieces captured with dependent launch: time and bits
                 rows[f"{t}_ab"] = flipped_row(lambda ids=ids: pdl.prefill(ids), t, rows[f"{t}_{args.device}"]["ms"],
                                               logits[t], "dependent_launch", pdl.dependent_launch)
-        if args.branches_ab:  # the dense MLP beside the experts on a second stream, or after them on one
-            own = model.language_model.fusion
-            model.set_fusion(replace(own, branches=not own.branches))
+        own = model.language_model.fusion
+        for name in flips:  # e.g. branches: the dense MLP beside the experts on a second stream, or after them
+            value = not getattr(own, name)
+            model.set_fusion(replace(own, **{name: value}))
             runner.capture()
             for t in args.tokens:
                 ids = [random_prompt(t, cfg.text.vocab_size, seed=t, device=args.device)]
-                rows[f"{t}_branches_ab"] = flipped_row(lambda ids=ids: runner.prefill(ids), t,
-                                                       rows[f"{t}_{args.device}"]["ms"], logits[t], "branches",
-                                                       not own.branches)
+                rows[f"{t}_{name}_ab"] = flipped_row(lambda ids=ids: runner.prefill(ids), t,
+                                                     rows[f"{t}_{args.device}"]["ms"], logits[t], name, value)
             model.set_fusion(own)
+        if flips:
+            runner.capture()
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})
 

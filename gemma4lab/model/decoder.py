@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gemma4lab.model.config import TextConfig
 from gemma4lab.model.layers import MLP, Experts, RMSNorm, Router, apply_rope, project, rms_norm
+from gemma4lab.model.packing import PackedProjections
 from gemma4lab.runtime.fusion import Fusion
 
 _BRANCH_STREAMS: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
@@ -44,8 +45,9 @@ def branch_stream(t: Tensor) -> torch.cuda.Stream | None:
     return _BRANCH_STREAMS[key]
 
 
-class Attention(nn.Module):
-    """Projections and per-head norms of one attention layer; the attention itself is the model's job."""
+class Attention(PackedProjections):
+    """Projections and per-head norms of one attention layer; the attention itself is the model's job. q, k and v
+    (q and k where K is V) are stored packed: one GEMM at prefill (``layers.project``)."""
 
     def __init__(self, cfg: TextConfig, layer: int) -> None:
         super().__init__()
@@ -62,6 +64,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.pack()
+
+    def packed_groups(self) -> list[list[nn.Linear]]:
+        return [[self.q_proj, self.k_proj] + ([] if self.v_proj is None else [self.v_proj])]
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor, fused: bool, dense: bool = False
             ) -> tuple[Tensor, Tensor, Tensor]:

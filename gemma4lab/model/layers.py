@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemma4lab.model.config import TextConfig
+from gemma4lab.model.packing import PackedProjections, packed_weight
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -63,11 +64,17 @@ def few_row_product(x: Tensor, weights: list[Tensor]) -> Tensor | None:
 
 def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Tensor, ...]:
     """``x`` through each of ``linears`` (which share their input): with ``fused``, one :func:`few_row_product`
-    launch where it applies, returned as column views of its one output; otherwise one ``F.linear`` each."""
+    launch where it applies, else one library GEMM over the weights where they are packed back to back
+    (:mod:`gemma4lab.model.packing`), returned as column views of the one output; otherwise one ``F.linear`` each.
+    Not under torch.compile, whose graph of the fused model keeps one GEMM per projection (its peer column)."""
     if fused and all(_plain(m, x) for m in linears):
-        y = few_row_product(x, [m.weight for m in linears])
+        weights = [m.weight for m in linears]
+        y = few_row_product(x, weights)
+        if y is None and not torch.compiler.is_compiling():
+            w = packed_weight(weights)
+            y = None if w is None else F.linear(x, w)
         if y is not None:
-            return tuple(torch.split(y, [m.weight.shape[0] for m in linears], dim=1))
+            return tuple(torch.split(y, [w.shape[0] for w in weights], dim=-1))
     return tuple(m(x) for m in linears)
 
 
@@ -125,14 +132,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---- feed-forward ---------------------------------------------------------------------------------------------------
 
 
-class MLP(nn.Module):
-    """Dense gated-GELU(tanh) MLP (the converter calls it the shared expert)."""
+class MLP(PackedProjections):
+    """Dense gated-GELU(tanh) MLP (the converter calls it the shared expert). gate and up are stored packed."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.pack()
+
+    def packed_groups(self) -> list[list[nn.Linear]]:
+        return [[self.gate_proj, self.up_proj]]
 
     def forward(self, x: Tensor, fused_act: bool = False, dense: bool = False) -> Tensor:
         """``dense``: few-row projections through ``dense_gemm``, gate and up in one launch (:func:`project`)."""

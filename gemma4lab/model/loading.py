@@ -183,7 +183,7 @@ def save_pretrained(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        state = {k: _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
         cfg = model.config.to_hf_dict()
         cfg["dtype"] = str(model.dtype).replace("torch.", "")
         if max_shard_bytes <= 0:
@@ -214,6 +214,14 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor that owns its whole storage: safetensors refuses tensors that share one, and packed
+    projections (``gemma4lab.model.packing``) are row-block views of one buffer. Copies only such views."""
+    if t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _save_shards(state: dict, out: Path, max_shard_bytes: int, save_file) -> None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemma4lab.model.config import Gemma4Config, VisionConfig
-from gemma4lab.model.layers import RMSNorm, gelu_tanh, rms_norm, rotate_half
+from gemma4lab.model.layers import RMSNorm, gelu_tanh, project, rms_norm, rotate_half
+from gemma4lab.model.packing import PackedProjections
 from gemma4lab.runtime.fusion import Fusion
 
 
@@ -38,6 +39,15 @@ class _Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(x)
+
+
+def _project(x: Tensor, wrapped: tuple[_Linear, ...], packed: bool) -> tuple[Tensor, ...]:
+    """``layers.project`` on the linears inside the checkpoint's wrappers, unless a wrapper carries a hook (which
+    must see its module run) or is not a plain ``_Linear``."""
+    plain = all(type(w) is _Linear and not (w._forward_hooks or w._forward_pre_hooks) for w in wrapped)
+    if packed and plain:
+        return project(x, tuple(w.linear for w in wrapped), True)
+    return tuple(w(x) for w in wrapped)
 
 
 # ---- 2-D axial RoPE ---------------------------------------------------------------------------------------------
@@ -86,7 +96,7 @@ class PatchEmbedder(nn.Module):
         return self.input_proj(x) + pos_emb
 
 
-class VisionAttention(nn.Module):
+class VisionAttention(PackedProjections):
     """Multi-head attention with q/k RMSNorm (weighted), v RMSNorm (unweighted), 2-D RoPE and scale 1.0: the
     norms already fix the logits' magnitude, so there is no 1/√d."""
 
@@ -100,17 +110,22 @@ class VisionAttention(nn.Module):
         self.o_proj = _Linear(h * hd, d)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.pack()
+
+    def packed_groups(self) -> list[list[nn.Linear]]:
+        return [[self.q_proj.linear, self.k_proj.linear, self.v_proj.linear]]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: EncoderMask | Tensor,
-                fused_norm_rope: bool = False) -> Tensor:
+                fused_norm_rope: bool = False, packed: bool = False) -> Tensor:
         """x: [N, P, D]; key_mask: the encoder's :class:`EncoderMask` (:func:`encoder_mask`), or for SDPA a mask
         tensor [N, 1, 1, P]: the additive bias of :func:`key_padding_bias`, or a boolean mask, True where a patch is
         real and may be attended to. A varlen ``EncoderMask`` needs each image's real patches first in its row block
         (the encoder sorts them so: ``EncoderMask.sort``).
-        ``fused_norm_rope``: the q/k/v norms and the 2-D RoPE in one kernel (``qkv_norm_rope_(axial=True)``)."""
+        ``fused_norm_rope``: the q/k/v norms and the 2-D RoPE in one kernel (``qkv_norm_rope_(axial=True)``).
+        ``packed``: q, k and v as one GEMM over their packed weights (``layers.project``)."""
         n, p, _ = x.shape
         shape = (n, p, -1, self.head_dim)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = _project(x, (self.q_proj, self.k_proj, self.v_proj), packed)
         if fused_norm_rope:
             from gemma4lab.kernels import gemma_qkv_norm_rope_
 
@@ -135,15 +150,21 @@ class VisionAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(n, p, -1))
 
 
-class VisionMLP(nn.Module):
+class VisionMLP(PackedProjections):
+    """Gated GELU(tanh) MLP; gate and up stored packed (one GEMM with ``packed``)."""
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.gate_proj = _Linear(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = _Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = _Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.pack()
 
-    def forward(self, x: Tensor, fused_act: bool = False) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def packed_groups(self) -> list[list[nn.Linear]]:
+        return [[self.gate_proj.linear, self.up_proj.linear]]
+
+    def forward(self, x: Tensor, fused_act: bool = False, packed: bool = False) -> Tensor:
+        gate, up = _project(x, (self.gate_proj, self.up_proj), packed)
         if fused_act:
             from gemma4lab.kernels import gemma_gelu_tanh_and_mul
 
@@ -171,20 +192,21 @@ class VisionEncoderLayer(nn.Module):
         """One encoder layer: returns the residual stream and, when the fused epilogue computed it, the next layer's
         input (``next_norm`` applied to the stream; ``x_in`` is this layer's, from the previous epilogue).
 
-        Fused (``fusion``, the decoder's switches): ``qkv_norm_rope`` the q/k/v norms and the 2-D RoPE in one kernel;
+        Fused (``fusion``, the decoder's switches): ``dense`` q/k/v and gate/up as one GEMM each over their packed
+        weights; ``qkv_norm_rope`` the q/k/v norms and the 2-D RoPE in one kernel;
         ``post_attention`` the residual, the post-attention norm and the pre-MLP norm in one pass
         (``norm_residual_norm``); ``gelu`` the gated GELU; ``epilogue`` the residual and the post-MLP norm
         (with ``next_norm``: the next layer's input norm in the same pass)."""
         f = fusion or Fusion()
         if x_in is None:
             x_in = self.input_layernorm(x)
-        a = self.self_attn(x_in, cos, sin, key_mask, fused_norm_rope=f.qkv_norm_rope)
+        a = self.self_attn(x_in, cos, sin, key_mask, fused_norm_rope=f.qkv_norm_rope, packed=f.dense)
         if f.post_attention:
             h, mlp_in = _norm_sandwich(a, x, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         else:
             h = x + self.post_attention_layernorm(a)
             mlp_in = self.pre_feedforward_layernorm(h)
-        m = self.mlp(mlp_in, fused_act=f.gelu)
+        m = self.mlp(mlp_in, fused_act=f.gelu, packed=f.dense)
         if f.epilogue and f.next_norm and next_norm is not None:
             return _norm_sandwich(m, h, self.post_feedforward_layernorm, next_norm)
         if f.epilogue:

@@ -19,8 +19,10 @@ class Fusion:
     * ``experts``: the MoE block in four kernels: ``moe_route`` (offsets and sorted slots in one launch), the
       streaming ``moe_gemm`` twice (weights read once; the token gather and the GELU in its operand loads) for
       prompts up to ``Experts.MOE_GEMM_MAX_TOKENS`` tokens (the library grouped GEMM above), ``moe_combine``.
-    * ``dense``: at up to ``kernels.dense_gemm.DENSE_MAX_ROWS`` rows (decode, short prompts) the dense projections
-      run through ``dense_gemm``: q/k/v in one launch, gate/up in one, o, down and the tied head one each.
+    * ``dense``: projections that share an input run as one GEMM: at up to ``kernels.dense_gemm.DENSE_MAX_ROWS``
+      rows (decode, short prompts) through ``dense_gemm`` (q/k/v in one launch, gate/up in one, o, down and the
+      tied head one each); above, one library GEMM over the packed q/k/v and gate/up weights
+      (``gemma4lab.model.packing``), in the decoder and the vision tower.
     * ``next_norm``: the epilogue also writes the next layer's input norm (and, after the last layer, the final
       norm), so the residual stream is read once across the layer boundary. Needs ``epilogue``.
     * ``branches``: not a kernel but a schedule: on a CUDA device the dense MLP runs on a second stream beside the

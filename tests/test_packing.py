@@ -137,3 +137,29 @@ def test_project_on_packed_weights_equals_one_gemm_each():
     mods[1].weight = nn.Parameter(mods[1].weight.detach().clone())  # replaced by a user: one GEMM each, same values
     for g, m in zip(project(x, tuple(mods), True), mods):
         torch.testing.assert_close(g, x @ m.weight.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_captured_in_grad_mode_run_the_packed_program(tiny_config, monkeypatch):
+    """A capture called in grad mode (as a user calls ``runner.capture()``) records the program a replay is meant
+    to hold: the packed GEMMs, under no_grad, as eager prefill runs them; logits bit-identical to eager's."""
+    import gemma4lab.model.layers as layers
+    from gemma4lab.runtime.pcg import PiecewiseCudaGraphRunner
+
+    model = gemma4lab.random_init(dataclasses.replace(tiny_config, vision=None), dtype=torch.bfloat16,
+                                  device="cuda", seed=2).set_fusion("all")
+    seen = []
+    real = layers.packed_weight
+
+    def spy(weights):
+        out = real(weights)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layers, "packed_weight", spy)
+    runner = PiecewiseCudaGraphRunner(model, buckets=[32, 64], progress=False)
+    assert torch.is_grad_enabled()
+    runner.capture()
+    assert seen and all(seen)  # every group of every captured piece took one GEMM
+    prompt = [torch.randint(3, 400, (40,), device="cuda", generator=torch.Generator("cuda").manual_seed(4))]
+    assert torch.equal(runner.prefill(prompt), model.prefill(prompt))

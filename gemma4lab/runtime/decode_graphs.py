@@ -49,8 +49,10 @@ class DecodeGraphRunner:
         self._lock = threading.RLock()
         self.capture_s = 0.0
 
+    @torch.no_grad()
     def capture(self, pool=None, batches: list[int] | None = None) -> float:
-        """Capture the step for ``batches`` (default: every size up to ``max_batch``); returns the seconds taken."""
+        """Capture the step for ``batches`` (default: every size up to ``max_batch``); returns the seconds taken.
+        Under ``no_grad``, as the steps run."""
         if batches is not None and not all(isinstance(b, int) and 1 <= b <= self.max_batch for b in batches):
             raise ValueError(f"batches must be ints in [1, {self.max_batch}], got {batches!r}")
         with self._lock:

@@ -319,9 +319,12 @@ class PiecewiseCudaGraphRunner:
         """The ``program_key`` of the model settings the cached pieces were made with (None before capture)."""
         return self._key if self._entries else None
 
+    @torch.no_grad()
     def capture(self) -> CaptureReport:
         """Record every bucket's pieces (largest first, one shared pool). Without CUDA the pieces stay Python
-        closures (made per bucket on first use) and the report says no graphs were captured."""
+        closures (made per bucket on first use) and the report says no graphs were captured. Under ``no_grad``
+        whatever the caller's mode, as a replay runs: the packed projections' one GEMM is a no-grad path
+        (``gemma4lab.model.packing``), so a capture in grad mode would record another program."""
         with self._lock:
             self._check_program()
             if not self.use_graphs:

@@ -160,6 +160,7 @@ def test_gpu_graphs_captured_in_grad_mode_run_the_packed_program(tiny_config, mo
     runner = PiecewiseCudaGraphRunner(model, buckets=[32, 64], progress=False)
     assert torch.is_grad_enabled()
     runner.capture()
-    assert seen and all(seen)  # every group of every captured piece took one GEMM
+    groups = len(_groups(model))  # asked only for groups of two or more projections
+    assert len(seen) >= groups and all(seen)  # every group of every captured piece took one GEMM
     prompt = [torch.randint(3, 400, (40,), device="cuda", generator=torch.Generator("cuda").manual_seed(4))]
     assert torch.equal(runner.prefill(prompt), model.prefill(prompt))

@@ -70,7 +70,7 @@ def project(x: Tensor, linears: tuple[nn.Module, ...], fused: bool) -> tuple[Ten
     if fused and all(_plain(m, x) for m in linears):
         weights = [m.weight for m in linears]
         y = few_row_product(x, weights)
-        if y is None and not torch.compiler.is_compiling():
+        if y is None and len(weights) > 1 and not torch.compiler.is_compiling():
             w = packed_weight(weights)
             y = None if w is None else F.linear(x, w)
         if y is not None:

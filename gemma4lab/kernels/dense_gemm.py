@@ -31,8 +31,9 @@ import triton.language as tl
 
 from ._common import INTERPRET, pdl_meta, pow2, prefetch_l2, register, to_dtype, wait_and_release
 
-#: Rows up to which the model runs its dense projections through this kernel (and cuBLAS above: at 93 rows cuBLAS is
-#: faster on every shape of the sweep). 16 is also a PCG bucket edge, so a padded bucket takes the eager prompt's path.
+#: Rows up to which the model runs its dense projections through this kernel (above, cuBLAS: at 93 rows it is faster
+#: on every shape of the sweep, and the packed q/k/v and gate/up weights make each group one cuBLAS GEMM,
+#: ``gemma4lab.model.packing``). 16 is also a PCG bucket edge, so a padded bucket takes the eager prompt's path.
 DENSE_MAX_ROWS = 16
 #: At most this many weights share one launch (q, k, v).
 MAX_WEIGHTS = 3

@@ -222,7 +222,8 @@ notebook.check(launches.get("gemma4lab::dense_gemm") == 1 and err3 < (1e-5 if dt
 
 # %% [markdown]
 # `set_fusion("all")` switches this on for every dense projection at up to 16 rows (`Fusion.dense`: decode, short
-# prompts; cuBLAS above, where it is faster). **Prediction for a decode step**, from the sweep's own times: a sliding
+# prompts; above, one cuBLAS GEMM per packed group — q/k/v, gate/up — over weights stored back to back,
+# `gemma4lab.model.packing`). **Prediction for a decode step**, from the sweep's own times: a sliding
 # layer's projections as four launches instead of seven, a full layer's (no v: K is V) as four instead of six, and
 # the head:
 

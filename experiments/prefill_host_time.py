@@ -102,8 +102,6 @@ def main() -> None:
                 rows[f"{t}_{name}_ab"] = flipped_row(lambda ids=ids: runner.prefill(ids), t,
                                                      rows[f"{t}_{args.device}"]["ms"], logits[t], name, value)
             model.set_fusion(own)
-        if flips:
-            runner.capture()
     if args.json:  # atomic, with card, versions, commit and date
         measure.write_json(args.json, {"benchmark": "prefill_host_time", "rows": rows})
 

@@ -23,10 +23,18 @@ from torch import Tensor, nn
 
 
 def packed_weight(weights: Sequence[Tensor]) -> Tensor | None:
-    """``[w0; w1; …]`` as one ``[ΣN, K]`` view when the weights lie back to back, contiguous, in one storage (what
-    :func:`pack_linears` leaves); None otherwise. Only where no gradient is wanted: the view is taken through the
-    first weight's storage, so autograd would credit every row block to ``w0``."""
-    if len(weights) < 2 or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+    """``[w0; w1; …]`` as one ``[ΣN, K]`` view when the weights lie back to back (what :func:`pack_linears`
+    leaves); None otherwise. Only where no gradient is wanted: the view is taken through the first weight's storage,
+    so autograd would credit every row block to ``w0``."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None
+    return _stacked_view(weights)
+
+
+def _stacked_view(weights: Sequence[Tensor]) -> Tensor | None:
+    """The layout test: two or more 2-D weights of one K, dtype and device, contiguous, each starting where the one
+    before ends in one storage → the detached ``[ΣN, K]`` view over them; else None."""
+    if len(weights) < 2:
         return None
     w0 = weights[0]
     k = w0.shape[-1] if w0.dim() == 2 else -1
@@ -45,15 +53,13 @@ def pack_linears(linears: Sequence[nn.Linear]) -> bool:
     ``weight`` becoming a row-block view of it (values and ``requires_grad`` kept). Returns whether they are packed
     now; linears that cannot share a buffer (biases, different shapes or dtypes) are left as they are."""
     linears = [m for m in linears if m is not None]
-    if len(linears) < 2:
+    if len(linears) < 2 or any(not isinstance(m, nn.Linear) or m.bias is not None for m in linears):
         return False
     ws = [m.weight for m in linears]
-    if any(not isinstance(m, nn.Linear) or m.bias is not None for m in linears):
-        return False
     if any(w.dim() != 2 or w.shape[1] != ws[0].shape[1] or w.dtype != ws[0].dtype or w.device != ws[0].device
            for w in ws):
         return False
-    if packed_weight_ignoring_grad(ws):
+    if _stacked_view(ws) is not None:  # already packed
         return True
     buf = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), dtype=ws[0].dtype, device=ws[0].device)
     start = 0
@@ -65,12 +71,6 @@ def pack_linears(linears: Sequence[nn.Linear]) -> bool:
             m.weight = nn.Parameter(block, requires_grad=w.requires_grad)
             start += w.shape[0]
     return True
-
-
-def packed_weight_ignoring_grad(weights: Sequence[Tensor]) -> bool:
-    """Whether the weights are already back to back (:func:`packed_weight`'s test, whatever the grad mode)."""
-    with torch.no_grad():
-        return packed_weight(weights) is not None
 
 
 class PackedProjections(nn.Module):

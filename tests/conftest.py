@@ -69,6 +69,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out64 - ref64).norm() / ref64.norm()).item()
 
 
+def with_fusion(model, fusion, fn):
+    """``fn()`` with ``model.set_fusion(fusion)``, the model set back to ``Fusion.none()`` after, whatever happens."""
+    from gemma4lab import Fusion
+
+    try:
+        model.set_fusion(fusion)
+        return fn()
+    finally:
+        model.set_fusion(Fusion.none())
+
+
+#: The dispatched ops of a library GEMM in a CPU profile's ``top_kernels``.
+LIBRARY_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::linear")
+
+
+def library_gemms(top_kernels: dict[str, int]) -> int:
+    """How many library GEMMs a profile's ``top_kernels`` (op → launches) counts."""
+    return sum(n for op, n in top_kernels.items() if op in LIBRARY_GEMM_OPS)
+
+
 def make_hf_model(cfg: Gemma4Config, seed: int = 0, dtype: torch.dtype = torch.float32):
     """The Hugging Face reference with random, non-trivial weights (norms and scalars around 1, not exactly 1)."""
     import transformers

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import library_gemms, rel_err, with_fusion
 from torch import nn
 
 import gemma4lab
@@ -32,35 +32,26 @@ def _prompt(n: int, seed: int) -> torch.Tensor:
     return torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def _fused(model, fusion, fn):
-    try:
-        model.set_fusion(fusion)
-        return fn()
-    finally:
-        model.set_fusion(Fusion.none())
-
-
 @torch.no_grad()
 def test_short_prompt_keeps_parity_and_launches_one_gemm_per_group(hf_tiny, ours, tiny_config):
     ref, _ = hf_tiny
     ids = _prompt(9, 1)[None]
     expected = ref(input_ids=ids).logits
-    got = _fused(ours, Fusion.all(), lambda: ours(ids).logits)
+    got = with_fusion(ours, Fusion.all(), lambda: ours(ids).logits)
     assert rel_err(got, expected) <= 1e-5
     text = tiny_config.text
     layers = text.num_hidden_layers
 
     def launches(fusion):
-        prof = _fused(ours, fusion, lambda: profile_forward(lambda: ours(ids), warmup=0))
+        prof = with_fusion(ours, fusion, lambda: profile_forward(lambda: ours(ids), warmup=0))
         return dict(prof["top_kernels"])
 
     dense, plain = launches(Fusion.all()), launches(NO_DENSE)
     # per layer: q/k(/v), o, gate/up, down; the head once (logits of every row: 9 rows)
     assert dense.get("gemma4lab::dense_gemm", 0) == 4 * layers + 1
     assert "gemma4lab::dense_gemm" not in plain
-    gemms = lambda c: sum(n for op, n in c.items() if op in ("aten::mm", "aten::addmm", "aten::linear"))  # noqa: E731
     # without the switch: q, k, v (no v on K-as-V layers), o, gate, up, down each a GEMM, plus the router and head
-    assert gemms(plain) - gemms(dense) >= 5 * layers
+    assert library_gemms(plain) - library_gemms(dense) >= 5 * layers
 
 
 @torch.no_grad()
@@ -68,8 +59,8 @@ def test_dense_switch_changes_rounding_only_on_both_sides_of_the_row_limit(ours)
     """At the limit the few-row kernel runs; above it one library GEMM per packed group (tests/test_packing.py)."""
     for n in (DENSE_MAX_ROWS, DENSE_MAX_ROWS + 1):
         ids = _prompt(n, n)[None]
-        with_dense = _fused(ours, Fusion.all(), lambda ids=ids: ours(ids).logits)
-        without = _fused(ours, NO_DENSE, lambda ids=ids: ours(ids).logits)
+        with_dense = with_fusion(ours, Fusion.all(), lambda ids=ids: ours(ids).logits)
+        without = with_fusion(ours, NO_DENSE, lambda ids=ids: ours(ids).logits)
         assert rel_err(with_dense, without) <= 1e-5
 
 
@@ -79,7 +70,7 @@ def test_greedy_decode_through_the_dense_kernel_matches_transformers(hf_tiny, ou
     ref, _ = hf_tiny
     ids = torch.stack([_prompt(12, 3), _prompt(12, 4)])
     expected = ref.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=[1], pad_token_id=0)
-    got = _fused(ours, Fusion.all(), lambda: ours.generate(ids, 5, eos_token_id=[1], pad_token_id=0))
+    got = with_fusion(ours, Fusion.all(), lambda: ours.generate(ids, 5, eos_token_id=[1], pad_token_id=0))
     assert torch.equal(got, expected)
 
 

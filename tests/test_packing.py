@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import library_gemms, rel_err, with_fusion
 from torch import nn
 
 import gemma4lab
@@ -92,14 +92,11 @@ def test_prompt_above_the_few_row_limit_runs_one_gemm_per_group(tiny_config):
     model = gemma4lab.random_init(dataclasses.replace(tiny_config, vision=None), dtype=torch.float32, seed=5)
     ids = torch.randint(3, 400, (1, DENSE_MAX_ROWS + 7), generator=torch.Generator().manual_seed(7))
 
-    def run(fusion, m=model):
-        m.set_fusion(fusion)
-        try:
-            return m(ids).logits.double()
-        finally:
-            m.set_fusion(Fusion.none())
+    def run(fusion):
+        return with_fusion(model, fusion, lambda: model(ids).logits.double())
 
-    truth = run(Fusion.none(), model.to(torch.float64))
+    model.to(torch.float64)
+    truth = run(Fusion.none())
     model.to(torch.float32)
     packed, separate = run(Fusion.all()), run(NO_DENSE)
     err_separate = rel_err(separate, truth)
@@ -108,12 +105,8 @@ def test_prompt_above_the_few_row_limit_runs_one_gemm_per_group(tiny_config):
     assert rel_err(packed, separate) <= 1e-5
 
     def gemms(fusion):
-        model.set_fusion(fusion)
-        try:
-            top = dict(profile_forward(lambda: model(ids), warmup=0)["top_kernels"])
-        finally:
-            model.set_fusion(Fusion.none())
-        return sum(n for op, n in top.items() if op in ("aten::mm", "aten::addmm", "aten::linear"))
+        return library_gemms(dict(with_fusion(model, fusion, lambda: profile_forward(lambda: model(ids), warmup=0))
+                                  ["top_kernels"]))
 
     text = model.config.text
     with_v = sum(not text.layer_k_eq_v(i) for i in range(text.num_hidden_layers))
